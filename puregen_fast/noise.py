@@ -30,6 +30,8 @@ import torch
 __all__ = [
     "STREAM_EBM",
     "STREAM_DDPM",
+    "STREAM_TRAIN_EBM",
+    "STREAM_TRAIN_DDPM",
     "MAX_SAMPLE_ID",
     "stream_id",
     "philox4x32",
@@ -38,8 +40,10 @@ __all__ = [
     "randn",
 ]
 
-STREAM_EBM = 1
-STREAM_DDPM = 2
+STREAM_EBM = 1  # purification: EBM Langevin
+STREAM_DDPM = 2  # purification: DDPM forward noise and posterior steps
+STREAM_TRAIN_EBM = 3  # training: the EBM's persistent MCMC chains
+STREAM_TRAIN_DDPM = 4  # training: the DDPM's epsilon targets
 MAX_SAMPLE_ID = 1 << 48
 MAX_STREAM = 1 << 16
 
