@@ -1,0 +1,158 @@
+"""The fast DDPM purification sampler: compiled UNet, fused noising and posterior kernels, one
+CUDA graph for the whole reverse loop.
+
+Same algorithm and noise as `reference.ddpm_purify`: forward-noise to ``t = steps`` with keyed
+draw 0, then reverse ``t = steps-1 .. 0`` with keyed draw ``i`` at reverse step ``i`` (none at
+t = 0). The UNet is compiled once (``fullgraph=True``) with the timestep as a 0-d device tensor,
+so changing t never recompiles; on CUDA the forward noising and every reverse step are captured
+in one graph over static buffers, with seed, timesteps, step numbers and sample ids read from
+device memory. The state x is float32; ``precision`` sets the UNet math.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from puregen_fast import noise as pgnoise
+from puregen_fast import reference
+from puregen_fast.langevin import model_context
+from puregen_fast.schedule import DDPMSchedule
+
+__all__ = ["DDPMSampler"]
+
+
+def _update_fns(device: torch.device) -> tuple[Callable, Callable, str]:
+    from puregen_fast.kernels import ddpm as kddpm
+
+    if device.type == "cuda":
+        from puregen_fast.kernels.availability import triton_available
+
+        ok, why = triton_available()
+        if ok:
+            return kddpm.ddpm_add_noise_, kddpm.ddpm_step_, "triton kernels"
+        return kddpm.ddpm_add_noise_eager, kddpm.ddpm_step_eager, f"eager twins ({why})"
+    return kddpm.ddpm_add_noise_eager, kddpm.ddpm_step_eager, "eager twins (no CUDA device)"
+
+
+@dataclass
+class _Graph:
+    graph: torch.cuda.CUDAGraph
+    x: torch.Tensor
+    ids: torch.Tensor
+
+
+class DDPMSampler:
+    """``DDPMSampler(unet, schedule, steps, seed, ...)(x, sample_ids, stream)``; see module doc."""
+
+    def __init__(
+        self,
+        unet: nn.Module,
+        schedule: DDPMSchedule,
+        steps: int = 75,
+        seed: int = 0,
+        device: str | torch.device = "cpu",
+        precision: str = "fp32",
+        backend: str = "auto",
+        compile: bool = True,
+        cuda_graph: bool | None = None,
+    ) -> None:
+        if not 1 <= steps < schedule.num_train_timesteps:
+            raise ValueError(f"steps must lie in [1, {schedule.num_train_timesteps}); got {steps}")
+        self.unet, self.schedule, self.steps, self.seed = unet, schedule, steps, seed
+        self.device = torch.device(device)
+        self.precision = precision
+        self.backend = "reference" if backend == "reference" else "fast"
+        self.cuda_graph = (self.device.type == "cuda") if cuda_graph is None else cuda_graph
+        self._add_noise, self._step, self.update_impl = _update_fns(self.device)
+        self._coef = self._coefficients()
+        net = unet
+        if compile and self.backend == "fast":
+            net = torch.compile(unet, fullgraph=True, dynamic=False)
+        self._net = net
+        dev = self.device
+        self._seed = torch.tensor(seed, dtype=torch.int64, device=dev)
+        # reverse step i runs at t = steps - i; draw 0 is the forward noise
+        self._t = torch.arange(steps, -1, -1, dtype=torch.int64, device=dev)  # [steps, ..., 0]
+        self._draw = torch.arange(steps + 1, dtype=torch.int64, device=dev)
+        self._graphs: dict[tuple[int, ...], _Graph] = {}
+        self.captures = 0
+
+    def _coefficients(self) -> torch.Tensor:
+        from puregen_fast.kernels.ddpm import ddpm_coefficients
+
+        s = self.schedule
+        return ddpm_coefficients(
+            s.num_train_timesteps, s.beta_start, s.beta_end, device=self.device
+        )
+
+    def _eps(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        with model_context(self.precision, self.device):
+            out = self._net(x, t)
+        return out if isinstance(out, torch.Tensor) else out[0]
+
+    def _loop(self, x: torch.Tensor, ids: torch.Tensor, stream: int) -> None:
+        kw = {"seed": self._seed, "sample_ids": ids, "stream": stream, "coefficients": self._coef}
+        self._add_noise(x, self._t[0], step=self._draw[0], **kw)
+        for i in range(1, self.steps + 1):
+            t = self._t[i]
+            out = self._step(x, self._eps(x, t), t, step=self._draw[i], **kw)
+            if out is not None and out is not x:
+                x.copy_(out)
+
+    def _capture(self, shape: torch.Size, stream: int) -> _Graph:
+        dev = self.device
+        x = torch.zeros(shape, device=dev)
+        ids = torch.zeros(shape[0], dtype=torch.int64, device=dev)
+        side = torch.cuda.Stream(dev)
+        side.wait_stream(torch.cuda.current_stream(dev))
+        kw = {"seed": self._seed, "sample_ids": ids, "stream": stream, "coefficients": self._coef}
+        with torch.cuda.stream(side):  # warm up: compile model and kernels, autotune, allocate
+            for _ in range(2):
+                self._add_noise(x, self._t[0], step=self._draw[0], **kw)
+                self._step(x, self._eps(x, self._t[1]), self._t[1], step=self._draw[1], **kw)
+        torch.cuda.current_stream(dev).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self._loop(x, ids, stream)
+        self.captures += 1
+        g = _Graph(graph, x, ids)
+        self._graphs[(*shape, stream)] = g
+        return g
+
+    @torch.no_grad()
+    def __call__(
+        self, x: torch.Tensor, sample_ids: torch.Tensor, stream: int = pgnoise.STREAM_DDPM
+    ) -> torch.Tensor:
+        x = x.to(self.device, torch.float32)
+        ids = torch.as_tensor(sample_ids, dtype=torch.int64, device=self.device).reshape(-1)
+        if ids.numel() != x.shape[0]:
+            raise ValueError(f"{ids.numel()} sample ids for {x.shape[0]} images")
+        if self.backend == "reference":
+            seed = self.seed
+
+            def z(i: int) -> torch.Tensor:
+                return pgnoise.randn(seed, stream, i, ids, x.shape[1:])
+
+            with model_context(self.precision, self.device):
+                out = reference.ddpm_purify(
+                    self.unet, self.schedule, x, self.steps, noise=z, check_range=False
+                )
+            return out.float()
+        if not self.cuda_graph:
+            out = x.clone()
+            self._loop(out, ids, stream)
+            return out
+        b, rest = x.shape[0], tuple(x.shape[1:])
+        fits = [k for k in self._graphs if k[1:-1] == rest and k[-1] == stream and k[0] >= b]
+        g = self._graphs[min(fits)] if fits else self._capture(x.shape, stream)
+        g.x[:b].copy_(x)
+        g.ids[:b].copy_(ids)
+        if b < g.x.shape[0]:  # padding rows; results discarded
+            g.x[b:].zero_()
+            g.ids[b:].zero_()
+        g.graph.replay()
+        return g.x[:b].clone()
