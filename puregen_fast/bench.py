@@ -151,9 +151,9 @@ def flops_per_image_step(method: str, model: nn.Module, hw: int, device: torch.d
 
     x = torch.zeros(2, 3, hw, hw, device=device)
     with FlopCounterMode(display=False) as counter:
-        if method == "ebm":
-            xg = x.requires_grad_(True)
-            torch.autograd.grad(model(xg).sum(), xg)
+        if method == "ebm":  # forward plus the input gradient (parameters are frozen)
+            with torch.enable_grad():
+                model(x.requires_grad_(True)).sum().backward()
         else:
             with torch.no_grad():
                 model(x, torch.tensor(10, device=device))
