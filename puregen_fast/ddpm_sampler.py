@@ -25,7 +25,7 @@ from puregen_fast.schedule import DDPMSchedule
 __all__ = ["DDPMSampler"]
 
 
-def _update_fns(device: torch.device) -> tuple[Callable, Callable, str]:
+def _update_fns(device: torch.device, compile: bool) -> tuple[Callable, Callable, str]:
     from puregen_fast.kernels import ddpm as kddpm
 
     if device.type == "cuda":
@@ -35,7 +35,13 @@ def _update_fns(device: torch.device) -> tuple[Callable, Callable, str]:
         if ok:
             return kddpm.ddpm_add_noise_, kddpm.ddpm_step_, "triton kernels"
         return kddpm.ddpm_add_noise_eager, kddpm.ddpm_step_eager, f"eager twins ({why})"
-    return kddpm.ddpm_add_noise_eager, kddpm.ddpm_step_eager, "eager twins (no CUDA device)"
+    if not compile:
+        return kddpm.ddpm_add_noise_eager, kddpm.ddpm_step_eager, "eager twins (CPU)"
+    # compiled, the twins' counter-based noise is one fused loop (far faster than eager on CPU)
+    add, step = (
+        torch.compile(f, dynamic=False) for f in (kddpm.ddpm_add_noise_eager, kddpm.ddpm_step_eager)
+    )
+    return add, step, "compiled eager twins (CPU)"
 
 
 @dataclass
@@ -67,7 +73,9 @@ class DDPMSampler:
         self.precision = precision
         self.backend = "reference" if backend == "reference" else "fast"
         self.cuda_graph = (self.device.type == "cuda") if cuda_graph is None else cuda_graph
-        self._add_noise, self._step, self.update_impl = _update_fns(self.device)
+        self._add_noise, self._step, self.update_impl = _update_fns(
+            self.device, compile and self.backend == "fast"
+        )
         self._coef = self._coefficients()
         net = unet
         if compile and self.backend == "fast":

@@ -38,7 +38,7 @@ def available(device: torch.device, precision: str) -> tuple[bool, str]:
     if device.type == "cpu":
         if precision == "bf16":
             return False, "bf16 model math is GPU-only; use fp32 on CPU"
-        return True, "CPU: torch.compile'd models + eager update twins (no CUDA graphs)"
+        return True, "CPU: torch.compile'd models and update twins (no CUDA graphs)"
     return False, f"no fast path for device type {device.type!r}"
 
 

