@@ -108,7 +108,9 @@ def box_muller(u1: torch.Tensor, u2: torch.Tensor) -> tuple[torch.Tensor, torch.
 
 def _as_ids(sample_ids: Sequence[int] | torch.Tensor, device: torch.device | None) -> torch.Tensor:
     ids = torch.as_tensor(sample_ids, dtype=torch.int64, device=device).reshape(-1)
-    if ids.numel() and not ids.is_cuda:  # on GPU this check would sync; the caller validates
+    # on GPU or inside a compiled graph this check would sync or break the graph; there the
+    # caller (the Purifier, the samplers) has validated the ids
+    if ids.numel() and not ids.is_cuda and not torch.compiler.is_compiling():
         lo, hi = int(ids.min()), int(ids.max())
         if lo < 0 or hi >= MAX_SAMPLE_ID:
             raise ValueError(f"sample ids must lie in [0, 2**48); got range [{lo}, {hi}]")
