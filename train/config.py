@@ -1,0 +1,220 @@
+"""Training configurations: one dataclass per recipe, every hyper-parameter a field whose default
+is the paper's value, and the command-line flags generated from the fields.
+
+A field's metadata says whether it belongs to the *recipe* (it changes the numbers a run
+computes, so ``--resume`` refuses a checkpoint written with another value) or to *run control*
+(where to write, how long to run, how often to log, which device: free to change on resume).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = [
+    "EBMConfig",
+    "DDPMConfig",
+    "add_config_arguments",
+    "config_from_args",
+    "recipe_of",
+    "UNET_PRESETS",
+]
+
+
+def _f(default: Any, help: str, *, run: bool = False, **argparse_kw: Any) -> Any:
+    return field(default=default, metadata={"help": help, "run": run, **argparse_kw})
+
+
+@dataclass
+class _Common:
+    # -- data (recipe) ---------------------------------------------------------------------
+    dataset: str = _f(
+        "cinic10-imagenet",
+        "training set: cifar10, cinic10, cinic10-imagenet (the paper's, for the CIFAR-10 "
+        "models), tinyimagenet, imagefolder, npz",
+    )
+    data_dir: str | None = _f(None, "where the data set lies (default: download into the cache)")
+    split: str = _f("train", "which split to train on")
+    limit: int | None = _f(None, "use only the first N images (quick runs)")
+    classes: str | None = _f(None, "comma-separated class names or indices to train on")
+    hflip: bool = _f(False, "random horizontal flips (off in the paper)")
+    seed: int = _f(0, "seed of the data order, the bank and every noise draw")
+    precision: str = _f(
+        "fp32", "model math: fp32, tf32, or bf16 autocast", choices=("fp32", "tf32", "bf16")
+    )
+    # -- run control -----------------------------------------------------------------------
+    out: str = _f("", "output directory (weights, checkpoints, metrics, plots)", run=True)
+    resume: str | None = _f(
+        None,
+        "continue the run in --out (or from this run/checkpoint directory) exactly",
+        run=True,
+        nargs="?",
+        const="",
+    )
+    force_resume: bool = _f(
+        False,
+        "with --resume: accept changed recipe flags (e.g. a stabiliser after a rollback)",
+        run=True,
+    )
+    steps: int | None = _f(None, "stop after this many optimiser steps in total", run=True)
+    device: str = _f("auto", "auto, cpu, cuda, cuda:N (under torchrun: cuda:LOCAL_RANK)", run=True)
+    log_every: int = _f(10, "append to metrics.jsonl every N steps", run=True)
+    ckpt_every: int = _f(500, "checkpoint every N steps (and at the end)", run=True)
+    keep_ckpts: int = _f(3, "keep the newest N checkpoints", run=True)
+    sample_every: int = _f(5, "write a PNG sample grid and loss curve every N epochs", run=True)
+    progress: bool = _f(True, "show a progress bar", run=True)
+    watch: bool = _f(True, "divergence watch: stop and roll back when training blows up", run=True)
+    watch_factor: float = _f(
+        100.0, "watch: fire when a metric exceeds this multiple of its recent median", run=True
+    )
+    watch_patience: int = _f(5, "watch: consecutive steps over the limit before firing", run=True)
+    watch_window: int = _f(500, "watch: steps in the running median", run=True)
+    watch_warmup: int = _f(50, "watch: steps before the relative test starts", run=True)
+    watch_max_energy: float | None = _f(None, "watch: absolute limit on |E| (EBM)", run=True)
+    watch_max_grad_norm: float | None = _f(None, "watch: absolute limit on the grad norm", run=True)
+
+
+@dataclass
+class EBMConfig(_Common):
+    """The paper's EBM recipe (persistent contrastive divergence), as its authors ran it."""
+
+    nf: int = _f(128, "EBM width (EBMSNGAN32 nf)")
+    patch_size: int = _f(1, "EBM pixel-unshuffle patch size")
+    bank_size: int = _f(10000, "persistent MCMC bank size, in total over all ranks")
+    bank_init: str = _f(
+        "data", "bank states start as noised data or uniform noise", choices=("data", "uniform")
+    )
+    rejuvenation: float = _f(0.05, "probability a chain restarts from a fresh noised data image")
+    mcmc_steps: int = _f(100, "Langevin steps per update")
+    mcmc_eps: float = _f(1.25e-2, "Langevin step size eps")
+    mcmc_temp: float = _f(1e-4, "Langevin temperature (the loss is divided by it too)")
+    data_noise: float = _f(1.5e-2, "std of the Gaussian noise added to data images")
+    lr: float = _f(1e-4, "Adam learning rate")
+    adam_beta1: float = _f(0.9, "Adam beta1")
+    adam_beta2: float = _f(0.999, "Adam beta2")
+    weight_decay: float = _f(0.0, "Adam weight decay")
+    batch_size: int = _f(128, "images per update, in total over all ranks")
+    epochs: int = _f(120, "epochs")
+    lr_milestones: str = _f(
+        "40,75,100", "epochs at which the learning rate is multiplied by --lr-gamma"
+    )
+    lr_gamma: float = _f(0.1, "learning-rate factor at each milestone")
+    # stabilisers, off by default so the paper's recipe stays the default
+    grad_clip: float = _f(0.0, "clip the gradient norm to this (0: off)")
+    energy_reg: float = _f(0.0, "alpha of the penalty alpha * (E(data)^2 + E(samples)^2) (0: off)")
+    warmup_steps: int = _f(0, "linear learning-rate warm-up steps (0: off)")
+    backend: str = _f(
+        "auto",
+        "Langevin sampler: auto (fast where it runs), fast, reference",
+        run=True,
+        choices=("auto", "fast", "reference"),
+    )
+
+
+UNET_PRESETS: dict[str, dict[str, Any]] = {
+    # the paper's 113.7M UNet: diffusers' train_unconditional default, which the authors ran
+    "paper": {
+        "in_channels": 3,
+        "out_channels": 3,
+        "layers_per_block": 2,
+        "block_out_channels": [128, 128, 256, 256, 512, 512],
+        "down_block_types": ["DownBlock2D"] * 4 + ["AttnDownBlock2D", "DownBlock2D"],
+        "up_block_types": ["UpBlock2D", "AttnUpBlock2D"] + ["UpBlock2D"] * 4,
+    },
+    # about 6.5M parameters: a quick CIFAR-size model
+    "small": {
+        "in_channels": 3,
+        "out_channels": 3,
+        "layers_per_block": 2,
+        "block_out_channels": [64, 128, 128],
+        "down_block_types": ["DownBlock2D", "AttnDownBlock2D", "DownBlock2D"],
+        "up_block_types": ["UpBlock2D", "AttnUpBlock2D", "UpBlock2D"],
+    },
+    # tests and smoke runs on a CPU
+    "tiny": {
+        "in_channels": 3,
+        "out_channels": 3,
+        "layers_per_block": 1,
+        "block_out_channels": [16, 32],
+        "norm_num_groups": 8,
+        "attention_head_dim": 8,
+        "down_block_types": ["DownBlock2D", "AttnDownBlock2D"],
+        "up_block_types": ["AttnUpBlock2D", "UpBlock2D"],
+    },
+}
+
+
+@dataclass
+class DDPMConfig(_Common):
+    """The paper's purification-specialised DDPM: diffusers' train_unconditional recipe with
+    training timesteps drawn only from [0, --max-timestep)."""
+
+    unet: str = _f(
+        "paper",
+        "UNet preset: paper (113.7M), small (6.5M), tiny (0.18M)",
+        choices=tuple(UNET_PRESETS),
+    )
+    unet_config: str | None = _f(None, "a diffusers UNet2DModel config.json instead of --unet")
+    num_train_timesteps: int = _f(1000, "DDPM schedule length")
+    beta_start: float = _f(1e-4, "linear schedule: first beta")
+    beta_end: float = _f(0.02, "linear schedule: last beta")
+    max_timestep: int = _f(250, "training timesteps are drawn from [0, N)")
+    lr: float = _f(1e-4, "AdamW learning rate")
+    adam_beta1: float = _f(0.95, "AdamW beta1 (diffusers' train_unconditional)")
+    adam_beta2: float = _f(0.999, "AdamW beta2")
+    weight_decay: float = _f(1e-6, "AdamW weight decay")
+    adam_eps: float = _f(1e-8, "AdamW epsilon")
+    warmup_steps: int = _f(500, "linear warm-up steps of the cosine schedule")
+    batch_size: int = _f(256, "images per step, in total over all ranks")
+    epochs: int = _f(150, "epochs")
+    grad_clip: float = _f(1.0, "clip the gradient norm (train_unconditional clips to 1.0; 0: off)")
+    ema: bool = _f(True, "keep an EMA of the weights")
+    ema_max_decay: float = _f(0.9999, "EMA: maximum decay")
+    ema_inv_gamma: float = _f(1.0, "EMA warm-up: inv_gamma")
+    ema_power: float = _f(0.75, "EMA warm-up: power")
+    save_weights: str = _f(
+        "ema",
+        "which weights --out holds at top level (the other go in a subdirectory)",
+        run=True,
+        choices=("ema", "raw"),
+    )
+    purify_steps: int = _f(75, "DDPM steps of the purification demo in the sample grids", run=True)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One flag per field of ``cls``, default and help from the field."""
+    for f in dataclasses.fields(cls):
+        md = dict(f.metadata)
+        help_ = md.pop("help", "")
+        md.pop("run", None)
+        kw: dict[str, Any] = {"dest": f.name, "default": f.default}
+        if f.default is not None and f.default != "" and not isinstance(f.default, bool):
+            help_ += f" (default: {f.default})"
+        if f.type in ("bool", bool):
+            kw["action"] = argparse.BooleanOptionalAction
+        else:
+            typ = {"int": int, "float": float, "int | None": int, "float | None": float}.get(
+                str(f.type), str
+            )
+            kw["type"] = typ
+        if f.name == "out":
+            kw["required"] = True
+            kw.pop("default")
+        parser.add_argument(_flag(f.name), help=help_, **kw, **md)
+
+
+def config_from_args(cls: type, args: argparse.Namespace) -> Any:
+    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+
+
+def recipe_of(cfg: Any) -> dict[str, Any]:
+    """The hyper-parameters that change what a run computes (what ``--resume`` must match)."""
+    return {
+        f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if not f.metadata.get("run")
+    }

@@ -1,0 +1,283 @@
+"""`puregen-fast train ebm`: the paper's EBM recipe, persistent contrastive divergence.
+
+One update (index k):
+
+1. the data batch: epoch ``k // steps_per_epoch``'s permutation (a pure function of the seed and
+   epoch), images in [-1, 1] plus ``data_noise`` Gaussian noise;
+2. ``batch_size`` bank slots drawn without replacement; each restarts with probability
+   ``rejuvenation`` from a fresh noised data image;
+3. ``mcmc_steps`` Langevin steps on those chains from the engine's sampler, noise keyed by
+   ``(seed, STREAM_TRAIN_EBM, k * mcmc_steps + i, slot)``; the chains go back into the bank;
+4. loss ``((E(data) - E(samples)).mean() + alpha * (E(data)^2 + E(samples)^2).mean()) / temp``
+   (alpha = ``--energy-reg``, 0 in the paper), Adam, learning rate times ``lr_gamma`` at each
+   milestone epoch (and an optional linear warm-up).
+
+Batch selection, rejuvenation and the data noise come from one seeded ``torch.Generator`` whose
+state is checkpointed with the bank, so ``--resume`` continues exactly. Every rank draws the
+global batch's numbers and keeps its slice, and the bank is the same on every rank.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from puregen_fast import noise as pgnoise
+from puregen_fast.checkpoints import save_ebm
+from puregen_fast.ebm import EBMSNGAN32
+from puregen_fast.errors import UsageError
+from puregen_fast.purifier import precision_context
+from puregen_fast.train.config import EBMConfig
+from puregen_fast.train.data import TrainData, load_train_data, to_x
+from puregen_fast.train.dist import Dist, setup_dist
+from puregen_fast.train.loop import Loop, TrainResult, epoch_permutation, grad_norm
+from puregen_fast.train.sampler import TrainSampler
+
+__all__ = ["EBMTrainer", "train_ebm", "STREAM_TRAIN_EBM"]
+
+STREAM_TRAIN_EBM: int = getattr(pgnoise, "STREAM_TRAIN_EBM", 3)
+
+
+def _parse_milestones(spec: str) -> list[int]:
+    try:
+        return sorted(int(t) for t in spec.split(",") if t.strip())
+    except ValueError as e:
+        raise UsageError(f"--lr-milestones {spec!r}: expected comma-separated epochs") from e
+
+
+class EBMTrainer(Loop):
+    recipe = "ebm"
+    relative_keys = ("energy_abs", "gap_abs", "grad_norm")
+    loss_keys = ("loss", "e_data", "e_samples", "grad_norm")
+
+    def __init__(self, cfg: EBMConfig, data: TrainData, dist: Dist) -> None:
+        checks = [
+            (cfg.nf >= 1, "--nf must be >= 1"),
+            (cfg.patch_size >= 1, "--patch-size must be >= 1"),
+            (cfg.mcmc_steps >= 1, "--mcmc-steps must be >= 1"),
+            (cfg.mcmc_eps > 0 and cfg.mcmc_temp > 0, "--mcmc-eps and --mcmc-temp must be > 0"),
+            (0 <= cfg.rejuvenation <= 1, "--rejuvenation must lie in [0, 1]"),
+            (cfg.data_noise >= 0, "--data-noise must be >= 0"),
+            (cfg.lr > 0, "--lr must be > 0"),
+            (
+                cfg.grad_clip >= 0 and cfg.energy_reg >= 0 and cfg.warmup_steps >= 0,
+                "--grad-clip, --energy-reg and --warmup-steps must be >= 0",
+            ),
+            (
+                cfg.bank_size >= cfg.batch_size,
+                f"--bank-size {cfg.bank_size} must be >= --batch-size {cfg.batch_size}",
+            ),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise UsageError(msg)
+        super().__init__(cfg, data, dist)
+        self.milestones = _parse_milestones(cfg.lr_milestones)
+        self._perm_cache: tuple[int, torch.Tensor] | None = None
+
+    # -- set-up --------------------------------------------------------------------------------
+    def build(self) -> None:
+        cfg, dev = self.cfg, self.device
+        with torch.random.fork_rng(devices=[]):  # the init is a function of --seed only
+            torch.manual_seed(cfg.seed)
+            self.ebm = EBMSNGAN32(nf=cfg.nf, patch_size=cfg.patch_size).to(dev)
+        self.ebm.train()
+        self.params = list(self.ebm.parameters())
+        self.model: nn.Module = self.ebm
+        if self.dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            self.model = DDP(self.ebm, device_ids=[dev.index] if dev.type == "cuda" else None)
+        self.optimizer = torch.optim.Adam(self.params, lr=cfg.lr, **self.optimizer_hparams())
+        self.images = torch.from_numpy(np.ascontiguousarray(self.data.images))
+        self.sampler = TrainSampler(
+            self.ebm,
+            cfg.mcmc_steps,
+            cfg.mcmc_eps,
+            cfg.mcmc_temp,
+            cfg.seed,
+            dev,
+            cfg.precision,
+            cfg.backend,
+        )
+        self.bank = self._init_bank()
+        # a fixed set of data images for the sample grids
+        self.show_idx = torch.arange(min(16, len(self.data)))
+
+    def _noised_data(self, idx: torch.Tensor) -> torch.Tensor:
+        x = to_x(self.images[idx], self.device)
+        z = torch.randn(x.shape, generator=self.gen).to(self.device)
+        return x + self.cfg.data_noise * z
+
+    def _init_bank(self) -> torch.Tensor:
+        cfg = self.cfg
+        h, w = self.data.hw
+        bank = torch.empty((cfg.bank_size, 3, h, w), device=self.device)
+        for lo in range(0, cfg.bank_size, 1024):  # chunks keep the host copy small
+            n = min(1024, cfg.bank_size - lo)
+            if cfg.bank_init == "uniform":
+                bank[lo : lo + n] = (torch.rand((n, 3, h, w), generator=self.gen) * 2 - 1).to(
+                    self.device
+                )
+            else:
+                idx = torch.randint(len(self.data), (n,), generator=self.gen)
+                bank[lo : lo + n] = self._noised_data(idx)
+        return bank
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "sampler": self.sampler.impl,
+            "device": str(self.device),
+            "world_size": self.dist.world,
+            "steps_per_epoch": self.steps_per_epoch,
+            "total_steps": self.total_steps,
+            "data": {"source": self.data.source, "images": len(self.data)},
+            "loss": "((E(data) - E(samples)).mean() "
+            "+ energy_reg * (E(data)^2 + E(samples)^2).mean()) / mcmc_temp",
+        }
+
+    def optimizer_hparams(self) -> dict[str, Any]:
+        c = self.cfg
+        return {"betas": (c.adam_beta1, c.adam_beta2), "weight_decay": c.weight_decay}
+
+    # -- schedule ------------------------------------------------------------------------------
+    def lr_factor(self, step: int) -> float:
+        epoch = step // self.steps_per_epoch
+        f = self.cfg.lr_gamma ** sum(epoch >= m for m in self.milestones)
+        if self.cfg.warmup_steps > 0:
+            f *= min(1.0, (step + 1) / self.cfg.warmup_steps)
+        return f
+
+    def _perm(self, epoch: int) -> torch.Tensor:
+        if self._perm_cache is None or self._perm_cache[0] != epoch:
+            self._perm_cache = (epoch, epoch_permutation(self.cfg.seed, epoch, len(self.data)))
+        return self._perm_cache[1]
+
+    # -- one update ----------------------------------------------------------------------------
+    def energies(self, x: torch.Tensor) -> torch.Tensor:
+        """E of a batch through the (DDP-wrapped) model; one forward for data and samples."""
+        with precision_context(self.cfg.precision, self.device):
+            return self.model(x).float()
+
+    def forward_backward(self, step: int) -> dict[str, float]:
+        cfg, dev, g = self.cfg, self.device, self.gen
+        B, N = cfg.batch_size, len(self.data)
+        epoch, b = divmod(step, self.steps_per_epoch)
+        idx = self._perm(epoch)[b * B : (b + 1) * B]
+        # global draws, in a fixed order, on every rank
+        x_data = self._noised_data(idx)
+        if cfg.hflip:
+            flip = (torch.rand(B, generator=g) < 0.5).to(dev)
+            x_data = torch.where(flip[:, None, None, None], x_data.flip(-1), x_data)
+        slots = torch.randperm(cfg.bank_size, generator=g)[:B]
+        rejuv = torch.rand(B, generator=g) < cfg.rejuvenation
+        fresh = torch.randint(N, (B,), generator=g)
+        fresh_x = self._noised_data(fresh)
+        slots_dev = slots.to(dev)
+        if bool(rejuv.any()):
+            r = rejuv.to(dev)
+            self.bank[slots_dev[r]] = fresh_x[r]
+        sh = self.dist.shard(B)
+        my_slots = slots_dev[sh]
+        x_neg = self.sampler(self.bank[my_slots], my_slots, STREAM_TRAIN_EBM, step * cfg.mcmc_steps)
+        self.bank[slots_dev] = self.dist.all_gather_cat(x_neg.detach())
+
+        e = self.energies(torch.cat([x_data[sh], x_neg.detach()]))
+        e_d, e_s = e[: x_neg.shape[0]], e[x_neg.shape[0] :]
+        gap = e_d.mean() - e_s.mean()
+        loss = gap
+        if cfg.energy_reg > 0:
+            loss = loss + cfg.energy_reg * (e_d.square() + e_s.square()).mean()
+        loss = loss / cfg.mcmc_temp
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self._gn = grad_norm(self.params)
+        m = torch.stack(
+            [
+                loss.detach(),
+                e_d.mean().detach(),
+                e_s.mean().detach(),
+                self._gn.to(dev),
+                x_neg.detach().abs().amax(),
+                rejuv.sum().to(dev, torch.float32),
+            ]
+        )
+        loss_v, ed, es, gn, xmax, nrej = self.dist.all_reduce_mean(m).tolist()
+        return {
+            "loss": loss_v,
+            "e_data": ed,
+            "e_samples": es,
+            "gap": ed - es,
+            "energy_abs": max(abs(ed), abs(es)),
+            "gap_abs": abs(ed - es),
+            "grad_norm": gn,
+            "sample_abs_max": xmax,
+            "rejuvenated": nrej * self.dist.world,
+        }
+
+    def apply(self, step: int) -> None:
+        if self.cfg.grad_clip > 0:
+            coef = torch.clamp(self.cfg.grad_clip / (self._gn + 1e-6), max=1.0)
+            for p in self.params:
+                if p.grad is not None:
+                    p.grad.mul_(coef.to(p.grad.device))
+        self.optimizer.step()
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        return {"bank": self.bank.detach().cpu()}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        bank = state["bank"]
+        if tuple(bank.shape) != tuple(self.bank.shape):
+            raise UsageError(
+                f"--resume: the checkpoint's bank has shape {tuple(bank.shape)}, "
+                f"this run's {tuple(self.bank.shape)}"
+            )
+        self.bank.copy_(bank.to(self.device))
+
+    def write_weights(self, d: Path) -> None:
+        save_ebm(self.ebm, d)
+
+    def load_weights(self, d: Path) -> None:
+        from safetensors.torch import load_file
+
+        state = load_file(str(d / "model.safetensors"), device=str(self.device))
+        self.ebm.load_state_dict(state)
+
+    # -- plots ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def sample_rows(self) -> list[torch.Tensor]:
+        """Data; bank chains (the negatives); data after one sampler run (a purification)."""
+        x = to_x(self.images[self.show_idx], self.device)
+        ids = self.show_idx.to(self.device)
+        purified = self.sampler(x, ids, pgnoise.STREAM_EBM, 0)
+        return [x, self.bank[: len(self.show_idx)], purified]
+
+
+def train_ebm(cfg: EBMConfig, data: TrainData | None = None) -> TrainResult:
+    """Train an EBM with ``cfg``; returns when the epochs or ``cfg.steps`` are done.
+
+    Raises `UsageError` for bad input and `TrainingDiverged` (a UsageError) after rolling the
+    run directory back to its last good checkpoint.
+    """
+    dist = setup_dist(cfg.device)
+    try:
+        if data is None:
+            data = dist.main_first(
+                lambda: load_train_data(
+                    cfg.dataset,
+                    cfg.data_dir,
+                    cfg.split,
+                    limit=cfg.limit,
+                    classes=cfg.classes,
+                    min_hw=4 * cfg.patch_size,
+                )
+            )
+        return EBMTrainer(cfg, data, dist).train()
+    finally:
+        dist.close()

@@ -1,0 +1,431 @@
+"""The loop both recipes share: run directory, exact resume, the step loop with its learning-rate
+schedule, the divergence watch with rollback, checkpoints, metrics, progress, plots.
+
+A recipe subclasses `Loop` and provides the model-specific parts (`build`, `forward_backward`,
+`apply`, `state`/`load_state`, `write_weights`, `load_weights`, `sample_rows`).
+
+Steps are counted as completed optimiser steps: the checkpoint "step k" holds the state after k
+updates, and the update that follows it has index k (which keys its noise and data).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from puregen_fast.errors import UsageError
+from puregen_fast.train.config import recipe_of
+from puregen_fast.train.data import TrainData
+from puregen_fast.train.dist import Dist
+from puregen_fast.train.plots import save_curves, save_grid
+from puregen_fast.train.state import RunDir, atomic_write_text, capture_rng, restore_rng
+from puregen_fast.train.watch import DivergenceWatch, WatchConfig
+
+__all__ = ["Loop", "TrainResult", "TrainingDiverged", "epoch_permutation", "grad_norm"]
+
+
+class TrainingDiverged(UsageError):
+    """Training blew up; the run directory was rolled back to its last good checkpoint."""
+
+    def __init__(self, message: str, step: int, good_step: int, reason: str, ckpt: Path) -> None:
+        super().__init__(message)
+        self.step, self.good_step, self.reason, self.checkpoint = step, good_step, reason, ckpt
+
+
+@dataclass
+class TrainResult:
+    out_dir: Path
+    step: int  # optimiser steps completed
+    total_steps: int  # the recipe's epochs * steps per epoch
+    stopped: str  # "done" (all epochs), "steps" (--steps reached), "interrupted"
+    metrics: dict[str, float] = field(default_factory=dict)  # the last step's
+    checkpoint: Path | None = None
+
+
+def epoch_permutation(seed: int, epoch: int, n: int) -> torch.Tensor:
+    """The data order of an epoch: a pure function of (seed, epoch), so resuming mid-epoch needs
+    no saved permutation."""
+    g = torch.Generator().manual_seed((seed * 1_000_003 + epoch * 7919 + 17) % (1 << 63))
+    return torch.randperm(n, generator=g)
+
+
+def grad_norm(params: list[nn.Parameter]) -> torch.Tensor:
+    """The global L2 norm of the gradients (0-d tensor, no host sync)."""
+    norms = [p.grad.detach().float().norm() for p in params if p.grad is not None]
+    if not norms:
+        return torch.zeros(())
+    return torch.linalg.vector_norm(torch.stack(norms))
+
+
+def _finite_or_none(v: float) -> float | None | str:
+    return v if math.isfinite(v) else str(v)
+
+
+class Loop:
+    recipe = ""
+    relative_keys: tuple[str, ...] = ()
+    loss_keys: tuple[str, ...] = ("loss",)  # the panels of loss.png
+
+    def __init__(self, cfg: Any, data: TrainData, dist: Dist) -> None:
+        self.cfg, self.data, self.dist = cfg, data, dist
+        self.device = dist.device
+        self.run = RunDir(cfg.out, self.recipe)
+        self.hparams = recipe_of(cfg)
+        n, b = len(data), cfg.batch_size
+        if b < 1 or b % dist.world:
+            raise UsageError(
+                f"--batch-size {b} must be a positive multiple of the {dist.world} ranks"
+            )
+        if n < b:
+            raise UsageError(
+                f"{data.source}: {n} images, fewer than --batch-size {b}; lower --batch-size"
+            )
+        if cfg.epochs < 1:
+            raise UsageError(f"--epochs must be >= 1; got {cfg.epochs}")
+        self.steps_per_epoch = n // b  # the last partial batch is dropped: fixed shapes
+        self.total_steps = cfg.epochs * self.steps_per_epoch
+        self.stop_at = self.total_steps if cfg.steps is None else min(cfg.steps, self.total_steps)
+        if cfg.steps is not None and cfg.steps < 0:
+            raise UsageError(f"--steps must be >= 0; got {cfg.steps}")
+        self.gen = torch.Generator().manual_seed(cfg.seed)  # everything but the keyed noise
+        self.watch = DivergenceWatch(
+            WatchConfig(
+                enabled=cfg.watch,
+                factor=cfg.watch_factor,
+                patience=cfg.watch_patience,
+                window=cfg.watch_window,
+                warmup=cfg.watch_warmup,
+                max_energy=cfg.watch_max_energy,
+                max_grad_norm=cfg.watch_max_grad_norm,
+            ),
+            self.relative_keys,
+        )
+        self.step = 0
+        self._stop = False
+        self.model: nn.Module
+        self.optimizer: torch.optim.Optimizer
+
+    # -- hooks -------------------------------------------------------------------------------
+    def build(self) -> None:
+        raise NotImplementedError
+
+    def forward_backward(self, step: int) -> dict[str, float]:
+        """Compute the loss of update ``step`` and its gradients; return the metrics (reduced
+        over ranks). The optimiser has not stepped yet, so a bad step can be refused."""
+        raise NotImplementedError
+
+    def apply(self, step: int) -> None:
+        """Clip, step the optimiser, update EMAs."""
+        raise NotImplementedError
+
+    def state(self) -> dict[str, Any]:
+        return {}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        pass
+
+    def write_weights(self, d: Path) -> None:
+        raise NotImplementedError
+
+    def load_weights(self, d: Path) -> None:
+        raise NotImplementedError
+
+    def sample_rows(self) -> list[torch.Tensor]:
+        return []
+
+    def lr_factor(self, step: int) -> float:
+        return 1.0
+
+    def describe(self) -> dict[str, Any]:
+        return {}
+
+    def optimizer_hparams(self) -> dict[str, Any]:
+        """The optimiser's per-group settings from the flags (betas, weight decay, ...)."""
+        return {}
+
+    # -- learning rate -----------------------------------------------------------------------
+    def set_lr(self, step: int) -> float:
+        """A pure function of the step, so the schedule resumes exactly with the step."""
+        lr = self.cfg.lr * self.lr_factor(step)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        return lr
+
+    # -- checkpoints -------------------------------------------------------------------------
+    def _full_state(self) -> dict[str, Any]:
+        return {
+            "hparams": self.hparams,
+            "epoch": self.step // self.steps_per_epoch,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": {
+                "kind": "step-function",
+                "last_step": self.step,
+                "lr": self.optimizer.param_groups[0]["lr"],
+            },
+            "generator": self.gen.get_state(),
+            "rng": capture_rng(),
+            "watch": self.watch.state_dict(),
+            **self.state(),
+        }
+
+    def save(self) -> Path | None:
+        path = None
+        if self.dist.is_main:
+            path = self.run.save_checkpoint(
+                self.step, self._full_state(), self.write_weights, self.cfg.keep_ckpts
+            )
+        self.dist.barrier()
+        return path
+
+    def _check_resume(self, run_src: Path, ckpt: Path) -> dict[str, Any]:
+        doc = self.run.read_recipe(run_src)
+        if doc is not None:
+            self._check_doc(doc, run_src)
+        state = RunDir.load_state(ckpt, self.device)
+        self._check_doc(
+            {
+                "recipe": state.get("recipe"),
+                "format": state.get("format"),
+                "hparams": state.get("hparams", {}),
+            },
+            ckpt,
+        )
+        return state
+
+    def _check_doc(self, doc: dict[str, Any], where: Path) -> None:
+        try:
+            self.run.check_recipe(doc, self.hparams, where)
+        except UsageError:
+            if not self.cfg.force_resume or doc.get("recipe") != self.recipe:
+                raise
+            self._forced = True
+
+    def _start(self) -> None:
+        cfg = self.cfg
+        self._forced = False
+        self.build()
+        used = bool(self.run.checkpoints()) or self.run.read_recipe() is not None
+        self.dist.barrier()  # every rank looks at --out before rank 0 writes into it
+        if cfg.resume is not None:
+            run_src, ckpt = self.run.find_resume(cfg.resume)
+            elsewhere = run_src.resolve() != self.run.path.resolve()
+            if elsewhere and used:
+                raise UsageError(
+                    f"--out {str(self.run.path)!r} already holds another training run; resume "
+                    f"from {str(run_src)!r} into a new --out, or into {str(run_src)!r} itself"
+                )
+            state = self._check_resume(run_src, ckpt)
+            self.load_weights(ckpt)
+            self.optimizer.load_state_dict(state["optimizer"])
+            for g in self.optimizer.param_groups:  # this run's flags (differ only if forced)
+                g.update(self.optimizer_hparams())
+            self.gen.set_state(state["generator"].cpu())
+            restore_rng(state["rng"])
+            self.watch.load_state_dict(state["watch"])
+            self.load_state(state)
+            self.step = int(state["step"])
+            if self.dist.is_main:
+                self._log_event("resume", {"from": str(ckpt), "forced_recipe_change": self._forced})
+                if self._forced or elsewhere:
+                    self.run.write_recipe(self.hparams, {"resumed_from": str(ckpt)})
+            self.dist.barrier()
+            if elsewhere:  # the new run directory starts with the state it continues from
+                self.save()
+            return
+        if used:
+            raise UsageError(
+                f"--out {str(self.run.path)!r} already holds a training run; pass --resume to "
+                "continue it, or choose another --out"
+            )
+        if self.dist.is_main:
+            self.run.write_recipe(self.hparams, {"describe": self.describe()})
+        self.save()  # step 0: there is always a good checkpoint to roll back to
+
+    # -- logging -----------------------------------------------------------------------------
+    def _log_event(self, event: str, info: dict[str, Any]) -> None:
+        self.run.log({"event": event, "step": self.step, "time": time.time(), **info})
+
+    def _plots(self) -> None:
+        if not self.dist.is_main:
+            return
+        self.run.samples.mkdir(parents=True, exist_ok=True)
+        try:
+            rows = self.sample_rows()
+        except Exception as e:  # a plot must not end a long run
+            print(
+                f"train {self.recipe}: no sample grid at step {self.step} "
+                f"({type(e).__name__}: {e})",
+                file=sys.stderr,
+            )
+            rows = []
+        if rows:
+            save_grid(rows, self.run.samples / f"step_{self.step:08d}.png")
+        by_step: dict[int, dict[str, Any]] = {}
+        for r in self.run.read_metrics():
+            if "event" not in r and "step" in r:
+                by_step[int(r["step"])] = r  # a re-run step (after a resume) overrides
+        steps = sorted(by_step)
+        series = {}
+        for k in self.loss_keys:
+            pts = [(s, by_step[s][k]) for s in steps if isinstance(by_step[s].get(k), (int, float))]
+            series[k] = ([p[0] for p in pts], [p[1] for p in pts])
+        save_curves(
+            series, self.run.path / "loss.png", title=f"train {self.recipe}: {self.run.path.name}"
+        )
+
+    # -- divergence ----------------------------------------------------------------------------
+    def _rollback(self, at_step: int, reason: str) -> TrainingDiverged:
+        ck = self.run.checkpoints()
+        if not ck:  # cannot happen: a run always starts by saving one; be clear if it does
+            return TrainingDiverged(
+                f"training diverged at step {at_step}: {reason}; no checkpoint to roll back to",
+                at_step,
+                -1,
+                reason,
+                self.run.ckpt_root,
+            )
+        good_step, good = ck[-1]
+        if self.dist.is_main:
+            self.run.publish_weights(good)
+            info = {
+                "diverged_at_step": at_step,
+                "reason": reason,
+                "rolled_back_to_step": good_step,
+                "checkpoint": str(good),
+            }
+            atomic_write_text(self.run.path / "divergence.json", json.dumps(info, indent=2))
+            self._log_event("diverged", info)
+        self.load_weights(good)  # the in-memory model is the good one too
+        self.dist.barrier()
+        msg = (
+            f"training diverged at step {at_step}: {reason}. Rolled back: {str(self.run.path)!r} "
+            f"holds the last good checkpoint, step {good_step} ({good}). To go on from there, add "
+            "a stabiliser (--grad-clip 1.0, --energy-reg 0.1, --warmup-steps 1000, or a lower "
+            "--lr) and pass --resume --force-resume; or disable the watch with --no-watch"
+        )
+        return TrainingDiverged(msg, at_step, good_step, reason, good)
+
+    # -- the loop ----------------------------------------------------------------------------
+    def _install_signals(self) -> list[tuple[int, Any]]:
+        if threading.current_thread() is not threading.main_thread():
+            return []
+        old = []
+
+        def handler(signum: int, frame: Any) -> None:
+            if self._stop:  # a second interrupt: stop now
+                raise KeyboardInterrupt
+            self._stop = True
+
+        for s in (signal.SIGINT, signal.SIGTERM):
+            old.append((s, signal.signal(s, handler)))
+        return old
+
+    def _stop_requested(self) -> bool:
+        if not self.dist.enabled:
+            return self._stop
+        flag = torch.tensor([1.0 if self._stop else 0.0], device=self.device)
+        return bool(self.dist.all_reduce_mean(flag).item() > 0)
+
+    def train(self) -> TrainResult:
+        cfg = self.cfg
+        self._start()
+        old_handlers = self._install_signals()
+        bar = None
+        if self.dist.is_main and cfg.progress:
+            from tqdm import tqdm
+
+            bar = tqdm(
+                total=self.stop_at,
+                initial=self.step,
+                desc=f"train {self.recipe}",
+                unit="step",
+                dynamic_ncols=True,
+            )
+        metrics: dict[str, float] = {}
+        save_due, stopped, rate = False, "done", 0.0
+        try:
+            while self.step < self.stop_at:
+                t0 = time.perf_counter()
+                k = self.step  # the index of this update
+                lr = self.set_lr(k)
+                metrics = self.forward_backward(k)
+                reason = self.watch.check(k + 1, metrics)
+                if reason is not None:
+                    raise self._rollback(k + 1, reason)
+                self.apply(k)
+                self.step = k + 1
+                dt = time.perf_counter() - t0
+                ips = cfg.batch_size / max(dt, 1e-9)
+                rate = ips if rate == 0 else 0.9 * rate + 0.1 * ips
+                if self.dist.is_main and (
+                    self.step % cfg.log_every == 0 or self.step == self.stop_at
+                ):
+                    row = {k_: _finite_or_none(v) for k_, v in metrics.items()}
+                    self.run.log(
+                        {
+                            "step": self.step,
+                            "epoch": self.step / self.steps_per_epoch,
+                            "lr": lr,
+                            "images_per_s": round(ips, 2),
+                            "time": time.time(),
+                            **row,
+                        }
+                    )
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(
+                        loss=f"{metrics.get('loss', float('nan')):.4g}", img_s=f"{rate:.1f}"
+                    )
+                epoch_end = self.step % self.steps_per_epoch == 0
+                if (
+                    epoch_end
+                    and (self.step // self.steps_per_epoch) % max(cfg.sample_every, 1) == 0
+                ):
+                    self._plots()
+                save_due = save_due or self.step % max(cfg.ckpt_every, 1) == 0
+                if save_due and not self.watch.pending:
+                    self.save()
+                    save_due = False
+                if self._stop_requested():
+                    stopped = "interrupted"
+                    break
+            else:
+                stopped = "done" if self.step >= self.total_steps else "steps"
+            ck = self.run.checkpoints()
+            if self.watch.pending:  # ending inside an open streak: keep the last good checkpoint
+                if self.dist.is_main:
+                    self.run.publish_weights(ck[-1][1])
+                    self._log_event("end_pending", {"kept_step": ck[-1][0]})
+            elif not ck or ck[-1][0] != self.step:
+                self.save()
+            if not self.watch.pending:
+                self._plots()
+        finally:
+            if bar is not None:
+                bar.close()
+            for s, h in old_handlers:
+                signal.signal(s, h)
+        last = self.run.checkpoints()
+        return TrainResult(
+            self.run.path,
+            self.step,
+            self.total_steps,
+            stopped,
+            metrics,
+            last[-1][1] if last else None,
+        )
+
+
+def config_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)

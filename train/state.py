@@ -1,0 +1,252 @@
+"""Run directories, checkpoints and exact resume.
+
+Layout of ``--out DIR``::
+
+    recipe.json                  {"recipe": "ebm"|"ddpm", "format": 1, "hparams": {...}}
+    <weights>                    the newest good weights, loadable by pg.load_ebm / pg.load_ddpm
+    checkpoints/step_00001234/   <weights> + state.pt (optimiser, schedule, RNG, bank, step, ...)
+    checkpoints/latest.json      {"step": 1234, "dir": "step_00001234"}
+    metrics.jsonl, samples/*.png, loss.png
+
+Every file and checkpoint directory is written under a temporary name and renamed into place, so
+a run killed at any moment leaves the previous checkpoint intact. ``state.pt`` holds only
+tensors, numbers, strings, lists and dicts: it loads with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from puregen_fast.errors import UsageError
+
+__all__ = [
+    "FORMAT",
+    "RunDir",
+    "capture_rng",
+    "restore_rng",
+    "atomic_write_text",
+    "atomic_write_bytes",
+]
+
+FORMAT = 1
+_STEP_DIR = "step_{:08d}"
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
+    p = Path(path)
+    tmp = p.with_name(f".{p.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, p)
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+    p = Path(path)
+    tmp = p.with_name(f".{p.name}.tmp{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, p)
+
+
+def capture_rng() -> dict[str, Any]:
+    """The global RNG states (torch CPU and CUDA, numpy, Python). The training loops draw from
+    their own checkpointed generators and the keyed stream; these are saved so that anything
+    else drawing from the globals (a user's augmentation, a library) resumes exactly too."""
+    mt, pos, has_gauss, gauss = np.random.get_state()[1:]
+    ver, internal, gauss_next = random.getstate()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "keys": torch.from_numpy(np.asarray(mt, dtype=np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(gauss),
+        },
+        "python": {"version": ver, "internal": list(internal), "gauss_next": gauss_next},
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"].cpu())
+    n = state["numpy"]
+    np.random.set_state(
+        (
+            "MT19937",
+            n["keys"].numpy().astype(np.uint32),
+            n["pos"],
+            n["has_gauss"],
+            n["cached_gaussian"],
+        )
+    )
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["internal"]), p["gauss_next"]))
+    if "cuda" in state and torch.cuda.is_available():
+        cuda = state["cuda"]
+        if len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all([s.cpu() for s in cuda])
+
+
+class RunDir:
+    """One training run's output directory."""
+
+    def __init__(self, out: str | os.PathLike[str], recipe: str) -> None:
+        if not str(out):
+            raise UsageError("--out DIR is required")
+        self.path = Path(out)
+        self.recipe = recipe
+        self.ckpt_root = self.path / "checkpoints"
+        self.metrics = self.path / "metrics.jsonl"
+        self.samples = self.path / "samples"
+
+    # -- recipe --------------------------------------------------------------------------------
+    def read_recipe(self, where: Path | None = None) -> dict[str, Any] | None:
+        p = (where or self.path) / "recipe.json"
+        if not p.is_file():
+            return None
+        try:
+            return json.loads(p.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise UsageError(
+                f"{str(p)!r} is unreadable ({e}); remove it or use another --out"
+            ) from e
+
+    def write_recipe(self, hparams: dict[str, Any], extra: dict[str, Any] | None = None) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        doc = {"recipe": self.recipe, "format": FORMAT, "hparams": hparams, **(extra or {})}
+        atomic_write_text(self.path / "recipe.json", json.dumps(doc, indent=2, sort_keys=True))
+
+    def check_recipe(
+        self, found: dict[str, Any] | None, hparams: dict[str, Any], where: Path
+    ) -> None:
+        """Refuse to resume a run of another recipe or other hyper-parameters."""
+        if found is None:
+            raise UsageError(
+                f"--resume {str(where)!r}: no recipe.json there; it is not a training run of "
+                "puregen-fast train (start a fresh run with another --out)"
+            )
+        if found.get("recipe") != self.recipe:
+            raise UsageError(
+                f"--resume {str(where)!r}: written by `train {found.get('recipe')}`, not "
+                f"`train {self.recipe}`; pass the right subcommand or another directory"
+            )
+        if found.get("format") != FORMAT:
+            raise UsageError(
+                f"--resume {str(where)!r}: checkpoint format {found.get('format')} "
+                f"(this build reads {FORMAT})"
+            )
+        old = found.get("hparams", {})
+        diff = sorted(k for k in set(old) | set(hparams) if old.get(k) != hparams.get(k))
+        if diff:
+            shown = ", ".join(
+                f"--{k.replace('_', '-')} {old.get(k)!r} -> {hparams.get(k)!r}" for k in diff[:8]
+            )
+            raise UsageError(
+                f"--resume {str(where)!r}: the recipe differs from the checkpoint's ({shown}); "
+                "resume with the original flags, add --force-resume to accept the change, or "
+                "start a fresh run with another --out"
+            )
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def checkpoints(self, root: Path | None = None) -> list[tuple[int, Path]]:
+        """Complete checkpoints (directories holding state.pt), oldest first."""
+        root = root or self.ckpt_root
+        out = []
+        if root.is_dir():
+            for d in root.iterdir():
+                if d.is_dir() and d.name.startswith("step_") and (d / "state.pt").is_file():
+                    try:
+                        out.append((int(d.name[5:]), d))
+                    except ValueError:
+                        continue
+        return sorted(out)
+
+    def find_resume(self, spec: str) -> tuple[Path, Path]:
+        """(run directory, checkpoint directory) for ``--resume [spec]``."""
+        src = Path(spec) if spec else self.path
+        if (src / "state.pt").is_file():  # a checkpoint directory itself
+            run = src.parent.parent if src.parent.name == "checkpoints" else src
+            return run, src
+        ck = self.checkpoints(src / "checkpoints")
+        if not ck:
+            if not src.exists():
+                raise UsageError(f"--resume {str(src)!r}: no such directory")
+            raise UsageError(
+                f"--resume {str(src)!r}: no checkpoint there (checkpoints/step_*/state.pt); "
+                "start without --resume"
+            )
+        return src, ck[-1][1]
+
+    def save_checkpoint(
+        self,
+        step: int,
+        state: dict[str, Any],
+        write_weights: Callable[[Path], None],
+        keep: int,
+    ) -> Path:
+        """Write checkpoints/step_N atomically, point latest.json at it, copy its weights to the
+        top of the run directory, and delete all but the newest ``keep`` checkpoints."""
+        self.ckpt_root.mkdir(parents=True, exist_ok=True)
+        final = self.ckpt_root / _STEP_DIR.format(step)
+        tmp = self.ckpt_root / f".tmp-{final.name}-{os.getpid()}"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        write_weights(tmp)
+        torch.save(
+            {**state, "format": FORMAT, "recipe": self.recipe, "step": step}, tmp / "state.pt"
+        )
+        if final.exists():  # re-reaching a step after a rollback
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        atomic_write_text(
+            self.ckpt_root / "latest.json", json.dumps({"step": step, "dir": final.name})
+        )
+        self.publish_weights(final)
+        for _, old in self.checkpoints()[: -max(keep, 1)]:
+            shutil.rmtree(old, ignore_errors=True)
+        return final
+
+    def publish_weights(self, ckpt: Path) -> None:
+        """Copy a checkpoint's weight files (not state.pt) to the top of the run directory."""
+        for src in sorted(ckpt.rglob("*")):
+            if src.is_dir() or src.name == "state.pt":
+                continue
+            dst = self.path / src.relative_to(ckpt)
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            tmp = dst.with_name(f".{dst.name}.tmp{os.getpid()}")
+            shutil.copyfile(src, tmp)
+            os.replace(tmp, dst)
+
+    @staticmethod
+    def load_state(ckpt: Path, device: torch.device) -> dict[str, Any]:
+        try:
+            return torch.load(ckpt / "state.pt", map_location=device, weights_only=True)
+        except Exception as e:  # truncated, foreign, or from an incompatible build
+            raise UsageError(f"cannot read checkpoint {str(ckpt / 'state.pt')!r}: {e}") from e
+
+    # -- metrics -------------------------------------------------------------------------------
+    def log(self, record: dict[str, Any]) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        with open(self.metrics, "a") as f:
+            f.write(json.dumps(record, allow_nan=True) + "\n")
+
+    def read_metrics(self) -> list[dict[str, Any]]:
+        if not self.metrics.is_file():
+            return []
+        rows = []
+        for line in self.metrics.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:  # a line cut by a kill
+                continue
+        return rows
