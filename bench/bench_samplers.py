@@ -9,9 +9,10 @@ import pytest
 import torch
 
 import puregen_fast as pg
-from puregen_fast.bench import EBM_WIDTHS, UNET_CONFIGS
+from puregen_fast.bench import EBM_WIDTHS, UNET_MODELS
 from puregen_fast.ddpm_sampler import DDPMSampler
 from puregen_fast.langevin import LangevinSampler
+from puregen_fast.unet import UNET_PRESETS
 
 CUDA = torch.cuda.is_available()
 DEV = torch.device("cuda" if CUDA else "cpu")
@@ -45,7 +46,9 @@ def ebm():
 @pytest.fixture(scope="module")
 def unet():
     torch.manual_seed(0)
-    return pg.UNet2D.from_config(UNET_CONFIGS[SIZE]).to(DEV).eval().requires_grad_(False)
+    return (
+        pg.UNet2D.from_config(UNET_PRESETS[UNET_MODELS[SIZE]]).to(DEV).eval().requires_grad_(False)
+    )
 
 
 @pytest.mark.benchmark(group="ebm")

@@ -43,29 +43,8 @@ PEAK_TFLOPS: dict[str, dict[str, float]] = {
     "L4": {"fp32": 30.3, "tf32": 60.0, "bf16": 121.0},
 }
 
-UNET_CONFIGS: dict[str, dict[str, Any]] = {
-    # the paper's 113.7M-parameter UNet
-    "paper": {
-        "sample_size": 32,
-        "in_channels": 3,
-        "out_channels": 3,
-        "layers_per_block": 2,
-        "block_out_channels": [128, 128, 256, 256, 512, 512],
-        "down_block_types": ["DownBlock2D"] * 4 + ["AttnDownBlock2D", "DownBlock2D"],
-        "up_block_types": ["UpBlock2D", "AttnUpBlock2D"] + ["UpBlock2D"] * 4,
-    },
-    "small": {
-        "sample_size": 32,
-        "in_channels": 3,
-        "out_channels": 3,
-        "layers_per_block": 1,
-        "block_out_channels": [32, 64],
-        "norm_num_groups": 8,
-        "attention_head_dim": 8,
-        "down_block_types": ["DownBlock2D", "AttnDownBlock2D"],
-        "up_block_types": ["AttnUpBlock2D", "UpBlock2D"],
-    },
-}
+# --model -> UNet preset (puregen_fast.unet.UNET_PRESETS)
+UNET_MODELS = {"paper": "paper", "small": "tiny"}
 EBM_WIDTHS = {"paper": 128, "small": 16}
 
 
@@ -182,9 +161,9 @@ def _models(args: argparse.Namespace, device: torch.device) -> nn.Module:
         from puregen_fast.checkpoints import load_ddpm
 
         return load_ddpm(args.ddpm, device)
-    from puregen_fast.unet import UNet2D
+    from puregen_fast.unet import UNET_PRESETS, UNet2D
 
-    unet = UNet2D.from_config(UNET_CONFIGS[args.model])
+    unet = UNet2D.from_config(UNET_PRESETS[UNET_MODELS[args.model]])
     return unet.to(device).eval().requires_grad_(False)
 
 

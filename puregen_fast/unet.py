@@ -142,6 +142,40 @@ def sinusoidal_embedding(
     return emb
 
 
+UNET_PRESETS: dict[str, dict[str, Any]] = {
+    # the paper's 113.7M UNet: diffusers' train_unconditional default, which the authors ran
+    "paper": {
+        "sample_size": 32,
+        "in_channels": 3,
+        "out_channels": 3,
+        "layers_per_block": 2,
+        "block_out_channels": [128, 128, 256, 256, 512, 512],
+        "down_block_types": ["DownBlock2D"] * 4 + ["AttnDownBlock2D", "DownBlock2D"],
+        "up_block_types": ["UpBlock2D", "AttnUpBlock2D"] + ["UpBlock2D"] * 4,
+    },
+    # about 6.5M parameters: a quick CIFAR-size model
+    "small": {
+        "in_channels": 3,
+        "out_channels": 3,
+        "layers_per_block": 2,
+        "block_out_channels": [64, 128, 128],
+        "down_block_types": ["DownBlock2D", "AttnDownBlock2D", "DownBlock2D"],
+        "up_block_types": ["UpBlock2D", "AttnUpBlock2D", "UpBlock2D"],
+    },
+    # tests and smoke runs on a CPU
+    "tiny": {
+        "in_channels": 3,
+        "out_channels": 3,
+        "layers_per_block": 1,
+        "block_out_channels": [16, 32],
+        "norm_num_groups": 8,
+        "attention_head_dim": 8,
+        "down_block_types": ["DownBlock2D", "AttnDownBlock2D"],
+        "up_block_types": ["AttnUpBlock2D", "UpBlock2D"],
+    },
+}
+
+
 class TimestepEmbedding(nn.Module):
     """The time MLP (linear_1, SiLU, linear_2) of diffusers' ``TimestepEmbedding``."""
 

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 import puregen_fast as pg
-from puregen_fast.bench import UNET_CONFIGS
 from puregen_fast.ddpm_sampler import DDPMSampler
 from puregen_fast.langevin import LangevinSampler
+from puregen_fast.unet import UNET_PRESETS
 
 
 def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -24,7 +24,7 @@ def ebm():
 @pytest.fixture(scope="module")
 def unet():
     torch.manual_seed(0)
-    cfg = {**UNET_CONFIGS["small"], "sample_size": 16}
+    cfg = {**UNET_PRESETS["tiny"], "sample_size": 16}
     model = pg.UNet2D.from_config(cfg).eval()
     with torch.no_grad():
         for p in model.parameters():  # non-trivial weights everywhere (conv_out starts at zero)

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 import puregen_fast as pg
-from puregen_fast.bench import UNET_CONFIGS
 from puregen_fast.ddpm_sampler import DDPMSampler
 from puregen_fast.langevin import LangevinSampler
+from puregen_fast.unet import UNET_PRESETS
 
 pytestmark = [
     pytest.mark.gpu,
@@ -38,7 +38,7 @@ def ebm():
 @pytest.fixture(scope="module")
 def unet():
     torch.manual_seed(0)
-    m = pg.UNet2D.from_config(UNET_CONFIGS["small"])
+    m = pg.UNet2D.from_config(UNET_PRESETS["tiny"])
     with torch.no_grad():
         for p in m.parameters():
             p.add_(torch.randn_like(p) * 0.02)

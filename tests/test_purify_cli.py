@@ -23,6 +23,7 @@ from puregen_fast.cli import main
 from puregen_fast.datasets import Dataset
 from puregen_fast.download import COMPLETE_MARKER
 from puregen_fast.pipeline import purify_dataset
+from puregen_fast.unet import UNET_PRESETS
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -302,17 +303,7 @@ def test_python_api_pads_every_batch(tmp_path):
 
 
 def test_ebm_then_ddpm_with_local_checkpoints(env, tmp_path):
-    cfg = {
-        "sample_size": 32,
-        "in_channels": 3,
-        "out_channels": 3,
-        "layers_per_block": 1,
-        "block_out_channels": [16, 32],
-        "norm_num_groups": 8,
-        "attention_head_dim": 8,
-        "down_block_types": ["DownBlock2D", "AttnDownBlock2D"],
-        "up_block_types": ["AttnUpBlock2D", "UpBlock2D"],
-    }
+    cfg = {**UNET_PRESETS["tiny"], "sample_size": 32}
     torch.manual_seed(0)
     pg.save_ddpm(pg.UNet2D.from_config(cfg), tmp_path / "unet")
     extra = ["--ddpm", str(tmp_path / "unet"), "--ddpm-steps", "2", "--limit", "6"]
