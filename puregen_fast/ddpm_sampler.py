@@ -12,13 +12,13 @@ device memory. The state x is float32; ``precision`` sets the UNet math.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from puregen_fast import noise as pgnoise
 from puregen_fast import reference
+from puregen_fast.cuda_graphs import LoopGraphs
 from puregen_fast.langevin import model_context
 from puregen_fast.schedule import DDPMSchedule
 
@@ -42,13 +42,6 @@ def _update_fns(device: torch.device, compile: bool) -> tuple[Callable, Callable
         torch.compile(f, dynamic=False) for f in (kddpm.ddpm_add_noise_eager, kddpm.ddpm_step_eager)
     )
     return add, step, "compiled eager twins (CPU)"
-
-
-@dataclass
-class _Graph:
-    graph: torch.cuda.CUDAGraph
-    x: torch.Tensor
-    ids: torch.Tensor
 
 
 class DDPMSampler:
@@ -85,9 +78,12 @@ class DDPMSampler:
         self._seed = torch.tensor(seed, dtype=torch.int64, device=dev)
         # reverse step i runs at t = steps - i; draw 0 is the forward noise
         self._t = torch.arange(steps, -1, -1, dtype=torch.int64, device=dev)  # [steps, ..., 0]
-        self._draw = torch.arange(steps + 1, dtype=torch.int64, device=dev)
-        self._graphs: dict[tuple[int, ...], _Graph] = {}
-        self.captures = 0
+        self._graphs = LoopGraphs(dev, steps + 1, self._loop, self._warmup)
+
+    @property
+    def captures(self) -> int:
+        """CUDA graphs captured so far (tests check there is no re-capture)."""
+        return self._graphs.captures
 
     def _coefficients(self) -> torch.Tensor:
         from puregen_fast.kernels.ddpm import ddpm_coefficients
@@ -102,34 +98,19 @@ class DDPMSampler:
             out = self._net(x, t)
         return out if isinstance(out, torch.Tensor) else out[0]
 
-    def _loop(self, x: torch.Tensor, ids: torch.Tensor, stream: int) -> None:
+    def _loop(self, x: torch.Tensor, ids: torch.Tensor, stream: int, draws: torch.Tensor) -> None:
+        """Forward noise with draw 0, then reverse step i at t = steps - i with draw i."""
         kw = {"seed": self._seed, "sample_ids": ids, "stream": stream, "coefficients": self._coef}
-        self._add_noise(x, self._t[0], step=self._draw[0], **kw)
+        self._add_noise(x, self._t[0], step=draws[0], **kw)
         for i in range(1, self.steps + 1):
             t = self._t[i]
-            out = self._step(x, self._eps(x, t), t, step=self._draw[i], **kw)
-            if out is not None and out is not x:
-                x.copy_(out)
+            self._step(x, self._eps(x, t), t, step=draws[i], **kw)
 
-    def _capture(self, shape: torch.Size, stream: int) -> _Graph:
-        dev = self.device
-        x = torch.zeros(shape, device=dev)
-        ids = torch.zeros(shape[0], dtype=torch.int64, device=dev)
-        side = torch.cuda.Stream(dev)
-        side.wait_stream(torch.cuda.current_stream(dev))
+    def _warmup(self, x: torch.Tensor, ids: torch.Tensor, stream: int, draws: torch.Tensor) -> None:
         kw = {"seed": self._seed, "sample_ids": ids, "stream": stream, "coefficients": self._coef}
-        with torch.cuda.stream(side):  # warm up: compile model and kernels, autotune, allocate
-            for _ in range(2):
-                self._add_noise(x, self._t[0], step=self._draw[0], **kw)
-                self._step(x, self._eps(x, self._t[1]), self._t[1], step=self._draw[1], **kw)
-        torch.cuda.current_stream(dev).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self._loop(x, ids, stream)
-        self.captures += 1
-        g = _Graph(graph, x, ids)
-        self._graphs[(*shape, stream)] = g
-        return g
+        for _ in range(2):
+            self._add_noise(x, self._t[0], step=draws[0], **kw)
+            self._step(x, self._eps(x, self._t[1]), self._t[1], step=draws[1], **kw)
 
     @torch.no_grad()
     def __call__(
@@ -152,15 +133,6 @@ class DDPMSampler:
             return out.float()
         if not self.cuda_graph:
             out = x.clone()
-            self._loop(out, ids, stream)
+            self._loop(out, ids, stream, torch.arange(self.steps + 1, device=self.device))
             return out
-        b, rest = x.shape[0], tuple(x.shape[1:])
-        fits = [k for k in self._graphs if k[1:-1] == rest and k[-1] == stream and k[0] >= b]
-        g = self._graphs[min(fits)] if fits else self._capture(x.shape, stream)
-        g.x[:b].copy_(x)
-        g.ids[:b].copy_(ids)
-        if b < g.x.shape[0]:  # padding rows; results discarded
-            g.x[b:].zero_()
-            g.ids[b:].zero_()
-        g.graph.replay()
-        return g.x[:b].clone()
+        return self._graphs.run(x, ids, stream, 0)

@@ -18,13 +18,13 @@ The state x is float32 in every precision; ``precision`` sets the model math (fp
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from puregen_fast import noise as pgnoise
 from puregen_fast import reference
+from puregen_fast.cuda_graphs import LoopGraphs
 
 __all__ = ["LangevinSampler", "model_context"]
 
@@ -50,14 +50,6 @@ def _update_fns(device: torch.device, compile: bool) -> tuple[Callable, str]:
         return klangevin.langevin_step_eager, "eager twin (CPU)"
     # compiled, the twin's counter-based noise is one fused loop (about 300x faster on CPU)
     return torch.compile(klangevin.langevin_step_eager, dynamic=False), "compiled eager twin (CPU)"
-
-
-@dataclass
-class _Graph:
-    graph: torch.cuda.CUDAGraph
-    x: torch.Tensor
-    ids: torch.Tensor
-    steps: torch.Tensor
 
 
 class LangevinSampler:
@@ -96,8 +88,12 @@ class LangevinSampler:
         )
         self._grad = self._make_grad(compile and self.backend == "fast")
         self._seed = torch.tensor(seed, dtype=torch.int64, device=self.device)
-        self._graphs: dict[tuple[int, ...], _Graph] = {}
-        self.captures = 0  # graphs captured so far: tests check there is no re-capture
+        self._graphs = LoopGraphs(self.device, steps, self._loop, self._warmup)
+
+    @property
+    def captures(self) -> int:
+        """CUDA graphs captured so far (tests check there is no re-capture)."""
+        return self._graphs.captures
 
     def _make_grad(self, compile: bool) -> Callable[[torch.Tensor], torch.Tensor]:
         ebm, temp = self.ebm, self.temp
@@ -115,7 +111,7 @@ class LangevinSampler:
     # -- one step and the loop -----------------------------------------------------------------
     def _step(self, x: torch.Tensor, ids: torch.Tensor, stream: int, step) -> None:
         g = self.grad(x)
-        out = self._update(
+        self._update(  # in place, kernel and eager twin alike
             x,
             g,
             grad_scale=self.eps**2 / 2,
@@ -125,39 +121,14 @@ class LangevinSampler:
             sample_ids=ids,
             stream=stream,
         )
-        if out is not None and out is not x:  # an eager twin that returns the new state
-            x.copy_(out)
 
     def _loop(self, x: torch.Tensor, ids: torch.Tensor, stream: int, steps: torch.Tensor) -> None:
         for i in range(self.steps):
             self._step(x, ids, stream, steps[i])
 
-    def _capture(self, key: tuple[int, ...], shape: torch.Size, stream: int) -> _Graph:
-        dev = self.device
-        x = torch.zeros(shape, device=dev)
-        ids = torch.zeros(shape[0], dtype=torch.int64, device=dev)
-        steps = torch.arange(self.steps, dtype=torch.int64, device=dev)
-        side = torch.cuda.Stream(dev)
-        side.wait_stream(torch.cuda.current_stream(dev))
-        with torch.cuda.stream(side):  # warm up: compile, autotune, allocate
-            for _ in range(2):
-                self._step(x, ids, stream, steps[0])
-        torch.cuda.current_stream(dev).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self._loop(x, ids, stream, steps)
-        self.captures += 1
-        g = _Graph(graph, x, ids, steps)
-        self._graphs[key] = g
-        return g
-
-    def _graph_for(self, shape: torch.Size, stream: int) -> tuple[_Graph, int]:
-        """The captured graph for this shape, or one for a larger batch to pad into."""
-        b, rest = shape[0], tuple(shape[1:])
-        fits = [k for k in self._graphs if k[1:-1] == rest and k[-1] == stream and k[0] >= b]
-        if fits:
-            return self._graphs[min(fits)], b
-        return self._capture((b, *rest, stream), shape, stream), b
+    def _warmup(self, x: torch.Tensor, ids: torch.Tensor, stream: int, steps: torch.Tensor) -> None:
+        for _ in range(2):
+            self._step(x, ids, stream, steps[0])
 
     @torch.no_grad()
     def __call__(
@@ -187,12 +158,4 @@ class LangevinSampler:
             steps = torch.arange(self.steps, dtype=torch.int64, device=self.device) + step_offset
             self._loop(out, ids, stream, steps)
             return out
-        g, b = self._graph_for(x.shape, stream)
-        g.x[:b].copy_(x)
-        g.ids[:b].copy_(ids)
-        if b < g.x.shape[0]:  # padding rows: any finite state, any ids; results discarded
-            g.x[b:].zero_()
-            g.ids[b:].zero_()
-        g.steps.copy_(torch.arange(self.steps, dtype=torch.int64, device=self.device) + step_offset)
-        g.graph.replay()
-        return g.x[:b].clone()
+        return self._graphs.run(x, ids, stream, step_offset)

@@ -1,0 +1,70 @@
+"""Whole sampler loops captured as CUDA graphs over static buffers (DESIGN 6).
+
+A loop ``loop(x, ids, stream, steps)`` updates ``x`` in place for every step number in the device
+tensor ``steps``. `LoopGraphs` captures it once per (batch shape, stream) and replays it per
+batch: the batch, its sample ids and the step numbers are copied into the static buffers first,
+so each replay draws fresh keyed noise (kernels read seed, step and ids from device memory). A
+smaller batch (the last one) is padded into an already captured larger shape, not re-captured.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["Loop", "LoopGraphs"]
+
+# loop(x, ids, stream, steps): update x in place over the step numbers in `steps`
+Loop = Callable[[torch.Tensor, torch.Tensor, int, torch.Tensor], None]
+
+
+@dataclass
+class _Graph:
+    graph: torch.cuda.CUDAGraph
+    x: torch.Tensor
+    ids: torch.Tensor
+    steps: torch.Tensor
+
+
+class LoopGraphs:
+    def __init__(self, device: torch.device, n_steps: int, loop: Loop, warmup: Loop) -> None:
+        """``warmup`` runs a few steps before capture (compile, autotune, allocate)."""
+        self.device, self.n_steps = device, n_steps
+        self.loop, self.warmup = loop, warmup
+        self._graphs: dict[tuple[int, ...], _Graph] = {}
+        self.captures = 0  # graphs captured so far: tests check there is no re-capture
+
+    def _capture(self, shape: torch.Size, stream: int) -> _Graph:
+        dev = self.device
+        x = torch.zeros(shape, device=dev)
+        ids = torch.zeros(shape[0], dtype=torch.int64, device=dev)
+        steps = torch.arange(self.n_steps, dtype=torch.int64, device=dev)
+        side = torch.cuda.Stream(dev)
+        side.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(side):
+            self.warmup(x, ids, stream, steps)
+        torch.cuda.current_stream(dev).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self.loop(x, ids, stream, steps)
+        self.captures += 1
+        g = _Graph(graph, x, ids, steps)
+        self._graphs[(*shape, stream)] = g
+        return g
+
+    def run(self, x: torch.Tensor, ids: torch.Tensor, stream: int, first_step: int) -> torch.Tensor:
+        """Replay the loop on a copy of ``x`` with step numbers ``first_step + [0, n_steps)``."""
+        b, rest = x.shape[0], tuple(x.shape[1:])
+        fits = [k for k in self._graphs if k[1:-1] == rest and k[-1] == stream and k[0] >= b]
+        g = self._graphs[min(fits)] if fits else self._capture(x.shape, stream)
+        g.x[:b].copy_(x)
+        g.ids[:b].copy_(ids)
+        if b < g.x.shape[0]:  # padding rows: any finite state, any ids; results discarded
+            g.x[b:].zero_()
+            g.ids[b:].zero_()
+        g.steps.copy_(torch.arange(self.n_steps, dtype=torch.int64, device=self.device))
+        g.steps.add_(first_step)
+        g.graph.replay()
+        return g.x[:b].clone()
