@@ -68,7 +68,11 @@ def collect() -> dict[str, Any]:
         from puregen_fast.kernels.availability import triton_available
 
         ok, why = triton_available()
-        info["kernels"] = {"triton": ok, "why": why, "else": "eager twins (plain torch)"}
+        info["kernels"] = {
+            "triton": ok,
+            "why": why,
+            "else": "eager twins (plain torch; compiled by the CPU fast path)",
+        }
     except ImportError as e:
         info["kernels"] = {"triton": False, "why": f"kernels not importable ({e})"}
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -39,6 +39,7 @@ import numpy as np
 
 from puregen_fast.datasets import DATASETS, SPLITS, Dataset, open_dataset
 from puregen_fast.errors import UsageError
+from puregen_fast.purifier import METHODS
 from puregen_fast.writer import (
     FORMAT_ID,
     FORMAT_VERSION,
@@ -53,7 +54,6 @@ from puregen_fast.writer import (
 
 __all__ = ["add_arguments", "run", "purify_dataset", "DEFAULT_BATCH_SIZE", "DEFAULT_SHARD_SIZE"]
 
-METHODS = ("ebm", "ddpm", "ebm+ddpm", "reps", "filt", "jpeg", "none")
 DEFAULT_BATCH_SIZE = 256
 DEFAULT_SHARD_SIZE = 10_000
 FILTER_STATE = ".puregen-filter.json"
