@@ -52,7 +52,8 @@ def precision_context(precision: str, device: torch.device) -> Iterator[None]:
     torch.backends.cudnn.allow_tf32 = tf32
     try:
         if precision == "bf16":
-            with torch.autocast(device.type, dtype=torch.bfloat16):
+            # no weight-cast cache: CUDA graph capture must not keep autocast's cached casts
+            with torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=False):
                 yield
         else:
             yield
