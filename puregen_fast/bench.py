@@ -11,8 +11,10 @@ Columns (each a backend timed on the same weights, batch and device):
 Warm-up (compile, capture, autotune) is timed apart from the repeats; the figure is the median of
 the repeats (CUDA events on GPU). Achieved TFLOP/s counts the model FLOPs of one image-step with
 torch's FLOP counter (EBM: forward plus input gradient; DDPM: one UNet forward) and compares them
-with the device's dense peak for the precision. Where NVML answers: mean GPU utilisation, power and
-joules per image over the repeats.
+with the device's dense peak for the precision. Every backend is credited with the plain model's
+FLOPs (1.088 GFLOP per image-step for the paper's EBM), so the column compares like with like;
+the fast EBM does 0.670 of them, pooling being folded into its convolutions. Where NVML
+answers: mean GPU utilisation, power and joules per image over the repeats.
 """
 
 from __future__ import annotations
