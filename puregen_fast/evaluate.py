@@ -45,6 +45,8 @@ from typing import Any
 
 import numpy as np
 
+from puregen_fast.argtypes import int_at_least as _int_at_least
+from puregen_fast.argtypes import positive_float as _positive_float
 from puregen_fast.datasets import DATASETS, SPLITS, open_dataset
 from puregen_fast.errors import UsageError
 from puregen_fast.poison import QUANTIZE, apply_trigger, load_trigger
@@ -259,30 +261,6 @@ def _check_split(flag: str, name: str, split: str) -> None:
 
 
 # ----------------------------------------------------------------------------- arguments
-
-
-def _int_at_least(lo: int) -> Callable[[str], int]:
-    def parse(s: str) -> int:
-        try:
-            v = int(s)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {s!r}") from None
-        if v < lo:
-            raise argparse.ArgumentTypeError(f"must be >= {lo}, got {v}")
-        return v
-
-    parse.__name__ = "int"
-    return parse
-
-
-def _positive_float(s: str) -> float:
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
-    if not (v > 0 and np.isfinite(v)):
-        raise argparse.ArgumentTypeError(f"must be > 0, got {s}")
-    return v
 
 
 def _widths(s: str) -> tuple[int, ...]:

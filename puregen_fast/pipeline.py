@@ -37,6 +37,9 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from puregen_fast.argtypes import fraction as _fraction
+from puregen_fast.argtypes import int_at_least as _int_at_least
+from puregen_fast.argtypes import positive_float as _positive_float
 from puregen_fast.datasets import DATASETS, SPLITS, Dataset, open_dataset
 from puregen_fast.errors import UsageError
 from puregen_fast.purifier import METHODS
@@ -61,41 +64,6 @@ _T = TypeVar("_T")
 
 
 # ----------------------------------------------------------------------------- arguments
-
-
-def _int_at_least(lo: int, hi: int | None = None) -> Callable[[str], int]:
-    def parse(s: str) -> int:
-        try:
-            v = int(s)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {s!r}") from None
-        if v < lo or (hi is not None and v > hi):
-            rng = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
-            raise argparse.ArgumentTypeError(f"must be {rng}, got {v}")
-        return v
-
-    parse.__name__ = "int"
-    return parse
-
-
-def _positive_float(s: str) -> float:
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
-    if not (v > 0 and np.isfinite(v)):
-        raise argparse.ArgumentTypeError(f"must be > 0, got {s}")
-    return v
-
-
-def _fraction(s: str) -> float:
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
-    if not 0.0 < v <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {s}")
-    return v
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
