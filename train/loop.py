@@ -10,6 +10,7 @@ updates, and the update that follows it has index k (which keys its noise and da
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import json
 import math
@@ -72,7 +73,7 @@ def _finite_or_none(v: float) -> float | None | str:
     return v if math.isfinite(v) else str(v)
 
 
-class Loop:
+class Loop(abc.ABC):
     recipe = ""
     relative_keys: tuple[str, ...] = ()
     loss_keys: tuple[str, ...] = ("loss",)  # the panels of loss.png
@@ -117,29 +118,34 @@ class Loop:
         self.optimizer: torch.optim.Optimizer
 
     # -- hooks -------------------------------------------------------------------------------
+    @abc.abstractmethod
     def build(self) -> None:
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def forward_backward(self, step: int) -> dict[str, float]:
         """Compute the loss of update ``step`` and its gradients; return the metrics (reduced
         over ranks). The optimiser has not stepped yet, so a bad step can be refused."""
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def apply(self, step: int) -> None:
         """Clip, step the optimiser, update EMAs."""
-        raise NotImplementedError
+        ...
 
     def state(self) -> dict[str, Any]:
         return {}
 
-    def load_state(self, state: dict[str, Any]) -> None:
-        pass
+    def load_state(self, state: dict[str, Any]) -> None:  # noqa: B027 (optional hook)
+        """Restore what `state` saved (none by default)."""
 
+    @abc.abstractmethod
     def write_weights(self, d: Path) -> None:
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def load_weights(self, d: Path) -> None:
-        raise NotImplementedError
+        ...
 
     def sample_rows(self) -> list[torch.Tensor]:
         return []
