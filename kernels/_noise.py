@@ -63,6 +63,7 @@ __all__ = [
     "randn4",
     "lanes4",
     "randn_at",
+    "row_tile",
     "load_scalar",
     "randn_triton",
     "philox_triton",
@@ -125,6 +126,17 @@ def lanes4(n0, n1, n2, n3):
         n0[:, None],
         tl.where(lane == 1, n1[:, None], tl.where(lane == 2, n2[:, None], n3[:, None])),
     )
+
+
+@triton.jit
+def row_tile(n_chunks, n_per_row, BLOCK_C: tl.constexpr):
+    """This program's tile of a (B, n_per_row) tensor: one image row, BLOCK_C Philox counters =
+    4 * BLOCK_C contiguous elements. Returns (row, counters, flat offsets, in-bounds mask)."""
+    pid = tl.program_id(0)
+    row = pid // n_chunks
+    ctr = (pid % n_chunks) * BLOCK_C + tl.arange(0, BLOCK_C)
+    elem = ctr[:, None] * 4 + tl.arange(0, 4)[None, :]
+    return row, ctr, row.to(tl.int64) * n_per_row + elem, elem < n_per_row
 
 
 @triton.jit

@@ -35,6 +35,7 @@ from ._noise import (
     load_scalar,
     pick_block,
     randn4,
+    row_tile,
     scalar_arg,
     seed_step_args,
     stream_arg,
@@ -150,14 +151,7 @@ def _ddpm_kernel(
     NCOL: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    # one program: one image row, BLOCK_C Philox counters = 4 * BLOCK_C contiguous elements
-    pid = tl.program_id(0)
-    row = pid // n_chunks
-    chunk = pid % n_chunks
-    ctr = chunk * BLOCK_C + tl.arange(0, BLOCK_C)
-    elem = ctr[:, None] * 4 + tl.arange(0, 4)[None, :]
-    mask = elem < n_per_row
-    offs = row.to(tl.int64) * n_per_row + elem
+    row, ctr, offs, mask = row_tile(n_chunks, n_per_row, BLOCK_C)
     x = tl.load(x_ptr + offs, mask=mask)
     # t is clamped into the table so a bad device value cannot read out of bounds
     t_v = load_scalar(t, T_PTR).to(tl.int64)
