@@ -64,10 +64,9 @@ if [ "${QUICK:-0}" = 1 ]; then
   bench ebm-small --method ebm --model small --batch-size 64 --steps 20 --precision fp32
   bench ddpm-small --method ddpm --model small --batch-size 64 --steps 10 --precision fp32
 else
+  # most important first: the guard skips whatever no longer fits in the budget
   for prec in bf16 tf32 fp32; do
     bench "ebm150-$prec" --method ebm --model paper --batch-size 512 --steps 150 --precision "$prec" --repeats 3
-  done
-  for prec in bf16 tf32 fp32; do
     bench "ddpm75-$prec" --method ddpm --model paper --batch-size 512 --steps 75 --precision "$prec" \
       --repeats 2 --backends authors,fast
   done
