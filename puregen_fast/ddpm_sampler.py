@@ -18,6 +18,7 @@ from torch import nn
 
 from puregen_fast import noise as pgnoise
 from puregen_fast import reference
+from puregen_fast.compiled import compile_static
 from puregen_fast.cuda_graphs import LoopGraphs
 from puregen_fast.langevin import model_context
 from puregen_fast.schedule import DDPMSchedule
@@ -39,7 +40,8 @@ def _update_fns(device: torch.device, compile: bool) -> tuple[Callable, Callable
         return kddpm.ddpm_add_noise_eager, kddpm.ddpm_step_eager, "eager twins (CPU)"
     # compiled, the twins' counter-based noise is one fused loop (far faster than eager on CPU)
     add, step = (
-        torch.compile(f, dynamic=False) for f in (kddpm.ddpm_add_noise_eager, kddpm.ddpm_step_eager)
+        compile_static(f, fullgraph=False)
+        for f in (kddpm.ddpm_add_noise_eager, kddpm.ddpm_step_eager)
     )
     return add, step, "compiled eager twins (CPU)"
 
@@ -72,7 +74,7 @@ class DDPMSampler:
         self._coef = self._coefficients()
         net = unet
         if compile and self.backend == "fast":
-            net = torch.compile(unet, fullgraph=True, dynamic=False)
+            net = compile_static(unet)
         self._net = net
         dev = self.device
         self._seed = torch.tensor(seed, dtype=torch.int64, device=dev)

@@ -26,6 +26,7 @@ from torch import nn
 
 from puregen_fast import noise as pgnoise
 from puregen_fast import reference
+from puregen_fast.compiled import compile_static
 from puregen_fast.cuda_graphs import LoopGraphs
 from puregen_fast.ebm import EBMSNGAN32
 from puregen_fast.ebm_folded import FoldedEBM
@@ -53,7 +54,9 @@ def _update_fns(device: torch.device, compile: bool) -> tuple[Callable, str]:
     if not compile:
         return klangevin.langevin_step_eager, "eager twin (CPU)"
     # compiled, the twin's counter-based noise is one fused loop (about 300x faster on CPU)
-    return torch.compile(klangevin.langevin_step_eager, dynamic=False), "compiled eager twin (CPU)"
+    return compile_static(
+        klangevin.langevin_step_eager, fullgraph=False
+    ), "compiled eager twin (CPU)"
 
 
 class LangevinSampler:
@@ -109,7 +112,7 @@ class LangevinSampler:
             return ebm(x).float().sum() / temp
 
         g = torch.func.grad(energy_sum)
-        return torch.compile(g, fullgraph=True, dynamic=False) if self.compile else g
+        return compile_static(g) if self.compile else g
 
     def grad(self, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad(), model_context(self.precision, self.device):
