@@ -102,9 +102,25 @@ def _read_state(path: Path) -> dict[str, torch.Tensor]:
 
 def _read_config(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+        cfg = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"cannot read {str(path)!r}: {e}") from e
+    if not isinstance(cfg, dict):
+        raise CheckpointError(
+            f"{str(path)!r}: expected a JSON object (a dict of settings), found "
+            f"{type(cfg).__name__}"
+        )
+    return cfg
+
+
+def _config_int(cfg: dict, key: str, default: int, where: Path) -> int:
+    v = cfg.get(key, default)
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise CheckpointError(
+            f"{str(where)!r}: {key!r} must be a whole number >= 1, got {v!r}; fix config.json "
+            "or remove the entry"
+        )
+    return v
 
 
 def _find(d: Path, names: tuple[str, ...], what: str) -> Path:
@@ -157,14 +173,15 @@ def load_ebm(src: str | os.PathLike[str], device: str | torch.device = "cpu") ->
         weights, cfg = p, {}
         if (p.parent / "config.json").is_file():
             cfg = _read_config(p.parent / "config.json")
+    cfg_path = (p if p.is_dir() else p.parent) / "config.json"
     state = _read_state(weights)
     if "block1.c1.weight" not in state:
         raise CheckpointError(
             f"{str(weights)!r}: missing tensor block1.c1.weight; not an EBMSNGAN32"
         )
     w = state["block1.c1.weight"]
-    nf = int(cfg.get("nf", w.shape[0]))
-    patch = int(cfg.get("patch_size", round((w.shape[1] / 3) ** 0.5)))
+    nf = _config_int(cfg, "nf", int(w.shape[0]), cfg_path)
+    patch = _config_int(cfg, "patch_size", max(1, round((w.shape[1] / 3) ** 0.5)), cfg_path)
     try:
         model = EBMSNGAN32(nf=nf, patch_size=patch)
     except (TypeError, ValueError) as e:

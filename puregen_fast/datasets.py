@@ -34,6 +34,8 @@ import os
 import pickle
 import shutil
 import tempfile
+import zipfile
+import zlib
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -462,8 +464,11 @@ def _open_npz(data_dir, split: str) -> Dataset:
                 raise UsageError(f"{path}: needs arrays 'x' and 'y', has {', '.join(z.files)}")
             x, y = z["x"], z["y"]
             names = [str(s) for s in z["classes"].tolist()] if "classes" in z.files else None
-    except (OSError, ValueError) as e:
-        raise UsageError(f"cannot read {path}: {e}") from e
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+        raise UsageError(
+            f"--data-dir: cannot read {path} ({type(e).__name__}: {e}); the file is damaged or "
+            "truncated: write it again"
+        ) from e
     if x.dtype != np.uint8 or x.ndim != 4 or x.shape[-1] != 3:
         raise UsageError(f"{path}: 'x' must be uint8 (N, H, W, 3), got {x.dtype} {x.shape}")
     if not np.issubdtype(y.dtype, np.integer) or y.shape != (x.shape[0],):

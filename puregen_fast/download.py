@@ -2,13 +2,16 @@
 
 * Cache directory: ``--data-dir`` if given, else ``$PUREGEN_FAST_CACHE``, else
   ``$XDG_CACHE_HOME/puregen-fast`` (``~/.cache/puregen-fast``).
-* Every archive has a published checksum (``ARCHIVES``); the download streams into
-  ``<file>.part`` and is renamed to its final name only after the checksum matched, so a
-  truncated or corrupted download never looks like a finished one.
+* Every archive has a published checksum (``ARCHIVES``); the download streams into a file of
+  its own (``<file>.part-<pid>-<token>``, so concurrent downloads never share one) and is renamed
+  to its final name only after the checksum matched, so a truncated or corrupted download never
+  looks like a finished one.
 * Extraction refuses members that would land outside the target (``../``, absolute paths, links
   pointing out, device files); it extracts into a temporary sibling directory, writes the marker
   file ``.puregen-complete`` last, then renames the directory into place. A directory without the
-  marker is never taken as complete.
+  marker is never taken as complete, and never deleted either (it is not ours): extraction
+  refuses to run until it is moved. When concurrent runs extract the same archive, the first
+  rename wins and the others use its result.
 * The URL of each archive can be overridden, for mirrors and tests, by assigning
   ``ARCHIVES[name].url`` or with the environment variable ``PUREGEN_FAST_URL_<NAME>`` (``NAME`` is
   the key upper-cased with ``-`` as ``_``, e.g. ``PUREGEN_FAST_URL_CIFAR10``).
@@ -18,9 +21,11 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import http.client
 import os
+import secrets
 import shutil
 import stat
 import tarfile
@@ -158,11 +163,12 @@ def fetch(
     timeout: float = _TIMEOUT_S,
 ) -> Path:
     """Download ``url`` to ``dest`` with a progress bar; checksum and length are verified before
-    the file gets its final name (it is streamed to ``dest.part`` first)."""
+    the file gets its final name (it is streamed to a private ``dest.part-<pid>-<token>`` first,
+    so concurrent downloads of one file do not write into each other)."""
     from tqdm.auto import tqdm
 
     dest.parent.mkdir(parents=True, exist_ok=True)
-    part = dest.with_name(dest.name + ".part")
+    part = dest.with_name(f"{dest.name}.part-{os.getpid()}-{secrets.token_hex(4)}")
     h = hashlib.new(algo) if algo else None
     received = 0
     try:
@@ -260,14 +266,22 @@ def _extract_zip(archive: Path, target: Path) -> None:
         zf.extractall(target, members=infos)
 
 
+def _not_ours(target: Path, archive: Path) -> str:
+    return (
+        f"{target} exists but is not a complete extraction of {archive.name} by puregen-fast "
+        f"(no {COMPLETE_MARKER} file in it); it is left alone: move or rename it (or delete it "
+        f"if it is a damaged copy you no longer need) and run again"
+    )
+
+
 def safe_extract(archive: Path, target: Path) -> Path:
     """Extract ``archive`` (tar, tar.gz or zip) into ``target`` atomically: into a temporary
     sibling, the marker written last, then renamed. Returns ``target``."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    if target.exists():
-        if (target / COMPLETE_MARKER).is_file():
-            return target
-        shutil.rmtree(target)  # a leftover without the marker: never complete, start over
+    if (target / COMPLETE_MARKER).is_file():
+        return target
+    if target.exists() or target.is_symlink():  # not made by us (ours appear with the marker)
+        raise UsageError(_not_ours(target, archive))
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.extract-", dir=target.parent))
     try:
         try:
@@ -278,7 +292,16 @@ def safe_extract(archive: Path, target: Path) -> Path:
         except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError) as e:
             raise UsageError(f"{archive}: cannot extract ({e}); delete it and run again") from e
         (tmp / COMPLETE_MARKER).write_text(f"{archive.name}\n")
-        os.replace(tmp, target)
+        try:
+            os.replace(tmp, target)
+        except OSError as e:
+            # another process renamed its copy into place first: use that one
+            if e.errno in (errno.ENOTEMPTY, errno.EEXIST) and (target / COMPLETE_MARKER).is_file():
+                shutil.rmtree(tmp, ignore_errors=True)
+                return target
+            if target.exists():
+                raise UsageError(_not_ours(target, archive)) from e
+            raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -300,6 +323,8 @@ def ensure_extracted(
     target = root / name
     if (target / COMPLETE_MARKER).is_file():
         return target
+    if target.exists() or target.is_symlink():  # refuse before a long download
+        raise UsageError(_not_ours(target, root / arc.filename))
     archive = root / arc.filename
     if not archive.is_file():
         if not download:

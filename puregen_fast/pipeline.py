@@ -7,7 +7,9 @@ results thrown away), so every batch has one shape. The noise is keyed by the gl
 image's result depends on the seed, the batch size and its position in its batch only: two runs
 with the same flags write identical bytes, also when one was killed and resumed, or split over
 ``torchrun`` ranks (each rank takes a contiguous run of whole shards, so it forms the same
-batches a single process would).
+batches a single process would). The configuration recorded in the output folder (and compared
+by ``--resume``) holds the data set's source and a sha256 of the selected images besides the
+flags and the models' sha256s, so a resume against changed data is refused.
 
 ``--method filt`` first computes the EBM energy of every selected image (in the same padded
 batches), takes the ``1 - --filter-frac`` quantile as the threshold, and then purifies the
@@ -19,7 +21,9 @@ Under ``torchrun`` (RANK, WORLD_SIZE, LOCAL_RANK in the environment) the ranks t
 ``torch.distributed`` (gloo on CPU, nccl on CUDA): rank 0 downloads and decodes the data set and
 loads the models first, the others then read them from the caches; rank 0 prepares the output
 folder; every rank writes its own shards; rank 0 writes ``manifest.json`` once all are done.
-All ranks must see one shared ``--out`` folder (and cache) on a shared file system.
+All ranks must see one shared ``--out`` folder (and cache) on a shared file system, and every
+rank checks that its configuration (data, flags, model sha256s) is rank 0's before anything is
+written.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import hashlib
+import json
 import os
 import platform
 import sys
@@ -321,6 +326,71 @@ def _identity(purifier) -> dict:
     return d
 
 
+def _images_sha256(images, n: int, chunk_bytes: int = 64 << 20) -> str:
+    """sha256 of the bytes of ``images[:n]`` (C order), read in chunks of about ``chunk_bytes``
+    so a memory-mapped data set is never loaded whole."""
+    h = hashlib.sha256()
+    row = max(1, int(np.prod(images.shape[1:], dtype=np.int64)) * np.dtype(images.dtype).itemsize)
+    step = max(1, chunk_bytes // row)
+    for s in range(0, n, step):
+        h.update(np.ascontiguousarray(images[s : min(s + step, n)]).tobytes())
+    return h.hexdigest()
+
+
+def _check_model_sizes(purifier, shape: list[int]) -> None:
+    """Refuse image sizes the models cannot take, before anything is written: the EBM needs H
+    and W divisible by 4 * patch_size, the UNet by 2 ** (len(block_out_channels) - 1)."""
+    h, w = shape[0], shape[1]
+    ebm = getattr(purifier, "ebm", None)
+    if ebm is not None:
+        m = 4 * int(getattr(ebm, "patch_size", 1))
+        if h % m or w % m:
+            raise UsageError(
+                f"--ebm: this EBM (patch_size {m // 4}) needs image height and width divisible "
+                f"by {m}, but the images are {h}x{w} (H x W); use another data set or an EBM "
+                "made for this size"
+            )
+    ddpm = getattr(purifier, "ddpm", None)
+    cfg = getattr(ddpm, "config", None)
+    if ddpm is not None and isinstance(cfg, dict) and cfg.get("block_out_channels"):
+        m = 2 ** (len(cfg["block_out_channels"]) - 1)
+        if h % m or w % m:
+            raise UsageError(
+                f"--ddpm: this UNet ({len(cfg['block_out_channels'])} levels) needs image height "
+                f"and width divisible by {m}, but the images are {h}x{w} (H x W); use another "
+                "data set or a UNet made for this size"
+            )
+
+
+def _config_hash(config: dict) -> str:
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _check_same_config(dist: Dist, config: dict) -> None:
+    """Collective: every rank must purify with the same recorded configuration (data set and
+    its contents, flags, model sha256s); ranks that differ from rank 0 are named on every rank."""
+    if dist.world == 1:
+        return
+    hashes = dist.gather(_config_hash(config))
+    bad = [r for r, v in enumerate(hashes) if v != hashes[0]]
+    if bad:
+        raise UsageError(
+            f"rank(s) {', '.join(map(str, bad))} of {dist.world} purify with another "
+            "configuration than rank 0 (data set, flags or checkpoints differ); give every rank "
+            "the same flags, --data-dir and model files"
+        )
+
+
+def _write_out(out: Path, fn: Callable[..., _T], *args: Any) -> _T:
+    """``fn(*args)``, with a failed write into ``--out`` (read-only, full disk) as UsageError."""
+    try:
+        return fn(*args)
+    except OSError as e:
+        raise UsageError(
+            f"--out {out}: cannot write ({e}); choose a writable folder with enough free space"
+        ) from e
+
+
 def _device_info(purifier) -> dict:
     import torch
 
@@ -380,22 +450,26 @@ def purify_dataset(
             "format": fmt,
             "dataset": dataset.name,
             "split": dataset.split,
+            "source": dataset.source,
             "num_images": n,
             "limit": limit,
             "image_shape": shape,
             "class_names": list(dataset.class_names),
             "labels_sha256": hashlib.sha256(labels.tobytes()).hexdigest(),
+            "images_sha256": _images_sha256(dataset.images, n),
             "batch_size": batch_size,
             "shard_size": shard_size,
             "method": method,
             "seed": getattr(purifier, "seed", None),
             "purifier": _identity(purifier),
         }
+        _check_same_config(dist, config)
+        _check_model_sizes(purifier, shape)
         writer = ShardWriter(out, fmt, n, shard_size, dataset.class_names)
 
         def prepare() -> bool:
             reuse = prepare_out_dir(out, config, resume=resume, overwrite=overwrite)
-            writer.make_class_dirs()
+            _write_out(out, writer.make_class_dirs)
             return reuse
 
         reuse = bool(dist.broadcast(dist.on_rank0(prepare)))
@@ -418,7 +492,10 @@ def purify_dataset(
         if method == "filt":
             t1 = time.perf_counter()
             saved = read_json(out / FILTER_STATE) if reuse else None
-            if saved is not None and saved.get("num_images") != n:
+            if saved is not None and (
+                saved.get("num_images") != n
+                or saved.get("images_sha256") != config["images_sha256"]
+            ):
                 saved = None
             filt = dist.broadcast(saved)
             if filt is None:
@@ -437,12 +514,13 @@ def purify_dataset(
                 thr = float(np.quantile(all_e, 1.0 - purifier.filter_frac))
                 filt = {
                     "num_images": n,
+                    "images_sha256": config["images_sha256"],
                     "threshold": thr,
                     "filter_frac": purifier.filter_frac,
                     "num_purified": int((all_e >= thr).sum()),
                     "energies_sha256": hashlib.sha256(all_e.tobytes()).hexdigest(),
                 }
-                dist.on_rank0(lambda: write_json_atomic(out / FILTER_STATE, filt))
+                dist.on_rank0(lambda: _write_out(out, write_json_atomic, out / FILTER_STATE, filt))
             purifier.filter_threshold = float(filt["threshold"])
             t_energy = time.perf_counter() - t1
 
@@ -471,7 +549,7 @@ def purify_dataset(
                         res[s - s0 : e - s0] = np.asarray(y)[: e - s]
                         bar.update(e - s)
                         purified += e - s
-                    records[k] = writer.write_shard(k, res, labels[s0:e0])
+                    records[k] = _write_out(out, writer.write_shard, k, res, labels[s0:e0])
         except Exception as e:  # tell the other ranks, so none waits at the barrier
             err = e
         t_purify = time.perf_counter() - t2
@@ -530,7 +608,7 @@ def purify_dataset(
                 },
                 **(extra_manifest or {}),
             }
-            write_json_atomic(out / MANIFEST, manifest)
+            _write_out(out, write_json_atomic, out / MANIFEST, manifest)
             if show:
                 rate = manifest["timings"]["images_per_s"]
                 print(

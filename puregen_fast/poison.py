@@ -243,6 +243,10 @@ def save_poisoned_npz(ps: PoisonedSet, path: str | os.PathLike[str]) -> Path:
             trigger=ps.trigger.astype(np.float32),
         )
         os.replace(tmp, p)
+    except OSError as e:
+        raise UsageError(
+            f"--out {p}: cannot write ({e}); the folder must exist, be writable and have free space"
+        ) from e
     finally:
         tmp.unlink(missing_ok=True)
     return p

@@ -180,7 +180,14 @@ class Purifier:
     # -- conversion -------------------------------------------------------------------------
     def _to_x(self, images: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, bool]:
         """x in [-1, 1], float32 NCHW on the device; and whether the input was integer NHWC."""
-        t = torch.from_numpy(np.asarray(images)) if isinstance(images, np.ndarray) else images
+        if isinstance(images, np.ndarray):
+            # torch takes only native byte order, non-negative strides and writable memory:
+            # copy when (and only when) the array is not like that
+            a = np.asarray(images)
+            a = np.require(a, a.dtype.newbyteorder("="), ["C", "W"])
+            t = torch.from_numpy(a)
+        else:
+            t = images
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"images must be a numpy array or torch tensor; got {type(images)}")
         if t.dim() != 4:

@@ -21,6 +21,11 @@ Every file is written under a temporary name and renamed (``os.replace``) when w
 counts as finished only through its completion record, so a killed run never leaves a shard or a
 manifest that looks complete.
 
+A folder is purify output only when it holds this tool's run record or manifest; a non-empty
+folder with neither is refused whatever the flags. ``--overwrite`` deletes only what this tool
+writes: its own files at the top level and the numbered PNGs in the class folders the record
+names; anything else in the folder stays.
+
 ``load_purified(DIR)`` returns `Purified`: ``.images`` is a read-only ``np.memmap`` when the
 output has one npy shard, and otherwise a `ShardedArray`: a lazy, read-only view over the
 shards' memmaps that indexes like an array (ints, slices, index arrays, boolean masks) and turns
@@ -66,7 +71,6 @@ MANIFEST = "manifest.json"
 RUN_STATE = ".puregen-run.json"
 FORMAT_ID = "puregen-fast/purified"
 FORMAT_VERSION = 1
-_SHARD_RECORD = re.compile(r"^\.puregen-shard-\d{5,}\.json$")
 _OUR_FILE = re.compile(r"^(images|labels)-\d{5,}\.npy$|^\.(images|labels)-\d{5,}\.npy\.tmp-\d+$")
 _PNG_FILE = re.compile(r"^\d+\.png$|^\.\d+\.png\.tmp-\d+$")
 _CHUNK = 1 << 20
@@ -281,22 +285,53 @@ class ShardWriter:
 # ----------------------------------------------------------------------------- out dir state
 
 
+def _recorded_configs(out: Path) -> list[dict]:
+    """The configurations this tool recorded in ``out`` (run record, manifest); empty when
+    ``out`` is not a purify output folder."""
+    found = []
+    for name in (RUN_STATE, MANIFEST):
+        rec = read_json(out / name)
+        if (
+            rec is not None
+            and rec.get("format") == FORMAT_ID
+            and isinstance(rec.get("config"), dict)
+        ):
+            found.append(rec["config"])
+    return found
+
+
 def _ours(out: Path) -> list[Path]:
-    """Files in ``out`` that this writer created (so --overwrite deletes nothing else)."""
+    """Files in ``out`` that this writer created (so --overwrite deletes nothing else): our
+    private ``.puregen-*`` files (and their temporary names) always; shards, the manifest and,
+    for png output, the numbered files in the class folders only when a run record or manifest
+    of this tool says ``out`` is a run (the class folders are the ones it names)."""
     found: list[Path] = []
     if not out.is_dir():
         return found
+    configs = _recorded_configs(out)
     for e in out.iterdir():
         n = e.name
-        if e.is_file() and (
-            n in (MANIFEST, RUN_STATE)
-            or _SHARD_RECORD.match(n)
-            or _OUR_FILE.match(n)
-            or n.startswith((f".{MANIFEST}.tmp-", f".{RUN_STATE}.tmp-", ".puregen-"))
+        if not e.is_file() or e.is_symlink():
+            continue
+        private = n.startswith((".puregen-", "..puregen-"))  # also their temporary names
+        if private or (
+            configs
+            and (
+                n in (MANIFEST, RUN_STATE)
+                or _OUR_FILE.match(n)
+                or n.startswith(f".{MANIFEST}.tmp-")
+            )
         ):
             found.append(e)
-        elif e.is_dir() and not e.is_symlink():
-            found.extend(f for f in e.iterdir() if f.is_file() and _PNG_FILE.match(f.name))
+    dirs: set[str] = set()
+    for cfg in configs:
+        names = cfg.get("class_names")
+        if cfg.get("format") == "png" and isinstance(names, list):
+            dirs.update(png_class_dirs([str(c) for c in names]))
+    for d in sorted(dirs):
+        p = out / d
+        if p.is_dir() and not p.is_symlink():
+            found.extend(f for f in p.iterdir() if f.is_file() and _PNG_FILE.match(f.name))
     return found
 
 
@@ -327,22 +362,34 @@ def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
 
 
 def check_out_dir(out: Path, *, resume: bool, overwrite: bool) -> None:
-    """The early, cheap refusal (before models or data are loaded): ``--out`` must be a folder,
-    and one holding earlier output needs --resume or --overwrite."""
+    """The early, cheap refusal (before models or data are loaded): ``--out`` must be a folder;
+    one holding earlier output needs --resume or --overwrite; a non-empty folder that holds no
+    purify output (no run record, no manifest) is refused whatever the flags."""
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out}: exists and is not a folder")
-    if resume or overwrite or not out.is_dir():
+    if not out.is_dir():
         return
-    if (out / MANIFEST).is_file() or (out / RUN_STATE).is_file() or _ours(out):
-        what = (
-            "finished output (manifest.json)"
-            if (out / MANIFEST).is_file()
-            else ("an unfinished run")
-        )
-        raise UsageError(
-            f"--out {out} already holds {what}; pass --resume to verify and continue it, "
-            f"--overwrite to replace it, or choose another --out"
-        )
+    if not _recorded_configs(out):
+        ours = set(_ours(out))
+        foreign = sorted(e.name for e in out.iterdir() if e not in ours)
+        if foreign:
+            shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+            raise UsageError(
+                f"--out {out} is not empty ({shown}) and holds no puregen-fast purify output "
+                f"(no {MANIFEST} or {RUN_STATE}); choose a new or empty folder"
+            )
+        return
+    if resume or overwrite:
+        return
+    what = (
+        "finished output (manifest.json)"
+        if read_json(out / MANIFEST) is not None
+        else "an unfinished run"
+    )
+    raise UsageError(
+        f"--out {out} already holds {what}; pass --resume to verify and continue it, "
+        f"--overwrite to replace it, or choose another --out"
+    )
 
 
 def prepare_out_dir(out: Path, config: dict, *, resume: bool, overwrite: bool) -> bool:
@@ -354,9 +401,8 @@ def prepare_out_dir(out: Path, config: dict, *, resume: bool, overwrite: bool) -
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UsageError(f"--out {out}: cannot create the folder ({e})") from e
-    state = read_json(out / RUN_STATE)
-    manifest = read_json(out / MANIFEST)
-    before = (state or {}).get("config") or (manifest or {}).get("config")
+    configs = _recorded_configs(out)
+    before = configs[0] if configs else None
     reuse = False
     if resume and before is not None:
         if before == config:
@@ -367,19 +413,19 @@ def prepare_out_dir(out: Path, config: dict, *, resume: bool, overwrite: bool) -
                 f"--out {out} was written with a different configuration: {diffs}. "
                 f"Use the same flags, pass --overwrite to replace it, or choose another --out"
             )
-    elif resume and _ours(out) and not overwrite:
+    try:
+        if not reuse:
+            clear_out_dir(out)
+        else:  # temporary files of a killed run: never complete, remove them
+            for f in _ours(out):
+                if ".tmp-" in f.name:
+                    f.unlink(missing_ok=True)
+        (out / MANIFEST).unlink(missing_ok=True)
+        write_json_atomic(out / RUN_STATE, {"format": FORMAT_ID, "config": config})
+    except OSError as e:
         raise UsageError(
-            f"--out {out} holds shards but no record of their configuration; "
-            f"pass --overwrite to replace them"
-        )
-    if not reuse:
-        clear_out_dir(out)
-    else:  # temporary files of a killed run: never complete, remove them
-        for f in _ours(out):
-            if ".tmp-" in f.name:
-                f.unlink(missing_ok=True)
-    (out / MANIFEST).unlink(missing_ok=True)
-    write_json_atomic(out / RUN_STATE, {"format": FORMAT_ID, "config": config})
+            f"--out {out}: cannot write ({e}); choose a writable folder with enough free space"
+        ) from e
     return reuse
 
 

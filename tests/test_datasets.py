@@ -6,7 +6,9 @@ from __future__ import annotations
 import os
 import pickle
 import shutil
+import struct
 import tarfile
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -184,6 +186,34 @@ def test_npz_wrong_dtype(tmp_path):
     np.savez(tmp_path / "f.npz", x=np.zeros((2, 4, 4, 3), np.float32), y=np.zeros(2, int))
     with pytest.raises(UsageError, match="uint8"):
         open_dataset("npz", tmp_path / "f.npz")
+
+
+@pytest.mark.parametrize("damage", ["truncated", "flipped"])
+def test_npz_damaged_is_usage_error(tmp_path, damage):
+    rng = np.random.default_rng(0)
+    x = np.repeat(rng.integers(0, 256, (20, 8, 8, 1), dtype=np.uint8), 3, -1)
+    np.savez_compressed(tmp_path / "d.npz", x=x, y=np.arange(20) % 3)
+    raw = bytearray((tmp_path / "d.npz").read_bytes())
+    if damage == "truncated":
+        raw = raw[: len(raw) // 2]
+    else:  # a byte early in the deflate stream of 'x': zlib.error
+        with zipfile.ZipFile(tmp_path / "d.npz") as zf:
+            h = zf.getinfo("x.npy").header_offset
+        name_len, extra_len = struct.unpack("<HH", raw[h + 26 : h + 30])  # the local header
+        raw[h + 30 + name_len + extra_len + 2] ^= 0xFF
+    (tmp_path / "d.npz").write_bytes(bytes(raw))
+    with pytest.raises(UsageError, match="d.npz"):
+        open_dataset("npz", tmp_path / "d.npz")
+
+
+def test_poisoned_npz_into_missing_folder_is_usage_error(tmp_path):
+    from puregen_fast.poison import poison_dataset, save_poisoned_npz
+
+    x = np.zeros((4, 8, 8, 3), np.uint8)
+    ps = poison_dataset(x, np.array([0, 1, 0, 1]), np.zeros((1, 3, 8, 8)), 1, 1)
+    with pytest.raises(UsageError, match="--out"):
+        save_poisoned_npz(ps, tmp_path / "missing" / "p.npz")
+    assert not (tmp_path / "missing").exists()
 
 
 # ----------------------------------------------------------------------------- decoded cache

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import http.server
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +35,8 @@ class _Server:
         self.files: dict[str, bytes] = {}
         self.truncate: set[str] = set()
         self.requests: list[str] = []
+        self.barrier: threading.Barrier | None = None  # hold requests until all have arrived
+        self.pause = 0.0  # seconds between the two halves of a body
         outer = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -46,8 +49,15 @@ class _Server:
                 self.send_response(200)
                 self.send_header("Content-Type", "application/octet-stream")
                 self.send_header("Content-Length", str(len(data)))
+                if outer.barrier is not None:
+                    outer.barrier.wait(timeout=20)
                 self.end_headers()
-                if self.path in outer.truncate:
+                if outer.pause:
+                    self.wfile.write(data[: len(data) // 2])
+                    self.wfile.flush()
+                    time.sleep(outer.pause)
+                    self.wfile.write(data[len(data) // 2 :])
+                elif self.path in outer.truncate:
                     self.wfile.write(data[: len(data) // 2])
                     self.wfile.flush()
                     self.close_connection = True
@@ -106,9 +116,8 @@ def _nothing_complete(root: Path, name: str, filename: str) -> None:
     assert not (root / name / COMPLETE_MARKER).exists()
     assert not (root / name).exists()
     assert not (root / filename).exists()
-    assert not (root / (filename + ".part")).exists()
     if root.exists():
-        assert not [p for p in root.iterdir() if ".extract-" in p.name]
+        assert not [p for p in root.iterdir() if ".extract-" in p.name or ".part" in p.name]
 
 
 def test_good_archive_fetched_verified_extracted(tmp_path, server, monkeypatch):
@@ -217,15 +226,67 @@ def test_escaping_zip_member_is_refused(tmp_path):
     assert not (tmp_path / "x" / "t").exists()
 
 
-def test_leftover_without_marker_is_not_complete(tmp_path):
+def test_folder_without_marker_is_never_deleted(tmp_path, server, monkeypatch):
+    # a folder named like the archive key that puregen-fast did not make: refused, kept
     tar, _ = make_cifar10_tarball(tmp_path)
-    target = tmp_path / "c" / "cifar10"
-    (target / "cifar-10-batches-py").mkdir(parents=True)
-    (target / "cifar-10-batches-py" / "half").write_text("half-extracted")
-    safe_extract(tar, target)
-    assert (target / COMPLETE_MARKER).is_file()
-    assert not (target / "cifar-10-batches-py" / "half").exists()
-    assert (target / "cifar-10-batches-py" / "batches.meta").is_file()
+    _point(monkeypatch, server, "cifar10", tar)
+    data = tmp_path / "data"
+    (data / "cifar10" / "mine").mkdir(parents=True)
+    (data / "cifar10" / "mine" / "notes.txt").write_text("the user's")
+    with pytest.raises(UsageError, match="move or rename it") as ei:
+        open_dataset("cifar10", data, "test", quiet=True)
+    assert str(data / "cifar10") in str(ei.value)
+    assert server.requests == []  # refused before downloading
+    with pytest.raises(UsageError, match="move or rename it"):
+        safe_extract(tar, data / "cifar10")
+    assert (data / "cifar10" / "mine" / "notes.txt").read_text() == "the user's"
+    assert sorted(p.name for p in data.iterdir()) == ["cifar10"]
+    # once moved away, the archive is fetched and extracted
+    (data / "cifar10").rename(tmp_path / "moved")
+    assert len(open_dataset("cifar10", data, "test", quiet=True)) == 5
+    assert (data / "cifar10" / COMPLETE_MARKER).is_file()
+
+
+def test_concurrent_fetch_and_extract_of_one_archive(tmp_path, server, monkeypatch):
+    # two runs (threads here) download and extract the same archive at the same time: both
+    # succeed, each with its own partial file and extraction folder, and nothing is left over
+    tar, exp = make_cifar10_tarball(tmp_path)
+    _point(monkeypatch, server, "cifar10", tar)
+    server.barrier = threading.Barrier(2)
+    server.pause = 0.3
+    results: list = [None, None]
+
+    def work(i: int) -> None:
+        try:
+            results[i] = download.ensure_extracted("cifar10", None, quiet=True)
+        except BaseException as e:  # noqa: BLE001 (reported below)
+            results[i] = e
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    cache = tmp_path / "cache"
+    assert results == [cache / "cifar10"] * 2, results
+    assert len(server.requests) == 2
+    download.verify_file(cache / "cifar-10-python.tar.gz", download.ARCHIVES["cifar10"])
+    assert sorted(p.name for p in cache.iterdir()) == ["cifar-10-python.tar.gz", "cifar10"]
+    ds = open_dataset("cifar10", None, "test", quiet=True)
+    np.testing.assert_array_equal(ds.images, exp["test"][0])
+    # the loser of the rename race uses the winner's copy
+    assert safe_extract(tar, cache / "cifar10") == cache / "cifar10"
+    real_replace = download.os.replace
+
+    def late(src, dst):  # another process renames its copy into place just before us
+        if Path(src).name.startswith(".cifar10b.extract-"):
+            real_replace(cache / "cifar10", dst)
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(download.os, "replace", late)
+    assert safe_extract(tar, cache / "cifar10b") == cache / "cifar10b"
+    assert (cache / "cifar10b" / COMPLETE_MARKER).is_file()
+    assert not [p for p in cache.iterdir() if ".extract-" in p.name]
 
 
 def test_cache_root_resolution(tmp_path, monkeypatch):

@@ -128,6 +128,27 @@ def test_non_finite_and_missing_paths(tmp_path):
         pg.load_ebm(tmp_path / "empty")
 
 
+@pytest.mark.parametrize(
+    "config, msg",
+    [
+        ([8, 1], "JSON object"),
+        ("nf", "JSON object"),
+        ({"nf": "eight", "patch_size": 1}, "'nf' must be a whole number"),
+        ({"nf": 8.5, "patch_size": 1}, "'nf' must be a whole number"),
+        ({"nf": None}, "'nf' must be a whole number"),
+        ({"nf": 8, "patch_size": True}, "'patch_size' must be a whole number"),
+    ],
+)
+def test_bad_config_json_is_a_checkpoint_error(tmp_path, config, msg):
+    write_authors_dir(tmp_path / "c", random_authors_state(8, 1), 8, 1)
+    (tmp_path / "c" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(pg.CheckpointError, match=msg) as ei:
+        pg.load_ebm(tmp_path / "c")
+    assert "config.json" in str(ei.value)
+    with pytest.raises(pg.CheckpointError, match=msg):  # a weights file beside the config
+        pg.load_ebm(tmp_path / "c" / "model.safetensors")
+
+
 def test_pickles_are_not_unpickled(tmp_path):
     class Evil:
         def __reduce__(self):

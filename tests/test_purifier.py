@@ -1,6 +1,7 @@
 """The Purifier engine with the reference backend: batching independence, methods, bad input."""
 
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -134,3 +135,20 @@ def test_bad_images_are_refused(models, imgs, ids, msg):
 def test_bad_configuration_is_refused(kwargs, msg):
     with pytest.raises(ValueError, match=msg):
         pg.Purifier(device="cpu", **kwargs)
+
+
+def test_unusual_numpy_layouts_are_accepted(models, images):
+    # negative strides, non-native byte order and read-only memory: copied only as needed
+    p = pg.Purifier("ebm", ebm=models[0], ebm_steps=1, backend="reference", device="cpu")
+    x = images[:3]
+    ref = p(np.ascontiguousarray(x[:, :, ::-1]), range(3))
+    assert np.array_equal(p(x[:, :, ::-1], range(3)), ref)
+    ro = np.ascontiguousarray(x[:, :, ::-1])
+    ro.flags.writeable = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch warns on non-writable arrays
+        assert np.array_equal(p(ro, range(3)), ref)
+    f = (np.ascontiguousarray(x[:, :, ::-1]).transpose(0, 3, 1, 2) / 255).astype(">f4")
+    assert f.dtype.byteorder == ">"
+    assert np.array_equal(p(f, range(3)), p(f.astype(np.float32), range(3)))
+    assert np.array_equal(p(x.astype(">i2")[:, :, ::-1], range(3)), ref)

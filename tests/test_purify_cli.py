@@ -313,3 +313,68 @@ def test_ebm_then_ddpm_with_local_checkpoints(env, tmp_path):
     m = pg.load_purified(tmp_path / "a").manifest
     assert m["purifier"]["ddpm"]["sha256"] and m["purifier"]["ddpm"]["steps"] == 2
     assert m["config"]["method"] == "ebm+ddpm"
+
+
+def _npz_argv(env, data, out, *extra, method="none"):
+    return [
+        "purify", "--dataset", "npz", "--data-dir", str(data), "--method", method,
+        "--ebm", str(env.ebm), "--ebm-steps", "2", "--backend", "reference", "--device", "cpu",
+        "--batch-size", "4", "--quiet", "--out", str(out), *extra,
+    ]  # fmt: skip
+
+
+def test_resume_refuses_changed_data_with_same_labels(env, tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    y = np.arange(8) % 2
+    data, out = tmp_path / "d.npz", tmp_path / "o"
+    np.savez(data, x=rng.integers(0, 256, (8, 8, 8, 3), dtype=np.uint8), y=y)
+    assert main(_npz_argv(env, data, out, method="filt")) == 0
+    m = pg.load_purified(out).manifest
+    assert m["config"]["source"] == str(data)
+    assert m["filter"]["images_sha256"] == m["config"]["images_sha256"]
+    shutil.copy(data, tmp_path / "same.npz")
+    # other images, the same labels, the same file name: refused
+    np.savez(data, x=rng.integers(0, 256, (8, 8, 8, 3), dtype=np.uint8), y=y)
+    assert main(_npz_argv(env, data, out, "--resume", method="filt")) == 2
+    assert "images_sha256" in capsys.readouterr().err
+    # the same images from another file: refused too (the source differs)
+    assert main(_npz_argv(env, tmp_path / "same.npz", out, "--resume", method="filt")) == 2
+    assert "source" in capsys.readouterr().err
+    # --overwrite recomputes the threshold for the new images
+    assert main(_npz_argv(env, data, out, "--resume", "--overwrite", method="filt")) == 0
+    m2 = pg.load_purified(out).manifest
+    assert m2["filter"]["images_sha256"] == m2["config"]["images_sha256"]
+    assert m2["config"]["images_sha256"] != m["config"]["images_sha256"]
+
+
+@pytest.mark.parametrize("where", ["run record", "shard"])
+def test_unwritable_out_exit_2_names_out(env, tmp_path, monkeypatch, capsys, where):
+    import errno
+
+    from puregen_fast import writer
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(
+        writer, "write_json_atomic" if where == "run record" else "_npy_bytes_atomic", full
+    )
+    data = tmp_path / "d.npz"
+    np.savez(data, x=np.zeros((4, 8, 8, 3), np.uint8), y=np.zeros(4, np.int64))
+    assert main(_npz_argv(env, data, tmp_path / "o")) == 2
+    err = capsys.readouterr().err
+    assert "--out" in err and "No space left" in err
+
+
+@pytest.mark.parametrize("method,hw,flag", [("ddpm", (33, 31), "--ddpm"), ("ebm", (2, 2), "--ebm")])
+def test_image_size_the_model_cannot_take_exit_2(env, tmp_path, capsys, method, hw, flag):
+    cfg = {**UNET_PRESETS["tiny"], "sample_size": 32}
+    torch.manual_seed(0)
+    pg.save_ddpm(pg.UNet2D.from_config(cfg), tmp_path / "unet")
+    data = tmp_path / "d.npz"
+    np.savez(data, x=np.zeros((4, *hw, 3), np.uint8), y=np.zeros(4, np.int64))
+    argv = _npz_argv(env, data, tmp_path / "o", "--ddpm", str(tmp_path / "unet"), method=method)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert flag in err and f"{hw[0]}x{hw[1]}" in err
+    assert not (tmp_path / "o").exists()

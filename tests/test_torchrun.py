@@ -16,6 +16,8 @@ from fixtures_data import write_cinic10
 
 import puregen_fast as pg
 from puregen_fast.cli import main
+from puregen_fast.errors import UsageError
+from puregen_fast.pipeline import Dist, _check_same_config, _config_hash
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -73,3 +75,28 @@ def test_torchrun_two_ranks_equal_one_process(tmp_path, monkeypatch, method):
     np.testing.assert_array_equal(np.asarray(d.images), np.asarray(pg.load_purified(single).images))
     if method == "filt":
         assert mm["filter"] == ms["filter"]
+
+
+def test_ranks_with_another_configuration_are_refused():
+    class FakeDist(Dist):
+        """Rank ``rank`` of 3; the other ranks' configuration hashes are given."""
+
+        def __init__(self, rank, others):
+            super().__init__(rank, 3)
+            self.others = others
+
+        def gather(self, obj):
+            out = list(self.others)
+            out.insert(self.rank, obj)
+            return out
+
+    cfg = {"seed": 0, "purifier": {"ebm": {"sha256": "a" * 64}}}
+    other = {"seed": 0, "purifier": {"ebm": {"sha256": "b" * 64}}}
+    same, diff = _config_hash(cfg), _config_hash(other)
+    assert _config_hash(dict(reversed(cfg.items()))) == same  # key order does not matter
+    _check_same_config(FakeDist(1, [same, same]), cfg)  # all agree
+    for rank, others, bad in [(0, [same, diff], "2"), (1, [same, diff], "1, 2")]:
+        me = cfg if rank == 0 else other
+        with pytest.raises(UsageError, match=rf"rank\(s\) {bad} of 3 .*checkpoints"):
+            _check_same_config(FakeDist(rank, others), me)
+    _check_same_config(Dist(), cfg)  # one process: nothing to compare

@@ -169,3 +169,35 @@ def test_out_dir_states(tmp_path):
 def test_load_purified_unfinished(tmp_path):
     with pytest.raises(UsageError, match="manifest.json"):
         pg.load_purified(tmp_path)
+
+
+def test_unknown_folder_is_not_a_run_and_overwrite_keeps_foreign_files(tmp_path):
+    proj = tmp_path / "proj"
+    (proj / "photos").mkdir(parents=True)
+    (proj / "photos" / "1.png").write_bytes(b"a photo")
+    (proj / "images-00000.npy").write_bytes(b"someone else's")
+    for resume, overwrite in [(False, False), (True, False), (False, True), (True, True)]:
+        with pytest.raises(UsageError, match="holds no puregen-fast purify output") as ei:
+            prepare_out_dir(proj, {"seed": 0}, resume=resume, overwrite=overwrite)
+        assert "unfinished" not in str(ei.value) and "photos" in str(ei.value)
+    assert (proj / "photos" / "1.png").read_bytes() == b"a photo"
+    assert (proj / "images-00000.npy").exists() and not (proj / RUN_STATE).exists()
+    # an empty folder (or one with only our own leftovers) is fine
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / f".{RUN_STATE}.tmp-123").write_text("{")
+    assert prepare_out_dir(tmp_path / "empty", {"seed": 0}, resume=False, overwrite=False) is False
+    assert [p.name for p in (tmp_path / "empty").iterdir()] == [RUN_STATE]
+    # a png run: --overwrite deletes the numbered files in its class folders only
+    out = tmp_path / "run"
+    cfg = {"format": "png", "class_names": ["a", "b"]}
+    prepare_out_dir(out, cfg, resume=False, overwrite=False)
+    w = ShardWriter(out, "png", 2, 2, ["a", "b"])
+    w.make_class_dirs()
+    w.write_shard(0, np.zeros((2, 4, 4, 3), np.uint8), np.array([0, 1]))
+    (out / "photos").mkdir()
+    (out / "photos" / "1.png").write_bytes(b"a photo")
+    (out / "a" / "notes.txt").write_text("mine")
+    assert prepare_out_dir(out, {**cfg, "seed": 1}, resume=False, overwrite=True) is False
+    assert (out / "photos" / "1.png").read_bytes() == b"a photo"
+    assert (out / "a" / "notes.txt").exists() and not (out / "a" / "0.png").exists()
+    assert not (out / "b").exists() and not (out / ".puregen-shard-00000.json").exists()
