@@ -45,11 +45,14 @@ def resolve_device(device: str | torch.device) -> torch.device:
 @contextlib.contextmanager
 def precision_context(precision: str, device: torch.device) -> Iterator[None]:
     """Model math in fp32 (tf32 off), tf32 (matmul/conv on tensor cores) or bf16 (autocast).
-    The state x stays fp32 in every mode."""
-    old = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    The state x stays fp32 in every mode. cuDNN is held to deterministic algorithms, so a fixed
+    batch size gives bit-identical results (DESIGN 2.2; some input-gradient convolutions would
+    otherwise sum with atomics)."""
+    b = torch.backends
+    old = (b.cuda.matmul.allow_tf32, b.cudnn.allow_tf32, b.cudnn.deterministic)
     tf32 = precision == "tf32"
-    torch.backends.cuda.matmul.allow_tf32 = tf32
-    torch.backends.cudnn.allow_tf32 = tf32
+    b.cuda.matmul.allow_tf32 = b.cudnn.allow_tf32 = tf32
+    b.cudnn.deterministic = True
     try:
         if precision == "bf16":
             # no weight-cast cache: CUDA graph capture must not keep autocast's cached casts
@@ -58,7 +61,7 @@ def precision_context(precision: str, device: torch.device) -> Iterator[None]:
         else:
             yield
     finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+        b.cuda.matmul.allow_tf32, b.cudnn.allow_tf32, b.cudnn.deterministic = old
 
 
 class ReferenceSampler:
