@@ -119,8 +119,7 @@ class Loop(abc.ABC):
 
     # -- hooks -------------------------------------------------------------------------------
     @abc.abstractmethod
-    def build(self) -> None:
-        ...
+    def build(self) -> None: ...
 
     @abc.abstractmethod
     def forward_backward(self, step: int) -> dict[str, float]:
@@ -140,12 +139,10 @@ class Loop(abc.ABC):
         """Restore what `state` saved (none by default)."""
 
     @abc.abstractmethod
-    def write_weights(self, d: Path) -> None:
-        ...
+    def write_weights(self, d: Path) -> None: ...
 
     @abc.abstractmethod
-    def load_weights(self, d: Path) -> None:
-        ...
+    def load_weights(self, d: Path) -> None: ...
 
     def sample_rows(self) -> list[torch.Tensor]:
         return []
