@@ -32,9 +32,15 @@ from puregen_fast.errors import UsageError
 from puregen_fast.purifier import precision_context
 from puregen_fast.schedule import DDPMSchedule
 from puregen_fast.train.config import UNET_PRESETS, DDPMConfig
-from puregen_fast.train.data import TrainData, load_train_data, to_x
-from puregen_fast.train.dist import Dist, setup_dist
-from puregen_fast.train.loop import Loop, TrainResult, epoch_permutation, grad_norm
+from puregen_fast.train.data import TrainData, to_x
+from puregen_fast.train.dist import Dist
+from puregen_fast.train.loop import (
+    Loop,
+    TrainResult,
+    epoch_permutation,
+    grad_norm,
+    run_training,
+)
 from puregen_fast.train.state import atomic_write_text
 
 __all__ = ["DDPMTrainer", "train_ddpm", "unet_config", "ema_decay", "STREAM_TRAIN_DDPM"]
@@ -273,18 +279,4 @@ class DDPMTrainer(Loop):
 
 def train_ddpm(cfg: DDPMConfig, data: TrainData | None = None) -> TrainResult:
     """Train the purification DDPM with ``cfg``; see `train_ebm` for the contract."""
-    dist = setup_dist(cfg.device)
-    try:
-        if data is None:
-            data = dist.main_first(
-                lambda: load_train_data(
-                    cfg.dataset,
-                    cfg.data_dir,
-                    cfg.split,
-                    limit=cfg.limit,
-                    classes=cfg.classes,
-                )
-            )
-        return DDPMTrainer(cfg, data, dist).train()
-    finally:
-        dist.close()
+    return run_training(DDPMTrainer, cfg, data)

@@ -32,9 +32,15 @@ from puregen_fast.ebm import EBMSNGAN32
 from puregen_fast.errors import UsageError
 from puregen_fast.purifier import precision_context
 from puregen_fast.train.config import EBMConfig
-from puregen_fast.train.data import TrainData, load_train_data, to_x
-from puregen_fast.train.dist import Dist, setup_dist
-from puregen_fast.train.loop import Loop, TrainResult, epoch_permutation, grad_norm
+from puregen_fast.train.data import TrainData, to_x
+from puregen_fast.train.dist import Dist
+from puregen_fast.train.loop import (
+    Loop,
+    TrainResult,
+    epoch_permutation,
+    grad_norm,
+    run_training,
+)
 from puregen_fast.train.sampler import TrainSampler
 
 __all__ = ["EBMTrainer", "train_ebm", "STREAM_TRAIN_EBM"]
@@ -265,19 +271,4 @@ def train_ebm(cfg: EBMConfig, data: TrainData | None = None) -> TrainResult:
     Raises `UsageError` for bad input and `TrainingDiverged` (a UsageError) after rolling the
     run directory back to its last good checkpoint.
     """
-    dist = setup_dist(cfg.device)
-    try:
-        if data is None:
-            data = dist.main_first(
-                lambda: load_train_data(
-                    cfg.dataset,
-                    cfg.data_dir,
-                    cfg.split,
-                    limit=cfg.limit,
-                    classes=cfg.classes,
-                    min_hw=4 * cfg.patch_size,
-                )
-            )
-        return EBMTrainer(cfg, data, dist).train()
-    finally:
-        dist.close()
+    return run_training(EBMTrainer, cfg, data, min_hw=4 * cfg.patch_size)

@@ -27,8 +27,8 @@ from torch import nn
 
 from puregen_fast.errors import UsageError
 from puregen_fast.train.config import recipe_of
-from puregen_fast.train.data import TrainData
-from puregen_fast.train.dist import Dist
+from puregen_fast.train.data import TrainData, load_train_data
+from puregen_fast.train.dist import Dist, setup_dist
 from puregen_fast.train.plots import save_curves, save_grid
 from puregen_fast.train.state import RunDir, atomic_write_text, capture_rng, restore_rng
 from puregen_fast.train.watch import DivergenceWatch, WatchConfig
@@ -432,3 +432,25 @@ class Loop(abc.ABC):
 
 def config_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
+
+
+def run_training(
+    trainer: type[Loop], cfg: Any, data: TrainData | None = None, min_hw: int = 1
+) -> TrainResult:
+    """Set up the ranks, load the data (rank 0 first, so it downloads and caches once), train."""
+    dist = setup_dist(cfg.device)
+    try:
+        if data is None:
+            data = dist.main_first(
+                lambda: load_train_data(
+                    cfg.dataset,
+                    cfg.data_dir,
+                    cfg.split,
+                    limit=cfg.limit,
+                    classes=cfg.classes,
+                    min_hw=min_hw,
+                )
+            )
+        return trainer(cfg, data, dist).train()
+    finally:
+        dist.close()
