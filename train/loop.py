@@ -113,6 +113,7 @@ class Loop(abc.ABC):
             self.relative_keys,
         )
         self.step = 0
+        self.saved_step: int | None = None  # in memory on every rank: ranks decide alike
         self._stop = False
         self.model: nn.Module
         self.optimizer: torch.optim.Optimizer
@@ -189,6 +190,7 @@ class Loop(abc.ABC):
                 self.step, self._full_state(), self.write_weights, self.cfg.keep_ckpts
             )
         self.dist.barrier()
+        self.saved_step = self.step
         return path
 
     def _check_resume(self, run_src: Path, ckpt: Path) -> dict[str, Any]:
@@ -238,6 +240,7 @@ class Loop(abc.ABC):
             self.watch.load_state_dict(state["watch"])
             self.load_state(state)
             self.step = int(state["step"])
+            self.saved_step = self.step
             if self.dist.is_main:
                 self._log_event("resume", {"from": str(ckpt), "forced_recipe_change": self._forced})
                 if self._forced or elsewhere:
@@ -405,12 +408,12 @@ class Loop(abc.ABC):
                     break
             else:
                 stopped = "done" if self.step >= self.total_steps else "steps"
-            ck = self.run.checkpoints()
             if self.watch.pending:  # ending inside an open streak: keep the last good checkpoint
                 if self.dist.is_main:
+                    ck = self.run.checkpoints()
                     self.run.publish_weights(ck[-1][1])
                     self._log_event("end_pending", {"kept_step": ck[-1][0]})
-            elif not ck or ck[-1][0] != self.step:
+            elif self.saved_step != self.step:  # not the disk: rank 0 may be writing it now
                 self.save()
             if not self.watch.pending:
                 self._plots()
