@@ -205,3 +205,27 @@ def test_cosine_warmup_and_ema_match_diffusers():
         assert ema_decay(n, 0.9999, 1.0, 0.75) == pytest.approx(ema.get_decay(n), abs=1e-12)
     assert math.isclose(ema_decay(1, 0.9999, 1.0, 0.75), 0.0)
     del diffusers
+
+
+@pytest.mark.parametrize(
+    "content, flag, needle",
+    [
+        ("[1]", "--unet-config", "expected a JSON object"),
+        (b"\x89PNG\x00\xff", "--unet-config", "--unet-config"),
+        (None, "--ema-inv-gamma", "--ema-inv-gamma"),
+    ],
+)
+def test_bad_ddpm_flags_exit_2(data, tmp_path, capsys, content, flag, needle):
+    from puregen_fast.cli import main
+
+    if content is None:
+        extra = ["--ema-inv-gamma", "0"]
+    else:
+        cfg = tmp_path / "cfg.json"
+        cfg.write_bytes(content if isinstance(content, bytes) else content.encode())
+        extra = ["--unet-config", str(cfg)]
+    argv = ["train", "ddpm", "--dataset", "npz", "--data-dir", str(data), "--out",
+            str(tmp_path / "o"), "--device", "cpu", "--no-progress", "--steps", "1",
+            "--batch-size", "16", *extra]  # fmt: skip
+    assert main(argv) == 2
+    assert needle in capsys.readouterr().err

@@ -319,3 +319,35 @@ def test_resume_refuses_other_recipe_and_changed_flags(resumed, data, tmp_path, 
 def test_no_checkpoint_to_resume(data, tmp_path, capsys):
     assert _train(data, tmp_path / "nothing", "--resume") == 2
     assert "no such directory" in capsys.readouterr().err
+
+
+def test_resuming_an_older_checkpoint_sets_the_newer_ones_aside(data, tmp_path, capsys):
+    out = tmp_path / "st"
+    assert _train(data, out, "--steps", "12", "--ckpt-every", "4", "--keep-ckpts", "2") == 0
+    ck = out / "checkpoints"
+    assert sorted(p.name for p in ck.glob("step_*")) == ["step_00000008", "step_00000012"]
+    older = ck / "step_00000008"
+    args = ("--steps", "10", "--ckpt-every", "2", "--keep-ckpts", "2", "--force-resume")
+    assert _train(data, out, *args, "--resume", str(older)) == 0
+    assert "abandons 1 newer checkpoint" in capsys.readouterr().err
+    # the abandoned step 12 is out of the way: a plain --resume continues step 10
+    assert sorted(p.name for p in ck.glob("step_*")) == ["step_00000008", "step_00000010"]
+    assert len(list(ck.glob("abandoned-*/step_00000012"))) == 1
+    assert (
+        _train(data, out, "--steps", "11", "--ckpt-every", "2", "--force-resume", "--resume") == 0
+    )
+    events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    resumes = [e for e in events if e.get("event") == "resume"]
+    assert resumes[-1]["from"].endswith("step_00000010")
+
+
+@pytest.mark.parametrize(
+    "extra, needle",
+    [(("--log-every", "0"), "--log-every"), (("--steps", "1"), "is a file")],
+)
+def test_bad_run_flags_exit_2(data, tmp_path, capsys, extra, needle):
+    out = tmp_path / "o"
+    if needle == "is a file":
+        out.write_text("not a directory")
+    assert _train(data, out, *extra) == 2
+    assert needle in capsys.readouterr().err

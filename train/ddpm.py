@@ -61,8 +61,13 @@ def unet_config(cfg: DDPMConfig, size: int) -> dict[str, Any]:
     if cfg.unet_config:
         try:
             conf = json.loads(Path(cfg.unet_config).read_text())
-        except (OSError, json.JSONDecodeError) as e:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise UsageError(f"--unet-config {cfg.unet_config!r}: {e}") from e
+        if not isinstance(conf, dict):
+            raise UsageError(
+                f"--unet-config {cfg.unet_config!r}: expected a JSON object (a diffusers "
+                f"UNet2DModel config.json), found {type(conf).__name__}"
+            )
     else:
         conf = copy.deepcopy(UNET_PRESETS[cfg.unet])
     conf["sample_size"] = size
@@ -84,6 +89,8 @@ class DDPMTrainer(Loop):
             raise UsageError("--lr must be > 0, --warmup-steps and --grad-clip >= 0")
         if not 0 <= cfg.ema_max_decay < 1:
             raise UsageError(f"--ema-max-decay must lie in [0, 1); got {cfg.ema_max_decay}")
+        if not cfg.ema_inv_gamma > 0:
+            raise UsageError(f"--ema-inv-gamma must be > 0; got {cfg.ema_inv_gamma}")
         super().__init__(cfg, data, dist)
         try:
             self.schedule = DDPMSchedule(cfg.num_train_timesteps, cfg.beta_start, cfg.beta_end)

@@ -58,6 +58,12 @@ class Dist:
             t /= self.world
         return t
 
+    def all_reduce_max(self, t: torch.Tensor) -> torch.Tensor:
+        if self.enabled:
+            t = t.clone()
+            tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
+        return t
+
     def barrier(self) -> None:
         if self.enabled:
             tdist.barrier()

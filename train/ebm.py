@@ -208,11 +208,11 @@ class EBMTrainer(Loop):
                 e_d.mean().detach(),
                 e_s.mean().detach(),
                 self._gn.to(dev),
-                x_neg.detach().abs().amax(),
-                rejuv.sum().to(dev, torch.float32),
+                rejuv.sum().to(dev, torch.float32),  # one global draw: the same on every rank
             ]
         )
-        loss_v, ed, es, gn, xmax, nrej = self.dist.all_reduce_mean(m).tolist()
+        loss_v, ed, es, gn, nrej = self.dist.all_reduce_mean(m).tolist()
+        xmax = float(self.dist.all_reduce_max(x_neg.detach().abs().amax()))
         return {
             "loss": loss_v,
             "e_data": ed,
@@ -222,7 +222,7 @@ class EBMTrainer(Loop):
             "gap_abs": abs(ed - es),
             "grad_norm": gn,
             "sample_abs_max": xmax,
-            "rejuvenated": nrej * self.dist.world,
+            "rejuvenated": nrej,
         }
 
     def apply(self, step: int) -> None:

@@ -14,6 +14,7 @@ import abc
 import dataclasses
 import json
 import math
+import os
 import signal
 import sys
 import threading
@@ -99,6 +100,8 @@ class Loop(abc.ABC):
         self.stop_at = self.total_steps if cfg.steps is None else min(cfg.steps, self.total_steps)
         if cfg.steps is not None and cfg.steps < 0:
             raise UsageError(f"--steps must be >= 0; got {cfg.steps}")
+        if cfg.log_every < 1:
+            raise UsageError(f"--log-every must be >= 1; got {cfg.log_every}")
         self.gen = torch.Generator().manual_seed(cfg.seed)  # everything but the keyed noise
         self.watch = DivergenceWatch(
             WatchConfig(
@@ -231,6 +234,8 @@ class Loop(abc.ABC):
                     f"from {str(run_src)!r} into a new --out, or into {str(run_src)!r} itself"
                 )
             state = self._check_resume(run_src, ckpt)
+            if not elsewhere and self.dist.is_main:
+                self._set_aside_newer(ckpt)
             self.load_weights(ckpt)
             self.optimizer.load_state_dict(state["optimizer"])
             for g in self.optimizer.param_groups:  # this run's flags (differ only if forced)
@@ -290,9 +295,27 @@ class Loop(abc.ABC):
             series, self.run.path / "loss.png", title=f"train {self.recipe}: {self.run.path.name}"
         )
 
+    def _set_aside_newer(self, ckpt: Path) -> None:
+        """Resuming an older checkpoint of this run abandons the newer ones: move them aside so
+        a later --resume, the pruning and a rollback never pick the abandoned trajectory."""
+        resumed = int(ckpt.name[5:]) if ckpt.name.startswith("step_") else None
+        newer = [d for k, d in self.run.checkpoints() if resumed is not None and k > resumed]
+        if not newer:
+            return
+        aside = self.run.ckpt_root / f"abandoned-{time.strftime('%Y%m%d-%H%M%S')}"
+        aside.mkdir(parents=True, exist_ok=True)
+        for d in newer:
+            os.replace(d, aside / d.name)
+        print(
+            f"train {self.recipe}: resuming step {resumed} abandons {len(newer)} newer "
+            f"checkpoint(s); moved to {str(aside)!r}",
+            file=sys.stderr,
+        )
+
     # -- divergence ----------------------------------------------------------------------------
     def _rollback(self, at_step: int, reason: str) -> TrainingDiverged:
-        ck = self.run.checkpoints()
+        # the last checkpoint this run saved (in memory, the same on every rank)
+        ck = [(k, d) for k, d in self.run.checkpoints() if k == self.saved_step]
         if not ck:  # cannot happen: a run always starts by saving one; be clear if it does
             return TrainingDiverged(
                 f"training diverged at step {at_step}: {reason}; no checkpoint to roll back to",

@@ -103,6 +103,8 @@ class RunDir:
         if not str(out):
             raise UsageError("--out DIR is required")
         self.path = Path(out)
+        if self.path.exists() and not self.path.is_dir():
+            raise UsageError(f"--out {str(self.path)!r} is a file; choose a directory")
         self.recipe = recipe
         self.ckpt_root = self.path / "checkpoints"
         self.metrics = self.path / "metrics.jsonl"
@@ -121,7 +123,10 @@ class RunDir:
             ) from e
 
     def write_recipe(self, hparams: dict[str, Any], extra: dict[str, Any] | None = None) -> None:
-        self.path.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UsageError(f"--out {str(self.path)!r}: cannot create it ({e})") from e
         doc = {"recipe": self.recipe, "format": FORMAT, "hparams": hparams, **(extra or {})}
         atomic_write_text(self.path / "recipe.json", json.dumps(doc, indent=2, sort_keys=True))
 
