@@ -68,6 +68,8 @@ __all__ = [
     "randn_triton",
     "philox_triton",
     "kernels_interpreted",
+    "check_state",
+    "check_operand",
 ]
 
 _MASK32 = 0xFFFFFFFF
@@ -235,6 +237,25 @@ def scalar_arg(
     if not lo <= v < hi:
         raise ValueError(f"{name} must lie in [{lo}, {hi}); got {v}")
     return v, False
+
+
+def check_state(x: torch.Tensor, name: str) -> None:
+    """The updated state: float32 (the state is always fp32) with a batch dimension."""
+    if x.dtype != torch.float32:
+        raise TypeError(f"{name} must be float32 (the state is always fp32), got {x.dtype}")
+    if x.dim() < 1:
+        raise ValueError(f"{name} must have a batch dimension")
+
+
+def check_operand(x: torch.Tensor, name_x: str, y: torch.Tensor, name_y: str) -> None:
+    """A per-element input read beside the state (grad, eps): its shape and device, fp32 or
+    bf16."""
+    if y.shape != x.shape:
+        raise ValueError(f"{name_y} shape {tuple(y.shape)} != {name_x} shape {tuple(x.shape)}")
+    if y.dtype not in (torch.float32, torch.bfloat16):
+        raise TypeError(f"{name_y} must be float32 or bfloat16, got {y.dtype}")
+    if y.device != x.device:
+        raise ValueError(f"{name_y} is on {y.device} but {name_x} is on {x.device}")
 
 
 def ids_arg(

@@ -29,6 +29,8 @@ from puregen_fast.noise import STREAM_DDPM, randn
 
 from ._noise import (
     check_launchable,
+    check_operand,
+    check_state,
     device_guard,
     ids_arg,
     lanes4,
@@ -192,22 +194,6 @@ def _coef_for(x: torch.Tensor, coefficients: torch.Tensor | None) -> torch.Tenso
     return coefficients.contiguous()
 
 
-def _check_x(x: torch.Tensor, name: str) -> None:
-    if x.dtype != torch.float32:
-        raise TypeError(f"{name} must be float32 (the state is always fp32), got {x.dtype}")
-    if x.dim() < 1:
-        raise ValueError(f"{name} must have a batch dimension")
-
-
-def _check_eps(x_t: torch.Tensor, eps_pred: torch.Tensor) -> None:
-    if eps_pred.shape != x_t.shape:
-        raise ValueError(f"eps_pred shape {tuple(eps_pred.shape)} != x_t shape {tuple(x_t.shape)}")
-    if eps_pred.dtype not in (torch.float32, torch.bfloat16):
-        raise TypeError(f"eps_pred must be float32 or bfloat16, got {eps_pred.dtype}")
-    if eps_pred.device != x_t.device:
-        raise ValueError(f"eps_pred is on {eps_pred.device} but x_t is on {x_t.device}")
-
-
 def _t_arg(
     t: int | torch.Tensor, n_t: int, device: torch.device
 ) -> tuple[int | torch.Tensor, bool]:
@@ -255,7 +241,7 @@ def ddpm_add_noise_(
     ``z = noise.randn(seed, stream, step, sample_ids, x.shape[1:])``; one Triton pass, 8 B per
     element. ``x``: contiguous float32 (B, *S). ``coefficients``: a `ddpm_coefficients` table
     (default: the standard schedule on x's device). Returns ``x``."""
-    _check_x(x, "x")
+    check_state(x, "x")
     _launch(x, None, t, seed, step, sample_ids, stream, coefficients, block, posterior=False)
     return x
 
@@ -275,8 +261,8 @@ def ddpm_step_(
     """In place DDPM posterior step ``x_t <- x_{t-1}`` (clip, combine, noise; module doc) with
     ``z = noise.randn(seed, stream, step, sample_ids, x_t.shape[1:])`` (ignored at t = 0); one
     Triton pass, 12 B per element (10 B with a bf16 ``eps_pred``). Returns ``x_t``."""
-    _check_x(x_t, "x_t")
-    _check_eps(x_t, eps_pred)
+    check_state(x_t, "x_t")
+    check_operand(x_t, "x_t", eps_pred, "eps_pred")
     _launch(x_t, eps_pred, t, seed, step, sample_ids, stream, coefficients, block, posterior=True)
     return x_t
 
@@ -305,7 +291,7 @@ def ddpm_add_noise_eager(
 ) -> torch.Tensor:
     """Eager twin of `ddpm_add_noise_` (plain torch, any device; same table and noise); updates
     ``x`` in place and returns it. ``noise`` replaces the keyed draw; ``block`` is ignored."""
-    _check_x(x, "x")
+    check_state(x, "x")
     row = _row(_coef_for(x, coefficients), t)
     if noise is None:
         noise = randn(seed, stream, step, sample_ids, x.shape[1:], device=x.device)
@@ -329,8 +315,8 @@ def ddpm_step_eager(
     as diffusers' ``DDPMScheduler.step``); updates ``x_t`` in place and returns it. The noise is
     drawn (and multiplied by std 0) at t = 0 too, so a tensor ``t`` never needs a host sync.
     ``noise`` replaces the keyed draw; ``block`` is ignored."""
-    _check_x(x_t, "x_t")
-    _check_eps(x_t, eps_pred)
+    check_state(x_t, "x_t")
+    check_operand(x_t, "x_t", eps_pred, "eps_pred")
     row = _row(_coef_for(x_t, coefficients), t)
     if noise is None:
         noise = randn(seed, stream, step, sample_ids, x_t.shape[1:], device=x_t.device)

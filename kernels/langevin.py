@@ -21,6 +21,8 @@ from puregen_fast.noise import STREAM_EBM, randn
 
 from ._noise import (
     check_launchable,
+    check_operand,
+    check_state,
     device_guard,
     ids_arg,
     lanes4,
@@ -65,16 +67,8 @@ def _langevin_kernel(
 
 
 def _check(x: torch.Tensor, grad: torch.Tensor) -> None:
-    if x.dtype != torch.float32:
-        raise TypeError(f"x must be float32 (the state is always fp32), got {x.dtype}")
-    if x.dim() < 1:
-        raise ValueError("x must have a batch dimension")
-    if grad.shape != x.shape:
-        raise ValueError(f"grad shape {tuple(grad.shape)} != x shape {tuple(x.shape)}")
-    if grad.dtype not in (torch.float32, torch.bfloat16):
-        raise TypeError(f"grad must be float32 or bfloat16, got {grad.dtype}")
-    if grad.device != x.device:
-        raise ValueError(f"grad is on {grad.device} but x is on {x.device}")
+    check_state(x, "x")
+    check_operand(x, "x", grad, "grad")
 
 
 def langevin_step_(
