@@ -6,11 +6,16 @@
 # time limit still returns what it finished. Needs torch + triton (+ pytest, pytest-benchmark)
 # preinstalled; the package is not installed: a symlink tree gives it its installed layout.
 # QUICK=1 runs a reduced matrix. Budget: under 10 minutes on an H100 (guarded below).
+# To redo part of a run in a later call: STAGES="tests kernels bench" (default: all three) picks
+# stages, MATRIX="ebm150-bf16 ddpm75-bf16" picks benchmark runs by name (default: all).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 repo=$(pwd)
 PY=${PYTHON:-python3}
 budget=${BUDGET_S:-560}
+STAGES=${STAGES:-tests kernels bench}
+MATRIX=${MATRIX:-}
+want() { [[ " $STAGES " == *" $1 "* ]]; }
 
 # puregen_fast with kernels/ and train/ as its subpackages, as pyproject's package-dir mapping
 # installs it. PYTHONSAFEPATH keeps `python -m` from putting the repo root (whose puregen_fast
@@ -48,30 +53,56 @@ left() { echo $(( budget - ($(date +%s) - start) )); }
   echo
   echo "## GPU tests"
   echo
-  echo '```'
 } > "$report"
 publish
 
-timeout 300 $PY -m pytest -m gpu -q -p no:cacheprovider tests > "$jsondir/pytest-gpu.log" 2>&1
-test_rc=$?
-tail -n 40 "$jsondir/pytest-gpu.log" >> "$report"
-{ echo '```'; echo "pytest -m gpu exit code: $test_rc"; echo; } >> "$report"
+# pytest stage: SIGINT at the limit (pytest still prints its summary), SIGKILL 20 s later
+pytest_stage() {  # limit_s name pytest-args...
+  local limit=$1 name=$2; shift 2
+  timeout -s INT -k 20 "$limit" $PY -m pytest -q -p no:cacheprovider --durations=10 "$@" \
+    > "$jsondir/$name.log" 2>&1
+  local rc=$?
+  { echo "### $name (exit code $rc)"; echo; echo '```'; tail -n 40 "$jsondir/$name.log"
+    echo '```'; echo; } >> "$report"
+  [ "$rc" -eq 0 ] || test_rc=$rc
+  publish
+}
+
+test_rc=0
+if want tests; then
+  # every kernel test runs on the GPU (compiled Triton, not the interpreter): bit-exact Philox,
+  # kernels against their eager twins, block sizes, batch splits, device-tensor arguments
+  pytest_stage 150 kernel-tests tests/test_kernels_noise.py tests/test_kernels_langevin.py \
+    tests/test_kernels_ddpm.py
+  # the samplers in a process of their own (a failed capture can poison the CUDA context)
+  pytest_stage 240 sampler-tests -m gpu tests/test_fast_gpu.py
+else
+  echo "(not run: STAGES=$STAGES)" >> "$report"
+fi
+echo "GPU tests exit code: $test_rc" >> "$report"
+echo >> "$report"
 publish
 
 echo "## Kernel bandwidth (pytest-benchmark medians)" >> "$report"
 echo '```' >> "$report"
-timeout 120 $PY -m pytest bench/bench_kernels.py -q -p no:cacheprovider --benchmark-columns=median,ops \
-  > "$jsondir/bench-kernels.log" 2>&1
-tail -n 30 "$jsondir/bench-kernels.log" >> "$report"
+if want kernels; then
+  timeout -s INT -k 20 120 $PY -m pytest bench/bench_kernels.py -q -p no:cacheprovider \
+    --benchmark-columns=median,ops > "$jsondir/bench-kernels.log" 2>&1
+  tail -n 30 "$jsondir/bench-kernels.log" >> "$report"
+else
+  echo "(not run: STAGES=$STAGES)" >> "$report"
+fi
 { echo '```'; echo "## Throughput"; echo; } >> "$report"
 publish
 
 bench() {  # need_s name bench-args...: run if at least need_s of the budget is left
   local need=$1 name=$2; shift 2
+  want bench || return 0
+  if [ -n "$MATRIX" ] && [[ " $MATRIX " != *" $name "* ]]; then return 0; fi
   if [ "$(left)" -lt "$need" ]; then
     echo "skipped $name: $(left) s of the budget left, it needs about $need s" >> "$report"; return
   fi
-  timeout "$(left)" $PY -m puregen_fast.cli bench "$@" --json "$jsondir/$name.json" --md "$report" \
+  timeout -s INT -k 20 "$(left)" $PY -m puregen_fast.cli bench "$@" --json "$jsondir/$name.json" --md "$report" \
     > "$jsondir/$name.log" 2>&1 || echo "bench $name failed (exit $?): $(tail -n 3 "$jsondir/$name.log")" >> "$report"
   publish
 }
@@ -85,6 +116,13 @@ else
   ddpm() { bench 180 "ddpm75-$1" --method ddpm --model paper --batch-size 512 --steps 75 --precision "$1" \
     --repeats 2 --backends authors,fast; }
   ebm bf16; ddpm bf16; ebm fp32; ebm tf32; ddpm fp32; ddpm tf32
+  # other batch sizes, bf16 (each compiles and captures anew)
+  bench 60 ebm150-bf16-b128 --method ebm --model paper --batch-size 128 --steps 150 \
+    --precision bf16 --repeats 3
+  bench 60 ebm150-bf16-b2048 --method ebm --model paper --batch-size 2048 --steps 150 \
+    --precision bf16 --repeats 2 --backends fast
+  bench 90 ddpm75-bf16-b128 --method ddpm --model paper --batch-size 128 --steps 75 \
+    --precision bf16 --repeats 2 --backends fast
   if $PY -c 'import diffusers' 2>/dev/null; then
     bench 120 ddpm75-diffusers --method ddpm --model paper --batch-size 512 --steps 75 \
       --precision fp32 --repeats 2 --backends diffusers

@@ -171,7 +171,7 @@ def _ddpm_kernel(
         c1 = tl.load(coef + 3)
         std = tl.load(coef + 4)
         e = tl.load(eps_ptr + offs, mask=mask).to(tl.float32)
-        x0 = (x - sqrt_1m_abar * e) / sqrt_abar
+        x0 = tl.div_rn(x - sqrt_1m_abar * e, sqrt_abar)  # IEEE, as torch ("/" is approximate)
         # clamp via where so a NaN stays NaN, as torch.clamp does
         x0 = tl.where(x0 < -1.0, -1.0, x0)
         x0 = tl.where(x0 > 1.0, 1.0, x0)

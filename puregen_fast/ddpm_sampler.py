@@ -134,7 +134,7 @@ class DDPMSampler:
                 )
             return out.float()
         if not self.cuda_graph:
-            out = x.clone()
+            out = x.clone(memory_format=torch.contiguous_format)  # the kernels need dense rows
             self._loop(out, ids, stream, torch.arange(self.steps + 1, device=self.device))
             return out
         return self._graphs.run(x, ids, stream, 0)

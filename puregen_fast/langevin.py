@@ -164,7 +164,7 @@ class LangevinSampler:
                     self.ebm, x, self.steps, self.eps, self.temp, noise=z, check_range=False
                 )
         if not self.cuda_graph:
-            out = x.clone()
+            out = x.clone(memory_format=torch.contiguous_format)  # the kernels need dense rows
             steps = torch.arange(self.steps, dtype=torch.int64, device=self.device) + step_offset
             self._loop(out, ids, stream, steps)
             return out

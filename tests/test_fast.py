@@ -72,6 +72,19 @@ def test_ddpm_75_fast_equals_reference(unet, x):
     assert rel_l2(out, x) > 1e-2
 
 
+def test_samplers_take_channels_last_input(ebm, unet, x):
+    """The Purifier hands over NHWC-backed tensors; the in-place kernels need dense NCHW rows."""
+    xcl = x.contiguous(memory_format=torch.channels_last)
+    assert not xcl.is_contiguous()
+    for s in (
+        LangevinSampler(ebm, 3, compile=False),
+        DDPMSampler(unet, pg.DDPMSchedule(), 3, compile=False),
+    ):
+        out = s(xcl, IDS)
+        assert out.is_contiguous()
+        torch.testing.assert_close(out, s(x, IDS), rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.slow
 def test_ddpm_75_compiled_equals_reference(unet, x):
     sched = pg.DDPMSchedule()
