@@ -97,8 +97,13 @@ class _NvmlSampler:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.util.append(self._nvml.nvmlDeviceGetUtilizationRates(self._handle).gpu)
-            self.power.append(self._nvml.nvmlDeviceGetPowerUsage(self._handle) / 1000)
+            try:
+                util = self._nvml.nvmlDeviceGetUtilizationRates(self._handle).gpu
+                power = self._nvml.nvmlDeviceGetPowerUsage(self._handle) / 1000
+            except Exception:  # a card or driver that does not report these: no NVML columns
+                return
+            self.util.append(util)
+            self.power.append(power)
             self._stop.wait(0.05)
 
     def __exit__(self, *exc: object) -> None:
@@ -225,22 +230,33 @@ def _diffusers_runner(model: nn.Module, steps: int, device: torch.device):
 
 
 def benchmark(args: argparse.Namespace) -> dict[str, Any]:
-    if args.batch_size < 1 or args.repeats < 1 or args.image_size < 8:
-        raise UsageError("--batch-size and --repeats must be >= 1, --image-size >= 8")
+    if args.batch_size < 1 or args.repeats < 1 or args.image_size < 8 or args.image_size % 8:
+        raise UsageError(
+            "--batch-size and --repeats must be >= 1, --image-size a multiple of 8 (>= 8); got "
+            f"{args.batch_size}, {args.repeats}, {args.image_size}"
+        )
     try:
         device = resolve_device(args.device)
     except ValueError as e:
         raise UsageError(f"--device: {e}") from e
     if args.precision == "bf16" and device.type != "cuda":
         raise UsageError("--precision bf16 needs a CUDA device; use fp32 on CPU")
-    steps = args.steps or (150 if args.method == "ebm" else 75)
+    steps = (150 if args.method == "ebm" else 75) if args.steps is None else args.steps
+    if not 1 <= steps < (10**9 if args.method == "ebm" else DDPMSchedule().num_train_timesteps):
+        raise UsageError(f"--steps {steps}: need >= 1 (and < 1000 for ddpm)")
     model = _models(args, device)
     flops = flops_per_image_step(args.method, model, args.image_size, device)
     dev_name, peak = peak_tflops(device, args.precision)
     torch.manual_seed(1)
     x0 = torch.rand(args.batch_size, 3, args.image_size, args.image_size, device=device) * 2 - 1
+    runners = _runners(args, model, device, steps)
+    if not runners:
+        raise UsageError(
+            f"--backends {args.backends}: nothing to time for --method {args.method} here "
+            "(diffusers is a DDPM column and needs the diffusers package)"
+        )
     rows = []
-    for name, fn in _runners(args, model, device, steps).items():
+    for name, fn in runners.items():
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         with precision_context(args.precision, device):
@@ -308,7 +324,8 @@ def markdown(res: dict[str, Any]) -> str:
         "| peak GiB | GPU util % | W | J/image |\n|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
     lines = [
-        f"| {r['backend']} | {r['images_per_s']:.1f} | {f(r['speedup_vs_authors'], '.2f')}x | "
+        f"| {r['backend']} | {r['images_per_s']:.1f} | {f(r['speedup_vs_authors'], '.2f')}"
+        f"{'x' if r['speedup_vs_authors'] is not None else ''} | "
         f"{r['median_s']:.3f} | {r['warmup_s']:.2f} | {r['tflops']:.3f} | "
         f"{f(r['pct_of_peak'], '.1f')} | {f(r['peak_mem_gib'], '.2f')} | "
         f"{f(r.get('gpu_util_pct'), '.0f')} | {f(r.get('power_w'), '.0f')} | "

@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from puregen_fast.errors import UsageError
+from puregen_fast.purifier import resolve_device
 
 __all__ = [
     "ARCHS",
@@ -269,19 +270,6 @@ def default_config(arch: str, **overrides) -> TrainConfig:
             raise TypeError(f"unknown training setting {k!r}")
         setattr(cfg, k, v)
     return cfg
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    """``auto`` -> cuda when available, else cpu; UsageError for an unavailable device."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, ValueError) as e:
-        raise UsageError(f"--device {device!r}: {e}") from e
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA device is available here; use --device cpu")
-    return dev
 
 
 def _to_float(x_u8: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:

@@ -524,7 +524,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from puregen_fast.classifier import default_config, resolve_device, train_classifier
 
     _validate_run(args)
-    device = resolve_device(args.device)
+    try:
+        device = resolve_device(args.device)
+    except ValueError as e:
+        raise UsageError(f"--device: {e}") from e
     t0 = time.perf_counter()
     train = load_train_set(args)
     test = open_dataset(args.test_dataset, args.test_data_dir, args.test_split, quiet=args.quiet)

@@ -31,10 +31,15 @@ PRECISIONS = ("fp32", "tf32", "bf16")
 BACKENDS = ("auto", "reference", "fast")
 
 
-def resolve_device(device: str | torch.device) -> torch.device:
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``auto`` -> cuda when available, else cpu; ValueError for a bad or unavailable device."""
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        msg = f"{str(device)!r} is not a device; use auto, cpu, cuda or cuda:N"
+        raise ValueError(msg) from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(
             "device 'cuda' requested but no CUDA device is available; use --device cpu"
