@@ -1,0 +1,158 @@
+"""`LoopGraphs` bookkeeping on CPU, with CUDA graphs emulated: a fake capture records the loop
+call with its (static) tensor arguments and a replay runs it again on them, so values are read
+from the static buffers at replay time and Python values are frozen at capture, as in a real
+graph. Checks that the samplers' graph path equals their plain loop: fresh ids and step numbers
+per replay, padding of a smaller batch, one capture per (shape, stream), the smallest fitting
+graph chosen. The real capture runs in tests/test_fast_gpu.py on a GPU."""
+
+import contextlib
+
+import pytest
+import torch
+
+import puregen_fast as pg
+from puregen_fast.cuda_graphs import LoopGraphs
+from puregen_fast.ddpm_sampler import DDPMSampler
+from puregen_fast.kernels.langevin import langevin_step_eager
+from puregen_fast.langevin import LangevinSampler
+from puregen_fast.unet import UNET_PRESETS
+
+
+class FakeGraph:
+    capturing: "FakeGraph | None" = None
+
+    def __init__(self) -> None:
+        self.calls: list = []
+
+    def replay(self) -> None:
+        for fn, args in self.calls:
+            fn(*args)
+
+
+class _Stream:
+    def __init__(self, *a, **k) -> None:
+        pass
+
+    def wait_stream(self, other) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def _graph(g: FakeGraph):
+    FakeGraph.capturing = g
+    try:
+        yield
+    finally:
+        FakeGraph.capturing = None
+
+
+def recording(loop):
+    def rec(*args):
+        if FakeGraph.capturing is not None:
+            FakeGraph.capturing.calls.append((loop, args))
+        loop(*args)
+
+    return rec
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", FakeGraph)
+    monkeypatch.setattr(torch.cuda, "graph", _graph)
+    monkeypatch.setattr(torch.cuda, "Stream", _Stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda *a: _Stream())
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+
+
+def _graphed(sampler):
+    """Switch a CPU sampler onto its graph path (the constructor allows that on CUDA only)."""
+    sampler.cuda_graph = True
+    g = sampler._graphs
+    g.loop = recording(g.loop)
+    return sampler
+
+
+def padded(x, ids, b):
+    """What a graph captured for batch b computes for a smaller batch: zero rows, zero ids."""
+    k = b - x.shape[0]
+    return torch.cat([x, x.new_zeros(k, *x.shape[1:])]), torch.cat([ids, ids.new_zeros(k)])
+
+
+def toy_loop(n: int):
+    def loop(x, ids, stream, steps):
+        for i in range(n):
+            langevin_step_eager(x, x * x, grad_scale=0.1, noise_scale=0.5, seed=9,
+                                step=steps[i], sample_ids=ids, stream=stream)  # fmt: skip
+
+    return loop
+
+
+def test_loop_graphs_replay_pad_and_pick(fake_cuda):
+    n = 4
+    loop = toy_loop(n)
+    graphs = LoopGraphs(torch.device("cpu"), n, recording(loop), loop)
+
+    def direct(x, ids, stream, first):
+        out = x.clone()
+        loop(out, ids, stream, torch.arange(n) + first)
+        return out
+
+    x = torch.randn(8, 2, 3, 3)
+    ids = torch.arange(8) + 2**40
+    out = graphs.run(x, ids, 1, 0)
+    assert graphs.captures == 1 and torch.equal(out, direct(x, ids, 1, 0))
+    # new ids and a new step window are read from the static buffers at replay
+    assert torch.equal(graphs.run(x, ids + 8, 1, 7), direct(x, ids + 8, 1, 7))
+    # a smaller batch is padded into the captured one; its rows are unchanged by the padding
+    assert torch.equal(graphs.run(x[:3], ids[:3], 1, 7), direct(x[:3], ids[:3], 1, 7))
+    assert graphs.captures == 1
+    # another stream is another graph (the stream is frozen into a capture)
+    assert torch.equal(graphs.run(x, ids, 2, 0), direct(x, ids, 2, 0))
+    assert graphs.captures == 2
+    # a larger batch captures anew; later a middle-sized one takes the smallest graph that fits
+    big = torch.randn(16, 2, 3, 3)
+    graphs.run(big, torch.arange(16), 1, 0)
+    assert graphs.captures == 3
+    seen = []
+    for key, g in graphs._graphs.items():
+        g.graph.replay = (lambda k, r: lambda: (seen.append(k), r())[1])(key, g.graph.replay)
+    graphs.run(big[:5], torch.arange(5), 1, 0)
+    assert seen == [(8, 2, 3, 3, 1)] and graphs.captures == 3
+    # another image shape never reuses a graph
+    graphs.run(torch.randn(2, 2, 4, 4), torch.arange(2), 1, 0)
+    assert graphs.captures == 4
+
+
+def test_langevin_graph_path_equals_plain_loop(fake_cuda):
+    torch.manual_seed(0)
+    ebm = pg.EBMSNGAN32(nf=4).eval().requires_grad_(False)
+    x = torch.rand(6, 3, 8, 8) * 2 - 1
+    ids = torch.arange(6) + 2**33
+    plain = LangevinSampler(ebm, 5, seed=3, compile=False)
+    graphed = _graphed(LangevinSampler(ebm, 5, seed=3, compile=False))
+    for off, shift in ((0, 0), (5, 6)):
+        want = plain(x, ids + shift, step_offset=off)
+        assert torch.equal(graphed(x, ids + shift, step_offset=off), want), (off, shift)
+    # a smaller batch: bit-equal to the padded batch (a batch's size changes CPU rounding)
+    xp, ip = padded(x[:4], ids[:4] + 12, 6)
+    want = plain(xp, ip, step_offset=10)[:4]
+    assert torch.equal(graphed(x[:4], ids[:4] + 12, step_offset=10), want)
+    assert graphed.captures == 1
+
+
+def test_ddpm_graph_path_equals_plain_loop(fake_cuda):
+    torch.manual_seed(0)
+    unet = pg.UNet2D.from_config({**UNET_PRESETS["tiny"], "sample_size": 8}).eval()
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    x = torch.rand(4, 3, 8, 8) * 2 - 1
+    ids = torch.arange(4) + 11
+    sched = pg.DDPMSchedule()
+    plain = DDPMSampler(unet, sched, 3, seed=5, compile=False)
+    graphed = _graphed(DDPMSampler(unet, sched, 3, seed=5, compile=False))
+    for shift in (0, 4):
+        assert torch.equal(graphed(x, ids + shift), plain(x, ids + shift))
+    xp, ip = padded(x[1:3], ids[1:3] + 9, 4)
+    assert torch.equal(graphed(x[1:3], ids[1:3] + 9), plain(xp, ip)[:2])
+    assert graphed.captures == 1
