@@ -86,6 +86,10 @@ publish
 echo "## Kernel bandwidth (pytest-benchmark medians)" >> "$report"
 echo '```' >> "$report"
 if want kernels; then
+  # the machine code (registers, local memory, access widths) next to the timings
+  timeout -s INT -k 20 60 $PY bench/kernel_asm.py > "$jsondir/kernel-asm.log" 2>&1
+  grep -v -i warn "$jsondir/kernel-asm.log" | tail -n 14 >> "$report"
+  echo >> "$report"
   timeout -s INT -k 20 120 $PY -m pytest bench/bench_kernels.py -q -p no:cacheprovider \
     --benchmark-columns=median,ops > "$jsondir/bench-kernels.log" 2>&1
   tail -n 30 "$jsondir/bench-kernels.log" >> "$report"
