@@ -116,9 +116,11 @@ if [ "${QUICK:-0}" = 1 ]; then
   bench 30 ddpm-small --method ddpm --model small --batch-size 64 --steps 10 --precision fp32
 else
   # most important first; the guard skips what no longer fits (compiles dominate the time)
-  ebm() { bench 90 "ebm150-$1" --method ebm --model paper --batch-size 512 --steps 150 --precision "$1" --repeats 3; }
+  # --profile: the top kernels of one more run of each backend, for "where the time goes"
+  ebm() { bench 90 "ebm150-$1" --method ebm --model paper --batch-size 512 --steps 150 --precision "$1" \
+    --repeats 3 --profile 12; }
   ddpm() { bench 180 "ddpm75-$1" --method ddpm --model paper --batch-size 512 --steps 75 --precision "$1" \
-    --repeats 2 --backends authors,fast; }
+    --repeats 2 --backends authors,fast --profile 12; }
   ebm bf16; ddpm bf16; ebm fp32; ebm tf32; ddpm fp32; ddpm tf32
   # other batch sizes, bf16 (each compiles and captures anew)
   bench 60 ebm150-bf16-b128 --method ebm --model paper --batch-size 128 --steps 150 \

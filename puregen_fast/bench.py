@@ -68,6 +68,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backends", default="authors,fast,diffusers",
                    help="comma-separated subset of authors,fast,diffusers")  # fmt: skip
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="after timing, profile one more run of each backend and list its N "
+                   "costliest kernels (GPU) or ops (CPU)")  # fmt: skip
     p.add_argument("--json", type=Path, default=None, help="write the result as JSON here")
     p.add_argument("--md", type=Path, default=None, help="append the markdown table here")
 
@@ -115,6 +118,41 @@ class _NvmlSampler:
         if not self.power:
             return None
         return {"gpu_util_pct": statistics.mean(self.util), "power_w": statistics.mean(self.power)}
+
+
+def profile_top(device: torch.device, fn: Callable[[], Any], top: int) -> dict[str, Any]:
+    """Where one run's time goes: the ``top`` kernels by self device time on CUDA (kernels of
+    CUDA graph replays included), the ``top`` ops by self CPU time elsewhere."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=acts) as prof:
+        fn()
+        if cuda:
+            torch.cuda.synchronize(device)
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    events = [
+        e
+        for e in prof.key_averages()
+        if getattr(e, key) > 0 and (not cuda or e.device_type == DeviceType.CUDA)
+    ]
+    total = sum(getattr(e, key) for e in events)
+    events.sort(key=lambda e: -getattr(e, key))
+    return {
+        "clock": "device" if cuda else "cpu",
+        "total_ms": total / 1e3,
+        "top": [
+            {
+                "name": e.key,
+                "calls": e.count,
+                "ms": getattr(e, key) / 1e3,
+                "pct": 100 * getattr(e, key) / total,
+            }
+            for e in events[:top]
+        ],
+    }
 
 
 def _timer(device: torch.device, fn: Callable[[], Any]) -> float:
@@ -230,6 +268,8 @@ def _diffusers_runner(model: nn.Module, steps: int, device: torch.device):
 
 
 def benchmark(args: argparse.Namespace) -> dict[str, Any]:
+    if args.profile < 0:
+        raise UsageError(f"--profile {args.profile}: need N >= 0 (0: no profile)")
     if args.batch_size < 1 or args.repeats < 1 or args.image_size < 8 or args.image_size % 8:
         raise UsageError(
             "--batch-size and --repeats must be >= 1, --image-size a multiple of 8 (>= 8); got "
@@ -266,6 +306,7 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
             with nv if nv is not None else _Null():
                 for _ in range(args.repeats):
                     times.append(_timer(device, lambda fn=fn: fn(x0)))
+            prof = profile_top(device, lambda fn=fn: fn(x0), args.profile) if args.profile else None
         med = statistics.median(times)
         ips = args.batch_size / med
         achieved = flops * steps * args.batch_size / med / 1e12
@@ -281,6 +322,8 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
             if device.type == "cuda"
             else None,
         }
+        if prof is not None:
+            row["profile"] = prof
         nvs = nv.summary() if nv is not None else None
         if nvs:
             row.update(nvs)
@@ -332,7 +375,24 @@ def markdown(res: dict[str, Any]) -> str:
         f"{f(r.get('joules_per_image'), '.3f')} |"
         for r in res["rows"]
     ]
-    return head + "\n".join(lines) + "\n"
+    out = head + "\n".join(lines) + "\n"
+    for r in res["rows"]:
+        prof = r.get("profile")
+        if not prof:
+            continue
+        what = "kernels by device time" if prof["clock"] == "device" else "ops by self CPU time"
+        out += (
+            f"\nWhere the time goes, `{r['backend']}` (one run under torch.profiler, {what}; "
+            f"{prof['total_ms']:.1f} ms in all)\n\n"
+            "| kernel or op | calls | ms | % |\n|---|---|---|---|\n"
+        )
+        if not prof["top"]:
+            out += "| (nothing recorded) | | | |\n"
+        for e in prof["top"]:
+            name = e["name"].replace("|", "/")
+            name = name if len(name) <= 90 else name[:87] + "..."
+            out += f"| `{name}` | {e['calls']} | {e['ms']:.2f} | {e['pct']:.1f} |\n"
+    return out
 
 
 def run(args: argparse.Namespace) -> int:

@@ -46,6 +46,22 @@ def test_ddpm_bench_has_a_diffusers_column_where_installed(tmp_path, capsys):
     assert "| diffusers |" in capsys.readouterr().out
 
 
+def test_profile_lists_where_the_time_goes(tmp_path, capsys):
+    js = tmp_path / "r.json"
+    args = ["bench", "--device", "cpu", "--method", "ebm", "--model", "small", "--batch-size",
+            "2", "--steps", "2", "--repeats", "1", "--backends", "authors", "--profile", "3",
+            "--json", str(js)]  # fmt: skip
+    assert main(args) == 0
+    prof = json.loads(js.read_text())["rows"][0]["profile"]
+    assert prof["clock"] == "cpu" and prof["total_ms"] > 0 and len(prof["top"]) == 3
+    ms = [e["ms"] for e in prof["top"]]
+    assert ms == sorted(ms, reverse=True) and 0 < sum(e["pct"] for e in prof["top"]) <= 100.01
+    # the EBM's time is convolutions and their input gradients
+    assert any("convolution" in e["name"] for e in prof["top"])
+    out = capsys.readouterr().out
+    assert "Where the time goes, `authors`" in out and "| kernel or op | calls | ms | % |" in out
+
+
 @pytest.mark.parametrize(
     "extra, says",
     [
@@ -57,6 +73,7 @@ def test_ddpm_bench_has_a_diffusers_column_where_installed(tmp_path, capsys):
         (["--precision", "bf16"], "bf16"),
         (["--backends", "diffusers"], "nothing to time"),
         (["--device", "tpu"], "--device"),
+        (["--profile", "-1"], "--profile"),
     ],
 )
 def test_bad_flags_exit_2(extra, says, capsys):
