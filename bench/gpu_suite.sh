@@ -99,12 +99,14 @@ fi
 { echo '```'; echo "## Throughput"; echo; } >> "$report"
 publish
 
+skipped=()
 bench() {  # need_s name bench-args...: run if at least need_s of the budget is left
   local need=$1 name=$2; shift 2
   want bench || return 0
   if [ -n "$MATRIX" ] && [[ " $MATRIX " != *" $name "* ]]; then return 0; fi
   if [ "$(left)" -lt "$need" ]; then
-    echo "skipped $name: $(left) s of the budget left, it needs about $need s" >> "$report"; return
+    echo "skipped $name: $(left) s of the budget left, it needs about $need s" >> "$report"
+    skipped+=("$name"); return
   fi
   timeout -s INT -k 20 "$(left)" $PY -m puregen_fast.cli bench "$@" --json "$jsondir/$name.json" --md "$report" \
     > "$jsondir/$name.log" 2>&1 || echo "bench $name failed (exit $?): $(tail -n 3 "$jsondir/$name.log")" >> "$report"
@@ -136,6 +138,11 @@ else
 fi
 
 { echo; echo "Suite wall time: $(( $(date +%s) - start )) s"; } >> "$report"
+if [ "${#skipped[@]}" -gt 0 ]; then
+  next="STAGES=bench MATRIX=\"${skipped[*]}\" bash bench/gpu_suite.sh"
+  { echo; echo "To run what did not fit: \`$next\`"; } >> "$report"
+  echo "next: $next"
+fi
 publish
 echo "report: $report"
 rm -rf "$shadow"
