@@ -131,6 +131,11 @@ else
     --precision bf16 --repeats 2 --backends fast
   bench 90 ddpm75-bf16-b128 --method ddpm --model paper --batch-size 128 --steps 75 \
     --precision bf16 --repeats 2 --backends fast
+  # inductor's Triton convolution/matmul templates (fused epilogues) against cuDNN; long compiles
+  bench 240 ebm150-bf16-autotune --method ebm --model paper --batch-size 512 --steps 150 \
+    --precision bf16 --repeats 3 --backends fast --compile-mode max-autotune-no-cudagraphs
+  bench 300 ddpm75-bf16-autotune --method ddpm --model paper --batch-size 512 --steps 75 \
+    --precision bf16 --repeats 2 --backends fast --compile-mode max-autotune-no-cudagraphs
   if $PY -c 'import diffusers' 2>/dev/null; then
     bench 120 ddpm75-diffusers --method ddpm --model paper --batch-size 512 --steps 75 \
       --precision fp32 --repeats 2 --backends diffusers

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from puregen_fast import reference
+from puregen_fast.compiled import COMPILE_MODES
 from puregen_fast.ebm import EBMSNGAN32
 from puregen_fast.errors import UsageError
 from puregen_fast.purifier import PRECISIONS, precision_context, resolve_device
@@ -68,6 +69,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backends", default="authors,fast,diffusers",
                    help="comma-separated subset of authors,fast,diffusers")  # fmt: skip
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--compile-mode", choices=COMPILE_MODES, default="default",
+                   help="torch.compile mode of the fast backend's model")  # fmt: skip
     p.add_argument("--profile", type=int, default=0, metavar="N",
                    help="after timing, profile one more run of each backend and list its N "
                    "costliest kernels (GPU) or ops (CPU)")  # fmt: skip
@@ -234,13 +237,17 @@ def _runners(
             if args.method == "ebm":
                 from puregen_fast.langevin import LangevinSampler
 
-                s = LangevinSampler(model, steps, seed=0, device=device, precision=args.precision)
+                s = LangevinSampler(
+                    model, steps, seed=0, device=device, precision=args.precision,
+                    compile_mode=args.compile_mode,
+                )  # fmt: skip
             else:
                 from puregen_fast.ddpm_sampler import DDPMSampler
 
                 s = DDPMSampler(
-                    model, sched, steps, seed=0, device=device, precision=args.precision
-                )
+                    model, sched, steps, seed=0, device=device, precision=args.precision,
+                    compile_mode=args.compile_mode,
+                )  # fmt: skip
             out[name] = lambda x, s=s: s(x, ids)
         elif name == "diffusers" and args.method == "ddpm":
             try:
@@ -339,6 +346,7 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
         "steps": steps,
         "image_size": args.image_size,
         "precision": args.precision,
+        "compile_mode": args.compile_mode,
         "device": dev_name,
         "torch": torch.__version__,
         "flops_per_image_step": flops,
@@ -362,6 +370,7 @@ def markdown(res: dict[str, Any]) -> str:
     head = (
         f"**{res['method'].upper()}-{res['steps']}**, model {res['model']}, batch "
         f"{res['batch_size']}, {res['precision']}, {res['device']} (torch {res['torch']}; "
+        f"{'' if res['compile_mode'] == 'default' else 'compile ' + res['compile_mode'] + '; '}"
         f"{res['flops_per_image_step'] / 1e9:.3f} GFLOP per image-step)\n\n"
         "| backend | images/s | speed-up vs authors | median s | warm-up s | TFLOP/s | % of peak "
         "| peak GiB | GPU util % | W | J/image |\n|---|---|---|---|---|---|---|---|---|---|---|\n"

@@ -13,7 +13,12 @@ from typing import TypeVar
 
 import torch
 
-__all__ = ["compile_static"]
+__all__ = ["COMPILE_MODES", "check_mode", "compile_static"]
+
+# the samplers capture their own CUDA graphs, so no mode that makes inductor capture one;
+# max-autotune-no-cudagraphs also tries inductor's Triton convolution and matmul templates
+# (which take fused epilogues) against cuDNN/cuBLAS, at a much longer compile
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
 
 F = TypeVar("F", bound=Callable)
 _LIMITS = {  # the names moved between torch releases; set whichever this torch has
@@ -24,9 +29,16 @@ _LIMITS = {  # the names moved between torch releases; set whichever this torch 
 }
 
 
-def compile_static(fn: F, fullgraph: bool = True) -> F:
+def check_mode(mode: str) -> str:
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"compile mode {mode!r}: choose one of {', '.join(COMPILE_MODES)}")
+    return mode
+
+
+def compile_static(fn: F, fullgraph: bool = True, mode: str = "default") -> F:
+    check_mode(mode)
     cfg = torch._dynamo.config
     for name, value in _LIMITS.items():
         if hasattr(cfg, name):
             setattr(cfg, name, max(getattr(cfg, name), value))
-    return torch.compile(fn, fullgraph=fullgraph, dynamic=False)
+    return torch.compile(fn, fullgraph=fullgraph, dynamic=False, mode=mode)

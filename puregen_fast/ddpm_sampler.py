@@ -18,7 +18,7 @@ from torch import nn
 
 from puregen_fast import noise as pgnoise
 from puregen_fast import reference
-from puregen_fast.compiled import compile_static
+from puregen_fast.compiled import check_mode, compile_static
 from puregen_fast.cuda_graphs import LoopGraphs
 from puregen_fast.langevin import model_context
 from puregen_fast.schedule import DDPMSchedule
@@ -47,7 +47,8 @@ def _update_fns(device: torch.device, compile: bool) -> tuple[Callable, Callable
 
 
 class DDPMSampler:
-    """``DDPMSampler(unet, schedule, steps, seed, ...)(x, sample_ids, stream)``; see module doc."""
+    """``DDPMSampler(unet, schedule, steps, seed, ...)(x, sample_ids, stream)``; see module doc.
+    ``compile_mode`` is one of `compiled.COMPILE_MODES`."""
 
     def __init__(
         self,
@@ -60,9 +61,11 @@ class DDPMSampler:
         backend: str = "auto",
         compile: bool = True,
         cuda_graph: bool | None = None,
+        compile_mode: str = "default",
     ) -> None:
         if not 1 <= steps < schedule.num_train_timesteps:
             raise ValueError(f"steps must lie in [1, {schedule.num_train_timesteps}); got {steps}")
+        check_mode(compile_mode)
         self.unet, self.schedule, self.steps, self.seed = unet, schedule, steps, seed
         self.device = torch.device(device)
         self.precision = precision
@@ -74,7 +77,7 @@ class DDPMSampler:
         self._coef = self._coefficients()
         net = unet
         if compile and self.backend == "fast":
-            net = compile_static(unet)
+            net = compile_static(unet, mode=compile_mode)
         self._net = net
         dev = self.device
         self._seed = torch.tensor(seed, dtype=torch.int64, device=dev)

@@ -26,7 +26,7 @@ from torch import nn
 
 from puregen_fast import noise as pgnoise
 from puregen_fast import reference
-from puregen_fast.compiled import compile_static
+from puregen_fast.compiled import check_mode, compile_static
 from puregen_fast.cuda_graphs import LoopGraphs
 from puregen_fast.ebm import EBMSNGAN32
 from puregen_fast.ebm_folded import FoldedEBM
@@ -64,7 +64,8 @@ class LangevinSampler:
 
     backend: "fast" (compiled gradient + fused update [+ CUDA graph on CUDA]), "reference"
     (`reference.ebm_purify` on the same keyed noise), or "auto" (fast). ``cuda_graph=None``
-    captures on CUDA only. ``compile=False`` keeps the gradient eager (tests, debugging).
+    captures on CUDA only. ``compile=False`` keeps the gradient eager (tests, debugging);
+    ``compile_mode`` is one of `compiled.COMPILE_MODES`.
     """
 
     def __init__(
@@ -79,6 +80,7 @@ class LangevinSampler:
         backend: str = "auto",
         compile: bool = True,
         cuda_graph: bool | None = None,
+        compile_mode: str = "default",
     ) -> None:
         if steps < 1 or eps <= 0 or temp <= 0:
             raise ValueError(f"need steps >= 1, eps > 0, temp > 0; got {steps}, {eps}, {temp}")
@@ -93,7 +95,7 @@ class LangevinSampler:
         self._update, self.update_impl = _update_fns(
             self.device, compile and self.backend == "fast"
         )
-        self.compile = compile
+        self.compile, self.compile_mode = compile, check_mode(compile_mode)
         self._grad = self._make_grad(self.backend == "fast")
         self._seed = torch.tensor(seed, dtype=torch.int64, device=self.device)
         self._graphs = LoopGraphs(self.device, steps, self._loop, self._warmup)
@@ -112,7 +114,7 @@ class LangevinSampler:
             return ebm(x).float().sum() / temp
 
         g = torch.func.grad(energy_sum)
-        return compile_static(g) if self.compile else g
+        return compile_static(g, mode=self.compile_mode) if self.compile else g
 
     def grad(self, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad(), model_context(self.precision, self.device):

@@ -83,6 +83,12 @@ def test_bad_flags_exit_2(extra, says, capsys):
     assert "puregen-fast bench: error:" in err and says in err
 
 
+def test_compile_mode_is_a_choice(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "--device", "cpu", "--compile-mode", "reduce-overhead"])
+    assert e.value.code == 2 and "--compile-mode" in capsys.readouterr().err
+
+
 def _fake_nvml(monkeypatch, power_ok: bool) -> None:
     def power(handle):
         if not power_ok:

@@ -55,6 +55,18 @@ def test_ebm_150_compiled_equals_reference(ebm, x):
     assert not torch.equal(fast(x, IDS, step_offset=150), out)
 
 
+def test_compile_modes(ebm, unet, x):
+    ref = LangevinSampler(ebm, 5, backend="reference")(x, IDS)
+    tuned = LangevinSampler(ebm, 5, compile_mode="max-autotune-no-cudagraphs")
+    assert tuned.compile_mode == "max-autotune-no-cudagraphs"
+    assert rel_l2(tuned(x, IDS), ref) < 1e-5
+    # reduce-overhead would capture CUDA graphs inside the samplers' own capture
+    with pytest.raises(ValueError, match="reduce-overhead"):
+        LangevinSampler(ebm, 5, compile=False, compile_mode="reduce-overhead")
+    with pytest.raises(ValueError, match="compile mode"):
+        DDPMSampler(unet, pg.DDPMSchedule(), 5, compile=False, compile_mode="max-autotune")
+
+
 def test_ebm_sampler_on_a_trainable_model_is_the_reference(x):
     torch.manual_seed(2)
     model = pg.EBMSNGAN32(nf=4).train()  # parameters require grad, as in training
