@@ -3,7 +3,8 @@ call with its (static) tensor arguments and a replay runs it again on them, so v
 from the static buffers at replay time and Python values are frozen at capture, as in a real
 graph. Checks that the samplers' graph path equals their plain loop: fresh ids and step numbers
 per replay, padding of a smaller batch, one capture per (shape, stream), the smallest fitting
-graph chosen. The real capture runs in tests/test_fast_gpu.py on a GPU."""
+graph chosen, and no host read of a tensor while capturing (outside the update kernels, whose
+eager twins stand in here). The real capture runs in tests/test_fast_gpu.py on a GPU."""
 
 import contextlib
 
@@ -20,6 +21,7 @@ from puregen_fast.unet import UNET_PRESETS
 
 class FakeGraph:
     capturing: "FakeGraph | None" = None
+    host_reads_ok = 0  # > 0 inside the update twins (Triton kernels on a GPU: no host reads)
 
     def __init__(self) -> None:
         self.calls: list = []
@@ -55,8 +57,37 @@ def recording(loop):
     return rec
 
 
+_HOST_READS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__")
+
+
+def _no_host_reads(monkeypatch) -> None:
+    """A real capture cannot read a device value on the host (it would sync, and a replay would
+    not read it again): make every such read raise while capturing."""
+    for name in _HOST_READS:
+        real = getattr(torch.Tensor, name)
+
+        def guarded(self, *a, _real=real, _name=name, **k):
+            if FakeGraph.capturing is not None and not FakeGraph.host_reads_ok:
+                raise AssertionError(f"Tensor.{_name}() while capturing a CUDA graph")
+            return _real(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, guarded)
+
+
+def _kernel(fn):
+    def run(*a, **k):
+        FakeGraph.host_reads_ok += 1
+        try:
+            return fn(*a, **k)
+        finally:
+            FakeGraph.host_reads_ok -= 1
+
+    return run
+
+
 @pytest.fixture
 def fake_cuda(monkeypatch):
+    _no_host_reads(monkeypatch)
     monkeypatch.setattr(torch.cuda, "CUDAGraph", FakeGraph)
     monkeypatch.setattr(torch.cuda, "graph", _graph)
     monkeypatch.setattr(torch.cuda, "Stream", _Stream)
@@ -67,6 +98,9 @@ def fake_cuda(monkeypatch):
 def _graphed(sampler):
     """Switch a CPU sampler onto its graph path (the constructor allows that on CUDA only)."""
     sampler.cuda_graph = True
+    for name in ("_update", "_add_noise", "_step"):  # the kernels' eager twins read on the host
+        if callable(getattr(sampler, name, None)) and name in vars(sampler):
+            setattr(sampler, name, _kernel(getattr(sampler, name)))
     g = sampler._graphs
     g.loop = recording(g.loop)
     return sampler
@@ -81,8 +115,8 @@ def padded(x, ids, b):
 def toy_loop(n: int):
     def loop(x, ids, stream, steps):
         for i in range(n):
-            langevin_step_eager(x, x * x, grad_scale=0.1, noise_scale=0.5, seed=9,
-                                step=steps[i], sample_ids=ids, stream=stream)  # fmt: skip
+            _kernel(langevin_step_eager)(x, x * x, grad_scale=0.1, noise_scale=0.5, seed=9,
+                                         step=steps[i], sample_ids=ids, stream=stream)  # fmt: skip
 
     return loop
 

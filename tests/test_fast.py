@@ -55,9 +55,18 @@ def test_ebm_150_compiled_equals_reference(ebm, x):
     assert not torch.equal(fast(x, IDS, step_offset=150), out)
 
 
-def test_compile_modes(ebm, unet, x):
+def test_compile_modes(ebm, unet, x, monkeypatch):
+    modes = []
+    real = torch.compile
+
+    def spy(*a, **k):
+        modes.append(k.get("mode"))
+        return real(*a, **k)
+
+    monkeypatch.setattr(torch, "compile", spy)
     ref = LangevinSampler(ebm, 5, backend="reference")(x, IDS)
     tuned = LangevinSampler(ebm, 5, compile_mode="max-autotune-no-cudagraphs")
+    assert modes[-1] == "max-autotune-no-cudagraphs"
     assert tuned.compile_mode == "max-autotune-no-cudagraphs"
     assert rel_l2(tuned(x, IDS), ref) < 1e-5
     # reduce-overhead would capture CUDA graphs inside the samplers' own capture
