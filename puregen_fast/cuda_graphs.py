@@ -5,6 +5,10 @@ tensor ``steps``. `LoopGraphs` captures it once per (batch shape, stream) and re
 batch: the batch, its sample ids and the step numbers are copied into the static buffers first,
 so each replay draws fresh keyed noise (kernels read seed, step and ids from device memory). A
 smaller batch (the last one) is padded into an already captured larger shape, not re-captured.
+Callers whose batch sizes vary (the `filt` method purifies a data-dependent subset of each batch)
+pass ``pad_to``, the largest size to expect: a new capture is then rounded up to a multiple of
+``pad_to / 8``, so at most eight shapes are ever compiled and captured, each at most
+``pad_to / 8`` rows larger than needed.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Loop", "LoopGraphs"]
+__all__ = ["Loop", "LoopGraphs", "bucket"]
 
 # loop(x, ids, stream, steps): update x in place over the step numbers in `steps`
 Loop = Callable[[torch.Tensor, torch.Tensor, int, torch.Tensor], None]
@@ -26,6 +30,14 @@ class _Graph:
     x: torch.Tensor
     ids: torch.Tensor
     steps: torch.Tensor
+
+
+def bucket(b: int, pad_to: int | None) -> int:
+    """The batch size to capture for ``b`` rows when batches of up to ``pad_to`` are expected."""
+    if not pad_to or b >= pad_to:
+        return b
+    q = -(-pad_to // 8)
+    return min(pad_to, -(-b // q) * q)
 
 
 class LoopGraphs:
@@ -54,11 +66,21 @@ class LoopGraphs:
         self._graphs[(*shape, stream)] = g
         return g
 
-    def run(self, x: torch.Tensor, ids: torch.Tensor, stream: int, first_step: int) -> torch.Tensor:
+    def run(
+        self,
+        x: torch.Tensor,
+        ids: torch.Tensor,
+        stream: int,
+        first_step: int,
+        pad_to: int | None = None,
+    ) -> torch.Tensor:
         """Replay the loop on a copy of ``x`` with step numbers ``first_step + [0, n_steps)``."""
         b, rest = x.shape[0], tuple(x.shape[1:])
         fits = [k for k in self._graphs if k[1:-1] == rest and k[-1] == stream and k[0] >= b]
-        g = self._graphs[min(fits)] if fits else self._capture(x.shape, stream)
+        if fits:
+            g = self._graphs[min(fits)]
+        else:
+            g = self._capture(torch.Size((bucket(b, pad_to), *rest)), stream)
         g.x[:b].copy_(x)
         g.ids[:b].copy_(ids)
         if b < g.x.shape[0]:  # padding rows: any finite state, any ids; results discarded

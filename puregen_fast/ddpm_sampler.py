@@ -119,8 +119,14 @@ class DDPMSampler:
 
     @torch.no_grad()
     def __call__(
-        self, x: torch.Tensor, sample_ids: torch.Tensor, stream: int = pgnoise.STREAM_DDPM
+        self,
+        x: torch.Tensor,
+        sample_ids: torch.Tensor,
+        stream: int = pgnoise.STREAM_DDPM,
+        pad_to: int | None = None,
     ) -> torch.Tensor:
+        """Purify x (float32, (B, C, H, W)); ``pad_to``: the largest batch to expect, where sizes
+        vary (`LoopGraphs`)."""
         x = x.to(self.device, torch.float32)
         ids = torch.as_tensor(sample_ids, dtype=torch.int64, device=self.device).reshape(-1)
         if ids.numel() != x.shape[0]:
@@ -140,4 +146,4 @@ class DDPMSampler:
             out = x.clone(memory_format=torch.contiguous_format)  # the kernels need dense rows
             self._loop(out, ids, stream, torch.arange(self.steps + 1, device=self.device))
             return out
-        return self._graphs.run(x, ids, stream, 0)
+        return self._graphs.run(x, ids, stream, 0, pad_to)

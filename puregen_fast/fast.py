@@ -68,10 +68,16 @@ class FastSampler:
             else None
         )
 
-    def ebm(self, x: torch.Tensor, ids: torch.Tensor, rep: int = 0) -> torch.Tensor:
+    def ebm(
+        self, x: torch.Tensor, ids: torch.Tensor, rep: int = 0, pad_to: int | None = None
+    ) -> torch.Tensor:
         assert self.langevin is not None
-        return self.langevin(x, ids, stream=pgnoise.stream_id(pgnoise.STREAM_EBM, rep))
+        stream = pgnoise.stream_id(pgnoise.STREAM_EBM, rep)
+        return self.langevin(x, ids, stream=stream, pad_to=pad_to)
 
-    def ddpm(self, x: torch.Tensor, ids: torch.Tensor, rep: int = 0) -> torch.Tensor:
+    def ddpm(
+        self, x: torch.Tensor, ids: torch.Tensor, rep: int = 0, pad_to: int | None = None
+    ) -> torch.Tensor:
         assert self.diffusion is not None
-        return self.diffusion(x, ids, stream=pgnoise.stream_id(pgnoise.STREAM_DDPM, rep))
+        stream = pgnoise.stream_id(pgnoise.STREAM_DDPM, rep)
+        return self.diffusion(x, ids, stream=stream, pad_to=pad_to)

@@ -149,8 +149,10 @@ class LangevinSampler:
         sample_ids: torch.Tensor,
         stream: int = pgnoise.STREAM_EBM,
         step_offset: int = 0,
+        pad_to: int | None = None,
     ) -> torch.Tensor:
-        """``steps`` Langevin steps from x (float32, (B, C, H, W)); returns a new tensor."""
+        """``steps`` Langevin steps from x (float32, (B, C, H, W)); returns a new tensor.
+        ``pad_to``: the largest batch to expect, where sizes vary (`LoopGraphs`)."""
         x = x.to(self.device, torch.float32)
         ids = torch.as_tensor(sample_ids, dtype=torch.int64, device=self.device).reshape(-1)
         if ids.numel() != x.shape[0]:
@@ -170,4 +172,4 @@ class LangevinSampler:
             steps = torch.arange(self.steps, dtype=torch.int64, device=self.device) + step_offset
             self._loop(out, ids, stream, steps)
             return out
-        return self._graphs.run(x, ids, stream, step_offset)
+        return self._graphs.run(x, ids, stream, step_offset, pad_to)

@@ -81,7 +81,9 @@ class ReferenceSampler:
         seed, dev = self.p.seed, ids.device
         return lambda step: pgnoise.randn(seed, stream, step, ids, shape, device=dev)
 
-    def ebm(self, x: torch.Tensor, ids: torch.Tensor, rep: int = 0) -> torch.Tensor:
+    def ebm(
+        self, x: torch.Tensor, ids: torch.Tensor, rep: int = 0, pad_to: int | None = None
+    ) -> torch.Tensor:  # pad_to: a capture hint for the fast sampler; nothing to do here
         p = self.p
         z = self._noise(pgnoise.stream_id(pgnoise.STREAM_EBM, rep), ids, x.shape[1:])
         with precision_context(p.precision, p.device):
@@ -89,7 +91,9 @@ class ReferenceSampler:
                 p.ebm, x, p.ebm_steps, p.ebm_eps, p.ebm_temp, noise=z, check_range=False
             )
 
-    def ddpm(self, x: torch.Tensor, ids: torch.Tensor, rep: int = 0) -> torch.Tensor:
+    def ddpm(
+        self, x: torch.Tensor, ids: torch.Tensor, rep: int = 0, pad_to: int | None = None
+    ) -> torch.Tensor:  # pad_to: a capture hint for the fast sampler; nothing to do here
         p = self.p
         z = self._noise(pgnoise.stream_id(pgnoise.STREAM_DDPM, rep), ids, x.shape[1:])
         with precision_context(p.precision, p.device):
@@ -265,17 +269,20 @@ class Purifier:
             mask = reference.filter_mask(self._energy(x), self.filter_frac, self.filter_threshold)
             if bool(mask.any()):
                 x = x.clone()
-                x[mask] = self._stages(x[mask], ids[mask])
+                # a data-dependent subset: let the fast sampler bucket its capture sizes
+                x[mask] = self._stages(x[mask], ids[mask], pad_to=x.shape[0])
         else:
             x = self._stages(x, ids)
         return self._from_x(x, images, was_uint8)
 
-    def _stages(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    def _stages(
+        self, x: torch.Tensor, ids: torch.Tensor, pad_to: int | None = None
+    ) -> torch.Tensor:
         for r in range(self.reps):
             if self.ebm is not None:
-                x = self.sampler.ebm(x, ids, r)
+                x = self.sampler.ebm(x, ids, r, pad_to)
             if self.ddpm is not None:
-                x = self.sampler.ddpm(x, ids, r)
+                x = self.sampler.ddpm(x, ids, r, pad_to)
         return x
 
     def _energy(self, x: torch.Tensor) -> torch.Tensor:

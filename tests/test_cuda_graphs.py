@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import puregen_fast as pg
-from puregen_fast.cuda_graphs import LoopGraphs
+from puregen_fast.cuda_graphs import LoopGraphs, bucket
 from puregen_fast.ddpm_sampler import DDPMSampler
 from puregen_fast.kernels.langevin import langevin_step_eager
 from puregen_fast.langevin import LangevinSampler
@@ -190,3 +190,29 @@ def test_ddpm_graph_path_equals_plain_loop(fake_cuda):
     xp, ip = padded(x[1:3], ids[1:3] + 9, 4)
     assert torch.equal(graphed(x[1:3], ids[1:3] + 9), plain(xp, ip)[:2])
     assert graphed.captures == 1
+
+
+def test_bucket():
+    assert [bucket(b, 64) for b in (1, 8, 9, 31, 57, 64, 70)] == [8, 8, 16, 32, 64, 64, 70]
+    assert bucket(5, None) == 5 and bucket(3, 3) == 3
+    assert bucket(2, 10) == 2 and bucket(3, 10) == 4 and bucket(9, 10) == 10  # q = ceil(10/8) = 2
+    for pad_to in (1, 7, 16, 100, 512):
+        sizes = {bucket(b, pad_to) for b in range(1, pad_to + 1)}
+        assert len(sizes) <= 8 and all(s <= pad_to for s in sizes)
+        assert all(0 <= bucket(b, pad_to) - b < -(-pad_to // 8) for b in range(1, pad_to + 1))
+
+
+def test_varying_batches_capture_at_most_eight_shapes(fake_cuda):
+    """`filt` purifies a data-dependent subset of each batch: with pad_to the captures (and the
+    compiles behind them) stay bounded, and every result equals the plain loop's."""
+    n = 2
+    loop = toy_loop(n)
+    graphs = LoopGraphs(torch.device("cpu"), n, recording(loop), loop)
+    gen = torch.Generator().manual_seed(0)
+    for size in torch.randint(1, 33, (40,), generator=gen).tolist():
+        x = torch.randn(size, 2, 3, 3, generator=gen)
+        ids = torch.randperm(1000, generator=gen)[:size]
+        want = x.clone()
+        loop(want, ids, 1, torch.arange(n))
+        assert torch.equal(graphs.run(x, ids, 1, 0, pad_to=32), want)
+    assert graphs.captures <= 8

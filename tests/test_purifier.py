@@ -96,6 +96,22 @@ def test_filt_purifies_only_high_energy_images(models, images):
     assert np.array_equal(changed, e >= p.filter_threshold)
 
 
+def test_filt_tells_the_fast_sampler_the_full_batch(models, images):
+    """The filtered subset's size varies by batch; the fast sampler gets the batch size as a
+    capture hint (`LoopGraphs` pad_to), so CUDA graphs and compiles stay bounded."""
+    p = pg.Purifier("filt", ebm=models[0], ebm_steps=1, filter_frac=0.25, device="cpu")
+    assert p.backend == "fast"
+    seen, real = [], p.sampler.ebm
+
+    def spy(x, ids, rep=0, pad_to=None):
+        seen.append((x.shape[0], pad_to))
+        return real(x, ids, rep, pad_to)
+
+    p.sampler.ebm = spy
+    p(images[:8], range(8))
+    assert seen == [(2, 8)]
+
+
 def test_describe_is_json(models):
     p = pg.Purifier("ebm+ddpm", ebm=models[0], ddpm=models[1], backend="reference", device="cpu")
     d = json.loads(json.dumps(p.describe()))
