@@ -6,7 +6,7 @@
 # time limit still returns what it finished. Needs torch + triton (+ pytest, pytest-benchmark)
 # preinstalled; the package is not installed: a symlink tree gives it its installed layout.
 # QUICK=1 runs a reduced matrix. Budget: under 10 minutes on an H100 (guarded below).
-# To redo part of a run in a later call: STAGES="tests kernels bench" (default: all three) picks
+# To redo part of a run in a later call: STAGES="tests kernels bench train" (default: all) picks
 # stages, MATRIX="ebm150-bf16 ddpm75-bf16" picks benchmark runs by name (default: all); the
 # report ends with the command for the runs that did not fit. Exit code: 0 all passed; else the
 # first failing test stage's (3: stopped at its time cap); 4: a benchmark run failed.
@@ -15,7 +15,7 @@ cd "$(dirname "$0")/.."
 repo=$(pwd)
 PY=${PYTHON:-python3}
 budget=${BUDGET_S:-560}
-STAGES=${STAGES:-tests kernels bench}
+STAGES=${STAGES:-tests kernels bench train}
 MATRIX=${MATRIX:-}
 want() { [[ " $STAGES " == *" $1 "* ]]; }
 
@@ -164,9 +164,25 @@ else
   fi
 fi
 
+# training on the GPU (issue 6's recipes through the fast sampler): last, it is not a target
+next_stages=""
+[ "${#skipped[@]}" -gt 0 ] && next_stages="bench"
+if want train; then
+  echo "## Training on the GPU" >> "$report"
+  echo >> "$report"
+  if [ "$(left)" -ge 150 ]; then
+    pytest_stage 150 train-tests -m gpu tests/test_train_gpu.py
+  else
+    echo "skipped: $(left) s of the budget left, it needs about 150 s" >> "$report"
+    next_stages="${next_stages:+$next_stages }train"
+  fi
+fi
+
 { echo; echo "Suite wall time: $(( $(date +%s) - start )) s"; } >> "$report"
-if [ "${#skipped[@]}" -gt 0 ]; then
-  next="STAGES=bench MATRIX=\"${skipped[*]}\"${QUICK:+ QUICK=$QUICK} bash bench/gpu_suite.sh"
+if [ -n "$next_stages" ]; then
+  matrix=""
+  [ "${#skipped[@]}" -gt 0 ] && matrix=" MATRIX=\"${skipped[*]}\""
+  next="STAGES=\"$next_stages\"$matrix${QUICK:+ QUICK=$QUICK} bash bench/gpu_suite.sh"
   { echo; echo "To run what did not fit: \`$next\`"; } >> "$report"
   echo "next: $next"
 fi
