@@ -61,11 +61,11 @@ publish
 # A stage gets min(its cap, what the budget leaves); SIGINT at the limit (pytest and the bench
 # still print their summaries), SIGKILL 20 s later. Exit codes 124/137 from `timeout` would read
 # as "the whole command timed out" to the device tool: they become 3 here.
-capped() {  # cap_s log cmd...: run, return its exit code (3 for a timeout, 5 when no time left)
+capped() {  # cap_s log cmd...: run, return its exit code (3 for a timeout, 75 when no time left)
   local cap=$1 log=$2; shift 2
   local lim=$(( $(left) - 30 ))
   [ "$lim" -gt "$cap" ] && lim=$cap
-  if [ "$lim" -le 0 ]; then echo "no time left in the budget" > "$log"; return 5; fi
+  if [ "$lim" -le 0 ]; then echo "no time left in the budget" > "$log"; return 75; fi
   timeout -s INT -k 20 "$lim" "$@" > "$log" 2>&1
   local rc=$?
   if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then echo "(stopped at its ${lim} s limit)" >> "$log"; return 3; fi
@@ -78,8 +78,9 @@ pytest_stage() {  # cap_s name pytest-args...
   local rc=$?
   { echo "### $name (exit code $rc)"; echo; echo '```'; tail -n 40 "$jsondir/$name.log"
     echo '```'; echo; } >> "$report"
-  [ "$rc" -eq 0 ] || test_rc=$rc
+  [ "$rc" -eq 0 ] || [ "$test_rc" -ne 0 ] || test_rc=$rc  # the first failure is the run's
   publish
+  return "$rc"
 }
 
 test_rc=0
@@ -130,7 +131,7 @@ bench() {  # need_s name bench-args...: run if at least need_s of the budget is 
   local rc=$?
   if [ "$rc" -ne 0 ]; then
     echo "bench $name failed (exit $rc): $(tail -n 3 "$jsondir/$name.log")" >> "$report"
-    if [ "$rc" -eq 3 ] || [ "$rc" -eq 5 ]; then skipped+=("$name"); else bench_failed=1; fi
+    if [ "$rc" -eq 3 ] || [ "$rc" -eq 75 ]; then skipped+=("$name"); else bench_failed=1; fi
   fi
   publish
 }
@@ -170,8 +171,10 @@ next_stages=""
 if want train; then
   echo "## Training on the GPU" >> "$report"
   echo >> "$report"
-  if [ "$(left)" -ge 150 ]; then
+  if [ "$(left)" -ge 180 ]; then  # capped gets min(150, left - 30)
     pytest_stage 150 train-tests -m gpu tests/test_train_gpu.py
+    rc=$?
+    if [ "$rc" -eq 3 ]; then next_stages="${next_stages:+$next_stages }train"; fi
   else
     echo "skipped: $(left) s of the budget left, it needs about 150 s" >> "$report"
     next_stages="${next_stages:+$next_stages }train"

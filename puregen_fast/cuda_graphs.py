@@ -6,9 +6,14 @@ batch: the batch, its sample ids and the step numbers are copied into the static
 so each replay draws fresh keyed noise (kernels read seed, step and ids from device memory). A
 smaller batch (the last one) is padded into an already captured larger shape, not re-captured.
 Callers whose batch sizes vary (the `filt` method purifies a data-dependent subset of each batch)
-pass ``pad_to``, the largest size to expect: a new capture is then rounded up to a multiple of
-``pad_to / 8``, so at most eight shapes are ever compiled and captured, each at most
-``pad_to / 8`` rows larger than needed.
+pass ``pad_to``, the largest size to expect: a batch of b rows then always runs in the graph of
+``bucket(b, pad_to)`` rows (b rounded up to a multiple of ``pad_to / 8``), so at most eight
+shapes are compiled and captured, each at most ``pad_to / 8`` rows larger than needed, and the
+shape a batch runs at does not depend on which batches came before (a resumed or sharded run
+computes every batch as an uninterrupted one does). The samplers pad the same way without a
+graph, so compiles stay bounded on CPU too. The graphs of one `LoopGraphs` share one memory
+pool: they are replayed one at a time and nothing allocated inside a capture outlives it, so
+their intermediates can share memory (filt and reps would otherwise hold one pool per graph).
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Loop", "LoopGraphs", "bucket"]
+__all__ = ["Loop", "LoopGraphs", "bucket", "pad_rows"]
 
 # loop(x, ids, stream, steps): update x in place over the step numbers in `steps`
 Loop = Callable[[torch.Tensor, torch.Tensor, int, torch.Tensor], None]
@@ -40,12 +45,21 @@ def bucket(b: int, pad_to: int | None) -> int:
     return min(pad_to, -(-b // q) * q)
 
 
+def pad_rows(x: torch.Tensor, ids: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x and ids with zero rows (id 0) appended up to ``size`` rows."""
+    k = size - x.shape[0]
+    if k <= 0:
+        return x, ids
+    return torch.cat([x, x.new_zeros((k, *x.shape[1:]))]), torch.cat([ids, ids.new_zeros(k)])
+
+
 class LoopGraphs:
     def __init__(self, device: torch.device, n_steps: int, loop: Loop, warmup: Loop) -> None:
         """``warmup`` runs a few steps before capture (compile, autotune, allocate)."""
         self.device, self.n_steps = device, n_steps
         self.loop, self.warmup = loop, warmup
         self._graphs: dict[tuple[int, ...], _Graph] = {}
+        self._pool = None  # one memory pool for all of this loop's graphs (module doc)
         self.captures = 0  # graphs captured so far: tests check there is no re-capture
 
     def _capture(self, shape: torch.Size, stream: int) -> _Graph:
@@ -59,7 +73,9 @@ class LoopGraphs:
             self.warmup(x, ids, stream, steps)
         torch.cuda.current_stream(dev).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        with torch.cuda.graph(graph, pool=self._pool):
             self.loop(x, ids, stream, steps)
         self.captures += 1
         g = _Graph(graph, x, ids, steps)
@@ -76,11 +92,14 @@ class LoopGraphs:
     ) -> torch.Tensor:
         """Replay the loop on a copy of ``x`` with step numbers ``first_step + [0, n_steps)``."""
         b, rest = x.shape[0], tuple(x.shape[1:])
-        fits = [k for k in self._graphs if k[1:-1] == rest and k[-1] == stream and k[0] >= b]
-        if fits:
-            g = self._graphs[min(fits)]
+        if pad_to:  # always the bucket's graph: the shape must not depend on earlier batches
+            size = bucket(b, pad_to)
+            g = self._graphs.get((size, *rest, stream))
+            if g is None:
+                g = self._capture(torch.Size((size, *rest)), stream)
         else:
-            g = self._capture(torch.Size((bucket(b, pad_to), *rest)), stream)
+            fits = [k for k in self._graphs if k[1:-1] == rest and k[-1] == stream and k[0] >= b]
+            g = self._graphs[min(fits)] if fits else self._capture(x.shape, stream)
         g.x[:b].copy_(x)
         g.ids[:b].copy_(ids)
         if b < g.x.shape[0]:  # padding rows: any finite state, any ids; results discarded

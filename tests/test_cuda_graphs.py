@@ -40,7 +40,7 @@ class _Stream:
 
 
 @contextlib.contextmanager
-def _graph(g: FakeGraph):
+def _graph(g: FakeGraph, pool=None):
     FakeGraph.capturing = g
     try:
         yield
@@ -90,6 +90,7 @@ def fake_cuda(monkeypatch):
     _no_host_reads(monkeypatch)
     monkeypatch.setattr(torch.cuda, "CUDAGraph", FakeGraph)
     monkeypatch.setattr(torch.cuda, "graph", _graph)
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: object())
     monkeypatch.setattr(torch.cuda, "Stream", _Stream)
     monkeypatch.setattr(torch.cuda, "current_stream", lambda *a: _Stream())
     monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
@@ -208,11 +209,49 @@ def test_varying_batches_capture_at_most_eight_shapes(fake_cuda):
     n = 2
     loop = toy_loop(n)
     graphs = LoopGraphs(torch.device("cpu"), n, recording(loop), loop)
+    used = []
+
+    def spy_replays():
+        for key, g in graphs._graphs.items():
+            if not hasattr(g.graph, "spied"):
+                g.graph.spied = True
+                g.graph.replay = (lambda k, r: lambda: (used.append(k[0]), r())[1])(
+                    key, g.graph.replay
+                )
+
     gen = torch.Generator().manual_seed(0)
-    for size in torch.randint(1, 33, (40,), generator=gen).tolist():
+    # a large subset first, then small ones: each still runs at its own bucket's size, not in
+    # the large graph (the shape a batch runs at must not depend on the batches before it)
+    sizes = [30, 3] + torch.randint(1, 33, (40,), generator=gen).tolist()
+    for size in sizes:
         x = torch.randn(size, 2, 3, 3, generator=gen)
         ids = torch.randperm(1000, generator=gen)[:size]
         want = x.clone()
         loop(want, ids, 1, torch.arange(n))
-        assert torch.equal(graphs.run(x, ids, 1, 0, pad_to=32), want)
+        spy_replays()
+        used.clear()
+        out = graphs.run(x, ids, 1, 0, pad_to=32)
+        assert torch.equal(out, want)
+        assert (bucket(size, 32), 2, 3, 3, 1) in graphs._graphs
+        assert used in ([bucket(size, 32)], [])  # [] when this call captured that graph
     assert graphs.captures <= 8
+
+
+def test_samplers_pad_without_a_graph_too():
+    """On CPU (no graph) a varying batch is padded to its bucket as well: bounded compiles."""
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    ebm = pg.EBMSNGAN32(nf=4).eval().requires_grad_(False)
+    plain = LangevinSampler(ebm, 2, compile=False)
+    s = LangevinSampler(ebm, 2, temp=2e-4)  # compiled; its own temp: a fresh compile
+    x, ids = torch.rand(8, 3, 8, 8) * 2 - 1, torch.arange(8) + 3
+    counters.clear()
+    for b in (1, 5, 8):  # one bucket of pad_to=64: 8 rows
+        xp, ip = padded(x[:b], ids[:b], 8)
+        want = LangevinSampler(ebm, 2, temp=2e-4, compile=False)(xp, ip)[:b]
+        got = s(x[:b], ids[:b], pad_to=64)
+        assert got.shape[0] == b
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert counters["stats"]["unique_graphs"] <= 2  # the gradient (and the update twin) once
+    assert plain(x[:3], ids[:3], pad_to=64).shape[0] == 3
