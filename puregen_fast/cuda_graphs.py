@@ -89,9 +89,17 @@ class LoopGraphs:
         stream: int,
         first_step: int,
         pad_to: int | None = None,
+        graph: bool = True,
     ) -> torch.Tensor:
-        """Replay the loop on a copy of ``x`` with step numbers ``first_step + [0, n_steps)``."""
+        """Replay the loop on a copy of ``x`` with step numbers ``first_step + [0, n_steps)``.
+        ``graph=False`` runs the loop itself (no CUDA graph), padded to the same bucket."""
         b, rest = x.shape[0], tuple(x.shape[1:])
+        if not graph:
+            xp, ip = pad_rows(x, ids, bucket(b, pad_to))  # bounded shapes, bounded compiles
+            out = xp.clone(memory_format=torch.contiguous_format)  # the kernels need dense rows
+            steps = torch.arange(self.n_steps, dtype=torch.int64, device=self.device) + first_step
+            self.loop(out, ip, stream, steps)
+            return out if out.shape[0] == b else out[:b].clone()
         if pad_to:  # always the bucket's graph: the shape must not depend on earlier batches
             size = bucket(b, pad_to)
             g = self._graphs.get((size, *rest, stream))

@@ -19,7 +19,7 @@ from torch import nn
 from puregen_fast import noise as pgnoise
 from puregen_fast import reference
 from puregen_fast.compiled import check_mode, compile_static
-from puregen_fast.cuda_graphs import LoopGraphs, bucket, pad_rows
+from puregen_fast.cuda_graphs import LoopGraphs
 from puregen_fast.langevin import model_context
 from puregen_fast.schedule import DDPMSchedule
 
@@ -142,10 +142,4 @@ class DDPMSampler:
                     self.unet, self.schedule, x, self.steps, noise=z, check_range=False
                 )
             return out.float()
-        if not self.cuda_graph:
-            b = x.shape[0]
-            xp, ip = pad_rows(x, ids, bucket(b, pad_to))  # bounded shapes, bounded compiles
-            out = xp.clone(memory_format=torch.contiguous_format)  # the kernels need dense rows
-            self._loop(out, ip, stream, torch.arange(self.steps + 1, device=self.device))
-            return out if out.shape[0] == b else out[:b].clone()
-        return self._graphs.run(x, ids, stream, 0, pad_to)
+        return self._graphs.run(x, ids, stream, 0, pad_to, graph=self.cuda_graph)

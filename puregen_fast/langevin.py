@@ -27,7 +27,7 @@ from torch import nn
 from puregen_fast import noise as pgnoise
 from puregen_fast import reference
 from puregen_fast.compiled import check_mode, compile_static
-from puregen_fast.cuda_graphs import LoopGraphs, bucket, pad_rows
+from puregen_fast.cuda_graphs import LoopGraphs
 from puregen_fast.ebm import EBMSNGAN32
 from puregen_fast.ebm_folded import FoldedEBM
 
@@ -167,11 +167,4 @@ class LangevinSampler:
                 return reference.ebm_purify(
                     self.ebm, x, self.steps, self.eps, self.temp, noise=z, check_range=False
                 )
-        if not self.cuda_graph:
-            b = x.shape[0]
-            xp, ip = pad_rows(x, ids, bucket(b, pad_to))  # bounded shapes, bounded compiles
-            out = xp.clone(memory_format=torch.contiguous_format)  # the kernels need dense rows
-            steps = torch.arange(self.steps, dtype=torch.int64, device=self.device) + step_offset
-            self._loop(out, ip, stream, steps)
-            return out if out.shape[0] == b else out[:b].clone()
-        return self._graphs.run(x, ids, stream, step_offset, pad_to)
+        return self._graphs.run(x, ids, stream, step_offset, pad_to, graph=self.cuda_graph)
