@@ -9,10 +9,9 @@ import pytest
 import torch
 
 import puregen_fast as pg
-from puregen_fast.bench import EBM_WIDTHS, UNET_MODELS
-from puregen_fast.ddpm_sampler import DDPMSampler
-from puregen_fast.langevin import LangevinSampler
-from puregen_fast.unet import UNET_PRESETS
+from puregen_fast.cli.bench import EBM_WIDTHS, UNET_MODELS
+from puregen_fast.models.unet import UNET_PRESETS
+from puregen_fast.sampling.backends import DDPMSampler, LangevinSampler
 
 CUDA = torch.cuda.is_available()
 DEV = torch.device("cuda" if CUDA else "cpu")

@@ -33,6 +33,7 @@ from triton.compiler import ASTSource  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
 from puregen_fast.kernels import _noise, ddpm, langevin  # noqa: E402
+from puregen_fast.models.schedule import ddpm_coefficients  # noqa: E402
 
 _TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.int64: "i64", torch.uint32: "u32"}
 
@@ -142,7 +143,7 @@ def cases() -> dict[str, Callable[[], Any]]:
     seed = torch.tensor(7, dtype=torch.int64)
     step = torch.arange(4, dtype=torch.int64)[2]
     t = torch.tensor(40, dtype=torch.int64)
-    coef = ddpm.ddpm_coefficients()
+    coef = ddpm_coefficients()
     kw = {"seed": seed, "step": step, "sample_ids": ids}
     lkw = {"grad_scale": 7.8e-5, "noise_scale": 1.25e-2}
     return {

@@ -10,7 +10,6 @@ from .availability import triton_available
 from .ddpm import (
     ddpm_add_noise_,
     ddpm_add_noise_eager,
-    ddpm_coefficients,
     ddpm_step_,
     ddpm_step_eager,
 )
@@ -22,7 +21,6 @@ __all__ = [
     "philox_triton",
     "langevin_step_",
     "langevin_step_eager",
-    "ddpm_coefficients",
     "ddpm_add_noise_",
     "ddpm_add_noise_eager",
     "ddpm_step_",

@@ -12,7 +12,8 @@ prediction, ``abar_{-1} = 1`` (``alpha_prod_t_prev = ... if prev_t >= 0 else sel
   ``std_t = sqrt(max(beta_t (1 - abar_{t-1}) / (1 - abar_t), 1e-20))`` for t > 0 and no noise
   (std 0) at t = 0 (12 B per element, 10 B with a bf16 eps: read x_t and eps, write x).
 
-The per-t coefficients come from a float32 device table (`ddpm_coefficients`, cached per device)
+The per-t coefficients come from the float32 device table that `models.schedule` derives
+(`DDPMSchedule.coefficients`, cached per device)
 indexed by ``t`` in the kernel, so ``t`` may be a Python int or an int64 device tensor (read in
 the kernel: graph-safe). The table reproduces diffusers' float32 arithmetic operation for
 operation (`reference.ddpm_step` does the same), so the coefficients are bit-identical to
@@ -25,6 +26,15 @@ from collections.abc import Sequence
 
 import torch
 
+from puregen_fast.models.schedule import (
+    COL_C0,
+    COL_C1,
+    COL_SQRT_ABAR,
+    COL_SQRT_ONE_MINUS_ABAR,
+    COL_STD,
+    N_COLS,
+    ddpm_coefficients,
+)
 from puregen_fast.noise import STREAM_DDPM, randn
 
 from ._noise import (
@@ -46,89 +56,11 @@ from ._noise import (
 )
 
 __all__ = [
-    "COL_SQRT_ABAR",
-    "COL_SQRT_ONE_MINUS_ABAR",
-    "COL_C0",
-    "COL_C1",
-    "COL_STD",
-    "ddpm_coefficients",
     "ddpm_add_noise_",
     "ddpm_step_",
     "ddpm_add_noise_eager",
     "ddpm_step_eager",
 ]
-
-# columns of the coefficient table
-COL_SQRT_ABAR = 0  # sqrt(abar_t)
-COL_SQRT_ONE_MINUS_ABAR = 1  # sqrt(1 - abar_t)
-COL_C0 = 2  # posterior mean coefficient of the clipped x0
-COL_C1 = 3  # posterior mean coefficient of x_t
-COL_STD = 4  # posterior std (fixed_small); 0 at t = 0 (no noise there)
-N_COLS = 5
-
-_TABLES: dict[tuple, torch.Tensor] = {}
-
-
-def _table_f32(t_count: int, beta_start: float, beta_end: float) -> torch.Tensor:
-    """diffusers' float32 expressions, vectorised over t (elementwise IEEE ops: same bits)."""
-    betas = torch.linspace(beta_start, beta_end, t_count, dtype=torch.float32)
-    abar = torch.cumprod(1.0 - betas, dim=0)
-    abar_prev = torch.cat([torch.ones(1, dtype=torch.float32), abar[:-1]])
-    beta_prod = 1 - abar
-    beta_prod_prev = 1 - abar_prev
-    alpha_t = abar / abar_prev
-    beta_t = 1 - alpha_t
-    c0 = (abar_prev**0.5 * beta_t) / beta_prod
-    c1 = alpha_t**0.5 * beta_prod_prev / beta_prod
-    var = torch.clamp((1 - abar_prev) / (1 - abar) * beta_t, min=1e-20)
-    std = var**0.5
-    std[0] = 0.0  # diffusers adds no noise at t = 0
-    return torch.stack([abar**0.5, beta_prod**0.5, c0, c1, std], dim=1)
-
-
-def _table_f64(t_count: int, beta_start: float, beta_end: float) -> torch.Tensor:
-    betas = torch.linspace(beta_start, beta_end, t_count, dtype=torch.float64)
-    abar = torch.cumprod(1.0 - betas, dim=0)
-    abar_prev = torch.cat([torch.ones(1, dtype=torch.float64), abar[:-1]])
-    c0 = abar_prev.sqrt() * betas / (1 - abar)
-    c1 = (1 - betas).sqrt() * (1 - abar_prev) / (1 - abar)
-    std = ((1 - abar_prev) / (1 - abar) * betas).clamp_min(1e-20).sqrt()
-    std[0] = 0.0
-    return torch.stack([abar.sqrt(), (1 - abar).sqrt(), c0, c1, std], dim=1).float()
-
-
-def ddpm_coefficients(
-    num_train_timesteps: int = 1000,
-    beta_start: float = 1e-4,
-    beta_end: float = 0.02,
-    device: torch.device | str | None = None,
-    precision: str = "diffusers",
-) -> torch.Tensor:
-    """The per-timestep coefficient table, float32 ``(num_train_timesteps, 5)`` on ``device``
-    (columns `COL_SQRT_ABAR`, `COL_SQRT_ONE_MINUS_ABAR`, `COL_C0`, `COL_C1`, `COL_STD`). Built
-    once per (schedule, device) and cached; treat it as read-only. ``precision="diffusers"``
-    (default) reproduces diffusers' float32 values bit for bit; ``"float64"`` evaluates the
-    exact formulas in float64 and rounds once."""
-    if num_train_timesteps < 1 or not 0 < beta_start <= beta_end < 1:
-        raise ValueError(
-            "need num_train_timesteps >= 1 and 0 < beta_start <= beta_end < 1; got "
-            f"{num_train_timesteps}, {beta_start}, {beta_end}"
-        )
-    if precision not in ("diffusers", "float64"):
-        raise ValueError(f"precision must be 'diffusers' or 'float64', got {precision!r}")
-    dev = torch.device(device if device is not None else "cpu")
-    if dev.type == "cuda" and dev.index is None:
-        dev = torch.device("cuda", torch.cuda.current_device())
-    key = (int(num_train_timesteps), float(beta_start), float(beta_end), precision, str(dev))
-    table = _TABLES.get(key)
-    if table is None:
-        build = _table_f32 if precision == "diffusers" else _table_f64
-        # built on CPU, so the values do not depend on the device's cumprod
-        table = build(int(num_train_timesteps), float(beta_start), float(beta_end)).to(dev)
-        _TABLES[key] = table.contiguous()
-        table = _TABLES[key]
-    return table
-
 
 # --------------------------------------------------------------------------------------------
 # kernels

@@ -2,27 +2,32 @@
 
 Public surface (DESIGN 3): models `EBMSNGAN32`, `UNet2D`; `DDPMSchedule`; checkpoints
 `load_ebm`/`save_ebm`/`load_ddpm`/`save_ddpm`; the eager `reference`; the keyed `noise` stream;
-the `Purifier` engine; `load_purified` for its output.
+the `Purifier` engine and its `PurifyConfig`; the samplers `LangevinSampler` and `DDPMSampler`;
+`load_purified` for the engine's output.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
 from puregen_fast import noise, reference
-from puregen_fast.checkpoints import load_ddpm, load_ebm, save_ddpm, save_ebm
-from puregen_fast.ebm import EBMSNGAN32
+from puregen_fast.config import PurifyConfig
+from puregen_fast.data.reader import load_purified
 from puregen_fast.errors import CheckpointError, UsageError
+from puregen_fast.models.checkpoints import load_ddpm, load_ebm, save_ddpm, save_ebm
+from puregen_fast.models.ebm import EBMSNGAN32
+from puregen_fast.models.schedule import DDPMSchedule
+from puregen_fast.models.unet import UNet2D
 from puregen_fast.purifier import Purifier
-from puregen_fast.schedule import DDPMSchedule
-
-__version__ = "0.1.0"
+from puregen_fast.sampling.backends import DDPMSampler, LangevinSampler
+from puregen_fast.version import __version__
 
 __all__ = [
     "EBMSNGAN32",
     "UNet2D",
     "DDPMSchedule",
     "Purifier",
+    "PurifyConfig",
+    "LangevinSampler",
+    "DDPMSampler",
     "load_ebm",
     "save_ebm",
     "load_ddpm",
@@ -32,16 +37,5 @@ __all__ = [
     "reference",
     "UsageError",
     "CheckpointError",
+    "__version__",
 ]
-
-
-def __getattr__(name: str) -> Any:  # modules built alongside, imported on first use
-    if name == "UNet2D":
-        from puregen_fast.unet import UNet2D
-
-        return UNet2D
-    if name == "load_purified":
-        from puregen_fast.writer import load_purified
-
-        return load_purified
-    raise AttributeError(f"module 'puregen_fast' has no attribute {name!r}")

@@ -23,7 +23,7 @@ depend on which kernel, block size or batch produced them. This module imports n
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -38,6 +38,7 @@ __all__ = [
     "uint_to_uniform",
     "box_muller",
     "randn",
+    "keyed",
 ]
 
 STREAM_EBM = 1  # purification: EBM Langevin
@@ -156,3 +157,19 @@ def randn(
     n2, n3 = box_muller(uint_to_uniform(r2), uint_to_uniform(r3))
     out = torch.stack((n0, n1, n2, n3), dim=-1).reshape(ids.numel(), n_ctr * 4)[:, :numel]
     return out.reshape(ids.numel(), *shape)
+
+
+def keyed(
+    seed: int,
+    stream: int,
+    sample_ids: torch.Tensor,
+    shape: Sequence[int],
+    step_offset: int = 0,
+) -> Callable[[int], torch.Tensor]:
+    """``i -> randn(seed, stream, step_offset + i, sample_ids, shape)``: the keyed stream as the
+    reference's ``noise`` callable."""
+
+    def draw(i: int) -> torch.Tensor:
+        return randn(seed, stream, step_offset + i, sample_ids, shape)
+
+    return draw

@@ -28,278 +28,40 @@ written.
 
 from __future__ import annotations
 
-import argparse
-import datetime as _dt
 import hashlib
 import json
 import os
 import platform
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
+from tqdm.auto import tqdm
 
-from puregen_fast.argtypes import fraction as _fraction
-from puregen_fast.argtypes import int_at_least as _int_at_least
-from puregen_fast.argtypes import positive_float as _positive_float
-from puregen_fast.datasets import DATASETS, SPLITS, Dataset, open_dataset
+from puregen_fast.config import DEFAULT_BATCH_SIZE, DEFAULT_SHARD_SIZE, FORMATS
+from puregen_fast.data.datasets import Dataset
+from puregen_fast.data.io import atomic_write_json, read_json
+from puregen_fast.data.manifest import MANIFEST, Manifest
+from puregen_fast.data.writer import ShardWriter, prepare_out_dir, rank_shards
+from puregen_fast.dist import Dist
 from puregen_fast.errors import UsageError
-from puregen_fast.purifier import METHODS
-from puregen_fast.writer import (
-    FORMAT_ID,
-    FORMAT_VERSION,
-    MANIFEST,
-    ShardWriter,
-    check_out_dir,
-    prepare_out_dir,
-    rank_shards,
-    read_json,
-    write_json_atomic,
-)
+from puregen_fast.runtime import describe_device
+from puregen_fast.version import __version__
 
-__all__ = ["add_arguments", "run", "purify_dataset", "DEFAULT_BATCH_SIZE", "DEFAULT_SHARD_SIZE"]
+__all__ = ["purify_dataset", "FILTER_STATE"]
 
-DEFAULT_BATCH_SIZE = 256
-DEFAULT_SHARD_SIZE = 10_000
 FILTER_STATE = ".puregen-filter.json"
 _T = TypeVar("_T")
 
 
-# ----------------------------------------------------------------------------- arguments
+# ----------------------------------------------------------------------------- helpers
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    """The ``purify`` flags: DESIGN section 4 plus --quiet, --overwrite, --shard-size."""
-    from puregen_fast.checkpoints import DEFAULT_DDPM, DEFAULT_EBM
-
-    g = p.add_argument_group("data")
-    g.add_argument("--dataset", required=True, choices=DATASETS)
-    g.add_argument(
-        "--data-dir",
-        metavar="DIR",
-        default=None,
-        help="where the data set is or is downloaded to (default: the cache, "
-        "$PUREGEN_FAST_CACHE or ~/.cache/puregen-fast); imagefolder: the root "
-        "folder; npz: the .npz file",
-    )
-    g.add_argument(
-        "--split",
-        default="train",
-        help="cifar10: train|test; cinic10(-imagenet): train|valid|test; "
-        "tinyimagenet: train|val; imagefolder: ROOT/<split> when it exists",
-    )
-    g.add_argument(
-        "--limit",
-        type=_int_at_least(1),
-        default=None,
-        metavar="N",
-        help="purify only the first N images",
-    )
-    m = p.add_argument_group("method")
-    m.add_argument("--method", required=True, choices=METHODS)
-    m.add_argument(
-        "--ebm", metavar="SRC", default=None, help=f"EBM checkpoint (default {DEFAULT_EBM})"
-    )
-    m.add_argument(
-        "--ddpm",
-        metavar="SRC",
-        default=None,
-        help=f"DDPM checkpoint (default {DEFAULT_DDPM}; for filt only when given)",
-    )
-    m.add_argument(
-        "--ebm-steps",
-        type=_int_at_least(1),
-        default=150,
-        help="Langevin steps (default %(default)s)",
-    )
-    m.add_argument(
-        "--ebm-eps",
-        type=_positive_float,
-        default=1.25e-2,
-        help="Langevin step size (default %(default)s)",
-    )
-    m.add_argument(
-        "--ebm-temp",
-        type=_positive_float,
-        default=1e-4,
-        help="Langevin temperature (default %(default)s)",
-    )
-    m.add_argument(
-        "--ddpm-steps",
-        type=_int_at_least(1, 999),
-        default=75,
-        help="DDPM noising timestep, in [1, 999] (default %(default)s)",
-    )
-    m.add_argument(
-        "--reps",
-        type=_int_at_least(1),
-        default=1,
-        help="reps: rounds of EBM then DDPM (default %(default)s)",
-    )
-    m.add_argument(
-        "--filter-frac",
-        type=_fraction,
-        default=0.5,
-        help="filt: the fraction of highest-energy images purified, in (0, 1]",
-    )
-    m.add_argument(
-        "--jpeg-quality",
-        type=_int_at_least(1, 95),
-        default=75,
-        help="jpeg: quality in [1, 95] (default %(default)s)",
-    )
-    m.add_argument(
-        "--seed",
-        type=_int_at_least(0, (1 << 63) - 1),
-        default=0,
-        help="keys the noise (default %(default)s)",
-    )
-    r = p.add_argument_group("run")
-    r.add_argument(
-        "--batch-size",
-        type=_int_at_least(1),
-        default=DEFAULT_BATCH_SIZE,
-        help=f"images per batch (default {DEFAULT_BATCH_SIZE}); results are "
-        "bit-identical only for the same batch size",
-    )
-    r.add_argument(
-        "--shard-size",
-        type=_int_at_least(1),
-        default=DEFAULT_SHARD_SIZE,
-        help=f"images per output shard (default {DEFAULT_SHARD_SIZE})",
-    )
-    r.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    r.add_argument("--backend", choices=("auto", "reference", "fast"), default="auto")
-    r.add_argument("--precision", choices=("fp32", "tf32", "bf16"), default="fp32")
-    r.add_argument("--format", choices=("npy", "png"), default="npy")
-    r.add_argument("--out", metavar="DIR", required=True)
-    r.add_argument(
-        "--resume",
-        action="store_true",
-        help="verify finished shards (sha256), redo missing or damaged ones",
-    )
-    r.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="replace earlier output in --out (with --resume: only if its configuration differs)",
-    )
-    r.add_argument("--quiet", action="store_true", help="no progress bars or summary")
-
-
-def _validate(args: argparse.Namespace) -> None:
-    """Checks argparse cannot do alone; before anything is loaded or written."""
-    if args.dataset in SPLITS and args.split not in SPLITS[args.dataset]:
-        raise UsageError(
-            f"--split {args.split!r} is not a split of {args.dataset}; choose one of "
-            f"{', '.join(SPLITS[args.dataset])}"
-        )
-    if args.dataset in ("imagefolder", "npz") and not args.data_dir:
-        raise UsageError(f"--dataset {args.dataset} needs --data-dir")
-    if args.reps > 1 and args.method != "reps":
-        raise UsageError(f"--reps {args.reps} applies only to --method reps")
-    if args.device == "cuda":
-        import torch
-
-        if not torch.cuda.is_available():
-            raise UsageError("--device cuda: no CUDA device is available here; use --device cpu")
-    if args.precision == "bf16" and args.device == "cpu" and args.backend == "fast":
-        raise UsageError("--precision bf16 with --backend fast needs --device cuda")
-
-
-# ----------------------------------------------------------------------------- distribution
-
-
-class Dist:
-    """The process group under torchrun (RANK, WORLD_SIZE, LOCAL_RANK); a no-op when alone."""
-
-    def __init__(self, rank: int = 0, world: int = 1, local_rank: int = 0) -> None:
-        self.rank, self.world, self.local_rank = rank, world, local_rank
-        self._owned = False
-
-    @classmethod
-    def from_env(cls, device_type: str = "cpu") -> Dist:
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        if world <= 1:
-            return cls()
-        import datetime
-
-        import torch
-        import torch.distributed as tdist
-
-        rank = int(os.environ.get("RANK", "0"))
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        d = cls(rank, world, local)
-        if not tdist.is_initialized():
-            if device_type == "cuda":
-                torch.cuda.set_device(local)
-            tdist.init_process_group(
-                "nccl" if device_type == "cuda" else "gloo",
-                timeout=datetime.timedelta(minutes=60),
-            )
-            d._owned = True
-        return d
-
-    def gather(self, obj: Any) -> list[Any]:
-        if self.world == 1:
-            return [obj]
-        import torch.distributed as tdist
-
-        out: list[Any] = [None] * self.world
-        tdist.all_gather_object(out, obj)
-        return out
-
-    def broadcast(self, obj: Any) -> Any:
-        return self.gather(obj if self.rank == 0 else None)[0]
-
-    def check(self, err: BaseException | None) -> None:
-        """Collective: raise on every rank when any rank failed (so none waits forever)."""
-        msg = None if err is None else (isinstance(err, UsageError), str(err))
-        msgs = self.gather(msg)
-        if err is not None:
-            raise err
-        for r, m in enumerate(msgs):
-            if m is not None:
-                cls = UsageError if m[0] else RuntimeError
-                raise cls(f"rank {r}: {m[1]}")
-
-    def staged(self, fn: Callable[[], _T]) -> _T:
-        """``fn()`` on rank 0 first (downloads, cache fills), then on the other ranks."""
-        res: Any = None
-        for turn in (True, False):
-            err = None
-            if (self.rank == 0) == turn:
-                try:
-                    res = fn()
-                except Exception as e:
-                    err = e
-            self.check(err)
-        return res
-
-    def on_rank0(self, fn: Callable[[], _T]) -> _T | None:
-        err, res = None, None
-        if self.rank == 0:
-            try:
-                res = fn()
-            except Exception as e:
-                err = e
-        self.check(err)
-        return res
-
-    def close(self) -> None:
-        if self._owned:
-            import torch.distributed as tdist
-
-            tdist.destroy_process_group()
-            self._owned = False
-
-
-# ----------------------------------------------------------------------------- the pipeline
-
-
-def _batches(start: int, stop: int, bs: int):
+def _batches(start: int, stop: int, bs: int) -> Iterator[tuple[int, int]]:
     for s in range(start, stop, bs):
         yield s, min(s + bs, stop)
 
@@ -315,9 +77,9 @@ def _padded(images, s: int, e: int, bs: int) -> tuple[np.ndarray, np.ndarray]:
 
 def _identity(purifier) -> dict:
     """The purifier settings that decide the output bytes (for the resume check): describe()
-    without paths, reasons, the threshold (derived) and the device index."""
+    without paths, reasons and the device index."""
     d = dict(purifier.describe())
-    for k in ("backend_reason", "backend_requested", "filter_threshold"):
+    for k in ("backend_reason", "backend_requested"):
         d.pop(k, None)
     d["device"] = str(d.get("device", "")).split(":")[0]
     for k in ("ebm", "ddpm"):
@@ -391,17 +153,217 @@ def _write_out(out: Path, fn: Callable[..., _T], *args: Any) -> _T:
         ) from e
 
 
-def _device_info(purifier) -> dict:
-    import torch
+def _check_options(batch_size: int, shard_size: int, limit: int | None, fmt: str) -> None:
+    if batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
+    if shard_size < 1:
+        raise UsageError(f"--shard-size must be >= 1, got {shard_size}")
+    if limit is not None and limit < 1:
+        raise UsageError(f"--limit must be >= 1, got {limit}")
+    if fmt not in FORMATS:
+        raise UsageError(f"--format {fmt!r}: choose {' or '.join(FORMATS)}")
 
-    dev = getattr(purifier, "device", None)
-    info: dict[str, Any] = {"device": str(dev), "torch": torch.__version__}
-    if dev is not None and getattr(dev, "type", "") == "cuda":
-        info["name"] = torch.cuda.get_device_name(dev)
-        info["cuda"] = torch.version.cuda
-    else:
-        info["name"] = platform.processor() or platform.machine()
-    return info
+
+# ----------------------------------------------------------------------------- the steps
+
+
+@dataclass
+class _Run:
+    """What one purify run is: the selection, its recorded configuration, the writer, this
+    rank's shards. Built once by `_plan`; the steps below read it and never write it."""
+
+    dataset: Dataset
+    purifier: Any
+    out: Path
+    n: int
+    labels: np.ndarray
+    shape: list[int]
+    config: dict
+    writer: ShardWriter
+    mine: range
+    batch_size: int
+    dist: Dist
+    show: bool
+
+    def size(self, shards) -> int:
+        return sum(self.writer.ranges[k][1] - self.writer.ranges[k][0] for k in shards)
+
+    def batches(self, k: int) -> Iterator[tuple[int, int, np.ndarray, np.ndarray]]:
+        """Shard ``k``'s padded batches: (start, stop, images, ids)."""
+        for s, e in _batches(*self.writer.ranges[k], self.batch_size):
+            yield (s, e, *_padded(self.dataset.images, s, e, self.batch_size))
+
+    def bar(self, total: int, desc: str, initial: int = 0) -> tqdm:
+        return tqdm(total=total, initial=initial, unit="img", desc=desc,
+                    disable=not self.show, dynamic_ncols=True)  # fmt: skip
+
+
+def _plan(
+    dataset: Dataset, purifier, out: Path, dist: Dist, *, batch_size: int, shard_size: int,
+    fmt: str, limit: int | None, quiet: bool,
+) -> _Run:  # fmt: skip
+    """The run's configuration (what `--resume` compares), checked on every rank."""
+    n = len(dataset) if limit is None else min(len(dataset), limit)
+    if n == 0:
+        raise UsageError(f"data set {dataset.name}/{dataset.split} has no images")
+    labels = np.asarray(dataset.labels[:n], dtype=np.int64)
+    shape = [int(v) for v in dataset.images.shape[1:]]
+    config = {
+        "format": fmt,
+        "dataset": dataset.name,
+        "split": dataset.split,
+        "source": dataset.source,
+        "num_images": n,
+        "limit": limit,
+        "image_shape": shape,
+        "class_names": list(dataset.class_names),
+        "labels_sha256": hashlib.sha256(labels.tobytes()).hexdigest(),
+        "images_sha256": _images_sha256(dataset.images, n),
+        "batch_size": batch_size,
+        "shard_size": shard_size,
+        "method": getattr(purifier, "method", "?"),
+        "seed": getattr(purifier, "seed", None),
+        "purifier": _identity(purifier),
+    }
+    _check_same_config(dist, config)
+    _check_model_sizes(purifier, shape)
+    writer = ShardWriter(out, fmt, n, shard_size, dataset.class_names)
+    return _Run(dataset, purifier, out, n, labels, shape, config, writer,
+                rank_shards(writer.num_shards, dist.rank, dist.world), batch_size, dist,
+                show=not quiet and dist.is_main)  # fmt: skip
+
+
+def _prepare(run: _Run, resume: bool, overwrite: bool) -> tuple[bool, dict[int, dict]]:
+    """Rank 0 readies ``--out``; every rank keeps the finished shards of an earlier run of the
+    same configuration that verify (sha256). Returns whether the folder is reused, and the kept
+    shards' records by shard index."""
+
+    def prepare() -> bool:
+        reuse = prepare_out_dir(run.out, run.config, resume=resume, overwrite=overwrite)
+        _write_out(run.out, run.writer.make_class_dirs)
+        return reuse
+
+    reuse = bool(run.dist.broadcast(run.dist.on_rank0(prepare)))
+    records: dict[int, dict] = {}
+    for k in run.mine if reuse else ():
+        s, e = run.writer.ranges[k]
+        rec = run.writer.verify_shard(k, run.labels[s:e])
+        if rec is not None:
+            records[k] = rec
+    return reuse, records
+
+
+def _saved_filter(run: _Run) -> dict | None:
+    saved = read_json(run.out / FILTER_STATE)
+    if saved is None or saved.get("num_images") != run.n:
+        return None
+    return saved if saved.get("images_sha256") == run.config["images_sha256"] else None
+
+
+def _filter_threshold(run: _Run, reuse: bool) -> dict:
+    """filt: one global threshold, the ``1 - filter_frac`` quantile of the energies of every
+    selected image (over all ranks), saved so a resumed run does not repeat the pass."""
+    filt = run.dist.broadcast(_saved_filter(run) if reuse else None)
+    if filt is not None:
+        return filt
+    energies = []
+    with run.bar(run.size(run.mine), "energy") as bar:
+        for k in run.mine:
+            for s, e, x, ids in run.batches(k):
+                energies.append(np.asarray(run.purifier.energy(x, ids))[: e - s])
+                bar.update(e - s)
+    mine = np.concatenate(energies) if energies else np.zeros(0)
+    all_e = np.concatenate([np.asarray(a, np.float64) for a in run.dist.gather(mine)])
+    frac = run.purifier.config.filter_frac
+    thr = float(np.quantile(all_e, 1.0 - frac))
+    filt = {
+        "num_images": run.n,
+        "images_sha256": run.config["images_sha256"],
+        "threshold": thr,
+        "filter_frac": frac,
+        "num_purified": int((all_e >= thr).sum()),
+        "energies_sha256": hashlib.sha256(all_e.tobytes()).hexdigest(),
+    }
+    run.dist.on_rank0(lambda: _write_out(run.out, atomic_write_json, run.out / FILTER_STATE, filt))
+    return filt
+
+
+def _purify_shards(run: _Run, records: dict[int, dict], threshold: float | None) -> int:
+    """Purify and write this rank's unfinished shards, batch by batch; returns the images
+    purified. Each shard is written whole (files, then its completion record) before the next."""
+    kw = {} if threshold is None else {"filter_threshold": threshold}
+    todo = [k for k in run.mine if k not in records]
+    desc = "purify" if run.dist.world == 1 else f"purify (rank 0 of {run.dist.world})"
+    purified = 0
+    with run.bar(run.size(run.mine), desc, initial=run.size(records)) as bar:
+        for k in todo:
+            s0, e0 = run.writer.ranges[k]
+            res = np.empty((e0 - s0, *run.shape), dtype=np.uint8)
+            for s, e, x, ids in run.batches(k):
+                res[s - s0 : e - s0] = np.asarray(run.purifier(x, ids, **kw))[: e - s]
+                bar.update(e - s)
+                purified += e - s
+            records[k] = _write_out(run.out, run.writer.write_shard, k, res, run.labels[s0:e0])
+    return purified
+
+
+def _write_manifest(
+    run: _Run, records: list[dict], ranks: list[dict], filt: dict | None, total_s: float,
+    extra: dict,
+) -> Manifest:  # fmt: skip
+    """Rank 0, once every rank is done: the manifest, written last."""
+    purifier = run.purifier
+    counts = np.bincount(run.labels, minlength=len(run.dataset.class_names))
+    n_purified = sum(t["images_purified"] for t in ranks)
+    slowest = max(t["purify_s"] for t in ranks)
+    description = purifier.describe()
+    if filt is not None:
+        description["filter_threshold"] = filt["threshold"]
+    device = describe_device(getattr(purifier, "device", None))
+    manifest = Manifest(
+        config=run.config,
+        purifier=description,
+        dataset={
+            **run.dataset.describe(),
+            "num_images_selected": run.n,
+            "label_counts": [int(c) for c in counts],
+        },
+        count=run.n,
+        shards=records,
+        filter=filt,
+        device=device,
+        backend=getattr(purifier, "backend", None),
+        world_size=run.dist.world,
+        timings={
+            "total_s": round(total_s, 4),
+            "purify_s": round(slowest, 4),
+            "images_purified": n_purified,
+            "images_per_s": round(n_purified / slowest, 3) if slowest > 0 else None,
+            "ranks": ranks,
+        },
+        versions={
+            "puregen_fast": __version__,
+            "numpy": np.__version__,
+            "python": platform.python_version(),
+            "torch": device["torch"],
+        },
+        command=extra.get("command"),
+        setup_timings=extra.get("setup_timings"),
+    )
+    _write_out(run.out, manifest.write, run.out / MANIFEST)
+    if run.show:
+        rate = manifest.timings["images_per_s"]
+        print(
+            f"purify: {run.n} images in {len(records)} shard(s) -> {run.out} "
+            f"({n_purified} purified now in {slowest:.1f}s"
+            + (f", {rate:.1f} img/s" if rate else "")
+            + ")",
+            file=sys.stderr,
+        )
+    return manifest
+
+
+# ----------------------------------------------------------------------------- the pipeline
 
 
 def purify_dataset(
@@ -421,286 +383,52 @@ def purify_dataset(
 ) -> Path:
     """Purify images ``[0, min(len(dataset), limit))`` of ``dataset`` with ``purifier`` into
     ``out_dir`` (see the module docstring for layout and guarantees). Under torchrun each rank
-    calls it with its own purifier; returns the output folder."""
-    from tqdm.auto import tqdm
-
-    from puregen_fast import __version__
-
-    if batch_size < 1:
-        raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
-    if shard_size < 1:
-        raise UsageError(f"--shard-size must be >= 1, got {shard_size}")
-    if limit is not None and limit < 1:
-        raise UsageError(f"--limit must be >= 1, got {limit}")
-    if fmt not in ("npy", "png"):
-        raise UsageError(f"--format {fmt!r}: choose npy or png")
+    calls it with its own purifier; returns the output folder. ``extra_manifest`` may carry the
+    ``command`` and ``setup_timings`` records of the command line."""
+    _check_options(batch_size, shard_size, limit, fmt)
     own_dist = dist is None
     if dist is None:
-        dist = Dist.from_env(getattr(getattr(purifier, "device", None), "type", "cpu"))
+        dist = Dist.from_env(getattr(purifier, "device", "cpu"))
     t0 = time.perf_counter()
     try:
         out = Path(out_dir)
-        n = len(dataset) if limit is None else min(len(dataset), limit)
-        if n == 0:
-            raise UsageError(f"data set {dataset.name}/{dataset.split} has no images")
-        labels = np.asarray(dataset.labels[:n], dtype=np.int64)
-        shape = [int(v) for v in dataset.images.shape[1:]]
-        method = getattr(purifier, "method", "?")
-        config = {
-            "format": fmt,
-            "dataset": dataset.name,
-            "split": dataset.split,
-            "source": dataset.source,
-            "num_images": n,
-            "limit": limit,
-            "image_shape": shape,
-            "class_names": list(dataset.class_names),
-            "labels_sha256": hashlib.sha256(labels.tobytes()).hexdigest(),
-            "images_sha256": _images_sha256(dataset.images, n),
-            "batch_size": batch_size,
-            "shard_size": shard_size,
-            "method": method,
-            "seed": getattr(purifier, "seed", None),
-            "purifier": _identity(purifier),
-        }
-        _check_same_config(dist, config)
-        _check_model_sizes(purifier, shape)
-        writer = ShardWriter(out, fmt, n, shard_size, dataset.class_names)
-
-        def prepare() -> bool:
-            reuse = prepare_out_dir(out, config, resume=resume, overwrite=overwrite)
-            _write_out(out, writer.make_class_dirs)
-            return reuse
-
-        reuse = bool(dist.broadcast(dist.on_rank0(prepare)))
-        mine = rank_shards(writer.num_shards, dist.rank, dist.world)
-        show = not quiet and dist.rank == 0
-
-        # finished shards of an earlier run: verify, keep the good ones
-        records: dict[int, dict] = {}
-        if reuse:
-            for k in mine:
-                s, e = writer.ranges[k]
-                rec = writer.verify_shard(k, labels[s:e])
-                if rec is not None:
-                    records[k] = rec
-        todo = [k for k in mine if k not in records]
-
-        # filt: one global threshold from the energies of all selected images
-        t_energy = 0.0
-        filt: dict | None = None
-        if method == "filt":
-            t1 = time.perf_counter()
-            saved = read_json(out / FILTER_STATE) if reuse else None
-            if saved is not None and (
-                saved.get("num_images") != n
-                or saved.get("images_sha256") != config["images_sha256"]
-            ):
-                saved = None
-            filt = dist.broadcast(saved)
-            if filt is None:
-                energies = []
-                my_n = sum(writer.ranges[k][1] - writer.ranges[k][0] for k in mine)
-                with tqdm(
-                    total=my_n, unit="img", desc="energy", disable=not show, dynamic_ncols=True
-                ) as bar:
-                    for k in mine:
-                        for s, e in _batches(*writer.ranges[k], batch_size):
-                            x, ids = _padded(dataset.images, s, e, batch_size)
-                            energies.append(np.asarray(purifier.energy(x, ids))[: e - s])
-                            bar.update(e - s)
-                mine_e = np.concatenate(energies) if energies else np.zeros(0)
-                all_e = np.concatenate([np.asarray(a, np.float64) for a in dist.gather(mine_e)])
-                thr = float(np.quantile(all_e, 1.0 - purifier.filter_frac))
-                filt = {
-                    "num_images": n,
-                    "images_sha256": config["images_sha256"],
-                    "threshold": thr,
-                    "filter_frac": purifier.filter_frac,
-                    "num_purified": int((all_e >= thr).sum()),
-                    "energies_sha256": hashlib.sha256(all_e.tobytes()).hexdigest(),
-                }
-                dist.on_rank0(lambda: _write_out(out, write_json_atomic, out / FILTER_STATE, filt))
-            purifier.filter_threshold = float(filt["threshold"])
-            t_energy = time.perf_counter() - t1
-
-        # purify, shard by shard, batch by batch
-        t2 = time.perf_counter()
-        my_total = sum(writer.ranges[k][1] - writer.ranges[k][0] for k in mine)
-        done = sum(writer.ranges[k][1] - writer.ranges[k][0] for k in records)
-        desc = "purify" if dist.world == 1 else f"purify (rank 0 of {dist.world})"
+        run = _plan(dataset, purifier, out, dist, batch_size=batch_size, shard_size=shard_size,
+                    fmt=fmt, limit=limit, quiet=quiet)  # fmt: skip
+        reuse, records = _prepare(run, resume, overwrite)
+        reused = len(records)
+        t1 = time.perf_counter()
+        filt = _filter_threshold(run, reuse) if run.config["method"] == "filt" else None
+        t_energy = time.perf_counter() - t1
         err: BaseException | None = None
         purified = 0
+        t2 = time.perf_counter()
         try:
-            with tqdm(
-                total=my_total,
-                initial=done,
-                unit="img",
-                desc=desc,
-                disable=not show,
-                dynamic_ncols=True,
-            ) as bar:
-                for k in todo:
-                    s0, e0 = writer.ranges[k]
-                    res = np.empty((e0 - s0, *shape), dtype=np.uint8)
-                    for s, e in _batches(s0, e0, batch_size):
-                        x, ids = _padded(dataset.images, s, e, batch_size)
-                        y = purifier(x, ids)
-                        res[s - s0 : e - s0] = np.asarray(y)[: e - s]
-                        bar.update(e - s)
-                        purified += e - s
-                    records[k] = _write_out(out, writer.write_shard, k, res, labels[s0:e0])
+            purified = _purify_shards(run, records, filt["threshold"] if filt else None)
         except Exception as e:  # tell the other ranks, so none waits at the barrier
             err = e
         t_purify = time.perf_counter() - t2
         dist.check(err)
-
-        # barrier: every rank's records and timings to rank 0, which writes the manifest
         timing = {
             "rank": dist.rank,
-            "shards_written": len(todo),
-            "shards_reused": len(mine) - len(todo),
+            "shards_written": len(run.mine) - reused,
+            "shards_reused": reused,
             "images_purified": purified,
             "energy_s": round(t_energy, 4),
             "purify_s": round(t_purify, 4),
             "images_per_s": round(purified / t_purify, 3) if t_purify > 0 and purified else None,
         }
+        # every rank's records and timings to rank 0, which writes the manifest
         gathered = dist.gather((records, timing))
-        if dist.rank == 0:
-            all_records: dict[int, dict] = {}
+        if dist.is_main:
+            every: dict[int, dict] = {}
             for recs, _ in gathered:
-                all_records.update(recs)
-            shards = [all_records[k] for k in range(writer.num_shards)]
-            counts = np.bincount(labels, minlength=len(dataset.class_names))
-            total = time.perf_counter() - t0
+                every.update(recs)
+            shards = [every[k] for k in range(run.writer.num_shards)]
             ranks = [t for _, t in gathered]
-            n_purified = sum(t["images_purified"] for t in ranks)
-            slowest = max(t["purify_s"] for t in ranks)
-            manifest = {
-                "format": FORMAT_ID,
-                "format_version": FORMAT_VERSION,
-                "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                "config": config,
-                "purifier": purifier.describe(),
-                "dataset": {
-                    **dataset.describe(),
-                    "num_images_selected": n,
-                    "label_counts": [int(c) for c in counts],
-                },
-                "count": n,
-                "shards": shards,
-                "filter": filt,
-                "device": _device_info(purifier),
-                "backend": getattr(purifier, "backend", None),
-                "world_size": dist.world,
-                "timings": {
-                    "total_s": round(total, 4),
-                    "purify_s": round(slowest, 4),
-                    "images_purified": n_purified,
-                    "images_per_s": round(n_purified / slowest, 3) if slowest > 0 else None,
-                    "ranks": ranks,
-                },
-                "versions": {
-                    "puregen_fast": __version__,
-                    "numpy": np.__version__,
-                    "python": platform.python_version(),
-                    **({"torch": _device_info(purifier)["torch"]}),
-                },
-                **(extra_manifest or {}),
-            }
-            _write_out(out, write_json_atomic, out / MANIFEST, manifest)
-            if show:
-                rate = manifest["timings"]["images_per_s"]
-                print(
-                    f"purify: {n} images in {len(shards)} shard(s) -> {out} "
-                    f"({n_purified} purified now in {slowest:.1f}s"
-                    + (f", {rate:.1f} img/s" if rate else "")
-                    + ")",
-                    file=sys.stderr,
-                )
+            _write_manifest(run, shards, ranks, filt, time.perf_counter() - t0,
+                            extra_manifest or {})  # fmt: skip
         dist.check(None)  # nobody returns before the manifest exists
         return out
     finally:
         if own_dist:
             dist.close()
-
-
-# ----------------------------------------------------------------------------- the command
-
-
-def _build_purifier(args: argparse.Namespace, device: str):
-    import puregen_fast as pg
-    from puregen_fast.checkpoints import DEFAULT_DDPM, DEFAULT_EBM
-
-    needs_ebm = args.method in ("ebm", "ebm+ddpm", "reps", "filt")
-    needs_ddpm = args.method in ("ddpm", "ebm+ddpm", "reps") or (
-        args.method == "filt" and args.ddpm is not None
-    )
-    ebm = pg.load_ebm(args.ebm or DEFAULT_EBM) if needs_ebm else None
-    ddpm = pg.load_ddpm(args.ddpm or DEFAULT_DDPM) if needs_ddpm else None
-    try:
-        return pg.Purifier(
-            method=args.method,
-            ebm=ebm,
-            ddpm=ddpm,
-            ebm_steps=args.ebm_steps,
-            ddpm_steps=args.ddpm_steps,
-            reps=args.reps,
-            seed=args.seed,
-            device=device,
-            backend=args.backend,
-            precision=args.precision,
-            ebm_eps=args.ebm_eps,
-            ebm_temp=args.ebm_temp,
-            filter_frac=args.filter_frac,
-            jpeg_quality=args.jpeg_quality,
-        )
-    except ValueError as e:
-        flag = "--backend" if "backend" in str(e) else "--device" if "device" in str(e) else None
-        raise UsageError(f"{flag + ': ' if flag else ''}{e}") from e
-
-
-def run(args: argparse.Namespace) -> int:
-    """The ``purify`` subcommand."""
-    import torch
-
-    _validate(args)
-    cuda = args.device in ("auto", "cuda") and torch.cuda.is_available()
-    dist = Dist.from_env("cuda" if cuda else "cpu")
-    try:
-        device = args.device
-        if cuda and dist.world > 1:
-            device = f"cuda:{dist.local_rank}"
-        out = Path(args.out).expanduser()
-        dist.on_rank0(lambda: check_out_dir(out, resume=args.resume, overwrite=args.overwrite))
-        t0 = time.perf_counter()
-        purifier = dist.staged(lambda: _build_purifier(args, device))
-        t_models = time.perf_counter() - t0
-        dataset = dist.staged(
-            lambda: open_dataset(args.dataset, args.data_dir, args.split, quiet=args.quiet)
-        )
-        t_data = time.perf_counter() - t0 - t_models
-        cli = {
-            k: v for k, v in sorted(vars(args).items()) if not k.startswith("_") and k != "command"
-        }
-        cli["out"] = str(out.absolute())
-        purify_dataset(
-            dataset,
-            purifier,
-            out,
-            batch_size=args.batch_size,
-            shard_size=args.shard_size,
-            fmt=args.format,
-            resume=args.resume,
-            overwrite=args.overwrite,
-            quiet=args.quiet,
-            limit=args.limit,
-            dist=dist,
-            extra_manifest={
-                "command": cli,
-                "setup_timings": {"models_s": round(t_models, 4), "data_s": round(t_data, 4)},
-            },
-        )
-    finally:
-        dist.close()
-    return 0

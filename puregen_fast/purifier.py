@@ -5,15 +5,15 @@ images' global sample ids (DESIGN 2.2: an image's result does not depend on its 
 converts back (clamp to [0, 1], round to uint8). The authors' code wraps out-of-range values
 through a uint8 cast instead of clamping; we clamp.
 
-Backends: ``reference`` (eager PyTorch, `puregen_fast.reference` on the keyed stream) and ``fast``
-(`puregen_fast.fast`: compiled models, fused kernels, CUDA graphs); ``auto`` picks fast where it
-runs and says which it picked in `backend` / `backend_reason`.
+Backends (`sampling.backends`): ``reference`` (eager PyTorch, `puregen_fast.reference` on the
+keyed stream) and ``fast`` (compiled models, fused kernels, CUDA graphs); ``auto`` picks fast
+where it runs and says which it picked in `backend` / `backend_reason`. The engine never reads
+settings back from its callers: a data set's filt threshold is an argument of the call.
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -22,85 +22,12 @@ from torch import nn
 
 from puregen_fast import noise as pgnoise
 from puregen_fast import reference
-from puregen_fast.schedule import DDPMSchedule
+from puregen_fast.config import METHODS, EngineConfig
+from puregen_fast.models.schedule import DDPMSchedule
+from puregen_fast.runtime import resolve_device
+from puregen_fast.sampling.backends import make_sampler
 
-__all__ = ["Purifier", "METHODS", "PRECISIONS", "ReferenceSampler"]
-
-METHODS = ("ebm", "ddpm", "ebm+ddpm", "reps", "filt", "jpeg", "none")
-PRECISIONS = ("fp32", "tf32", "bf16")
-BACKENDS = ("auto", "reference", "fast")
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``auto`` -> cuda when available, else cpu; ValueError for a bad or unavailable device."""
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, ValueError):
-        msg = f"{str(device)!r} is not a device; use auto, cpu, cuda or cuda:N"
-        raise ValueError(msg) from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(
-            "device 'cuda' requested but no CUDA device is available; use --device cpu"
-        )
-    return dev
-
-
-@contextlib.contextmanager
-def precision_context(precision: str, device: torch.device) -> Iterator[None]:
-    """Model math in fp32 (tf32 off), tf32 (matmul/conv on tensor cores) or bf16 (autocast).
-    The state x stays fp32 in every mode. cuDNN is held to deterministic algorithms, so a fixed
-    batch size gives bit-identical results (DESIGN 2.2; some input-gradient convolutions would
-    otherwise sum with atomics)."""
-    b = torch.backends
-    old = (b.cuda.matmul.allow_tf32, b.cudnn.allow_tf32, b.cudnn.deterministic)
-    tf32 = precision == "tf32"
-    b.cuda.matmul.allow_tf32 = b.cudnn.allow_tf32 = tf32
-    b.cudnn.deterministic = True
-    try:
-        if precision == "bf16":
-            # no weight-cast cache: CUDA graph capture must not keep autocast's cached casts
-            with torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=False):
-                yield
-        else:
-            yield
-    finally:
-        b.cuda.matmul.allow_tf32, b.cudnn.allow_tf32, b.cudnn.deterministic = old
-
-
-class ReferenceSampler:
-    """The eager reference on the keyed noise stream."""
-
-    name = "reference"
-
-    def __init__(self, p: Purifier) -> None:
-        self.p = p
-
-    def _noise(self, stream: int, ids: torch.Tensor, shape: Sequence[int]):
-        seed, dev = self.p.seed, ids.device
-        return lambda step: pgnoise.randn(seed, stream, step, ids, shape, device=dev)
-
-    def ebm(
-        self, x: torch.Tensor, ids: torch.Tensor, rep: int = 0, pad_to: int | None = None
-    ) -> torch.Tensor:  # pad_to: a capture hint for the fast sampler; nothing to do here
-        p = self.p
-        z = self._noise(pgnoise.stream_id(pgnoise.STREAM_EBM, rep), ids, x.shape[1:])
-        with precision_context(p.precision, p.device):
-            return reference.ebm_purify(
-                p.ebm, x, p.ebm_steps, p.ebm_eps, p.ebm_temp, noise=z, check_range=False
-            )
-
-    def ddpm(
-        self, x: torch.Tensor, ids: torch.Tensor, rep: int = 0, pad_to: int | None = None
-    ) -> torch.Tensor:  # pad_to: a capture hint for the fast sampler; nothing to do here
-        p = self.p
-        z = self._noise(pgnoise.stream_id(pgnoise.STREAM_DDPM, rep), ids, x.shape[1:])
-        with precision_context(p.precision, p.device):
-            out = reference.ddpm_purify(
-                p.ddpm, p.schedule, x, p.ddpm_steps, noise=z, check_range=False
-            )
-        return out.float()
+__all__ = ["Purifier", "METHODS"]
 
 
 class Purifier:
@@ -109,9 +36,10 @@ class Purifier:
     images: uint8 NHWC in [0, 255] or float NCHW in [0, 1], numpy or torch; the result comes back
     in the same form. sample_ids: the images' global indices, which key the noise.
     Methods: ebm, ddpm, ebm+ddpm (EBM then DDPM), reps (``reps`` rounds of EBM then DDPM),
-    filt (purify only images whose EBM energy is at least ``filter_threshold``, or without one the
-    ``filter_frac`` highest of the batch, with the EBM and then the DDPM when one is given),
-    jpeg (re-encode at ``jpeg_quality``), none.
+    filt (purify only images whose EBM energy is at least the ``filter_threshold`` given to the
+    call, or without one the ``filter_frac`` highest of the batch, with the EBM and then the DDPM
+    when one is given), jpeg (re-encode at ``jpeg_quality``), none. The options are the fields
+    of `EngineConfig` (checked there; ``self.config``).
     """
 
     def __init__(
@@ -132,62 +60,36 @@ class Purifier:
         jpeg_quality: int = 75,
         schedule: DDPMSchedule | None = None,
     ) -> None:
-        if method not in METHODS:
-            raise ValueError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
-        needs_ebm = method in ("ebm", "ebm+ddpm", "reps", "filt")
-        needs_ddpm = method in ("ddpm", "ebm+ddpm", "reps")
+        cfg = EngineConfig(
+            method=method, ebm_steps=ebm_steps, ebm_eps=ebm_eps, ebm_temp=ebm_temp,
+            ddpm_steps=ddpm_steps, reps=reps, filter_frac=filter_frac, jpeg_quality=jpeg_quality,
+            seed=seed, device=str(device), backend=backend, precision=precision,
+        )  # fmt: skip
+        needs_ebm, needs_ddpm = cfg.uses
         if needs_ebm and ebm is None:
             raise ValueError(f"method {method!r} needs an EBM (ebm=...)")
         if needs_ddpm and ddpm is None:
             raise ValueError(f"method {method!r} needs a DDPM (ddpm=...)")
-        if reps < 1 or (reps > 1 and method != "reps"):
-            raise ValueError(f"reps must be >= 1, and > 1 only with method 'reps'; got {reps}")
-        if needs_ebm and (ebm_steps < 1 or ebm_eps <= 0 or ebm_temp <= 0):
-            raise ValueError("ebm_steps must be >= 1 and ebm_eps, ebm_temp > 0")
-        if needs_ddpm and not 1 <= ddpm_steps < 1000:
-            raise ValueError(f"ddpm_steps must lie in [1, 1000); got {ddpm_steps}")
-        if not 0.0 < filter_frac <= 1.0:
-            raise ValueError(f"filter_frac must lie in (0, 1]; got {filter_frac}")
-        if not 1 <= jpeg_quality <= 95:
-            raise ValueError(f"jpeg_quality must lie in [1, 95]; got {jpeg_quality}")
-        if not 0 <= seed < (1 << 63):
-            raise ValueError(f"seed must lie in [0, 2**63); got {seed}")
-
-        self.method = method
+        self.config = cfg
+        self.method, self.seed, self.precision = method, seed, precision
         self.device = resolve_device(device)
         self.uses_ebm = needs_ebm
         self.uses_ddpm = needs_ddpm or (method == "filt" and ddpm is not None)
         self.ebm = ebm.to(self.device).eval().requires_grad_(False) if self.uses_ebm else None
         self.ddpm = ddpm.to(self.device).eval().requires_grad_(False) if self.uses_ddpm else None
-        self.ebm_steps, self.ddpm_steps, self.reps = ebm_steps, ddpm_steps, reps
-        self.ebm_eps, self.ebm_temp = ebm_eps, ebm_temp
-        self.seed, self.precision = seed, precision
-        self.filter_frac, self.jpeg_quality = filter_frac, jpeg_quality
-        self.filter_threshold: float | None = None
         self.schedule = schedule or DDPMSchedule()
-        self.requested_backend = backend
-        self.sampler, self.backend_reason = self._pick_backend(backend)
+        no_model = method in ("jpeg", "none")  # nothing for a fast path to do
+        self.sampler = make_sampler(
+            "reference" if no_model else backend,
+            cfg.sampler(self.device),
+            self.ebm,
+            self.ddpm,
+            self.schedule,
+        )
         self.backend = self.sampler.name
-
-    def _pick_backend(self, backend: str) -> tuple[Any, str]:
-        if backend == "reference" or self.method in ("jpeg", "none"):
-            why = "requested" if backend == "reference" else f"method {self.method!r} has no model"
-            return ReferenceSampler(self), why
-        try:
-            from puregen_fast import fast
-        except ImportError as e:
-            ok, why = False, f"fast path not importable ({e})"
-        else:
-            ok, why = fast.available(self.device, self.precision)
-        if ok:
-            return fast.FastSampler(self), why
-        if backend == "fast":
-            raise ValueError(f"backend 'fast' cannot run here: {why}; use backend 'reference'")
-        return ReferenceSampler(self), f"fast path unavailable: {why}"
+        self.backend_reason = self.sampler.reason
+        if no_model and backend != "reference":
+            self.backend_reason = f"method {method!r} has no model"
 
     # -- conversion -------------------------------------------------------------------------
     def _to_x(self, images: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, bool]:
@@ -255,18 +157,23 @@ class Purifier:
         self,
         images: np.ndarray | torch.Tensor,
         sample_ids: Sequence[int] | np.ndarray | torch.Tensor,
+        *,
+        filter_threshold: float | None = None,
     ) -> np.ndarray | torch.Tensor:
+        """Purify ``images``; ``filter_threshold`` (filt): purify the images whose EBM energy is
+        at least this (a data set's global threshold), instead of the batch's top fraction."""
         x, was_uint8 = self._to_x(images)
         ids = self._ids(sample_ids, x.shape[0])
         if x.shape[0] == 0 or self.method == "none":
             return self._from_x(x, images, was_uint8)
         if self.method == "jpeg":
             u8 = torch.round(((x + 1) / 2).clamp(0, 1) * 255).to(torch.uint8).permute(0, 2, 3, 1)
-            out = reference.jpeg(u8.cpu().numpy(), self.jpeg_quality)
+            out = reference.jpeg(u8.cpu().numpy(), self.config.jpeg_quality)
             x = torch.from_numpy(out).to(self.device).permute(0, 3, 1, 2).float() / 255 * 2 - 1
             return self._from_x(x, images, was_uint8)
         if self.method == "filt":
-            mask = reference.filter_mask(self._energy(x), self.filter_frac, self.filter_threshold)
+            frac = self.config.filter_frac
+            mask = reference.filter_mask(self._energy(x), frac, filter_threshold)
             if bool(mask.any()):
                 x = x.clone()
                 # a data-dependent subset: let the fast sampler bucket its capture sizes
@@ -278,11 +185,13 @@ class Purifier:
     def _stages(
         self, x: torch.Tensor, ids: torch.Tensor, pad_to: int | None = None
     ) -> torch.Tensor:
-        for r in range(self.reps):
+        for r in range(self.config.reps):
             if self.ebm is not None:
-                x = self.sampler.ebm(x, ids, r, pad_to)
+                stream = pgnoise.stream_id(pgnoise.STREAM_EBM, r)
+                x = self.sampler.ebm(x, ids, stream, pad_to=pad_to)
             if self.ddpm is not None:
-                x = self.sampler.ddpm(x, ids, r, pad_to)
+                stream = pgnoise.stream_id(pgnoise.STREAM_DDPM, r)
+                x = self.sampler.ddpm(x, ids, stream, pad_to=pad_to)
         return x
 
     def _energy(self, x: torch.Tensor) -> torch.Tensor:
@@ -299,37 +208,37 @@ class Purifier:
 
     def describe(self) -> dict[str, Any]:
         """The configuration, JSON-serialisable, for manifests and benchmark reports."""
+        c = self.config
         d: dict[str, Any] = {
-            "method": self.method,
-            "seed": self.seed,
-            "precision": self.precision,
+            "method": c.method,
+            "seed": c.seed,
+            "precision": c.precision,
             "backend": self.backend,
-            "backend_requested": self.requested_backend,
+            "backend_requested": c.backend,
             "backend_reason": self.backend_reason,
             "device": str(self.device),
             "noise": "philox4x32-10 keyed (seed, stream, step, sample_id, element)",
         }
         if self.ebm is not None:
             d["ebm"] = {
-                "steps": self.ebm_steps,
-                "eps": self.ebm_eps,
-                "temp": self.ebm_temp,
+                "steps": c.ebm_steps,
+                "eps": c.ebm_eps,
+                "temp": c.ebm_temp,
                 "config": dict(getattr(self.ebm, "config", {})),
                 "source": getattr(self.ebm, "puregen_source", None),
                 "sha256": getattr(self.ebm, "puregen_sha256", None),
             }
         if self.ddpm is not None:
             d["ddpm"] = {
-                "steps": self.ddpm_steps,
+                "steps": c.ddpm_steps,
                 "schedule": self.schedule.config,
                 "source": getattr(self.ddpm, "puregen_source", None),
                 "sha256": getattr(self.ddpm, "puregen_sha256", None),
             }
-        if self.method == "reps":
-            d["reps"] = self.reps
-        if self.method == "filt":
-            d["filter_frac"] = self.filter_frac
-            d["filter_threshold"] = self.filter_threshold
-        if self.method == "jpeg":
-            d["jpeg_quality"] = self.jpeg_quality
+        if c.method == "reps":
+            d["reps"] = c.reps
+        if c.method == "filt":
+            d["filter_frac"] = c.filter_frac
+        if c.method == "jpeg":
+            d["jpeg_quality"] = c.jpeg_quality
         return d

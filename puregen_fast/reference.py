@@ -17,7 +17,14 @@ import torch
 from torch import nn
 
 from puregen_fast import noise as pgnoise
-from puregen_fast.schedule import DDPMSchedule
+from puregen_fast.models.schedule import (
+    COL_C0,
+    COL_C1,
+    COL_SQRT_ABAR,
+    COL_SQRT_ONE_MINUS_ABAR,
+    COL_STD,
+    DDPMSchedule,
+)
 
 __all__ = [
     "ebm_purify",
@@ -100,23 +107,14 @@ def ddpm_step(
     """One DDPM posterior step x_t -> x_{t-1}, exactly as diffusers' `DDPMScheduler.step` with
     fixed_small variance, clip_sample (range 1) and epsilon prediction; no noise at t = 0."""
     t = sched.check_t(t)
-    dev = x_t.device
-    ab_t = sched.alpha_prod(t)
-    ab_prev = sched.alpha_prod(t - 1)
-    beta_prod_t = 1 - ab_t
-    beta_prod_prev = 1 - ab_prev
-    alpha_t = ab_t / ab_prev
-    beta_t = 1 - alpha_t
-    x0 = (x_t - (beta_prod_t**0.5).to(dev) * eps_pred) / (ab_t**0.5).to(dev)
+    row = sched.coefficients(x_t.device)[t]
+    x0 = (x_t - row[COL_SQRT_ONE_MINUS_ABAR] * eps_pred) / row[COL_SQRT_ABAR]
     x0 = x0.clamp(-1.0, 1.0)
-    c_x0 = (ab_prev**0.5 * beta_t) / beta_prod_t
-    c_xt = alpha_t**0.5 * beta_prod_prev / beta_prod_t
-    prev = c_x0.to(dev) * x0 + c_xt.to(dev) * x_t
+    prev = row[COL_C0] * x0 + row[COL_C1] * x_t
     if t > 0:
         if noise is None:
             raise ValueError("ddpm_step: noise is required for t > 0")
-        var = torch.clamp(beta_prod_prev / beta_prod_t * beta_t, min=1e-20)
-        prev = prev + (var**0.5).to(dev) * noise
+        prev = prev + row[COL_STD] * noise
     return prev
 
 

@@ -13,7 +13,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from puregen_fast.unet import UNET_PRESETS
+from puregen_fast.models.unet import UNET_PRESETS
 
 __all__ = [
     "EBMConfig",

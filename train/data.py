@@ -1,5 +1,5 @@
-"""Training data: the foundation's readers (`puregen_fast.datasets.open_dataset`) behind a small
-checked wrapper, with a minimal ``.npz`` reader of our own for builds without them."""
+"""Training data: the data layer's readers (`puregen_fast.data.datasets.open_dataset`) behind a
+small checked wrapper, with a minimal ``.npz`` reader of our own for builds without them."""
 
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ def _read_npz(path: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
 
 def _open(dataset: str, data_dir: str | None, split: str) -> tuple[np.ndarray, np.ndarray, list]:
     try:
-        from puregen_fast.datasets import open_dataset
+        from puregen_fast.data.datasets import open_dataset
     except ImportError:
         open_dataset = None
     if open_dataset is None:

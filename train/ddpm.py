@@ -27,13 +27,13 @@ from torch import nn
 
 from puregen_fast import noise as pgnoise
 from puregen_fast import reference
-from puregen_fast.checkpoints import save_ddpm
+from puregen_fast.dist import Dist
 from puregen_fast.errors import UsageError
-from puregen_fast.purifier import precision_context
-from puregen_fast.schedule import DDPMSchedule
+from puregen_fast.models.checkpoints import save_ddpm
+from puregen_fast.models.schedule import DDPMSchedule
+from puregen_fast.runtime import precision_context
 from puregen_fast.train.config import UNET_PRESETS, DDPMConfig
 from puregen_fast.train.data import TrainData, to_x
-from puregen_fast.train.dist import Dist
 from puregen_fast.train.loop import (
     Loop,
     TrainResult,
@@ -100,7 +100,7 @@ class DDPMTrainer(Loop):
 
     # -- set-up --------------------------------------------------------------------------------
     def build(self) -> None:
-        from puregen_fast.unet import UNet2D
+        from puregen_fast.models.unet import UNet2D
 
         cfg, dev = self.cfg, self.device
         h, w = self.data.hw

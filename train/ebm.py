@@ -27,13 +27,13 @@ import torch
 from torch import nn
 
 from puregen_fast import noise as pgnoise
-from puregen_fast.checkpoints import save_ebm
-from puregen_fast.ebm import EBMSNGAN32
+from puregen_fast.dist import Dist
 from puregen_fast.errors import UsageError
-from puregen_fast.purifier import precision_context
+from puregen_fast.models.checkpoints import save_ebm
+from puregen_fast.models.ebm import EBMSNGAN32
+from puregen_fast.runtime import precision_context
 from puregen_fast.train.config import EBMConfig
 from puregen_fast.train.data import TrainData, to_x
-from puregen_fast.train.dist import Dist
 from puregen_fast.train.loop import (
     Loop,
     TrainResult,

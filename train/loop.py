@@ -26,10 +26,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from puregen_fast.dist import Dist
 from puregen_fast.errors import UsageError
 from puregen_fast.train.config import recipe_of
 from puregen_fast.train.data import TrainData, load_train_data
-from puregen_fast.train.dist import Dist, setup_dist
 from puregen_fast.train.plots import save_curves, save_grid
 from puregen_fast.train.state import RunDir, atomic_write_text, capture_rng, restore_rng
 from puregen_fast.train.watch import DivergenceWatch, WatchConfig
@@ -464,10 +464,10 @@ def run_training(
     trainer: type[Loop], cfg: Any, data: TrainData | None = None, min_hw: int = 1
 ) -> TrainResult:
     """Set up the ranks, load the data (rank 0 first, so it downloads and caches once), train."""
-    dist = setup_dist(cfg.device)
+    dist = Dist.from_env(cfg.device)
     try:
         if data is None:
-            data = dist.main_first(
+            data = dist.staged(
                 lambda: load_train_data(
                     cfg.dataset,
                     cfg.data_dir,

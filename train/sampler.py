@@ -15,7 +15,7 @@ import sys
 import torch
 from torch import nn
 
-from puregen_fast.langevin import LangevinSampler
+from puregen_fast.sampling.backends import LangevinSampler
 
 __all__ = ["TrainSampler"]
 

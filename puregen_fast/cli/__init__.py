@@ -1,0 +1,1 @@
+"""The `puregen-fast` command line: `main` wires up one module per subcommand."""

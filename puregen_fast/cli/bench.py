@@ -1,0 +1,424 @@
+"""`puregen-fast bench`: throughput of the authors' loop vs our fast path, in one run, one device.
+
+Columns (each a backend timed on the same weights, batch and device):
+
+* ``authors``: the paper's loop as its authors run it: `reference.ebm_purify` /
+  `reference.ddpm_purify` with ``noise=None`` (autograd and ``torch.randn``);
+* ``fast``: `LangevinSampler` / `DDPMSampler` (compiled, fused kernels, CUDA graph on CUDA);
+* ``diffusers`` (DDPM only, where diffusers is installed): its ``UNet2DModel`` and
+  ``DDPMScheduler`` loop with the same weights.
+
+Warm-up (compile, capture, autotune) is timed apart from the repeats; the figure is the median of
+the repeats (CUDA events on GPU). Achieved TFLOP/s counts the model FLOPs of one image-step with
+torch's FLOP counter (EBM: forward plus input gradient; DDPM: one UNet forward) and compares them
+with the device's dense peak for the precision. Every backend is credited with the plain model's
+FLOPs (1.088 GFLOP per image-step for the paper's EBM), so the column compares like with like;
+the fast EBM does 0.670 of them, pooling being folded into its convolutions. Where NVML
+answers: mean GPU utilisation, power and joules per image over the repeats.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from puregen_fast import reference
+from puregen_fast.errors import UsageError
+from puregen_fast.models.ebm import EBMSNGAN32
+from puregen_fast.models.schedule import DDPMSchedule
+from puregen_fast.runtime import COMPILE_MODES, PRECISIONS, precision_context, resolve_device
+
+# dense peak TFLOP/s by (device-name fragment, precision); SXM parts, no sparsity
+PEAK_TFLOPS: dict[str, dict[str, float]] = {
+    "H200": {"fp32": 67.0, "tf32": 494.7, "bf16": 989.4},
+    "H100": {"fp32": 67.0, "tf32": 494.7, "bf16": 989.4},
+    "A100": {"fp32": 19.5, "tf32": 156.0, "bf16": 312.0},
+    "L4": {"fp32": 30.3, "tf32": 60.0, "bf16": 121.0},
+}
+
+# --model -> UNet preset (puregen_fast.models.unet.UNET_PRESETS)
+UNET_MODELS = {"paper": "paper", "small": "tiny"}
+EBM_WIDTHS = {"paper": 128, "small": 16}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--method", choices=["ebm", "ddpm"], default="ebm")
+    p.add_argument(
+        "--model",
+        choices=["paper", "small"],
+        default="paper",
+        help="paper: EBM nf=128 / the 113.7M UNet; small: tiny models for CPUs",
+    )
+    p.add_argument("--ebm", default=None, help="an EBM checkpoint instead of random weights")
+    p.add_argument("--ddpm", default=None, help="a DDPM checkpoint instead of random weights")
+    p.add_argument("--batch-size", type=int, default=512)
+    p.add_argument("--steps", type=int, default=None, help="default: 150 (EBM), 75 (DDPM)")
+    p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32")
+    p.add_argument("--backends", default="authors,fast,diffusers",
+                   help="comma-separated subset of authors,fast,diffusers")  # fmt: skip
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--compile-mode", choices=COMPILE_MODES, default="default",
+                   help="torch.compile mode of the fast backend's model")  # fmt: skip
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="after timing, profile one more run of each backend and list its N "
+                   "costliest kernels (GPU) or ops (CPU)")  # fmt: skip
+    p.add_argument("--json", type=Path, default=None, help="write the result as JSON here")
+    p.add_argument("--md", type=Path, default=None, help="append the markdown table here")
+
+
+class _NvmlSampler:
+    """Samples GPU utilisation and power every 50 ms in a thread while timing runs."""
+
+    def __init__(self, index: int) -> None:
+        self.util: list[float] = []
+        self.power: list[float] = []
+        self._stop = threading.Event()
+        self._handle = None
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            self._nvml = pynvml
+            self._handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+        except Exception:
+            self._handle = None
+
+    def __enter__(self) -> _NvmlSampler:
+        if self._handle is not None:
+            self._thread = threading.Thread(target=self._run, daemon=True)
+            self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                util = self._nvml.nvmlDeviceGetUtilizationRates(self._handle).gpu
+                power = self._nvml.nvmlDeviceGetPowerUsage(self._handle) / 1000
+            except Exception:  # a card or driver that does not report these: no NVML columns
+                return
+            self.util.append(util)
+            self.power.append(power)
+            self._stop.wait(0.05)
+
+    def __exit__(self, *exc: object) -> None:
+        if self._handle is not None:
+            self._stop.set()
+            self._thread.join()
+
+    def summary(self) -> dict[str, float] | None:
+        if not self.power:
+            return None
+        return {"gpu_util_pct": statistics.mean(self.util), "power_w": statistics.mean(self.power)}
+
+
+def profile_top(device: torch.device, fn: Callable[[], Any], top: int) -> dict[str, Any]:
+    """Where one run's time goes: the ``top`` kernels by self device time on CUDA (kernels of
+    CUDA graph replays included), the ``top`` ops by self CPU time elsewhere."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=acts) as prof:
+        fn()
+        if cuda:
+            torch.cuda.synchronize(device)
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    events = [
+        e
+        for e in prof.key_averages()
+        if getattr(e, key) > 0 and (not cuda or e.device_type == DeviceType.CUDA)
+    ]
+    total = sum(getattr(e, key) for e in events)
+    events.sort(key=lambda e: -getattr(e, key))
+    return {
+        "clock": "device" if cuda else "cpu",
+        "total_ms": total / 1e3,
+        "top": [
+            {
+                "name": e.key,
+                "calls": e.count,
+                "ms": getattr(e, key) / 1e3,
+                "pct": 100 * getattr(e, key) / total,
+            }
+            for e in events[:top]
+        ],
+    }
+
+
+def _timer(device: torch.device, fn: Callable[[], Any]) -> float:
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize(device)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize(device)
+        return start.elapsed_time(end) / 1000
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def flops_per_image_step(method: str, model: nn.Module, hw: int, device: torch.device) -> float:
+    """Model FLOPs of one image and one step, counted by torch (convs and matmuls)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = torch.zeros(2, 3, hw, hw, device=device)
+    with FlopCounterMode(display=False) as counter:
+        if method == "ebm":  # forward plus the input gradient (parameters are frozen)
+            with torch.enable_grad():
+                model(x.requires_grad_(True)).sum().backward()
+        else:
+            with torch.no_grad():
+                model(x, torch.tensor(10, device=device))
+    return counter.get_total_flops() / 2
+
+
+def peak_tflops(device: torch.device, precision: str) -> tuple[str, float | None]:
+    if device.type != "cuda":
+        return "cpu", None
+    name = torch.cuda.get_device_name(device)
+    for frag, peaks in PEAK_TFLOPS.items():
+        if frag in name:
+            return name, peaks[precision]
+    return name, None
+
+
+def _models(args: argparse.Namespace, device: torch.device) -> nn.Module:
+    torch.manual_seed(0)
+    if args.method == "ebm":
+        if args.ebm:
+            from puregen_fast.models.checkpoints import load_ebm
+
+            return load_ebm(args.ebm, device)
+        return EBMSNGAN32(nf=EBM_WIDTHS[args.model]).to(device).eval().requires_grad_(False)
+    if args.ddpm:
+        from puregen_fast.models.checkpoints import load_ddpm
+
+        return load_ddpm(args.ddpm, device)
+    from puregen_fast.models.unet import UNET_PRESETS, UNet2D
+
+    unet = UNet2D.from_config(UNET_PRESETS[UNET_MODELS[args.model]])
+    return unet.to(device).eval().requires_grad_(False)
+
+
+def _runners(
+    args: argparse.Namespace, model: nn.Module, device: torch.device, steps: int
+) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+    wanted = [b.strip() for b in args.backends.split(",") if b.strip()]
+    bad = set(wanted) - {"authors", "fast", "diffusers"}
+    if bad:
+        raise UsageError(f"--backends: unknown {sorted(bad)}; choose from authors,fast,diffusers")
+    ids = torch.arange(args.batch_size, device=device)
+    sched = DDPMSchedule()
+    out: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
+    for name in wanted:
+        if name == "authors":
+            if args.method == "ebm":
+                out[name] = lambda x: reference.ebm_purify(model, x, steps, check_range=False)
+            else:
+                out[name] = lambda x: reference.ddpm_purify(
+                    model, sched, x, steps, check_range=False
+                )
+        elif name == "fast":
+            if args.method == "ebm":
+                from puregen_fast.sampling.backends import LangevinSampler
+
+                s = LangevinSampler(
+                    model, steps, seed=0, device=device, precision=args.precision,
+                    compile_mode=args.compile_mode,
+                )  # fmt: skip
+            else:
+                from puregen_fast.sampling.backends import DDPMSampler
+
+                s = DDPMSampler(
+                    model, sched, steps, seed=0, device=device, precision=args.precision,
+                    compile_mode=args.compile_mode,
+                )  # fmt: skip
+            out[name] = lambda x, s=s: s(x, ids)
+        elif name == "diffusers" and args.method == "ddpm":
+            try:
+                out[name] = _diffusers_runner(model, steps, device)
+            except ImportError:
+                continue  # diffusers not installed: no third column
+    return out
+
+
+def _diffusers_runner(model: nn.Module, steps: int, device: torch.device):
+    import diffusers
+
+    ref = diffusers.UNet2DModel.from_config(dict(model.config)).to(device).eval()
+    ref.load_state_dict(model.state_dict())
+    sch = diffusers.DDPMScheduler(num_train_timesteps=1000)
+
+    @torch.no_grad()
+    def run(x: torch.Tensor) -> torch.Tensor:
+        x = sch.add_noise(x, torch.randn_like(x), torch.tensor([steps], device=device))
+        for t in sch.timesteps[-steps:]:
+            x = sch.step(ref(x, t).sample, t, x).prev_sample
+        return x
+
+    return run
+
+
+def benchmark(args: argparse.Namespace) -> dict[str, Any]:
+    if args.profile < 0:
+        raise UsageError(f"--profile {args.profile}: need N >= 0 (0: no profile)")
+    if args.batch_size < 1 or args.repeats < 1 or args.image_size < 8 or args.image_size % 8:
+        raise UsageError(
+            "--batch-size and --repeats must be >= 1, --image-size a multiple of 8 (>= 8); got "
+            f"{args.batch_size}, {args.repeats}, {args.image_size}"
+        )
+    try:
+        device = resolve_device(args.device)
+    except ValueError as e:
+        raise UsageError(f"--device: {e}") from e
+    if args.precision == "bf16" and device.type != "cuda":
+        raise UsageError("--precision bf16 needs a CUDA device; use fp32 on CPU")
+    if args.profile and device.type == "cuda":
+        # start the profiler's CUDA tracing once before any graph is captured, so the kernels
+        # of graph replays are recorded later (torch's advice for profiling CUDA graphs)
+        from torch.autograd.profiler import profile as _legacy_profile
+
+        with _legacy_profile():
+            pass
+    steps = (150 if args.method == "ebm" else 75) if args.steps is None else args.steps
+    if not 1 <= steps < (10**9 if args.method == "ebm" else DDPMSchedule().num_train_timesteps):
+        raise UsageError(f"--steps {steps}: need >= 1 (and < 1000 for ddpm)")
+    model = _models(args, device)
+    flops = flops_per_image_step(args.method, model, args.image_size, device)
+    dev_name, peak = peak_tflops(device, args.precision)
+    torch.manual_seed(1)
+    x0 = torch.rand(args.batch_size, 3, args.image_size, args.image_size, device=device) * 2 - 1
+    runners = _runners(args, model, device, steps)
+    if not runners:
+        raise UsageError(
+            f"--backends {args.backends}: nothing to time for --method {args.method} here "
+            "(diffusers is a DDPM column and needs the diffusers package)"
+        )
+    rows = []
+    for name, fn in runners.items():
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        with precision_context(args.precision, device):
+            warm = _timer(device, lambda fn=fn: fn(x0))
+            nv = _NvmlSampler(device.index or 0) if device.type == "cuda" else None
+            times = []
+            with nv if nv is not None else _Null():
+                for _ in range(args.repeats):
+                    times.append(_timer(device, lambda fn=fn: fn(x0)))
+            prof = profile_top(device, lambda fn=fn: fn(x0), args.profile) if args.profile else None
+        med = statistics.median(times)
+        ips = args.batch_size / med
+        achieved = flops * steps * args.batch_size / med / 1e12
+        row: dict[str, Any] = {
+            "backend": name,
+            "warmup_s": warm,
+            "median_s": med,
+            "times_s": times,
+            "images_per_s": ips,
+            "tflops": achieved,
+            "pct_of_peak": 100 * achieved / peak if peak else None,
+            "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30
+            if device.type == "cuda"
+            else None,
+        }
+        if prof is not None:
+            row["profile"] = prof
+        nvs = nv.summary() if nv is not None else None
+        if nvs:
+            row.update(nvs)
+            row["joules_per_image"] = nvs["power_w"] * med / args.batch_size
+        rows.append(row)
+    base = next((r for r in rows if r["backend"] == "authors"), None)
+    for r in rows:
+        r["speedup_vs_authors"] = r["images_per_s"] / base["images_per_s"] if base else None
+    return {
+        "method": args.method,
+        "model": args.model if not (args.ebm or args.ddpm) else (args.ebm or args.ddpm),
+        "batch_size": args.batch_size,
+        "steps": steps,
+        "image_size": args.image_size,
+        "precision": args.precision,
+        "compile_mode": args.compile_mode,
+        "device": dev_name,
+        "torch": torch.__version__,
+        "flops_per_image_step": flops,
+        "peak_tflops": peak,
+        "rows": rows,
+    }
+
+
+class _Null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def markdown(res: dict[str, Any]) -> str:
+    def f(v: Any, fmt: str) -> str:
+        return "-" if v is None else format(v, fmt)
+
+    head = (
+        f"**{res['method'].upper()}-{res['steps']}**, model {res['model']}, batch "
+        f"{res['batch_size']}, {res['precision']}, {res['device']} (torch {res['torch']}; "
+        f"{'' if res['compile_mode'] == 'default' else 'compile ' + res['compile_mode'] + '; '}"
+        f"{res['flops_per_image_step'] / 1e9:.3f} GFLOP per image-step)\n\n"
+        "| backend | images/s | speed-up vs authors | median s | warm-up s | TFLOP/s | % of peak "
+        "| peak GiB | GPU util % | W | J/image |\n|---|---|---|---|---|---|---|---|---|---|---|\n"
+    )
+    lines = [
+        f"| {r['backend']} | {r['images_per_s']:.1f} | {f(r['speedup_vs_authors'], '.2f')}"
+        f"{'x' if r['speedup_vs_authors'] is not None else ''} | "
+        f"{r['median_s']:.3f} | {r['warmup_s']:.2f} | {r['tflops']:.3f} | "
+        f"{f(r['pct_of_peak'], '.1f')} | {f(r['peak_mem_gib'], '.2f')} | "
+        f"{f(r.get('gpu_util_pct'), '.0f')} | {f(r.get('power_w'), '.0f')} | "
+        f"{f(r.get('joules_per_image'), '.3f')} |"
+        for r in res["rows"]
+    ]
+    out = head + "\n".join(lines) + "\n"
+    for r in res["rows"]:
+        prof = r.get("profile")
+        if not prof:
+            continue
+        what = "kernels by device time" if prof["clock"] == "device" else "ops by self CPU time"
+        out += (
+            f"\nWhere the time goes, `{r['backend']}` (one run under torch.profiler, {what}; "
+            f"{prof['total_ms']:.1f} ms in all)\n\n"
+            "| kernel or op | calls | ms | % |\n|---|---|---|---|\n"
+        )
+        if not prof["top"]:
+            out += "| (nothing recorded) | | | |\n"
+        for e in prof["top"]:
+            name = e["name"].replace("|", "/")
+            name = name if len(name) <= 90 else name[:87] + "..."
+            out += f"| `{name}` | {e['calls']} | {e['ms']:.2f} | {e['pct']:.1f} |\n"
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    res = benchmark(args)
+    md = markdown(res)
+    print(md)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(res, indent=2))
+    if args.md:
+        args.md.parent.mkdir(parents=True, exist_ok=True)
+        with args.md.open("a") as fh:
+            fh.write(md + "\n")
+    return 0

@@ -1,0 +1,69 @@
+"""The `puregen-fast` command line (DESIGN 4). Each subcommand lives in its own module, which
+provides `add_arguments(parser)` and `run(args) -> int`; this file only wires them up and maps
+errors to exit codes (0 success, 2 bad usage or input, 1 internal failure)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from puregen_fast.errors import UsageError
+
+# subcommand -> (module, one-line help)
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "purify": ("puregen_fast.cli.purify", "purify a data set into --out DIR"),
+    "bench": ("puregen_fast.cli.bench", "throughput: reference vs fast on one device, one run"),
+    "train": ("puregen_fast.cli.train", "train the EBM or the DDPM"),
+    "eval": ("puregen_fast.cli.eval", "poison success and natural accuracy, the paper's table"),
+    "info": ("puregen_fast.cli.info", "versions, devices, NVML readings, which kernels run here"),
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # argparse exits 2 too; keep its wording
+        self.print_usage(sys.stderr)
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="puregen-fast", description="PureGen data purification at GPU speed.")
+    from puregen_fast.version import __version__
+
+    parser.add_argument("--version", action="version", version=f"puregen-fast {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="{" + ",".join(SUBCOMMANDS) + "}")
+    for name, (module, help_) in SUBCOMMANDS.items():
+        p = sub.add_parser(name, help=help_, description=help_)
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as e:  # a subcommand not built in this install
+            if e.name is None or not e.name.startswith("puregen_fast"):
+                raise
+            p.set_defaults(_unavailable=f"'{name}' is not available in this build ({e.name})")
+            continue
+        mod.add_arguments(p)
+        p.set_defaults(_run=mod.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    if getattr(args, "_unavailable", None):
+        print(f"puregen-fast: error: {args._unavailable}", file=sys.stderr)
+        return 1
+    try:
+        return int(args._run(args) or 0)
+    except UsageError as e:
+        print(f"puregen-fast {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+    sys.exit(main())

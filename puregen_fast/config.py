@@ -1,0 +1,365 @@
+"""Every purify option, defined once: type, default, help and check per field.
+
+* `EngineConfig`: what the `Purifier` computes with (method, step counts and sizes, seed, device,
+  backend, precision). `describe()` and the manifest's record of the engine come from it.
+* `PurifyConfig`: an `EngineConfig` plus the data and run options of ``puregen-fast purify``.
+  `add_arguments` makes the command's flags from its fields (``ebm_steps`` -> ``--ebm-steps``),
+  so a flag, its default, its help and its check cannot drift from the engine's.
+* `SamplerConfig`: the frozen settings a sampler is built from (the engine's step counts, sizes,
+  seed, resolved device and precision, and how to compile); never the engine object itself.
+
+A value that fails its check is a ValueError naming the field and its flag.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from puregen_fast.data.datasets import DATASETS, SPLITS
+from puregen_fast.models.checkpoints import DEFAULT_DDPM, DEFAULT_EBM
+from puregen_fast.models.schedule import DDPMSchedule
+from puregen_fast.runtime import PRECISIONS, check_mode, check_precision
+
+__all__ = [
+    "BACKENDS",
+    "FORMATS",
+    "METHODS",
+    "EngineConfig",
+    "PurifyConfig",
+    "SamplerConfig",
+    "add_arguments",
+    "flag",
+    "needs_models",
+]
+
+METHODS = ("ebm", "ddpm", "ebm+ddpm", "reps", "filt", "jpeg", "none")
+BACKENDS = ("auto", "reference", "fast")
+FORMATS = ("npy", "png")
+DEFAULT_BATCH_SIZE = 256
+DEFAULT_SHARD_SIZE = 10_000
+MAX_SEED = (1 << 63) - 1
+
+Check = Callable[[Any], None]  # raises ValueError(reason) for a bad value
+
+
+def flag(name: str) -> str:
+    """The command-line flag of field ``name``."""
+    return "--" + name.replace("_", "-")
+
+
+def needs_models(method: str, ddpm_given: bool = False) -> tuple[bool, bool]:
+    """Whether ``method`` uses an EBM and a DDPM (filt uses a DDPM only when one is given)."""
+    ebm = method in ("ebm", "ebm+ddpm", "reps", "filt")
+    ddpm = method in ("ddpm", "ebm+ddpm", "reps") or (method == "filt" and ddpm_given)
+    return ebm, ddpm
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def int_in(lo: int, hi: int | None = None) -> Check:
+    def check(v: Any) -> None:
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise ValueError(f"expected an integer, got {v!r}")
+        if v < lo or (hi is not None and v > hi):
+            raise ValueError(f"must be {'>= ' + str(lo) if hi is None else f'in [{lo}, {hi}]'}")
+
+    check.kind = int  # type: ignore[attr-defined]
+    return check
+
+
+def positive(v: Any) -> None:
+    if isinstance(v, bool) or not isinstance(v, int | float) or not (v > 0 and math.isfinite(v)):
+        raise ValueError(f"must be a finite number > 0, got {v!r}")
+
+
+positive.kind = float  # type: ignore[attr-defined]
+
+
+def fraction(v: Any) -> None:
+    if isinstance(v, bool) or not isinstance(v, int | float) or not 0.0 < v <= 1.0:
+        raise ValueError(f"must lie in (0, 1], got {v!r}")
+
+
+fraction.kind = float  # type: ignore[attr-defined]
+
+
+def _opt(
+    default: Any,
+    help: str,
+    *,
+    group: str,
+    check: Check | None = None,
+    choices: tuple[str, ...] | None = None,
+    cli_choices: tuple[str, ...] | None = None,
+    required: bool = False,
+    metavar: str | None = None,
+) -> Any:
+    """A field: ``choices`` bind everywhere; ``cli_choices`` only the flag (the API takes more,
+    e.g. ``device="cuda:1"``); ``required`` only on the command line."""
+    md = {"help": help, "group": group, "check": check, "choices": choices,
+          "cli_choices": cli_choices, "required": required, "metavar": metavar}  # fmt: skip
+    return field(default=default, metadata=md)
+
+
+def _check_field(f: dataclasses.Field, value: Any) -> None:
+    md = f.metadata
+    if value is None and f.default is None:
+        return
+    if md.get("choices") and value not in md["choices"]:
+        raise ValueError(
+            f"{f.name} must be one of {', '.join(md['choices'])}; got {value!r} ({flag(f.name)})"
+        )
+    if md.get("check") is not None:
+        try:
+            md["check"](value)
+        except ValueError as e:
+            raise ValueError(f"{f.name} ({flag(f.name)}): {e}") from None
+
+
+# ----------------------------------------------------------------------------- configurations
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """What the `Purifier` computes with (DESIGN 2.1 defaults)."""
+
+    method: str = _opt(
+        "ebm", "purification method", group="method", choices=METHODS, required=True
+    )
+    ebm_steps: int = _opt(150, "Langevin steps", group="method", check=int_in(1))
+    ebm_eps: float = _opt(1.25e-2, "Langevin step size", group="method", check=positive)
+    ebm_temp: float = _opt(1e-4, "Langevin temperature", group="method", check=positive)
+    ddpm_steps: int = _opt(
+        75, "DDPM noising timestep, in [1, 999]", group="method", check=int_in(1, 999)
+    )
+    reps: int = _opt(1, "reps: rounds of EBM then DDPM", group="method", check=int_in(1))
+    filter_frac: float = _opt(
+        0.5,
+        "filt: the fraction of highest-energy images purified, in (0, 1]",
+        group="method",
+        check=fraction,
+    )
+    jpeg_quality: int = _opt(
+        75, "jpeg: quality in [1, 95]", group="method", check=int_in(1, 95)
+    )
+    seed: int = _opt(0, "keys the noise", group="method", check=int_in(0, MAX_SEED))
+    device: str = _opt(
+        "auto", "auto, cpu, cuda (or cuda:N)", group="run", cli_choices=("auto", "cpu", "cuda")
+    )
+    backend: str = _opt(
+        "auto",
+        "fast (compiled, fused kernels, CUDA graphs), reference (eager), or auto (fast where it "
+        "runs)",
+        group="run",
+        choices=BACKENDS,
+    )
+    precision: str = _opt(
+        "fp32", "model math: fp32, tf32 or bf16 (state always fp32)", group="run",
+        choices=PRECISIONS,
+    )  # fmt: skip
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            _check_field(f, getattr(self, f.name))
+        if self.reps > 1 and self.method != "reps":
+            raise ValueError(f"reps must be 1 unless method is 'reps' (--reps {self.reps})")
+
+    @property
+    def uses(self) -> tuple[bool, bool]:
+        """(EBM, DDPM) this method needs; filt's optional DDPM is the engine's to add."""
+        return needs_models(self.method)
+
+    def engine_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(EngineConfig)}
+
+    def sampler(self, device: torch.device, **compile_kw: Any) -> SamplerConfig:
+        return SamplerConfig(
+            ebm_steps=self.ebm_steps,
+            ebm_eps=self.ebm_eps,
+            ebm_temp=self.ebm_temp,
+            ddpm_steps=self.ddpm_steps,
+            seed=self.seed,
+            device=device,
+            precision=self.precision,
+            **compile_kw,
+        )
+
+
+@dataclass(frozen=True)
+class PurifyConfig(EngineConfig):
+    """`EngineConfig` plus the data and run options of ``puregen-fast purify`` (DESIGN 4)."""
+
+    dataset: str | None = _opt(
+        None, "data set to purify", group="data", choices=DATASETS, required=True
+    )
+    data_dir: str | None = _opt(
+        None,
+        "where the data set is or is downloaded to (default: the cache, $PUREGEN_FAST_CACHE or "
+        "~/.cache/puregen-fast); imagefolder: the root folder; npz: the .npz file",
+        group="data",
+        metavar="DIR",
+    )
+    split: str = _opt(
+        "train",
+        "cifar10: train|test; cinic10(-imagenet): train|valid|test; tinyimagenet: train|val; "
+        "imagefolder: ROOT/<split> when it exists",
+        group="data",
+    )
+    limit: int | None = _opt(
+        None, "purify only the first N images", group="data", check=int_in(1), metavar="N"
+    )
+    ebm: str | None = _opt(
+        None, f"EBM checkpoint (default {DEFAULT_EBM})", group="method", metavar="SRC"
+    )
+    ddpm: str | None = _opt(
+        None,
+        f"DDPM checkpoint (default {DEFAULT_DDPM}; for filt only when given)",
+        group="method",
+        metavar="SRC",
+    )
+    batch_size: int = _opt(
+        DEFAULT_BATCH_SIZE,
+        "images per batch; results are bit-identical only for the same batch size",
+        group="run",
+        check=int_in(1),
+    )
+    shard_size: int = _opt(
+        DEFAULT_SHARD_SIZE, "images per output shard", group="run", check=int_in(1)
+    )
+    format: str = _opt("npy", "output format", group="run", choices=FORMATS)
+    out: str | None = _opt(None, "output folder", group="run", required=True, metavar="DIR")
+    resume: bool = _opt(
+        False, "verify finished shards (sha256), redo missing or damaged ones", group="run"
+    )
+    overwrite: bool = _opt(
+        False,
+        "replace earlier output in --out (with --resume: only if its configuration differs)",
+        group="run",
+    )
+    quiet: bool = _opt(False, "no progress bars or summary", group="run")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.dataset in SPLITS and self.split not in SPLITS[self.dataset]:
+            raise ValueError(
+                f"split (--split) {self.split!r} is not a split of {self.dataset}; choose one of "
+                f"{', '.join(SPLITS[self.dataset])}"
+            )
+        if self.dataset in ("imagefolder", "npz") and not self.data_dir:
+            raise ValueError(f"--dataset {self.dataset} needs --data-dir")
+
+    @property
+    def uses(self) -> tuple[bool, bool]:
+        return needs_models(self.method, self.ddpm is not None)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> PurifyConfig:
+        return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    """What a sampler is built from. ``cuda_graph=None``: capture on CUDA only. ``compile=False``
+    keeps the models eager (tests, debugging); ``compile_mode`` is one of
+    `runtime.COMPILE_MODES`."""
+
+    ebm_steps: int = 150
+    ebm_eps: float = 1.25e-2
+    ebm_temp: float = 1e-4
+    ddpm_steps: int = 75
+    seed: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    precision: str = "fp32"
+    compile: bool = True
+    cuda_graph: bool | None = None
+    compile_mode: str = "default"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "device", torch.device(self.device))
+        if self.ebm_steps < 1 or self.ddpm_steps < 1:
+            raise ValueError(f"steps must be >= 1; got {self.ebm_steps}, {self.ddpm_steps}")
+        if not (self.ebm_eps > 0 and self.ebm_temp > 0):
+            raise ValueError(f"need eps > 0, temp > 0; got {self.ebm_eps}, {self.ebm_temp}")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise ValueError(f"seed must lie in [0, 2**63); got {self.seed}")
+        check_precision(self.precision)
+        check_mode(self.compile_mode)
+        if self.cuda_graph and self.device.type != "cuda":
+            raise ValueError("cuda_graph needs a CUDA device")
+
+    @property
+    def graphs(self) -> bool:
+        """Whether the loops run as captured CUDA graphs."""
+        return self.device.type == "cuda" if self.cuda_graph is None else self.cuda_graph
+
+    def check_ddpm_steps(self, schedule: DDPMSchedule) -> None:
+        if not 1 <= self.ddpm_steps < schedule.num_train_timesteps:
+            raise ValueError(
+                f"steps must lie in [1, {schedule.num_train_timesteps}); got {self.ddpm_steps}"
+            )
+
+
+# ----------------------------------------------------------------------------- flags
+
+
+def _arg_type(f: dataclasses.Field) -> Callable[[str], Any]:
+    check = f.metadata.get("check")
+    kind = getattr(check, "kind", str)
+
+    def parse(s: str) -> Any:
+        try:
+            v = kind(s)
+        except ValueError:
+            what = "an integer" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"expected {what}, got {s!r}") from None
+        if check is not None:
+            try:
+                check(v)
+            except ValueError as e:
+                raise argparse.ArgumentTypeError(str(e)) from None
+        return v
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls: type = PurifyConfig) -> None:
+    """One flag per field of ``cls``, in argument groups; default, help and check from the
+    field."""
+    groups: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        md = f.metadata
+        g = groups.get(md["group"]) or groups.setdefault(
+            md["group"], parser.add_argument_group(md["group"])
+        )
+        help_ = md["help"]
+        kw: dict[str, Any] = {"dest": f.name}
+        if f.type in ("bool", bool):
+            kw["action"] = "store_true"
+        else:
+            kw["type"] = _arg_type(f)
+            choices = md.get("cli_choices") or md.get("choices")
+            if choices:
+                kw["choices"] = choices
+                kw.pop("type")
+            if md.get("metavar"):
+                kw["metavar"] = md["metavar"]
+            if f.default is not None:
+                help_ += " (default %(default)s)"
+        if md.get("required"):
+            kw["required"] = True
+        else:
+            kw["default"] = f.default
+        g.add_argument(flag(f.name), help=help_, **kw)
+

@@ -1,0 +1,419 @@
+"""Purified output on disk (DESIGN 5): shards, manifest and resume checks.
+
+Layout of ``--out DIR`` with ``--format npy`` (the default)::
+
+    manifest.json                  written last, by rank 0: configuration, model hashes, seed,
+                                   class names, counts, per-shard sha256, timings, device, backend
+    images-00000.npy, ...          uint8 (n, H, W, 3), shard k = images [k*S, min((k+1)*S, N))
+    labels-00000.npy, ...          int64 (n,)
+    .puregen-run.json              the configuration this folder is being written with
+    .puregen-shard-00000.json      a shard's completion record (its files' sha256), written
+                                   after the shard's files were renamed into place
+
+With ``--format png`` the shards are ImageFolder trees instead: ``DIR/<class>/<index>.png``
+(index zero-padded to one width, so name order is index order), a drop-in for torchvision's
+``ImageFolder``. Class folders are the class names when those already sort in label order
+(CIFAR-10, CINIC-10, Tiny-ImageNet, ImageFolder input), else ``<label>-<name>`` with the label
+zero-padded, so ``ImageFolder`` assigns the same label numbers. Every class folder is created,
+also for classes a ``--limit`` leaves empty (pass ``allow_empty=True`` to ``ImageFolder`` then).
+
+Every file is written under a temporary name and renamed (``os.replace``) when whole, and a shard
+counts as finished only through its completion record, so a killed run never leaves a shard or a
+manifest that looks complete.
+
+A folder is purify output only when it holds this tool's run record or manifest; a non-empty
+folder with neither is refused whatever the flags. ``--overwrite`` deletes only what this tool
+writes: its own files at the top level and the numbered PNGs in the class folders the record
+names; anything else in the folder stays.
+
+Reading it back: `puregen_fast.data.reader` (``load_purified``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from puregen_fast.data.manifest import FORMAT_ID, MANIFEST
+from puregen_fast.errors import UsageError
+
+__all__ = [
+    "MANIFEST",
+    "RUN_STATE",
+    "FORMAT_ID",
+    "ShardWriter",
+    "shard_ranges",
+    "rank_shards",
+    "png_class_dirs",
+    "write_json_atomic",
+    "read_json",
+    "check_out_dir",
+    "prepare_out_dir",
+    "clear_out_dir",
+]
+
+RUN_STATE = ".puregen-run.json"
+_OUR_FILE = re.compile(r"^(images|labels)-\d{5,}\.npy$|^\.(images|labels)-\d{5,}\.npy\.tmp-\d+$")
+_PNG_FILE = re.compile(r"^\d+\.png$|^\.\d+\.png\.tmp-\d+$")
+_CHUNK = 1 << 20
+
+
+# ----------------------------------------------------------------------------- small helpers
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _write_bytes_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    _write_bytes_atomic(Path(path), (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def read_json(path: Path) -> dict | None:
+    """The JSON object in ``path``; None when missing or unreadable."""
+    try:
+        obj = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+class _HashingFile:
+    """A write-only file object that hashes what passes through it (one pass for npy shards)."""
+
+    def __init__(self, f) -> None:
+        self.f, self.h = f, hashlib.sha256()
+
+    def write(self, b) -> int:
+        self.h.update(b)
+        return self.f.write(b)
+
+
+def _npy_bytes_atomic(path: Path, arr: np.ndarray) -> str:
+    """np.save ``arr`` to ``path`` through a temporary name; returns the file's sha256."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            hf = _HashingFile(f)
+            np.lib.format.write_array(hf, np.ascontiguousarray(arr), allow_pickle=False)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return hf.h.hexdigest()
+
+
+def shard_ranges(n: int, shard_size: int) -> list[tuple[int, int]]:
+    """[start, stop) of each shard of ``n`` images."""
+    return [(s, min(s + shard_size, n)) for s in range(0, n, shard_size)]
+
+
+def rank_shards(num_shards: int, rank: int, world: int) -> range:
+    """The contiguous run of shards rank ``rank`` of ``world`` writes (so slice boundaries are
+    shard boundaries, and every rank forms the same batches as one process would)."""
+    return range(num_shards * rank // world, num_shards * (rank + 1) // world)
+
+
+def png_class_dirs(class_names: Sequence[str]) -> list[str]:
+    """Folder names for the classes, in label order, whose sorted order is label order (what
+    ``ImageFolder`` needs to give the same label numbers)."""
+    safe = []
+    for i, n in enumerate(class_names):
+        s = re.sub(r"[/\\\x00]", "_", str(n)).strip()
+        safe.append(s if s not in ("", ".", "..") else str(i))
+    if sorted(safe) == safe and len(set(safe)) == len(safe):
+        return safe
+    w = len(str(max(len(safe) - 1, 0)))
+    return [f"{i:0{w}d}-{s}" for i, s in enumerate(safe)]
+
+
+# ----------------------------------------------------------------------------- the writer
+
+
+class ShardWriter:
+    """Writes and verifies the shards of one output folder."""
+
+    def __init__(
+        self,
+        out_dir: str | os.PathLike[str],
+        fmt: str,
+        num_images: int,
+        shard_size: int,
+        class_names: Sequence[str],
+    ) -> None:
+        if fmt not in ("npy", "png"):
+            raise UsageError(f"--format {fmt!r}: choose npy or png")
+        self.out = Path(out_dir)
+        self.fmt = fmt
+        self.n = num_images
+        self.shard_size = shard_size
+        self.ranges = shard_ranges(num_images, shard_size)
+        self.class_dirs = png_class_dirs(class_names)
+        self._width = len(str(max(num_images - 1, 0)))
+
+    @property
+    def num_shards(self) -> int:
+        return len(self.ranges)
+
+    def record_path(self, k: int) -> Path:
+        return self.out / f".puregen-shard-{k:05d}.json"
+
+    def npy_names(self, k: int) -> tuple[str, str]:
+        return f"images-{k:05d}.npy", f"labels-{k:05d}.npy"
+
+    def png_name(self, index: int, label: int) -> str:
+        return f"{self.class_dirs[label]}/{index:0{self._width}d}.png"
+
+    def make_class_dirs(self) -> None:
+        if self.fmt == "png":
+            for d in self.class_dirs:
+                (self.out / d).mkdir(parents=True, exist_ok=True)
+
+    # -- write --------------------------------------------------------------------------------
+    def write_shard(self, k: int, images: np.ndarray, labels: np.ndarray) -> dict:
+        """Write shard ``k`` (its files, then its completion record); returns the record."""
+        start, stop = self.ranges[k]
+        if images.shape[0] != stop - start or labels.shape != (stop - start,):
+            raise ValueError(f"shard {k}: expected {stop - start} images and labels")
+        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+            raise ValueError(f"shard {k}: images must be uint8 (n, H, W, 3)")
+        rec: dict[str, Any] = {"index": k, "start": start, "stop": stop, "format": self.fmt}
+        if self.fmt == "npy":
+            iname, lname = self.npy_names(k)
+            rec["images"], rec["labels"] = iname, lname
+            rec["images_sha256"] = _npy_bytes_atomic(self.out / iname, images)
+            rec["labels_sha256"] = _npy_bytes_atomic(self.out / lname, labels.astype(np.int64))
+            rec["shape"] = list(images.shape)
+        else:
+            from PIL import Image
+
+            h = hashlib.sha256()
+            for j in range(stop - start):
+                name = self.png_name(start + j, int(labels[j]))
+                buf = io.BytesIO()
+                Image.fromarray(np.ascontiguousarray(images[j])).save(buf, format="PNG")
+                data = buf.getvalue()
+                _write_bytes_atomic(self.out / name, data)
+                h.update(f"{name}\0{hashlib.sha256(data).hexdigest()}\n".encode())
+            rec["count"] = stop - start
+            rec["sha256"] = h.hexdigest()
+            rec["shape"] = list(images.shape)
+        write_json_atomic(self.record_path(k), rec)
+        return rec
+
+    # -- verify -------------------------------------------------------------------------------
+    def verify_shard(self, k: int, labels: np.ndarray | None = None) -> dict | None:
+        """The completion record of shard ``k`` if the shard on disk is whole and matches it
+        (sha256 of every file, shapes, labels when given); None when it must be written again."""
+        start, stop = self.ranges[k]
+        rec = read_json(self.record_path(k))
+        if (
+            rec is None
+            or rec.get("start") != start
+            or rec.get("stop") != stop
+            or rec.get("format") != self.fmt
+        ):
+            return None
+        try:
+            if self.fmt == "npy":
+                ipath, lpath = self.out / rec["images"], self.out / rec["labels"]
+                if (rec["images"], rec["labels"]) != self.npy_names(k):
+                    return None
+                if _sha256_file(ipath) != rec["images_sha256"]:
+                    return None
+                if _sha256_file(lpath) != rec["labels_sha256"]:
+                    return None
+                im = np.load(ipath, mmap_mode="r")
+                lb = np.load(lpath, mmap_mode="r")
+                if im.dtype != np.uint8 or im.ndim != 4 or im.shape[0] != stop - start:
+                    return None
+                if lb.dtype != np.int64 or lb.shape != (stop - start,):
+                    return None
+                if labels is not None and not np.array_equal(lb, labels):
+                    return None
+            else:
+                if labels is None or rec.get("count") != stop - start:
+                    return None
+                h = hashlib.sha256()
+                for j in range(stop - start):
+                    name = self.png_name(start + j, int(labels[j]))
+                    h.update(f"{name}\0{_sha256_file(self.out / name)}\n".encode())
+                if h.hexdigest() != rec["sha256"]:
+                    return None
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        return rec
+
+
+# ----------------------------------------------------------------------------- out dir state
+
+
+def _recorded_configs(out: Path) -> list[dict]:
+    """The configurations this tool recorded in ``out`` (run record, manifest); empty when
+    ``out`` is not a purify output folder."""
+    found = []
+    for name in (RUN_STATE, MANIFEST):
+        rec = read_json(out / name)
+        if (
+            rec is not None
+            and rec.get("format") == FORMAT_ID
+            and isinstance(rec.get("config"), dict)
+        ):
+            found.append(rec["config"])
+    return found
+
+
+def _ours(out: Path) -> list[Path]:
+    """Files in ``out`` that this writer created (so --overwrite deletes nothing else): our
+    private ``.puregen-*`` files (and their temporary names) always; shards, the manifest and,
+    for png output, the numbered files in the class folders only when a run record or manifest
+    of this tool says ``out`` is a run (the class folders are the ones it names)."""
+    found: list[Path] = []
+    if not out.is_dir():
+        return found
+    configs = _recorded_configs(out)
+    for e in out.iterdir():
+        n = e.name
+        if not e.is_file() or e.is_symlink():
+            continue
+        private = n.startswith((".puregen-", "..puregen-"))  # also their temporary names
+        if private or (
+            configs
+            and (
+                n in (MANIFEST, RUN_STATE)
+                or _OUR_FILE.match(n)
+                or n.startswith(f".{MANIFEST}.tmp-")
+            )
+        ):
+            found.append(e)
+    dirs: set[str] = set()
+    for cfg in configs:
+        names = cfg.get("class_names")
+        if cfg.get("format") == "png" and isinstance(names, list):
+            dirs.update(png_class_dirs([str(c) for c in names]))
+    for d in sorted(dirs):
+        p = out / d
+        if p.is_dir() and not p.is_symlink():
+            found.extend(f for f in p.iterdir() if f.is_file() and _PNG_FILE.match(f.name))
+    return found
+
+
+def clear_out_dir(out: Path) -> None:
+    """Delete what an earlier run wrote in ``out`` (and class folders left empty by that)."""
+    dirs = set()
+    for f in _ours(out):
+        if f.parent != out:
+            dirs.add(f.parent)
+        f.unlink(missing_ok=True)
+    for d in dirs:
+        try:
+            d.rmdir()
+        except OSError:
+            pass  # holds other files: keep it
+
+
+def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
+    keys = sorted(set(a) | set(b))
+    out: list[str] = []
+    for k in keys:
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out.extend(_diff(va, vb, f"{prefix}{k}."))
+        elif va != vb:
+            out.append(f"{prefix}{k} ({va!r} before, {vb!r} now)")
+    return out
+
+
+def check_out_dir(out: Path, *, resume: bool, overwrite: bool) -> None:
+    """The early, cheap refusal (before models or data are loaded): ``--out`` must be a folder;
+    one holding earlier output needs --resume or --overwrite; a non-empty folder that holds no
+    purify output (no run record, no manifest) is refused whatever the flags."""
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out}: exists and is not a folder")
+    if not out.is_dir():
+        return
+    if not _recorded_configs(out):
+        ours = set(_ours(out))
+        foreign = sorted(e.name for e in out.iterdir() if e not in ours)
+        if foreign:
+            shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+            raise UsageError(
+                f"--out {out} is not empty ({shown}) and holds no puregen-fast purify output "
+                f"(no {MANIFEST} or {RUN_STATE}); choose a new or empty folder"
+            )
+        return
+    if resume or overwrite:
+        return
+    what = (
+        "finished output (manifest.json)"
+        if read_json(out / MANIFEST) is not None
+        else "an unfinished run"
+    )
+    raise UsageError(
+        f"--out {out} already holds {what}; pass --resume to verify and continue it, "
+        f"--overwrite to replace it, or choose another --out"
+    )
+
+
+def prepare_out_dir(out: Path, config: dict, *, resume: bool, overwrite: bool) -> bool:
+    """Make ``out`` ready for writing with ``config``; returns True when earlier shards may be
+    reused (a resume of the same configuration). A finished manifest is removed first, so the
+    folder does not look complete while shards are checked and rewritten."""
+    check_out_dir(out, resume=resume, overwrite=overwrite)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"--out {out}: cannot create the folder ({e})") from e
+    configs = _recorded_configs(out)
+    before = configs[0] if configs else None
+    reuse = False
+    if resume and before is not None:
+        if before == config:
+            reuse = True
+        elif not overwrite:
+            diffs = "; ".join(_diff(before, config)[:6])
+            raise UsageError(
+                f"--out {out} was written with a different configuration: {diffs}. "
+                f"Use the same flags, pass --overwrite to replace it, or choose another --out"
+            )
+    try:
+        if not reuse:
+            clear_out_dir(out)
+        else:  # temporary files of a killed run: never complete, remove them
+            for f in _ours(out):
+                if ".tmp-" in f.name:
+                    f.unlink(missing_ok=True)
+        (out / MANIFEST).unlink(missing_ok=True)
+        write_json_atomic(out / RUN_STATE, {"format": FORMAT_ID, "config": config})
+    except OSError as e:
+        raise UsageError(
+            f"--out {out}: cannot write ({e}); choose a writable folder with enough free space"
+        ) from e
+    return reuse

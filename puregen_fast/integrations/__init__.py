@@ -1,0 +1,1 @@
+"""Integrations with data-preparation stacks that embed the engine."""

@@ -1,0 +1,325 @@
+"""The `Sampler` protocol and its two implementations, and the single-stage samplers built on them.
+
+A `Sampler` runs the two stages of purification on x in [-1, 1] (float32, (B, C, H, W)) with
+noise keyed by the images' global ids (DESIGN 2.2): ``ebm`` (``cfg.ebm_steps`` Langevin steps)
+and ``ddpm`` (forward noise to ``cfg.ddpm_steps``, reverse to 0).
+
+* `ReferenceSampler`: eager PyTorch, `puregen_fast.reference` on the keyed stream. The only
+  reference path: the `Purifier`, `LangevinSampler(backend="reference")` and
+  `DDPMSampler(backend="reference")` all run it.
+* `FastSampler`: compiled models, fused kernels, CUDA graphs (`langevin.FastLangevin`,
+  `ddpm.FastDDPM`); on CPU the compiled models with the kernels' eager twins (DESIGN 6, 8). Same
+  keyed noise, so the two agree trajectory by trajectory (DESIGN 2.3).
+
+`make_sampler` picks one: ``fast`` where it runs (else an error), ``reference``, or ``auto`` (fast
+where it runs, else reference); ``reason`` says why. Both are built from a frozen
+`SamplerConfig`, never from the object that holds them.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from puregen_fast import noise as pgnoise
+from puregen_fast import reference
+from puregen_fast.config import BACKENDS, SamplerConfig
+from puregen_fast.kernels.availability import triton_available
+from puregen_fast.models.schedule import DDPMSchedule
+from puregen_fast.runtime import precision_context
+from puregen_fast.sampling.ddpm import FastDDPM
+from puregen_fast.sampling.langevin import FastLangevin
+
+__all__ = [
+    "Sampler",
+    "ReferenceSampler",
+    "FastSampler",
+    "fast_available",
+    "make_sampler",
+    "LangevinSampler",
+    "DDPMSampler",
+]
+
+
+class Sampler(Protocol):
+    name: str  # "reference" or "fast"
+    reason: str  # why this backend runs here
+
+    def ebm(
+        self,
+        x: torch.Tensor,
+        ids: torch.Tensor,
+        stream: int = pgnoise.STREAM_EBM,
+        step_offset: int = 0,
+        pad_to: int | None = None,
+    ) -> torch.Tensor: ...
+
+    def ddpm(
+        self,
+        x: torch.Tensor,
+        ids: torch.Tensor,
+        stream: int = pgnoise.STREAM_DDPM,
+        pad_to: int | None = None,
+    ) -> torch.Tensor: ...
+
+
+def _inputs(
+    x: torch.Tensor, ids: torch.Tensor, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    x = x.to(device, torch.float32)
+    ids = torch.as_tensor(ids, dtype=torch.int64, device=device).reshape(-1)
+    if ids.numel() != x.shape[0]:
+        raise ValueError(f"{ids.numel()} sample ids for {x.shape[0]} images")
+    return x, ids
+
+
+def _model(m: nn.Module | None, what: str) -> nn.Module:
+    if m is None:
+        raise ValueError(f"this sampler was built without {what}")
+    return m
+
+
+class ReferenceSampler:
+    """The eager reference on the keyed noise stream (``pad_to`` is a capture hint for the fast
+    sampler: nothing to do here)."""
+
+    name = "reference"
+
+    def __init__(
+        self,
+        cfg: SamplerConfig,
+        ebm: nn.Module | None = None,
+        ddpm: nn.Module | None = None,
+        schedule: DDPMSchedule | None = None,
+        reason: str = "requested",
+    ) -> None:
+        self.cfg, self._ebm, self._ddpm = cfg, ebm, ddpm
+        self.schedule = schedule or DDPMSchedule()
+        if ddpm is not None:
+            cfg.check_ddpm_steps(self.schedule)
+        self.reason = reason
+        self.update_impl = "eager reference"
+
+    def ebm(
+        self,
+        x: torch.Tensor,
+        ids: torch.Tensor,
+        stream: int = pgnoise.STREAM_EBM,
+        step_offset: int = 0,
+        pad_to: int | None = None,
+    ) -> torch.Tensor:
+        cfg = self.cfg
+        x, ids = _inputs(x, ids, cfg.device)
+        z = pgnoise.keyed(cfg.seed, stream, ids, x.shape[1:], step_offset)
+        with precision_context(cfg.precision, cfg.device):
+            return reference.ebm_purify(
+                _model(self._ebm, "an EBM"), x, cfg.ebm_steps, cfg.ebm_eps, cfg.ebm_temp,
+                noise=z, check_range=False,
+            )  # fmt: skip
+
+    def ddpm(
+        self,
+        x: torch.Tensor,
+        ids: torch.Tensor,
+        stream: int = pgnoise.STREAM_DDPM,
+        pad_to: int | None = None,
+    ) -> torch.Tensor:
+        cfg = self.cfg
+        x, ids = _inputs(x, ids, cfg.device)
+        z = pgnoise.keyed(cfg.seed, stream, ids, x.shape[1:])
+        with precision_context(cfg.precision, cfg.device):
+            out = reference.ddpm_purify(
+                _model(self._ddpm, "a DDPM"), self.schedule, x, cfg.ddpm_steps, noise=z,
+                check_range=False,
+            )  # fmt: skip
+        return out.float()
+
+
+class FastSampler:
+    """Compiled models, fused kernels and CUDA graphs (see the module doc)."""
+
+    name = "fast"
+
+    def __init__(
+        self,
+        cfg: SamplerConfig,
+        ebm: nn.Module | None = None,
+        ddpm: nn.Module | None = None,
+        schedule: DDPMSchedule | None = None,
+        reason: str = "requested",
+    ) -> None:
+        self.cfg, self.reason = cfg, reason
+        self.schedule = schedule or DDPMSchedule()
+        self.langevin = FastLangevin(cfg, ebm) if ebm is not None else None
+        self.diffusion = FastDDPM(cfg, ddpm, self.schedule) if ddpm is not None else None
+        impls = [s.update_impl for s in (self.langevin, self.diffusion) if s is not None]
+        self.update_impl = ", ".join(impls)
+
+    def ebm(
+        self,
+        x: torch.Tensor,
+        ids: torch.Tensor,
+        stream: int = pgnoise.STREAM_EBM,
+        step_offset: int = 0,
+        pad_to: int | None = None,
+    ) -> torch.Tensor:
+        x, ids = _inputs(x, ids, self.cfg.device)
+        return _model(self.langevin, "an EBM").run(x, ids, stream, step_offset, pad_to)
+
+    def ddpm(
+        self,
+        x: torch.Tensor,
+        ids: torch.Tensor,
+        stream: int = pgnoise.STREAM_DDPM,
+        pad_to: int | None = None,
+    ) -> torch.Tensor:
+        x, ids = _inputs(x, ids, self.cfg.device)
+        return _model(self.diffusion, "a DDPM").run(x, ids, stream, pad_to)
+
+    @property
+    def captures(self) -> int:
+        """CUDA graphs captured so far (tests check there is no re-capture)."""
+        return sum(s.captures for s in (self.langevin, self.diffusion) if s is not None)
+
+
+def fast_available(device: torch.device, precision: str) -> tuple[bool, str]:
+    """Whether the fast path runs on ``device`` in ``precision``, and why (or why not)."""
+    if device.type == "cuda":
+        ok, why = triton_available()
+        impl = "Triton kernels" if ok else f"eager update twins ({why})"
+        if precision == "bf16" and not torch.cuda.is_bf16_supported():
+            return False, "this GPU has no bf16 support"
+        return True, f"CUDA: torch.compile + CUDA graphs + {impl}"
+    if device.type == "cpu":
+        if precision == "bf16":
+            return False, "bf16 model math is GPU-only; use fp32 on CPU"
+        return True, "CPU: torch.compile'd models and update twins (no CUDA graphs)"
+    return False, f"no fast path for device type {device.type!r}"
+
+
+def make_sampler(
+    backend: str,
+    cfg: SamplerConfig,
+    ebm: nn.Module | None = None,
+    ddpm: nn.Module | None = None,
+    schedule: DDPMSchedule | None = None,
+) -> ReferenceSampler | FastSampler:
+    """The sampler ``backend`` names (see the module doc); ValueError for an unknown backend or
+    for ``fast`` where it cannot run."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
+    if backend == "reference":
+        return ReferenceSampler(cfg, ebm, ddpm, schedule, reason="requested")
+    ok, why = fast_available(cfg.device, cfg.precision)
+    if ok:
+        return FastSampler(cfg, ebm, ddpm, schedule, reason=why)
+    if backend == "fast":
+        raise ValueError(f"backend 'fast' cannot run here: {why}; use backend 'reference'")
+    return ReferenceSampler(cfg, ebm, ddpm, schedule, reason=f"fast path unavailable: {why}")
+
+
+class _Stage:
+    """A sampler reduced to one stage (what training and benchmarks drive)."""
+
+    sampler: ReferenceSampler | FastSampler
+
+    @property
+    def config(self) -> SamplerConfig:
+        return self.sampler.cfg
+
+    @property
+    def backend(self) -> str:
+        return self.sampler.name
+
+    @property
+    def backend_reason(self) -> str:
+        return self.sampler.reason
+
+    @property
+    def update_impl(self) -> str:
+        return self.sampler.update_impl
+
+    @property
+    def captures(self) -> int:
+        return getattr(self.sampler, "captures", 0)
+
+
+class LangevinSampler(_Stage):
+    """``LangevinSampler(ebm, steps, eps, temp, seed, ...)(x, sample_ids, stream, step_offset)``:
+    ``steps`` Langevin steps on x (float32 (B, C, H, W) in [-1, 1]) with keyed noise; returns a
+    new tensor. ``backend``: "fast" (compiled gradient, fused update, CUDA graph on CUDA),
+    "reference" (`reference.ebm_purify` on the same noise) or "auto" (fast where it runs).
+    ``cuda_graph=None`` captures on CUDA only; ``compile=False`` keeps the gradient eager;
+    ``compile_mode`` is one of `runtime.COMPILE_MODES`. ``fast`` is the `FastLangevin` (None on
+    the reference backend)."""
+
+    def __init__(
+        self,
+        ebm: nn.Module,
+        steps: int = 150,
+        eps: float = 1.25e-2,
+        temp: float = 1e-4,
+        seed: int = 0,
+        device: str | torch.device = "cpu",
+        precision: str = "fp32",
+        backend: str = "fast",
+        compile: bool = True,
+        cuda_graph: bool | None = None,
+        compile_mode: str = "default",
+    ) -> None:
+        cfg = SamplerConfig(
+            ebm_steps=steps, ebm_eps=eps, ebm_temp=temp, seed=seed, device=torch.device(device),
+            precision=precision, compile=compile, cuda_graph=cuda_graph,
+            compile_mode=compile_mode,
+        )  # fmt: skip
+        self.sampler = make_sampler(backend, cfg, ebm=ebm)
+        self.fast = getattr(self.sampler, "langevin", None)
+
+    def __call__(
+        self,
+        x: torch.Tensor,
+        sample_ids: torch.Tensor,
+        stream: int = pgnoise.STREAM_EBM,
+        step_offset: int = 0,
+        pad_to: int | None = None,
+    ) -> torch.Tensor:
+        """``pad_to``: the largest batch to expect, where sizes vary (`LoopGraphs`)."""
+        return self.sampler.ebm(x, sample_ids, stream, step_offset, pad_to)
+
+
+class DDPMSampler(_Stage):
+    """``DDPMSampler(unet, schedule, steps, seed, ...)(x, sample_ids, stream)``: DDPM purification
+    (forward noise to t = steps, reverse steps-1..0) with keyed noise; options as
+    `LangevinSampler`. ``fast`` is the `FastDDPM` (None on the reference backend)."""
+
+    def __init__(
+        self,
+        unet: nn.Module,
+        schedule: DDPMSchedule,
+        steps: int = 75,
+        seed: int = 0,
+        device: str | torch.device = "cpu",
+        precision: str = "fp32",
+        backend: str = "fast",
+        compile: bool = True,
+        cuda_graph: bool | None = None,
+        compile_mode: str = "default",
+    ) -> None:
+        cfg = SamplerConfig(
+            ddpm_steps=steps, seed=seed, device=torch.device(device), precision=precision,
+            compile=compile, cuda_graph=cuda_graph, compile_mode=compile_mode,
+        )  # fmt: skip
+        self.sampler = make_sampler(backend, cfg, ddpm=unet, schedule=schedule)
+        self.fast = getattr(self.sampler, "diffusion", None)
+
+    def __call__(
+        self,
+        x: torch.Tensor,
+        sample_ids: torch.Tensor,
+        stream: int = pgnoise.STREAM_DDPM,
+        pad_to: int | None = None,
+    ) -> torch.Tensor:
+        """``pad_to``: the largest batch to expect, where sizes vary (`LoopGraphs`)."""
+        return self.sampler.ddpm(x, sample_ids, stream, pad_to)

@@ -1,0 +1,203 @@
+"""The shard writer, the output folder's states, and `load_purified`."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+import puregen_fast as pg
+from puregen_fast.data.writer import (
+    MANIFEST,
+    RUN_STATE,
+    ShardedArray,
+    ShardWriter,
+    check_out_dir,
+    png_class_dirs,
+    prepare_out_dir,
+    rank_shards,
+    shard_ranges,
+    write_json_atomic,
+)
+from puregen_fast.errors import UsageError
+
+
+def _data(n=10, seed=0):
+    rng = np.random.default_rng(seed)
+    return (
+        rng.integers(0, 256, (n, 4, 5, 3), dtype=np.uint8),
+        (np.arange(n) % 3).astype(np.int64),
+    )
+
+
+def _finish(out, w, x, y, fmt="npy", names=("a", "b", "c")):
+    """Write every shard and a minimal manifest, as the pipeline does."""
+    recs = [w.write_shard(k, x[s:e], y[s:e]) for k, (s, e) in enumerate(w.ranges)]
+    write_json_atomic(
+        out / MANIFEST,
+        {
+            "format": "puregen-fast/purified",
+            "config": {"format": fmt},
+            "dataset": {"class_names": list(names), "image_shape": list(x.shape[1:])},
+            "count": len(y),
+            "shards": recs,
+        },
+    )
+    return recs
+
+
+def test_ranges_and_rank_slices():
+    assert shard_ranges(10, 4) == [(0, 4), (4, 8), (8, 10)]
+    for shards in (1, 3, 7, 10):
+        for world in (1, 2, 3, 4):
+            got = [list(rank_shards(shards, r, world)) for r in range(world)]
+            assert sum(got, []) == list(range(shards))  # contiguous, in order, all covered
+
+
+def test_npy_roundtrip_and_lazy_view(tmp_path):
+    x, y = _data(10)
+    w = ShardWriter(tmp_path, "npy", 10, 4, ["a", "b", "c"])
+    recs = _finish(tmp_path, w, x, y)
+    assert sorted(p.name for p in tmp_path.glob("*.npy")) == [
+        "images-00000.npy", "images-00001.npy", "images-00002.npy",
+        "labels-00000.npy", "labels-00001.npy", "labels-00002.npy",
+    ]  # fmt: skip
+    assert not list(tmp_path.glob(".*tmp*"))
+    assert all(len(r["images_sha256"]) == 64 for r in recs)
+    d = pg.load_purified(tmp_path)
+    assert isinstance(d.images, ShardedArray) and d.images.shape == x.shape
+    np.testing.assert_array_equal(np.asarray(d.images), x)
+    np.testing.assert_array_equal(d.labels, y)
+    assert d.labels.dtype == np.int64
+    # indexing like an ndarray
+    for key in (3, -1, slice(2, 9), slice(None, None, -3), [7, 0, 4], np.array([9, 1]), y == 1):
+        np.testing.assert_array_equal(d.images[key], x[key])
+    np.testing.assert_array_equal(d.images[5, 1:3, ..., 0], x[5, 1:3, ..., 0])
+    np.testing.assert_array_equal(d.images[2:6, 0], x[2:6, 0])
+    with pytest.raises(IndexError):
+        d.images[10]
+
+
+def test_single_shard_is_a_memmap(tmp_path):
+    x, y = _data(6)
+    w = ShardWriter(tmp_path, "npy", 6, 100, ["a", "b", "c"])
+    _finish(tmp_path, w, x, y)
+    d = pg.load_purified(tmp_path)
+    assert isinstance(d.images, np.memmap)
+    np.testing.assert_array_equal(d.images, x)
+
+
+def test_damaged_shard_detected(tmp_path):
+    x, y = _data(10)
+    w = ShardWriter(tmp_path, "npy", 10, 4, ["a", "b", "c"])
+    _finish(tmp_path, w, x, y)
+    assert w.verify_shard(1, y[4:8]) is not None
+    p = tmp_path / "images-00001.npy"
+    raw = bytearray(p.read_bytes())
+    raw[-1] ^= 1
+    p.write_bytes(bytes(raw))
+    assert w.verify_shard(1, y[4:8]) is None
+    assert w.verify_shard(0, y[0:4]) is not None
+    with pytest.raises(UsageError, match="images-00001.npy"):
+        pg.load_purified(tmp_path)
+    (tmp_path / "labels-00002.npy").unlink()
+    assert w.verify_shard(2, y[8:]) is None
+    (tmp_path / ".puregen-shard-00000.json").write_text("{not json")
+    assert w.verify_shard(0, y[0:4]) is None  # a broken record means: write it again
+
+
+def test_png_tree_is_an_imagefolder(tmp_path):
+    x, y = _data(11)
+    names = ["zebra", "apple", "mango"]  # not sorted: folders get label prefixes
+    w = ShardWriter(tmp_path, "png", 11, 4, names)
+    w.make_class_dirs()
+    _finish(tmp_path, w, x, y, fmt="png", names=names)
+    dirs = sorted(p.name for p in tmp_path.iterdir() if p.is_dir())
+    assert dirs == ["0-zebra", "1-apple", "2-mango"]
+    assert (tmp_path / "1-apple" / "04.png").is_file()
+    # torchvision ImageFolder's rules: sorted dirs are the classes, files sorted within
+    for label, d in enumerate(dirs):
+        files = sorted((tmp_path / d).iterdir())
+        assert [int(f.stem) for f in files] == [i for i in range(11) if y[i] == label]
+    d = pg.load_purified(tmp_path)
+    np.testing.assert_array_equal(d.images, x)
+    np.testing.assert_array_equal(d.labels, y)
+    assert w.verify_shard(1, y[4:8]) is not None
+    (tmp_path / "2-mango" / "05.png").write_bytes(b"broken")
+    assert w.verify_shard(1, y[4:8]) is None
+
+
+def test_png_class_dirs():
+    assert png_class_dirs(["airplane", "bird", "cat"]) == ["airplane", "bird", "cat"]
+    assert png_class_dirs(["b", "a"]) == ["0-b", "1-a"]
+    assert png_class_dirs([str(i) for i in range(11)])[10] == "10-10"
+    assert png_class_dirs(["x/y", ".."]) == ["0-x_y", "1-1"]
+
+
+def test_out_dir_states(tmp_path):
+    out = tmp_path / "out"
+    cfg = {"seed": 0, "purifier": {"method": "none"}}
+    assert prepare_out_dir(out, cfg, resume=False, overwrite=False) is False
+    assert json.loads((out / RUN_STATE).read_text())["config"] == cfg
+    (out / "images-00000.npy").write_bytes(b"x")
+    (out / "user-notes.txt").write_text("mine")
+    # an unfinished run: refused without --resume / --overwrite
+    with pytest.raises(UsageError, match="--resume"):
+        check_out_dir(out, resume=False, overwrite=False)
+    # same configuration: resume reuses
+    assert prepare_out_dir(out, cfg, resume=True, overwrite=False) is True
+    assert (out / "images-00000.npy").exists()
+    # another configuration: refused, naming what differs
+    with pytest.raises(UsageError, match="seed"):
+        prepare_out_dir(out, {**cfg, "seed": 1}, resume=True, overwrite=False)
+    # --overwrite: our files go, the user's stay
+    assert prepare_out_dir(out, {**cfg, "seed": 1}, resume=True, overwrite=True) is False
+    assert not (out / "images-00000.npy").exists()
+    assert (out / "user-notes.txt").read_text() == "mine"
+    # a finished folder: the manifest is removed while a resume rewrites shards
+    write_json_atomic(out / MANIFEST, {"config": {**cfg, "seed": 1}})
+    with pytest.raises(UsageError, match="manifest"):
+        check_out_dir(out, resume=False, overwrite=False)
+    assert prepare_out_dir(out, {**cfg, "seed": 1}, resume=True, overwrite=False) is True
+    assert not (out / MANIFEST).exists()
+    (tmp_path / "file").write_text("")
+    with pytest.raises(UsageError, match="not a folder"):
+        check_out_dir(tmp_path / "file", resume=False, overwrite=False)
+
+
+def test_load_purified_unfinished(tmp_path):
+    with pytest.raises(UsageError, match="manifest.json"):
+        pg.load_purified(tmp_path)
+
+
+def test_unknown_folder_is_not_a_run_and_overwrite_keeps_foreign_files(tmp_path):
+    proj = tmp_path / "proj"
+    (proj / "photos").mkdir(parents=True)
+    (proj / "photos" / "1.png").write_bytes(b"a photo")
+    (proj / "images-00000.npy").write_bytes(b"someone else's")
+    for resume, overwrite in [(False, False), (True, False), (False, True), (True, True)]:
+        with pytest.raises(UsageError, match="holds no puregen-fast purify output") as ei:
+            prepare_out_dir(proj, {"seed": 0}, resume=resume, overwrite=overwrite)
+        assert "unfinished" not in str(ei.value) and "photos" in str(ei.value)
+    assert (proj / "photos" / "1.png").read_bytes() == b"a photo"
+    assert (proj / "images-00000.npy").exists() and not (proj / RUN_STATE).exists()
+    # an empty folder (or one with only our own leftovers) is fine
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / f".{RUN_STATE}.tmp-123").write_text("{")
+    assert prepare_out_dir(tmp_path / "empty", {"seed": 0}, resume=False, overwrite=False) is False
+    assert [p.name for p in (tmp_path / "empty").iterdir()] == [RUN_STATE]
+    # a png run: --overwrite deletes the numbered files in its class folders only
+    out = tmp_path / "run"
+    cfg = {"format": "png", "class_names": ["a", "b"]}
+    prepare_out_dir(out, cfg, resume=False, overwrite=False)
+    w = ShardWriter(out, "png", 2, 2, ["a", "b"])
+    w.make_class_dirs()
+    w.write_shard(0, np.zeros((2, 4, 4, 3), np.uint8), np.array([0, 1]))
+    (out / "photos").mkdir()
+    (out / "photos" / "1.png").write_bytes(b"a photo")
+    (out / "a" / "notes.txt").write_text("mine")
+    assert prepare_out_dir(out, {**cfg, "seed": 1}, resume=False, overwrite=True) is False
+    assert (out / "photos" / "1.png").read_bytes() == b"a photo"
+    assert (out / "a" / "notes.txt").exists() and not (out / "a" / "0.png").exists()
+    assert not (out / "b").exists() and not (out / ".puregen-shard-00000.json").exists()

@@ -1,0 +1,353 @@
+"""`puregen-fast train ebm` (issue 6): learning, exact resume, purify from the output directory,
+the divergence watch with rollback, and bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import puregen_fast as pg
+from puregen_fast.cli.main import main
+from puregen_fast.train import EBMConfig, TrainingDiverged, train_ebm
+from puregen_fast.train import ebm as train_ebm_mod
+
+
+def shapes(n: int, size: int = 16, seed: int = 0) -> np.ndarray:
+    """One family of images: a bright disc of random place, size and colour on a flat, darker
+    background. uint8 NHWC."""
+    r = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    out = np.empty((n, size, size, 3), np.float32)
+    for i in range(n):
+        img = np.broadcast_to(r.uniform(0.2, 0.5, 3), (size, size, 3)).copy()
+        cy, cx = r.uniform(4, size - 4, 2)
+        rad = r.uniform(2.5, 5)
+        img[((yy - cy) ** 2 + (xx - cx) ** 2) <= rad**2] = r.uniform(0.6, 1.0, 3)
+        out[i] = img
+    return (out * 255).round().astype(np.uint8)
+
+
+def write_npz(path: Path, x: np.ndarray, y: np.ndarray | None = None) -> Path:
+    np.savez(path, x=x, y=np.zeros(len(x), np.int64) if y is None else y)
+    return path
+
+
+def to_x(u8: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(u8).permute(0, 3, 1, 2).float() / 255 * 2 - 1
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a small shared CPU: one intra-op thread is fastest here
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("ebmdata")
+    return write_npz(root / "shapes.npz", shapes(320, seed=0))
+
+
+TINY = [
+    "--nf", "8", "--bank-size", "64", "--batch-size", "16", "--mcmc-steps", "3",
+    "--backend", "reference", "--device", "cpu", "--no-progress", "--log-every", "1",
+]  # fmt: skip
+
+
+def _train(data: Path, out: Path, *extra: str) -> int:
+    return main(
+        [
+            "train",
+            "ebm",
+            "--dataset",
+            "npz",
+            "--data-dir",
+            str(data),
+            "--out",
+            str(out),
+            *TINY,
+            *extra,
+        ]
+    )
+
+
+def _weights(d: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(d / "model.safetensors"))
+
+
+# -- acceptance 1: a trained EBM orders data < trigger-patched data, uniform noise ------------
+
+
+def _trigger() -> torch.Tensor:
+    """A fixed additive checkerboard in one corner (a backdoor-trigger stand-in)."""
+    t = torch.zeros(1, 3, 16, 16)
+    cb = ((torch.arange(4)[:, None] + torch.arange(4)[None]) % 2 * 2 - 1).float() * 0.4
+    t[0, :, 1:5, 1:5] = cb
+    return t
+
+
+def _ordering(ebm: torch.nn.Module, held: torch.Tensor) -> dict[str, float]:
+    noise = torch.rand(held.shape, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.no_grad():
+        e, e_noise, e_trig = ebm(held), ebm(noise), ebm((held + _trigger()).clamp(-1, 1))
+    scale = float(e.std())
+    return {
+        "noise_margin": float(e_noise.mean() - e.mean()) / scale,  # in held-out std units
+        "trigger_margin": float((e_trig - e).mean()) / scale,
+        "trigger_frac": float((e_trig > e).float().mean()),  # paired: same image +/- trigger
+    }
+
+
+def _ordered(m: dict[str, float]) -> bool:
+    return m["noise_margin"] > 3.0 and m["trigger_margin"] > 0.25 and m["trigger_frac"] > 0.9
+
+
+def test_trained_ebm_gives_data_lower_energy(data, tmp_path):
+    out = tmp_path / "run"
+    rc = _train(
+        data, out, "--bank-size", "256", "--batch-size", "32", "--mcmc-steps", "10",
+        "--lr", "1e-3", "--epochs", "25", "--steps", "250", "--ckpt-every", "100000",
+        "--log-every", "10",
+    )  # fmt: skip
+    assert rc == 0
+    held = to_x(shapes(128, seed=1))  # held out: another draw of the same family
+    trained = _ordering(pg.load_ebm(out), held)
+    untrained = _ordering(pg.load_ebm(out / "checkpoints" / "step_00000000"), held)
+    assert _ordered(trained), trained
+    assert not _ordered(untrained), untrained  # the test can fail: the margin is learnt
+    rows = [json.loads(s) for s in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == 250 and rows[-1]["images_per_s"] > 0
+    assert (out / "loss.png").is_file() and list((out / "samples").glob("*.png"))
+
+
+# -- acceptance 3: interrupt at k, resume, equal to an uninterrupted run ---------------------
+
+
+@pytest.fixture(scope="module")
+def resumed(data, tmp_path_factory):
+    root = tmp_path_factory.mktemp("ebmresume")
+    # 320 images / 16 = 20 steps an epoch; milestone at epoch 1 and rejuvenation 0.5 exercise
+    # the schedule and the generator across the interruption
+    extra = ["--epochs", "3", "--lr-milestones", "1", "--rejuvenation", "0.5", "--ckpt-every", "4"]
+    assert _train(data, root / "full", *extra, "--steps", "23") == 0
+    assert _train(data, root / "part", *extra, "--steps", "18") == 0
+    assert _train(data, root / "part", *extra, "--steps", "23", "--resume") == 0
+    return root
+
+
+def test_resume_is_exact(resumed):
+    full, part = resumed / "full", resumed / "part"
+    wf, wp = _weights(full), _weights(part)
+    assert wf.keys() == wp.keys()
+    for k in wf:
+        assert torch.equal(wf[k], wp[k]), k
+    sf = torch.load(full / "checkpoints/step_00000023/state.pt", weights_only=True)
+    sp = torch.load(part / "checkpoints/step_00000023/state.pt", weights_only=True)
+    assert torch.equal(sf["bank"], sp["bank"])
+    assert torch.equal(sf["generator"], sp["generator"])
+    for a, b in zip(sf["optimizer"]["state"].values(), sp["optimizer"]["state"].values()):
+        assert torch.equal(a["exp_avg_sq"], b["exp_avg_sq"])
+    assert sf["scheduler"]["lr"] == pytest.approx(1e-5)  # past the milestone
+    ev = [json.loads(s) for s in (part / "metrics.jsonl").read_text().splitlines()]
+    assert any(r.get("event") == "resume" for r in ev)
+
+
+# -- acceptance 4: purify straight from a training output directory -------------------------
+
+
+def test_purify_uses_fresh_checkpoint(resumed, data, tmp_path):
+    out = resumed / "full"
+    ebm = pg.load_ebm(out)
+    p = pg.Purifier(method="ebm", ebm=ebm, ebm_steps=3, device="cpu", backend="reference")
+    imgs = shapes(4, seed=5)
+    res = p(imgs, np.arange(4))
+    assert res.shape == imgs.shape and res.dtype == np.uint8 and not np.array_equal(res, imgs)
+    pytest.importorskip("puregen_fast.pipeline")
+    argv = [
+        "purify", "--dataset", "npz", "--data-dir", str(data), "--method", "ebm",
+        "--ebm", str(out), "--ebm-steps", "3", "--limit", "8", "--backend", "reference",
+        "--device", "cpu", "--quiet", "--out", str(tmp_path / "pure"),
+    ]  # fmt: skip
+    assert main(argv) == 0
+    got = pg.load_purified(tmp_path / "pure")
+    assert got.images.shape == (8, 16, 16, 3)
+
+
+# -- acceptance 5: the watch fires on an unstable run and rolls back -------------------------
+
+
+def test_divergence_watch_rolls_back(data, tmp_path, capsys):
+    out = tmp_path / "unstable"
+    rc = _train(data, out, "--lr", "1.0", "--ckpt-every", "1", "--epochs", "5")
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    info = json.loads((out / "divergence.json").read_text())
+    bad, good = info["diverged_at_step"], info["rolled_back_to_step"]
+    assert good < bad
+    assert f"diverged at step {bad}" in err and f"step {good}" in err
+    # the top-level weights are the last good checkpoint's, and they load and purify
+    ck = out / "checkpoints" / f"step_{good:08d}"
+    wt, wc = _weights(out), _weights(ck)
+    assert all(torch.equal(wt[k], wc[k]) for k in wt)
+    ebm = pg.load_ebm(out)
+    p = pg.Purifier(method="ebm", ebm=ebm, ebm_steps=2, device="cpu", backend="reference")
+    res = p(shapes(2, seed=7), np.arange(2))
+    assert res.shape == (2, 16, 16, 3)
+    # nothing newer than the good checkpoint was kept
+    assert max(int(d.name[5:]) for d in (out / "checkpoints").glob("step_*")) == good
+    # going on from an earlier checkpoint with a stabiliser, into a new directory
+    start = out / "checkpoints" / "step_00000000"
+    assert _train(data, tmp_path / "o", "--lr", "1e-4", "--resume", str(start)) == 2
+    assert "--force-resume" in capsys.readouterr().err
+    new = tmp_path / "stable"
+    rc = _train(
+        data, new, "--lr", "1e-4", "--grad-clip", "1", "--epochs", "5", "--resume", str(start),
+        "--force-resume", "--steps", "3",
+    )  # fmt: skip
+    assert rc == 0
+    steps = sorted(int(d.name[5:]) for d in (new / "checkpoints").glob("step_*"))
+    assert steps == [0, 3]
+    assert json.loads((new / "recipe.json").read_text())["hparams"]["grad_clip"] == 1.0
+
+
+def test_nan_loss_stops_at_last_good_checkpoint(data, tmp_path, monkeypatch):
+    real = train_ebm_mod.EBMTrainer.energies
+
+    def energies(self, x):  # the loss turns NaN at update index 5 (step 6)
+        e = real(self, x)
+        return e * float("nan") if self.step >= 5 else e
+
+    monkeypatch.setattr(train_ebm_mod.EBMTrainer, "energies", energies)
+    cfg = EBMConfig(
+        dataset="npz", data_dir=str(data), out=str(tmp_path / "nan"), nf=8, bank_size=64,
+        batch_size=16, mcmc_steps=2, backend="reference", device="cpu", progress=False,
+        ckpt_every=4, log_every=1,
+    )  # fmt: skip
+    with pytest.raises(TrainingDiverged) as ei:
+        train_ebm(cfg)
+    e = ei.value
+    assert (e.step, e.good_step) == (6, 4)
+    assert "step 6" in str(e) and "non-finite" in str(e) and "step 4" in str(e)
+    pg.load_ebm(tmp_path / "nan")  # finite, loadable
+
+
+# -- the negatives come from the engine's fast sampler where it runs ---------------------------
+
+
+def test_fast_sampler_trains_like_the_reference(data, tmp_path):
+    """backend auto (compiled gradient, fused update; CUDA graph on GPU) follows the model as it
+    is trained, and agrees with the reference backend to float tolerance."""
+    common = ["--steps", "3", "--rejuvenation", "0.3", "--ckpt-every", "1000"]
+    assert _train(data, tmp_path / "ref", *common) == 0
+    assert _train(data, tmp_path / "fast", *common, "--backend", "auto") == 0
+    recipe = json.loads((tmp_path / "fast" / "recipe.json").read_text())
+    assert "backend=fast" in recipe["describe"]["sampler"]
+    wr, wf = _weights(tmp_path / "ref"), _weights(tmp_path / "fast")
+    assert all(torch.allclose(wr[k], wf[k], atol=1e-5, rtol=1e-4) for k in wr)
+    br = torch.load(tmp_path / "ref/checkpoints/step_00000003/state.pt", weights_only=True)
+    bf = torch.load(tmp_path / "fast/checkpoints/step_00000003/state.pt", weights_only=True)
+    assert torch.allclose(br["bank"], bf["bank"], atol=1e-4)
+
+
+# -- the stabilisers and the watch's relative test ---------------------------------------------
+
+
+def test_stabilisers_run(data, tmp_path):
+    out = tmp_path / "stab"
+    rc = _train(
+        data, out, "--grad-clip", "1.0", "--energy-reg", "0.1", "--warmup-steps", "4",
+        "--steps", "4",
+    )  # fmt: skip
+    assert rc == 0
+    rows = [json.loads(s) for s in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["lr"] for r in rows if "lr" in r] == pytest.approx([2.5e-5, 5e-5, 7.5e-5, 1e-4])
+    recipe = json.loads((out / "recipe.json").read_text())["hparams"]
+    assert recipe["grad_clip"] == 1.0 and recipe["energy_reg"] == 0.1
+
+
+# -- acceptance 6: bad input -------------------------------------------------------------------
+
+
+def test_empty_dataset(tmp_path, capsys):
+    empty = write_npz(tmp_path / "empty.npz", np.zeros((0, 16, 16, 3), np.uint8))
+    assert _train(empty, tmp_path / "o") == 2
+    assert "empty" in capsys.readouterr().err
+
+
+def test_unknown_class_and_single_class(data, tmp_path, capsys):
+    assert _train(data, tmp_path / "o", "--classes", "cat") == 2
+    assert "unknown class 'cat'" in capsys.readouterr().err
+    from puregen_fast.errors import UsageError
+    from puregen_fast.train.data import load_train_data
+
+    with pytest.raises(UsageError, match="at least two classes"):
+        load_train_data("npz", str(data), need_classes=True)
+
+
+def test_fewer_images_than_batch(tmp_path, capsys):
+    small = write_npz(tmp_path / "small.npz", shapes(8))
+    assert _train(small, tmp_path / "o") == 2
+    assert "fewer than --batch-size 16" in capsys.readouterr().err
+
+
+def test_resume_refuses_other_recipe_and_changed_flags(resumed, data, tmp_path, capsys):
+    ddpm_like = tmp_path / "ddpm_run"
+    (ddpm_like / "checkpoints" / "step_00000001").mkdir(parents=True)
+    (ddpm_like / "recipe.json").write_text(
+        json.dumps({"recipe": "ddpm", "format": 1, "hparams": {}})
+    )
+    (ddpm_like / "checkpoints" / "step_00000001" / "state.pt").write_bytes(b"")
+    assert _train(data, tmp_path / "o", "--resume", str(ddpm_like)) == 2
+    assert "written by `train ddpm`" in capsys.readouterr().err
+
+    extra = ["--epochs", "3", "--lr-milestones", "1", "--rejuvenation", "0.5"]
+    assert _train(data, resumed / "part", *extra, "--lr", "3e-4", "--resume") == 2
+    err = capsys.readouterr().err
+    assert "--lr 0.0001 -> 0.0003" in err
+    # a fresh run into a used directory is refused too
+    assert _train(data, resumed / "part", *extra) == 2
+    assert "already holds a training run" in capsys.readouterr().err
+
+
+def test_no_checkpoint_to_resume(data, tmp_path, capsys):
+    assert _train(data, tmp_path / "nothing", "--resume") == 2
+    assert "no such directory" in capsys.readouterr().err
+
+
+def test_resuming_an_older_checkpoint_sets_the_newer_ones_aside(data, tmp_path, capsys):
+    out = tmp_path / "st"
+    assert _train(data, out, "--steps", "12", "--ckpt-every", "4", "--keep-ckpts", "2") == 0
+    ck = out / "checkpoints"
+    assert sorted(p.name for p in ck.glob("step_*")) == ["step_00000008", "step_00000012"]
+    older = ck / "step_00000008"
+    args = ("--steps", "10", "--ckpt-every", "2", "--keep-ckpts", "2", "--force-resume")
+    assert _train(data, out, *args, "--resume", str(older)) == 0
+    assert "abandons 1 newer checkpoint" in capsys.readouterr().err
+    # the abandoned step 12 is out of the way: a plain --resume continues step 10
+    assert sorted(p.name for p in ck.glob("step_*")) == ["step_00000008", "step_00000010"]
+    assert len(list(ck.glob("abandoned-*/step_00000012"))) == 1
+    assert (
+        _train(data, out, "--steps", "11", "--ckpt-every", "2", "--force-resume", "--resume") == 0
+    )
+    events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    resumes = [e for e in events if e.get("event") == "resume"]
+    assert resumes[-1]["from"].endswith("step_00000010")
+
+
+@pytest.mark.parametrize(
+    "extra, needle",
+    [(("--log-every", "0"), "--log-every"), (("--steps", "1"), "is a file")],
+)
+def test_bad_run_flags_exit_2(data, tmp_path, capsys, extra, needle):
+    out = tmp_path / "o"
+    if needle == "is a file":
+        out.write_text("not a directory")
+    assert _train(data, out, *extra) == 2
+    assert needle in capsys.readouterr().err
