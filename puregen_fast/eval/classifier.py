@@ -13,21 +13,21 @@ learning rate divided by 10 at epochs 100 and 150, plain cross-entropy.
 
 The whole training set lives on the device as one uint8 tensor; each epoch is a permutation
 drawn on the device, and each batch is normalised, randomly cropped (reflect padding) and
-flipped there, so no DataLoader workers are involved. Any image size works (the pools adapt),
+flipped there, so no DataLoader workers are involved. The running loss and accuracy are summed
+on the device as well and read once per epoch (and by the progress bar at most twice a second),
+so the host does not wait for the device at every step. Any image size works (the pools adapt),
 not only 32x32.
 
-Measured here, CPU only (a shared 2-core x86_64 VM, torch 2.13 CPU, float32; no GPU was
-available to this work, so no GPU figure is claimed and none was measured):
+Speed and accuracy as measured on a 2-core x86_64 CPU (torch 2.13, float32); no figure is
+claimed for CIFAR-10 or for a GPU:
 
 * full-size nets on 512 synthetic 32x32 images, 2 threads: airbench (64/256/256) trains at
   about 107 images/s and predicts at about 237 images/s with flip TTA (99.6% held-out accuracy
   on that easy 4-class set after 2 epochs); resnet18 (width 64) trains at about 21 images/s
   and predicts at about 116 images/s;
-* the tiny sets of ``tests/test_eval.py`` (320 16x16 images, 4 classes, airbench widths
+* the small sets of ``tests/eval/test_eval.py`` (320 16x16 images, 4 classes, airbench widths
   16/32/32, 1 thread): 5,000-7,000 training images/s; 99-100% held-out accuracy after 6 epochs
   for seeds 0-5, and 16-44% (chance 25%) with shuffled labels.
-
-Accuracy and speed on CIFAR-10 have not been measured.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -54,15 +55,14 @@ __all__ = [
     "build_model",
     "default_config",
     "train_classifier",
-    "resolve_device",
 ]
 
 # Whitening caveat. The 2x2 whitening filters scale each patch direction by
 # 1 / sqrt(eigenvalue + whiten_eps) of the *training* set. A training set without the high
 # frequencies the test set has (strong purification or JPEG of tiny images) gets huge gains on
 # exactly those directions, and clean test images then land far outside what the net saw:
-# measured here, JPEG-q75 16x16 synthetic data gave 100% train but 29% (chance) test accuracy at
-# whiten_eps 5e-4, 82% at 1e-2 and 100% at 5e-2. ``eval run`` warns when it sees that pattern.
+# trained on JPEG-q75 16x16 synthetic images, it reached 100% train but 29% (chance) test
+# accuracy at whiten_eps 5e-4, 82% at 1e-2 and 100% at 5e-2. ``eval run`` warns on that pattern.
 
 ARCHS = ("airbench", "resnet18")
 
@@ -345,6 +345,194 @@ def _lr_factor(step: int, total: int, warmup_frac: float, schedule: str = "trian
     return max(0.0, (total - step) / max(1, total - w))
 
 
+def _check_inputs(x: np.ndarray, y: np.ndarray, num_classes: int, cfg: TrainConfig) -> None:
+    if x.dtype != np.uint8 or x.ndim != 4 or x.shape[-1] != 3:
+        raise UsageError(f"training images must be uint8 (N, H, W, 3), got {x.dtype}")
+    if y.shape != (x.shape[0],) or x.shape[0] == 0:
+        raise UsageError(f"{x.shape[0]} training images but labels of shape {y.shape}")
+    if y.min() < 0 or y.max() >= num_classes:
+        raise UsageError(f"training labels must be in [0, {num_classes - 1}]")
+    if cfg.epochs <= 0 or cfg.batch_size < 1 or not cfg.lr > 0:
+        raise UsageError("--epochs, --batch-size and --lr must be > 0")
+    if cfg.schedule not in ("triangular", "step"):
+        raise UsageError(f"--schedule {cfg.schedule!r}: choose triangular or step")
+
+
+def _to_device(x: np.ndarray, y: np.ndarray, dev: torch.device) -> tuple[torch.Tensor, ...]:
+    """The whole training set on the device: images uint8 NHWC, labels int64."""
+    x_c = np.ascontiguousarray(x)
+    if not x_c.flags.writeable:  # a read-only memmap (load_purified): torch wants writable
+        x_c = x_c.copy()
+    return torch.from_numpy(x_c).to(dev), torch.from_numpy(y).to(dev)
+
+
+def _channel_stats(x_u8: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and std of the training set, in one pass on the device."""
+    xf = x_u8.float().div_(255)
+    mean = xf.mean(dim=(0, 1, 2)).view(1, 3, 1, 1)
+    std = xf.std(dim=(0, 1, 2)).clamp_min(1e-3).view(1, 3, 1, 1)
+    return mean, std
+
+
+def _optimizer(model: nn.Module, cfg: TrainConfig, bs: int) -> torch.optim.SGD:
+    """Nesterov SGD with each group's base rate in ``initial_lr`` (the schedule scales it)."""
+    if cfg.arch == "airbench":
+        kilostep = 1024 * (1 + 1 / (1 - cfg.momentum))
+        lr = cfg.lr / kilostep
+        wd = cfg.weight_decay * bs / kilostep
+        whiten_bias = model.whiten.bias
+        norm_biases = [p for k, p in model.named_parameters() if "norm" in k and p.requires_grad]
+        others = [
+            p
+            for k, p in model.named_parameters()
+            if "norm" not in k and p.requires_grad and p is not whiten_bias
+        ]
+        # SGD couples decay to the learning rate; dividing by it makes the decay per step
+        # independent of the lr (airbench's convention)
+        lr_b = lr * cfg.bias_scaler
+        groups = [
+            {"params": norm_biases, "lr": lr_b, "weight_decay": wd / lr_b},
+            {"params": [whiten_bias], "lr": lr, "weight_decay": wd / lr},
+            {"params": others, "lr": lr, "weight_decay": wd / lr},
+        ]
+    else:
+        groups = [
+            {"params": [p for p in model.parameters() if p.requires_grad], "lr": cfg.lr,
+             "weight_decay": cfg.weight_decay}
+        ]  # fmt: skip
+    for g in groups:
+        g["initial_lr"] = g["lr"]
+    return torch.optim.SGD(groups, momentum=cfg.momentum, nesterov=True)
+
+
+@dataclass
+class _Run:
+    """What every training step needs: the data on the device, the model and its optimiser,
+    and the step count."""
+
+    cfg: TrainConfig
+    dev: torch.device  # as resolved (``cuda``, not the tensors' ``cuda:0``): the record says it
+    x_u8: torch.Tensor
+    y: torch.Tensor
+    mean: torch.Tensor
+    std: torch.Tensor
+    gen: torch.Generator
+    model: nn.Module
+    fmt: torch.memory_format
+    opt: torch.optim.SGD
+    loss_fn: nn.Module
+    summed: bool  # loss summed over the batch (airbench), else its mean
+    bs: int
+    total_steps: int
+    step: int = 0
+    seen: int = 0
+
+
+def _prepare(
+    images: np.ndarray,
+    labels: np.ndarray,
+    num_classes: int,
+    cfg: TrainConfig,
+    device: str | torch.device,
+) -> _Run:
+    """Checks, the data on the device, its statistics, the model (whitening initialised from
+    the data) and the optimiser. Seeds first, so a seed fixes the whole run."""
+    x_np = np.asarray(images)
+    y_np = np.asarray(labels, dtype=np.int64)
+    _check_inputs(x_np, y_np, num_classes, cfg)
+    dev = device if isinstance(device, torch.device) else resolve_device(device)
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator(device=dev)
+    gen.manual_seed(cfg.seed)
+    x_u8, y = _to_device(x_np, y_np, dev)
+    n = x_u8.shape[0]
+    mean, std = _channel_stats(x_u8)
+
+    model = build_model(cfg.arch, num_classes, widths=cfg.widths).to(dev)
+    if isinstance(model, AirbenchNet):
+        sample = x_u8[torch.randperm(n, device=dev, generator=gen)[:5000]]
+        model.init_whitening(_to_float(sample, mean, std), eps=cfg.whiten_eps)
+    fmt = torch.channels_last if dev.type == "cuda" else torch.contiguous_format
+    model = model.to(memory_format=fmt)
+
+    bs = min(cfg.batch_size, n)
+    total_steps = max(1, math.ceil(cfg.epochs * math.ceil(n / bs)))
+    summed = cfg.arch == "airbench"
+    loss_fn = nn.CrossEntropyLoss(
+        label_smoothing=cfg.label_smoothing, reduction="sum" if summed else "mean"
+    )
+    opt = _optimizer(model, cfg, bs)
+    return _Run(
+        cfg, dev, x_u8, y, mean, std, gen, model, fmt, opt, loss_fn, summed, bs, total_steps
+    )
+
+
+def _step(run: _Run, idx: torch.Tensor, yb: torch.Tensor, epoch: int) -> tuple[torch.Tensor, ...]:
+    """One optimiser step on the images ``idx``; the loss and the logits stay on the device."""
+    cfg = run.cfg
+    xb = _augment(_to_float(run.x_u8[idx], run.mean, run.std), cfg.crop_pad, cfg.flip, run.gen)
+    xb = xb.contiguous(memory_format=run.fmt)
+    f = _lr_factor(run.step, run.total_steps, cfg.warmup_frac, cfg.schedule)
+    for g in run.opt.param_groups:
+        g["lr"] = g["initial_lr"] * f
+    if cfg.arch == "airbench" and epoch >= cfg.whiten_bias_epochs:
+        run.opt.param_groups[1]["lr"] = 0.0  # airbench: the whitening bias trains early only
+    out = run.model(xb)
+    loss = run.loss_fn(out, yb)
+    run.opt.zero_grad(set_to_none=True)
+    loss.backward()
+    run.opt.step()
+    run.step += 1
+    return loss.detach(), out.detach()
+
+
+_LOG_EVERY_S = 0.5  # seconds between the progress bar's loss readings
+
+
+def _epoch(run: _Run, epoch: int, bar: Any, t0: float) -> dict:
+    """One pass over a fresh permutation (cut short at the last step). The running loss and
+    accuracy are summed on the device and read at the end of the epoch (and when the bar shows
+    the loss), so the host does not wait for the device at every step."""
+    run.model.train()
+    dev = run.dev
+    n = run.x_u8.shape[0]
+    perm = torch.randperm(n, device=dev, generator=run.gen)
+    acc = torch.float32 if dev.type == "mps" else torch.float64  # MPS has no float64
+    loss_sum = torch.zeros((), dtype=acc, device=dev)
+    correct = torch.zeros((), dtype=torch.int64, device=dev)
+    sizes: dict[int, torch.Tensor] = {}  # batch sizes as device scalars (see below)
+    count, logged = 0, time.perf_counter()
+    for s in range(0, n, run.bs):
+        if run.step >= run.total_steps:
+            break
+        idx = perm[s : s + run.bs]
+        yb = run.y[idx]
+        loss, out = _step(run, idx, yb, epoch)
+        m = idx.shape[0]
+        if m not in sizes:
+            sizes[m] = torch.full((), m, dtype=acc, device=dev)
+        # the per-image loss as float64 host arithmetic gives it: a true division (CUDA turns
+        # division by a host scalar into a multiplication by its reciprocal)
+        lv = loss.to(acc) / sizes[m] if run.summed else loss.to(acc)
+        loss_sum += lv * m
+        correct += (out.argmax(1) == yb).sum()
+        count += m
+        run.seen += m
+        bar.update(m)
+        now = time.perf_counter()
+        if not bar.disable and now - logged >= _LOG_EVERY_S:  # reading lv waits for the device
+            logged = now
+            rate = run.seen / max(1e-9, now - t0)
+            bar.set_postfix(epoch=epoch + 1, loss=f"{float(lv):.3f}", img_s=f"{rate:.0f}")
+    return {
+        "epoch": epoch + 1,
+        "loss": float(loss_sum) / max(1, count),
+        "train_acc": int(correct) / max(1, count),
+        "images": count,
+        "seconds": time.perf_counter() - t0,
+    }
+
+
 def train_classifier(
     images: np.ndarray,
     labels: np.ndarray,
@@ -359,89 +547,19 @@ def train_classifier(
 
     The data set is moved to the device once; normalisation uses the training set's
     per-channel mean and std. Deterministic for a seed on one device (CPU; cuDNN may pick
-    non-deterministic kernels on a GPU).
+    non-deterministic kernels on a GPU). ``on_epoch`` receives each epoch's record.
     """
     from tqdm.auto import tqdm
 
     cfg = config or default_config("airbench")
-    x_np = np.asarray(images)
-    y_np = np.asarray(labels, dtype=np.int64)
-    if x_np.dtype != np.uint8 or x_np.ndim != 4 or x_np.shape[-1] != 3:
-        raise UsageError(f"training images must be uint8 (N, H, W, 3), got {x_np.dtype}")
-    if y_np.shape != (x_np.shape[0],) or x_np.shape[0] == 0:
-        raise UsageError(f"{x_np.shape[0]} training images but labels of shape {y_np.shape}")
-    if y_np.min() < 0 or y_np.max() >= num_classes:
-        raise UsageError(f"training labels must be in [0, {num_classes - 1}]")
-    if cfg.epochs <= 0 or cfg.batch_size < 1 or not cfg.lr > 0:
-        raise UsageError("--epochs, --batch-size and --lr must be > 0")
-    if cfg.schedule not in ("triangular", "step"):
-        raise UsageError(f"--schedule {cfg.schedule!r}: choose triangular or step")
-    dev = device if isinstance(device, torch.device) else resolve_device(device)
-
-    torch.manual_seed(cfg.seed)
-    gen = torch.Generator(device=dev)
-    gen.manual_seed(cfg.seed)
-    x_c = np.ascontiguousarray(x_np)
-    if not x_c.flags.writeable:  # a read-only memmap (load_purified): torch wants writable
-        x_c = x_c.copy()
-    x_u8 = torch.from_numpy(x_c).to(dev)
-    y = torch.from_numpy(y_np).to(dev)
-    n = x_u8.shape[0]
-
-    # per-channel statistics of the training set, in one pass on the device
-    xf = x_u8.float().div_(255)
-    mean = xf.mean(dim=(0, 1, 2)).view(1, 3, 1, 1)
-    std = xf.std(dim=(0, 1, 2)).clamp_min(1e-3).view(1, 3, 1, 1)
-    del xf
-
-    model = build_model(cfg.arch, num_classes, widths=cfg.widths).to(dev)
-    if isinstance(model, AirbenchNet):
-        sample = x_u8[torch.randperm(n, device=dev, generator=gen)[:5000]]
-        model.init_whitening(_to_float(sample, mean, std), eps=cfg.whiten_eps)
-    fmt = torch.channels_last if dev.type == "cuda" else torch.contiguous_format
-    model = model.to(memory_format=fmt)
-
-    bs = min(cfg.batch_size, n)
-    steps_per_epoch = math.ceil(n / bs)
-    total_steps = max(1, math.ceil(cfg.epochs * steps_per_epoch))
-    if cfg.arch == "airbench":
-        kilostep = 1024 * (1 + 1 / (1 - cfg.momentum))
-        lr = cfg.lr / kilostep
-        wd = cfg.weight_decay * bs / kilostep
-        norm_biases = [p for k, p in model.named_parameters() if "norm" in k and p.requires_grad]
-        whiten_bias = [model.whiten.bias]
-        others = [
-            p
-            for k, p in model.named_parameters()
-            if "norm" not in k and p.requires_grad and p is not model.whiten.bias
-        ]
-        # SGD couples decay to the learning rate; dividing by it makes the decay per step
-        # independent of the lr (airbench's convention)
-        lr_b = lr * cfg.bias_scaler
-        groups = [
-            {"params": norm_biases, "lr": lr_b, "weight_decay": wd / lr_b},
-            {"params": whiten_bias, "lr": lr, "weight_decay": wd / lr},
-            {"params": others, "lr": lr, "weight_decay": wd / lr},
-        ]
-        reduction = "sum"
-    else:
-        groups = [
-            {"params": [p for p in model.parameters() if p.requires_grad], "lr": cfg.lr,
-             "weight_decay": cfg.weight_decay}
-        ]  # fmt: skip
-        reduction = "mean"
-    for g in groups:
-        g["initial_lr"] = g["lr"]
-    opt = torch.optim.SGD(groups, momentum=cfg.momentum, nesterov=True)
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing, reduction=reduction)
-
+    run = _prepare(images, labels, num_classes, cfg, device)
+    dev = run.dev
+    n = run.x_u8.shape[0]
+    full, rem = divmod(run.total_steps, math.ceil(n / run.bs))
     history: list[dict] = []
-    step = 0
     t0 = time.perf_counter()
-    seen = 0
-    full, rem = divmod(total_steps, steps_per_epoch)
     with tqdm(
-        total=full * n + min(rem * bs, n),
+        total=full * n + min(rem * run.bs, n),
         disable=quiet,
         unit="img",
         desc=f"train {cfg.arch}",
@@ -449,46 +567,8 @@ def train_classifier(
         leave=False,
     ) as bar:
         epoch = 0
-        while step < total_steps:
-            model.train()
-            perm = torch.randperm(n, device=dev, generator=gen)
-            loss_sum, count, correct = 0.0, 0, 0
-            for s in range(0, n, bs):
-                if step >= total_steps:
-                    break
-                idx = perm[s : s + bs]
-                xb = _augment(_to_float(x_u8[idx], mean, std), cfg.crop_pad, cfg.flip, gen)
-                xb = xb.contiguous(memory_format=fmt)
-                yb = y[idx]
-                f = _lr_factor(step, total_steps, cfg.warmup_frac, cfg.schedule)
-                for g in opt.param_groups:
-                    g["lr"] = g["initial_lr"] * f
-                if cfg.arch == "airbench" and epoch >= cfg.whiten_bias_epochs:
-                    opt.param_groups[1]["lr"] = (
-                        0.0  # airbench: the whitening bias trains early only
-                    )
-                out = model(xb)
-                loss = loss_fn(out, yb)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                step += 1
-                m = yb.shape[0]
-                seen += m
-                lv = float(loss.detach()) / (m if reduction == "sum" else 1)
-                loss_sum += lv * m
-                count += m
-                correct += int((out.detach().argmax(1) == yb).sum())
-                rate = seen / max(1e-9, time.perf_counter() - t0)
-                bar.update(m)
-                bar.set_postfix(epoch=epoch + 1, loss=f"{lv:.3f}", img_s=f"{rate:.0f}")
-            rec = {
-                "epoch": epoch + 1,
-                "loss": loss_sum / max(1, count),
-                "train_acc": correct / max(1, count),
-                "images": count,
-                "seconds": time.perf_counter() - t0,
-            }
+        while run.step < run.total_steps:
+            rec = _epoch(run, epoch, bar, t0)
             history.append(rec)
             if on_epoch is not None:
                 on_epoch(rec)
@@ -497,14 +577,7 @@ def train_classifier(
         torch.cuda.synchronize(dev)
     secs = time.perf_counter() - t0
     tta = cfg.tta if cfg.tta in ("none", "flip") else "none"
+    rate = run.seen / secs if secs > 0 else 0.0
     return Classifier(
-        model.eval(),
-        mean,
-        std,
-        dev,
-        tta,
-        cfg.as_dict(),
-        history,
-        secs,
-        seen / secs if secs > 0 else 0.0,
+        run.model.eval(), run.mean, run.std, dev, tta, cfg.as_dict(), history, secs, rate
     )

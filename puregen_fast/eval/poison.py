@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from puregen_fast.data.io import atomic_path
 from puregen_fast.errors import UsageError
 
 __all__ = [
@@ -43,6 +44,7 @@ __all__ = [
     "select_poison_indices",
     "poison_dataset",
     "save_poisoned_npz",
+    "save_trigger",
 ]
 
 QUANTIZE = ("trunc", "round")
@@ -229,24 +231,29 @@ def poison_dataset(
 def save_poisoned_npz(ps: PoisonedSet, path: str | os.PathLike[str]) -> Path:
     """Write ``ps`` as ``.npz`` with the keys ``puregen-fast purify --dataset npz`` reads
     (``x`` uint8 NHWC, ``y`` int64, ``classes``) plus ``poison_idx``, ``target_class`` and
-    ``trigger`` (for the record). Written to a temporary name, then renamed."""
+    ``trigger`` (for the record), atomically (`puregen_fast.data.io.atomic_path`)."""
     p = Path(path)
-    tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}.npz")
     try:
-        np.savez(
-            tmp,
-            x=ps.images,
-            y=ps.labels.astype(np.int64),
-            poison_idx=ps.poison_idx.astype(np.int64),
-            classes=np.asarray(ps.class_names, dtype=str),
-            target_class=np.int64(ps.target_class),
-            trigger=ps.trigger.astype(np.float32),
-        )
-        os.replace(tmp, p)
+        with atomic_path(p) as tmp, open(tmp, "wb") as f:  # a file: savez adds no suffix
+            np.savez(
+                f,
+                x=ps.images,
+                y=ps.labels.astype(np.int64),
+                poison_idx=ps.poison_idx.astype(np.int64),
+                classes=np.asarray(ps.class_names, dtype=str),
+                target_class=np.int64(ps.target_class),
+                trigger=ps.trigger.astype(np.float32),
+            )
     except OSError as e:
         raise UsageError(
             f"--out {p}: cannot write ({e}); the folder must exist, be writable and have free space"
         ) from e
-    finally:
-        tmp.unlink(missing_ok=True)
+    return p
+
+
+def save_trigger(trigger: np.ndarray, path: str | os.PathLike[str]) -> Path:
+    """Write a trigger as ``.npy`` (what `load_trigger` reads), atomically."""
+    p = Path(path)
+    with atomic_path(p) as tmp, open(tmp, "wb") as f:  # a file: save adds no suffix
+        np.save(f, trigger)
     return p

@@ -6,6 +6,7 @@ Everything runs on CPU on tiny synthetic data sets (16x16 images, a few hundred 
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -21,7 +22,7 @@ from puregen_fast.eval.classifier import (
     default_config,
     train_classifier,
 )
-from puregen_fast.eval.experiment import evaluate_predictions, format_table, poison_metrics
+from puregen_fast.eval.metrics import evaluate_predictions, format_table, poison_metrics
 from puregen_fast.eval.poison import (
     apply_trigger,
     make_trigger,
@@ -35,8 +36,8 @@ K = 4
 
 @pytest.fixture(scope="module", autouse=True)
 def _one_thread():
-    # one intra-op thread: these nets are tiny, and on a small shared CPU extra threads only
-    # contend (tests elsewhere do the same)
+    # one intra-op thread: these nets are tiny, so extra threads only contend (tests elsewhere
+    # do the same)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -176,6 +177,46 @@ def test_airbench_learns_and_fails_on_shuffled_labels(data):
     acc_bad = (bad.predict(data.xt) == data.yt).mean()
     assert acc_bad <= 0.55, acc_bad  # chance is 0.25; a chance colour correlation may add some
     assert acc - acc_bad >= 0.4
+
+
+def test_training_reads_the_device_once_per_epoch(data, monkeypatch):
+    # the running loss and accuracy stay on the device: a value read back to the host (which on
+    # a GPU waits for the device) happens at each epoch's end, not at every step
+    reads = []
+
+    def counted(name: str):
+        f = getattr(torch.Tensor, name)
+
+        def read(t, *a, **k):
+            reads.append(name)
+            return f(t, *a, **k)
+
+        return read
+
+    for name in ("__float__", "__int__", "__bool__", "__index__", "item", "tolist", "numpy"):
+        monkeypatch.setattr(torch.Tensor, name, counted(name))
+    cfg = default_config("airbench", epochs=3, batch_size=32, widths=(8, 8, 8))
+    clf = train_classifier(data.x, data.y, K, cfg, device="cpu", quiet=True)
+    monkeypatch.undo()
+    assert len(clf.history) == 3 and sum(r["images"] for r in clf.history) == 3 * len(data.y)
+    assert reads == ["__float__", "__int__"] * 3  # 30 steps, 6 reads
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_training_on_cuda_does_not_sync_per_step(data):
+    # CUDA's own count: sync debug mode warns at each operation that waits for the device
+    cfg = default_config("airbench", epochs=3, batch_size=16, widths=(8, 8, 8))  # 60 steps
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            clf = train_classifier(data.x, data.y, K, cfg, device="cuda", quiet=True)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = [w for w in caught if "synchroniz" in str(w.message)]
+    assert len(clf.history) == 3
+    assert len(syncs) < 20, [str(w.message) for w in syncs[:5]]  # setup + 2 per epoch, not 60+
 
 
 def test_resnet18_learns_and_models_take_any_size(data):

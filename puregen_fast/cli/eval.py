@@ -1,0 +1,390 @@
+"""``puregen-fast eval``: the paper's evaluation of a defense (natural accuracy and poison success
+of a classifier trained on the, possibly purified, training set).
+
+Subcommands::
+
+    puregen-fast eval poison --dataset NAME [--data-dir D] [--split train] --trigger T.npy
+        --target-class K [--count 500] [--random-select] [--quantize trunc|round]
+        --out POISONED.npz
+    puregen-fast eval run (--train DIR | --train-npz F.npz | --train-dataset NAME
+        [--train-data-dir D] [--train-split train]) --test-dataset NAME [--test-data-dir D]
+        [--test-split test] [--trigger T.npy --target-class K [--trigger-scale 1 ...]]
+        [--arch airbench|resnet18] [--epochs E] [--batch-size B] [--lr LR] [--seed S]
+        [--device auto|cpu|cuda] [--limit-test N] [--json OUT] [--quiet]
+    puregen-fast eval table RESULT.json ...
+    puregen-fast eval trigger --size H W --eps E [--kind uniform|checker] --out T.npy
+
+The experiment itself is `puregen_fast.eval.experiment`, the metrics and the table
+`puregen_fast.eval.metrics`; this module parses and checks the flags and prints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from puregen_fast.cli.argtypes import int_at_least, positive_float
+from puregen_fast.data.datasets import DATASETS, SPLITS
+from puregen_fast.errors import UsageError
+from puregen_fast.eval.classifier import ARCHS, default_config
+from puregen_fast.eval.experiment import (
+    Attack,
+    EvalSet,
+    Experiment,
+    Outcome,
+    TrainSource,
+    load_results,
+    poison_to_npz,
+    run_experiment,
+    save_result,
+)
+from puregen_fast.eval.metrics import format_table
+from puregen_fast.eval.poison import QUANTIZE, make_trigger, save_trigger
+from puregen_fast.runtime import resolve_device
+
+__all__ = ["add_arguments", "run"]
+
+# ----------------------------------------------------------------------------- arguments
+
+
+def _widths(s: str) -> tuple[int, ...]:
+    try:
+        w = tuple(int(v) for v in s.replace("x", ",").split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from None
+    if not w or min(w) < 1:
+        raise argparse.ArgumentTypeError(f"widths must be positive integers, got {s!r}")
+    return w
+
+
+def _add_poison_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dataset", required=True, choices=DATASETS, help="the training set")
+    p.add_argument("--data-dir", metavar="DIR", default=None, help="as for purify")
+    p.add_argument("--split", default="train", help="(default %(default)s)")
+    p.add_argument(
+        "--trigger",
+        metavar="FILE",
+        required=True,
+        help=".npy trigger, shape (1, 3, h, w) or (3, h, w), in the [-1, 1] image space",
+    )
+    p.add_argument("--target-class", metavar="K", type=int_at_least(0), required=True)
+    p.add_argument(
+        "--count",
+        metavar="N",
+        type=int_at_least(1),
+        default=500,
+        help="images of the target class to poison (default %(default)s, the authors' CIFAR-10 "
+        "setting: 1%% of the training set)",
+    )
+    p.add_argument(
+        "--random-select",
+        action="store_true",
+        help="poison N random images of the class (with --seed) instead of the last N",
+    )
+    p.add_argument("--seed", type=int_at_least(0), default=0, help="for --random-select")
+    p.add_argument(
+        "--quantize",
+        choices=QUANTIZE,
+        default="trunc",
+        help="float -> uint8: trunc (torchvision ToPILImage, the authors' bytes; default) or round",
+    )
+    p.add_argument("--out", metavar="FILE.npz", required=True)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("--quiet", action="store_true")
+
+
+def _add_data_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("training set (one of)")
+    src = g.add_mutually_exclusive_group(required=True)
+    src.add_argument("--train", metavar="DIR", help="a `puregen-fast purify` output folder")
+    src.add_argument("--train-npz", metavar="FILE", help="an .npz (e.g. from `eval poison`)")
+    src.add_argument("--train-dataset", choices=DATASETS, help="a data set as it is (no defense)")
+    g.add_argument("--train-data-dir", metavar="DIR", default=None)
+    g.add_argument("--train-split", default="train")
+    g.add_argument("--limit-train", metavar="N", type=int_at_least(1), default=None)
+    t = p.add_argument_group("test set")
+    t.add_argument("--test-dataset", choices=DATASETS, required=True)
+    t.add_argument("--test-data-dir", metavar="DIR", default=None)
+    t.add_argument(
+        "--test-split", default=None, help="default: test (tinyimagenet: val; npz: the file)"
+    )
+    t.add_argument(
+        "--limit-test", metavar="N", type=int_at_least(1), default=None, help="first N only"
+    )
+    a = p.add_argument_group("attack (optional: without it only natural accuracy)")
+    a.add_argument("--trigger", metavar="FILE", default=None, help="the Narcissus trigger .npy")
+    a.add_argument("--target-class", metavar="K", type=int_at_least(0), default=None)
+    a.add_argument(
+        "--trigger-scale",
+        metavar="M",
+        type=positive_float,
+        nargs="+",
+        default=[1.0],
+        help="test-time trigger multipliers (default 1; the authors also report 2 and 3, the "
+        "Narcissus paper uses 3)",
+    )
+    a.add_argument("--quantize", choices=QUANTIZE, default="trunc", help="as for eval poison")
+
+
+def _add_classifier_args(p: argparse.ArgumentParser) -> None:
+    c = p.add_argument_group("classifier")
+    c.add_argument("--arch", choices=ARCHS, default="airbench")
+    c.add_argument(
+        "--epochs",
+        type=positive_float,
+        default=None,
+        help="default: airbench 10, resnet18 200 (the paper's)",
+    )
+    c.add_argument(
+        "--batch-size", type=int_at_least(1), default=None, help="airbench 1024, resnet18 128"
+    )
+    c.add_argument(
+        "--lr",
+        type=positive_float,
+        default=None,
+        help="airbench 11.5 (per kilo-step, airbench's units), resnet18 0.1",
+    )
+    c.add_argument(
+        "--widths",
+        type=_widths,
+        default=None,
+        help="airbench: three group widths (default 64,256,256); resnet18: base width (64)",
+    )
+    c.add_argument(
+        "--whiten-eps",
+        type=positive_float,
+        default=None,
+        help="airbench: eps of the patch-whitening init (default 5e-4, airbench's); raise it "
+        "(e.g. 0.05) when training data lacks the test set's high frequencies",
+    )
+    c.add_argument("--tta", choices=("auto", "none", "flip"), default="auto")
+    c.add_argument("--seed", type=int_at_least(0), default=0)
+    c.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    o = p.add_argument_group("output")
+    o.add_argument("--name", default=None, help="the row name in the table (default: derived)")
+    o.add_argument("--json", metavar="OUT", default=None, help="write the results as JSON")
+    o.add_argument("--quiet", action="store_true", help="no progress bar (the table still prints)")
+
+
+def _add_trigger_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--size", type=int_at_least(1), nargs=2, metavar=("H", "W"), default=[32, 32])
+    p.add_argument(
+        "--eps",
+        type=positive_float,
+        default=16 / 255 * 2,
+        help="amplitude in the [-1, 1] space (default 2*16/255: 16 pixel levels)",
+    )
+    p.add_argument("--kind", choices=("uniform", "checker"), default="uniform")
+    p.add_argument("--seed", type=int_at_least(0), default=0)
+    p.add_argument("--out", metavar="FILE.npy", required=True)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``eval`` subcommands: poison, run, table, trigger."""
+    sub = parser.add_subparsers(
+        dest="eval_command", metavar="{poison,run,table,trigger}", required=True
+    )
+    p = sub.add_parser(
+        "poison",
+        help="write a Narcissus-poisoned copy of a training set as .npz",
+        description="Add a Narcissus trigger to the last N training images of the target class "
+        "(clean label) and write the set as .npz (x, y, classes, poison_idx), readable by "
+        "`puregen-fast purify --dataset npz --data-dir FILE`.",
+    )
+    _add_poison_args(p)
+    r = sub.add_parser(
+        "run",
+        help="train a classifier, report natural accuracy and poison success",
+        description="Train a classifier on a training set (purified, poisoned or clean) and "
+        "report natural accuracy on the clean test set and the poison success of a trigger.",
+    )
+    _add_data_args(r)
+    _add_classifier_args(r)
+    t = sub.add_parser("table", help="print the table of several `eval run --json` results")
+    t.add_argument("results", nargs="+", metavar="RESULT.json")
+    g = sub.add_parser("trigger", help="write a synthetic trigger .npy (for tests and demos)")
+    _add_trigger_args(g)
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def _check_split(flag: str, name: str, split: str) -> None:
+    if name in SPLITS and split not in SPLITS[name]:
+        raise UsageError(
+            f"{flag} {split!r} is not a split of {name}; choose one of {', '.join(SPLITS[name])}"
+        )
+
+
+def _check_out(out: Path, suffix: str) -> None:
+    if out.suffix != suffix:
+        raise UsageError(f"--out {out}: the file name must end in {suffix}")
+
+
+def _check_out_folder(out: Path) -> None:
+    if not out.parent.is_dir():
+        raise UsageError(f"--out {out}: folder {out.parent} does not exist")
+
+
+def _validate_run(args: argparse.Namespace) -> None:
+    """The flags of ``eval run`` that can be checked before reading anything."""
+    if (args.trigger is None) != (args.target_class is None):
+        raise UsageError("--trigger and --target-class go together (give both, or neither)")
+    if args.train_dataset is None and (
+        args.train_data_dir is not None or args.train_split != "train"
+    ):
+        raise UsageError("--train-data-dir / --train-split apply only with --train-dataset")
+    if args.test_split is None:
+        args.test_split = "val" if args.test_dataset == "tinyimagenet" else "test"
+    _check_split("--test-split", args.test_dataset, args.test_split)
+    if args.test_dataset in ("imagefolder", "npz") and not args.test_data_dir:
+        raise UsageError(f"--test-dataset {args.test_dataset} needs --test-data-dir")
+    if args.widths is not None:
+        if args.arch == "airbench" and len(args.widths) != 3:
+            raise UsageError("--widths: airbench takes three group widths, e.g. 64,256,256")
+        if args.arch == "resnet18" and len(args.widths) != 1:
+            raise UsageError("--widths: resnet18 takes one base width, e.g. 64")
+    if args.json is not None and Path(args.json).expanduser().is_dir():
+        raise UsageError(f"--json {args.json}: is a folder; give a file name")
+
+
+def _train_source(args: argparse.Namespace) -> TrainSource:
+    if args.train is not None:
+        return TrainSource("purified", path=args.train)
+    if args.train_npz is not None:
+        p = Path(args.train_npz).expanduser()
+        if not p.is_file():
+            raise UsageError(f"--train-npz {p}: no such file")
+        return TrainSource("npz", path=args.train_npz)
+    _check_split("--train-split", args.train_dataset, args.train_split)
+    if args.train_dataset in ("imagefolder", "npz") and not args.train_data_dir:
+        raise UsageError(f"--train-dataset {args.train_dataset} needs --train-data-dir")
+    return TrainSource(
+        "dataset", path=args.train_data_dir, dataset=args.train_dataset, split=args.train_split
+    )
+
+
+def _experiment(args: argparse.Namespace) -> Experiment:
+    """The checked flags of ``eval run`` as plain settings."""
+    attack = None
+    if args.trigger is not None:
+        scales = tuple(args.trigger_scale)
+        attack = Attack(args.trigger, args.target_class, scales, args.quantize)
+    cfg = default_config(
+        args.arch,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        widths=args.widths,
+        seed=args.seed,
+        tta=None if args.tta == "auto" else args.tta,
+        whiten_eps=args.whiten_eps,
+    )
+    test = EvalSet(args.test_dataset, args.test_data_dir, args.test_split, args.limit_test)
+    return Experiment(_train_source(args), test, cfg, attack, args.limit_train, args.name)
+
+
+# ----------------------------------------------------------------------------- commands
+
+
+def _cmd_poison(args: argparse.Namespace) -> int:
+    out = Path(args.out).expanduser()
+    _check_out(out, ".npz")
+    if out.exists() and not args.overwrite:
+        raise UsageError(f"--out {out} exists; pass --overwrite to replace it")
+    _check_out_folder(out)
+    _check_split("--split", args.dataset, args.split)
+    if args.dataset in ("imagefolder", "npz") and not args.data_dir:
+        raise UsageError(f"--dataset {args.dataset} needs --data-dir")
+    _, ds = poison_to_npz(
+        args.dataset,
+        args.data_dir,
+        args.split,
+        args.trigger,
+        args.target_class,
+        args.count,
+        out,
+        last_n=not args.random_select,
+        seed=args.seed,
+        quantize=args.quantize,
+        quiet=args.quiet,
+    )
+    if not args.quiet:
+        which = "random" if args.random_select else "last"
+        print(
+            f"eval poison: {args.count} {which} images of class {args.target_class} "
+            f"({ds.class_names[args.target_class]}) of {len(ds)} poisoned -> {out}",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def _cmd_trigger(args: argparse.Namespace) -> int:
+    out = Path(args.out).expanduser()
+    _check_out(out, ".npy")
+    _check_out_folder(out)
+    save_trigger(make_trigger(args.kind, tuple(args.size), args.eps, args.seed), out)
+    return 0
+
+
+def _cmd_table(args: argparse.Namespace) -> int:
+    print(format_table(load_results(args.results)))
+    return 0
+
+
+def _report_run(args: argparse.Namespace, res: Outcome) -> None:
+    """The warning for a suspicious result and the closing summary, on stderr."""
+    clf, rec = res.classifier, res.record
+    k = len(rec["train"]["class_names"])
+    natural = rec["metrics"]["natural_acc"]
+    train_acc = clf.history[-1]["train_acc"] if clf.history else 0.0
+    if train_acc >= 0.9 and natural < 2 / k:
+        print(
+            f"eval run: warning: {100 * train_acc:.0f}% training accuracy (last epoch, augmented) "
+            f"but {100 * natural:.0f}% natural test accuracy: the training images "
+            f"may differ in kind from the test images (e.g. purification removed frequencies the "
+            f"test set has). With --arch airbench, try --whiten-eps 0.05 or --arch resnet18.",
+            file=sys.stderr,
+        )
+    if not args.quiet:
+        print(
+            f"eval run: {rec['train']['num_images']} training images, "
+            f"{clf.config['epochs']:g} epochs of {args.arch} in {clf.train_seconds:.1f}s "
+            f"({clf.train_images_per_s:.0f} img/s) on {rec['device']['name']} ({clf.device})"
+            + (f"; results -> {args.json}" if args.json else ""),
+            file=sys.stderr,
+        )
+
+
+def _note(message: str) -> None:
+    print(f"eval run: note: {message}", file=sys.stderr)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    _validate_run(args)
+    try:
+        device = resolve_device(args.device)
+    except ValueError as e:
+        raise UsageError(f"--device: {e}") from e
+    exp = _experiment(args)
+    res = run_experiment(exp, device, quiet=args.quiet, note=None if args.quiet else _note)
+    if args.json:
+        save_result(args.json, res.record)
+    print(format_table([res.record]))
+    _report_run(args, res)
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    """The ``eval`` subcommand."""
+    commands = {
+        "poison": _cmd_poison,
+        "run": _cmd_run,
+        "table": _cmd_table,
+        "trigger": _cmd_trigger,
+    }
+    cmd = commands.get(getattr(args, "eval_command", None))
+    if cmd is None:
+        raise UsageError("choose an eval subcommand: poison, run, table or trigger")
+    return cmd(args)
