@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # One command for a GPU machine: the GPU tests and the benchmark matrix, one report.
 #   bash bench/gpu_suite.sh
-# writes bench/results/<date>-<gpu>.md (+ a folder of JSON/logs) and, where $OUT is set (the
-# device tool), $OUT/report.md and $OUT/results.tgz after every stage, so a run killed at its
-# time limit still returns what it finished. Needs torch + triton (+ pytest, pytest-benchmark)
+# writes bench/results/<date>-<gpu>.md (+ a folder of JSON/logs) and, when $OUT names a folder,
+# copies them there as $OUT/report.md and $OUT/results.tgz after every stage, so a run stopped
+# by an outer time limit still leaves what it finished. Needs torch + triton (+ pytest, pytest-benchmark)
 # preinstalled; the package is not installed: a symlink tree gives it its installed layout.
 # QUICK=1 runs a reduced matrix. Budget: under 10 minutes on an H100 (guarded below).
 # To redo part of a run in a later call: STAGES="tests kernels bench train" (default: all) picks
@@ -37,7 +37,7 @@ jsondir="bench/results/$tag"
 mkdir -p "$jsondir"
 start=$(date +%s)
 
-publish() {  # copy what exists so far to $OUT (at most 8 files come back: keep it to two)
+publish() {  # copy what exists so far to $OUT (two files: the report and one archive)
   [ -n "${OUT:-}" ] || return 0
   cp "$report" "$OUT/report.md" 2>/dev/null
   tar czf "$OUT/results.tgz" -C bench/results "$tag.md" "$tag" 2>/dev/null
@@ -59,8 +59,8 @@ left() { echo $(( budget - ($(date +%s) - start) )); }
 publish
 
 # A stage gets min(its cap, what the budget leaves); SIGINT at the limit (pytest and the bench
-# still print their summaries), SIGKILL 20 s later. Exit codes 124/137 from `timeout` would read
-# as "the whole command timed out" to the device tool: they become 3 here.
+# still print their summaries), SIGKILL 20 s later. `timeout`'s 124/137 become 3 here, so that
+# a capped stage is not mistaken for the whole script being killed.
 capped() {  # cap_s log cmd...: run, return its exit code (3 for a timeout, 75 when no time left)
   local cap=$1 log=$2; shift 2
   local lim=$(( $(left) - 30 ))
@@ -87,10 +87,11 @@ test_rc=0
 if want tests; then
   # every kernel test runs on the GPU (compiled Triton, not the interpreter): bit-exact Philox,
   # kernels against their eager twins, block sizes, batch splits, device-tensor arguments
-  pytest_stage 150 kernel-tests tests/test_kernels_noise.py tests/test_kernels_langevin.py \
-    tests/test_kernels_ddpm.py
+  pytest_stage 150 kernel-tests tests/kernels/test_noise_kernels.py tests/kernels/test_langevin.py \
+    tests/kernels/test_ddpm.py
   # the samplers in a process of their own (a failed capture can poison the CUDA context)
-  pytest_stage 240 sampler-tests -m gpu tests/test_fast_gpu.py
+  pytest_stage 240 sampler-tests -m gpu tests/sampling/test_fast_gpu.py
+  pytest_stage 120 eval-tests -m gpu tests/eval/test_eval.py
   echo "GPU tests exit code: $test_rc" >> "$report"
 else
   echo "(not run: STAGES=$STAGES)" >> "$report"
@@ -172,7 +173,7 @@ if want train; then
   echo "## Training on the GPU" >> "$report"
   echo >> "$report"
   if [ "$(left)" -ge 180 ]; then  # capped gets min(150, left - 30)
-    pytest_stage 150 train-tests -m gpu tests/test_train_gpu.py
+    pytest_stage 150 train-tests -m gpu tests/train/test_gpu.py
     rc=$?
     if [ "$rc" -eq 3 ]; then next_stages="${next_stages:+$next_stages }train"; fi
   else

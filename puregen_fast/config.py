@@ -69,26 +69,54 @@ def int_in(lo: int, hi: int | None = None) -> Check:
         if isinstance(v, bool) or not isinstance(v, int):
             raise ValueError(f"expected an integer, got {v!r}")
         if v < lo or (hi is not None and v > hi):
-            raise ValueError(f"must be {'>= ' + str(lo) if hi is None else f'in [{lo}, {hi}]'}")
+            rng = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+            raise ValueError(f"must be {rng}, got {v}")
 
     check.kind = int  # type: ignore[attr-defined]
     return check
 
 
+def _number(v: Any) -> float:
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        raise ValueError(f"expected a number, got {v!r}")
+    return float(v)
+
+
 def positive(v: Any) -> None:
-    if isinstance(v, bool) or not isinstance(v, int | float) or not (v > 0 and math.isfinite(v)):
-        raise ValueError(f"must be a finite number > 0, got {v!r}")
+    if not (_number(v) > 0 and math.isfinite(v)):
+        raise ValueError(f"must be > 0, got {v}")
 
 
 positive.kind = float  # type: ignore[attr-defined]
 
 
 def fraction(v: Any) -> None:
-    if isinstance(v, bool) or not isinstance(v, int | float) or not 0.0 < v <= 1.0:
-        raise ValueError(f"must lie in (0, 1], got {v!r}")
+    if not 0.0 < _number(v) <= 1.0:
+        raise ValueError(f"must be in (0, 1], got {v}")
 
 
 fraction.kind = float  # type: ignore[attr-defined]
+
+
+def arg_type(check: Check) -> Callable[[str], Any]:
+    """An argparse ``type`` from a check: parse as the check's kind, then check; a bad value
+    is argparse's error (exit 2, naming the flag)."""
+    kind = getattr(check, "kind", str)
+
+    def parse(s: str) -> Any:
+        try:
+            v = kind(s)
+        except ValueError:
+            what = "an integer" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"expected {what}, got {s!r}") from None
+        try:
+            check(v)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+        return v
+
+    parse.__name__ = kind.__name__
+    return parse
 
 
 def _opt(
@@ -313,27 +341,6 @@ class SamplerConfig:
 # ----------------------------------------------------------------------------- flags
 
 
-def _arg_type(f: dataclasses.Field) -> Callable[[str], Any]:
-    check = f.metadata.get("check")
-    kind = getattr(check, "kind", str)
-
-    def parse(s: str) -> Any:
-        try:
-            v = kind(s)
-        except ValueError:
-            what = "an integer" if kind is int else "a number"
-            raise argparse.ArgumentTypeError(f"expected {what}, got {s!r}") from None
-        if check is not None:
-            try:
-                check(v)
-            except ValueError as e:
-                raise argparse.ArgumentTypeError(str(e)) from None
-        return v
-
-    parse.__name__ = kind.__name__
-    return parse
-
-
 def add_arguments(parser: argparse.ArgumentParser, cls: type = PurifyConfig) -> None:
     """One flag per field of ``cls``, in argument groups; default, help and check from the
     field."""
@@ -348,7 +355,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type = PurifyConfig) -> 
         if f.type in ("bool", bool):
             kw["action"] = "store_true"
         else:
-            kw["type"] = _arg_type(f)
+            kw["type"] = arg_type(md["check"]) if md.get("check") else str
             choices = md.get("cli_choices") or md.get("choices")
             if choices:
                 kw["choices"] = choices

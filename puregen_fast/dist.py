@@ -95,28 +95,25 @@ class Dist:
                 cls = UsageError if m[0] else RuntimeError
                 raise cls(f"rank {r}: {m[1]}")
 
-    def staged(self, fn: Callable[[], T]) -> T:
-        """``fn()`` on rank 0 first (downloads, cache fills), then on the other ranks."""
-        res: Any = None
-        for turn in (True, False):
-            err = None
-            if self.is_main == turn:
-                try:
-                    res = fn()
-                except Exception as e:
-                    err = e
-            self.check(err)
-        return res
-
-    def on_rank0(self, fn: Callable[[], T]) -> T | None:
+    def _turn(self, mine: bool, fn: Callable[[], T]) -> T | None:
+        """``fn()`` where ``mine``; then, collectively, any rank's failure raised everywhere."""
         err, res = None, None
-        if self.is_main:
+        if mine:
             try:
                 res = fn()
             except Exception as e:
                 err = e
         self.check(err)
         return res
+
+    def staged(self, fn: Callable[[], T]) -> T:
+        """``fn()`` on rank 0 first (downloads, cache fills), then on the other ranks."""
+        first = self._turn(self.is_main, fn)
+        rest = self._turn(not self.is_main, fn)
+        return first if self.is_main else rest  # type: ignore[return-value]
+
+    def on_rank0(self, fn: Callable[[], T]) -> T | None:
+        return self._turn(self.is_main, fn)
 
     # -- tensors ------------------------------------------------------------------------------
     def shard(self, n: int) -> slice:

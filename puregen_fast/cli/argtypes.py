@@ -1,45 +1,18 @@
-"""argparse value types shared by the subcommands: a bad value exits 2 naming the flag."""
+"""argparse value types shared by the subcommands: a bad value exits 2 naming the flag. They are
+the configuration's own checks (`config.int_in`, `positive`, `fraction`) made argparse types."""
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Callable
 
-import numpy as np
+from puregen_fast import config
 
 __all__ = ["int_at_least", "positive_float", "fraction"]
 
 
 def int_at_least(lo: int, hi: int | None = None) -> Callable[[str], int]:
-    def parse(s: str) -> int:
-        try:
-            v = int(s)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {s!r}") from None
-        if v < lo or (hi is not None and v > hi):
-            rng = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
-            raise argparse.ArgumentTypeError(f"must be {rng}, got {v}")
-        return v
-
-    parse.__name__ = "int"
-    return parse
+    return config.arg_type(config.int_in(lo, hi))
 
 
-def positive_float(s: str) -> float:
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
-    if not (v > 0 and np.isfinite(v)):
-        raise argparse.ArgumentTypeError(f"must be > 0, got {s}")
-    return v
-
-
-def fraction(s: str) -> float:
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
-    if not 0.0 < v <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {s}")
-    return v
+positive_float = config.arg_type(config.positive)
+fraction = config.arg_type(config.fraction)

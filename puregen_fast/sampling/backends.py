@@ -18,7 +18,8 @@ where it runs, else reference); ``reason`` says why. Both are built from a froze
 
 from __future__ import annotations
 
-from typing import Protocol
+import abc
+from typing import Any
 
 import torch
 from torch import nn
@@ -43,28 +44,6 @@ __all__ = [
 ]
 
 
-class Sampler(Protocol):
-    name: str  # "reference" or "fast"
-    reason: str  # why this backend runs here
-
-    def ebm(
-        self,
-        x: torch.Tensor,
-        ids: torch.Tensor,
-        stream: int = pgnoise.STREAM_EBM,
-        step_offset: int = 0,
-        pad_to: int | None = None,
-    ) -> torch.Tensor: ...
-
-    def ddpm(
-        self,
-        x: torch.Tensor,
-        ids: torch.Tensor,
-        stream: int = pgnoise.STREAM_DDPM,
-        pad_to: int | None = None,
-    ) -> torch.Tensor: ...
-
-
 def _inputs(
     x: torch.Tensor, ids: torch.Tensor, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -75,17 +54,18 @@ def _inputs(
     return x, ids
 
 
-def _model(m: nn.Module | None, what: str) -> nn.Module:
+def _model(m: Any, what: str) -> Any:
     if m is None:
         raise ValueError(f"this sampler was built without {what}")
     return m
 
 
-class ReferenceSampler:
-    """The eager reference on the keyed noise stream (``pad_to`` is a capture hint for the fast
-    sampler: nothing to do here)."""
+class Sampler(abc.ABC):
+    """Runs the two stages on x float32 (B, C, H, W) in [-1, 1] with noise keyed by the images'
+    global ids; returns new tensors. ``pad_to``: the largest batch to expect where batch sizes
+    vary (a capture hint for the fast backend, `LoopGraphs`)."""
 
-    name = "reference"
+    name: str  # "reference" or "fast"
 
     def __init__(
         self,
@@ -95,12 +75,22 @@ class ReferenceSampler:
         schedule: DDPMSchedule | None = None,
         reason: str = "requested",
     ) -> None:
-        self.cfg, self._ebm, self._ddpm = cfg, ebm, ddpm
+        self.cfg, self.reason = cfg, reason  # reason: why this backend runs here
         self.schedule = schedule or DDPMSchedule()
         if ddpm is not None:
             cfg.check_ddpm_steps(self.schedule)
-        self.reason = reason
-        self.update_impl = "eager reference"
+        self._build(ebm, ddpm)
+
+    @abc.abstractmethod
+    def _build(self, ebm: nn.Module | None, ddpm: nn.Module | None) -> None: ...
+
+    @abc.abstractmethod
+    def _ebm(self, x, ids, stream: int, step_offset: int, pad_to: int | None) -> torch.Tensor: ...
+
+    @abc.abstractmethod
+    def _ddpm(self, x, ids, stream: int, pad_to: int | None) -> torch.Tensor: ...
+
+    update_impl: str  # what performs the per-step updates
 
     def ebm(
         self,
@@ -110,14 +100,9 @@ class ReferenceSampler:
         step_offset: int = 0,
         pad_to: int | None = None,
     ) -> torch.Tensor:
-        cfg = self.cfg
-        x, ids = _inputs(x, ids, cfg.device)
-        z = pgnoise.keyed(cfg.seed, stream, ids, x.shape[1:], step_offset)
-        with precision_context(cfg.precision, cfg.device):
-            return reference.ebm_purify(
-                _model(self._ebm, "an EBM"), x, cfg.ebm_steps, cfg.ebm_eps, cfg.ebm_temp,
-                noise=z, check_range=False,
-            )  # fmt: skip
+        """``cfg.ebm_steps`` Langevin steps, noise steps ``step_offset + i`` of ``stream``."""
+        x, ids = _inputs(x, ids, self.cfg.device)
+        return self._ebm(x, ids, stream, step_offset, pad_to)
 
     def ddpm(
         self,
@@ -126,56 +111,56 @@ class ReferenceSampler:
         stream: int = pgnoise.STREAM_DDPM,
         pad_to: int | None = None,
     ) -> torch.Tensor:
+        """Forward noise to ``cfg.ddpm_steps``, then the reverse steps to 0."""
+        x, ids = _inputs(x, ids, self.cfg.device)
+        return self._ddpm(x, ids, stream, pad_to)
+
+
+class ReferenceSampler(Sampler):
+    """The eager reference on the keyed noise stream (``pad_to`` has nothing to do here)."""
+
+    name = "reference"
+    update_impl = "eager reference"
+
+    def _build(self, ebm: nn.Module | None, ddpm: nn.Module | None) -> None:
+        self._ebm_model, self._ddpm_model = ebm, ddpm
+
+    def _ebm(self, x, ids, stream, step_offset, pad_to):  # noqa: D102
         cfg = self.cfg
-        x, ids = _inputs(x, ids, cfg.device)
+        z = pgnoise.keyed(cfg.seed, stream, ids, x.shape[1:], step_offset)
+        with precision_context(cfg.precision, cfg.device):
+            return reference.ebm_purify(
+                _model(self._ebm_model, "an EBM"), x, cfg.ebm_steps, cfg.ebm_eps, cfg.ebm_temp,
+                noise=z, check_range=False,
+            )  # fmt: skip
+
+    def _ddpm(self, x, ids, stream, pad_to):
+        cfg = self.cfg
         z = pgnoise.keyed(cfg.seed, stream, ids, x.shape[1:])
         with precision_context(cfg.precision, cfg.device):
             out = reference.ddpm_purify(
-                _model(self._ddpm, "a DDPM"), self.schedule, x, cfg.ddpm_steps, noise=z,
+                _model(self._ddpm_model, "a DDPM"), self.schedule, x, cfg.ddpm_steps, noise=z,
                 check_range=False,
             )  # fmt: skip
         return out.float()
 
 
-class FastSampler:
+class FastSampler(Sampler):
     """Compiled models, fused kernels and CUDA graphs (see the module doc)."""
 
     name = "fast"
 
-    def __init__(
-        self,
-        cfg: SamplerConfig,
-        ebm: nn.Module | None = None,
-        ddpm: nn.Module | None = None,
-        schedule: DDPMSchedule | None = None,
-        reason: str = "requested",
-    ) -> None:
-        self.cfg, self.reason = cfg, reason
-        self.schedule = schedule or DDPMSchedule()
+    def _build(self, ebm: nn.Module | None, ddpm: nn.Module | None) -> None:
+        cfg = self.cfg
         self.langevin = FastLangevin(cfg, ebm) if ebm is not None else None
         self.diffusion = FastDDPM(cfg, ddpm, self.schedule) if ddpm is not None else None
-        impls = [s.update_impl for s in (self.langevin, self.diffusion) if s is not None]
-        self.update_impl = ", ".join(impls)
+        loops = [s for s in (self.langevin, self.diffusion) if s is not None]
+        self.update_impl = ", ".join(s.update_impl for s in loops)
 
-    def ebm(
-        self,
-        x: torch.Tensor,
-        ids: torch.Tensor,
-        stream: int = pgnoise.STREAM_EBM,
-        step_offset: int = 0,
-        pad_to: int | None = None,
-    ) -> torch.Tensor:
-        x, ids = _inputs(x, ids, self.cfg.device)
+    def _ebm(self, x, ids, stream, step_offset, pad_to):
         return _model(self.langevin, "an EBM").run(x, ids, stream, step_offset, pad_to)
 
-    def ddpm(
-        self,
-        x: torch.Tensor,
-        ids: torch.Tensor,
-        stream: int = pgnoise.STREAM_DDPM,
-        pad_to: int | None = None,
-    ) -> torch.Tensor:
-        x, ids = _inputs(x, ids, self.cfg.device)
+    def _ddpm(self, x, ids, stream, pad_to):
         return _model(self.diffusion, "a DDPM").run(x, ids, stream, pad_to)
 
     @property

@@ -4,23 +4,15 @@
 On CPU the kernels run in the Triton interpreter: small shapes, large blocks, few launches.
 """
 
-import os
-
+import pytest
 import torch
+from helpers import DEV, assert_rel, gpu, padded, pads_untouched, require_kernels
 
-if not torch.cuda.is_available():  # before anything imports triton's jit (see conftest)
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from puregen_fast import noise
+from puregen_fast.kernels import ddpm as kd
+from puregen_fast.kernels._noise import randn_triton
+from puregen_fast.models.schedule import ddpm_coefficients
 
-import pytest  # noqa: E402
-
-from puregen_fast import noise  # noqa: E402
-from puregen_fast.kernels import ddpm as kd  # noqa: E402
-from puregen_fast.kernels._noise import randn_triton  # noqa: E402
-from puregen_fast.kernels.availability import triton_available  # noqa: E402
-from puregen_fast.models.schedule import ddpm_coefficients  # noqa: E402
-
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
-gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 SD = noise.STREAM_DDPM
 
 CASES = [  # (batch, image shape, block): per-image sizes not multiples of the block
@@ -32,9 +24,7 @@ CASES = [  # (batch, image shape, block): per-image sizes not multiples of the b
 
 @pytest.fixture(autouse=True, scope="module")
 def _kernels_usable():
-    ok, why = triton_available(DEV)
-    if not ok:
-        pytest.skip(f"Triton kernels cannot run here: {why}")
+    require_kernels()
 
 
 @pytest.fixture(scope="module")
@@ -52,16 +42,6 @@ def diffusers_sched():
     )
 
 
-def _padded(shape, fill, pad=29):
-    n = fill.numel()
-    buf = torch.full((n + 2 * pad,), float("nan"), dtype=fill.dtype, device=fill.device)
-    view = buf[pad : pad + n].view(shape)
-    view.copy_(fill)
-    return buf, view
-
-
-def _pads_untouched(buf, n, pad=29):
-    return bool(buf[:pad].isnan().all() and buf[pad + n :].isnan().all())
 
 
 def _z(seed, step, ids, shape, stream=SD):
@@ -69,11 +49,6 @@ def _z(seed, step, ids, shape, stream=SD):
     checked in test_kernels_noise); None (the keyed torch stream) on CPU."""
     return randn_triton(seed, stream, step, ids, shape) if DEV == "cuda" else None
 
-
-def _assert_rel(got, want, tol=1e-6):
-    scale = max(1.0, want.abs().max().item())
-    err = (got.double() - want.double()).abs().max().item()
-    assert err <= tol * scale, f"max error {err:.3g} > {tol:g} x {scale:.3g}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -158,8 +133,8 @@ def test_step_kernel_equals_eager_twin(batch, shape, block):
     for t in t_values:
         x0 = (torch.randn((batch, *shape), generator=gen) * 1.5).to(DEV)
         e0 = (torch.randn((batch, *shape), generator=gen) * 1.5).to(DEV)
-        xbuf, x = _padded((batch, *shape), x0)
-        ebuf, e = _padded((batch, *shape), e0)
+        xbuf, x = padded((batch, *shape), x0)
+        ebuf, e = padded((batch, *shape), e0)
         t_arg = torch.tensor(t, device=DEV) if t % 2 else t  # both paths
         out = kd.ddpm_step_(x, e, t_arg, seed=2**36 + 5, step=t + 1, sample_ids=ids, block=block)
         assert out is x
@@ -169,8 +144,8 @@ def test_step_kernel_equals_eager_twin(batch, shape, block):
         )  # fmt: skip
         assert torch.isfinite(x).all()
         assert (x != x0).float().mean() > 0.999, "elements were not updated"
-        _assert_rel(x, want)
-        assert _pads_untouched(xbuf, n) and _pads_untouched(ebuf, n)
+        assert_rel(x, want)
+        assert pads_untouched(xbuf, n) and pads_untouched(ebuf, n)
         assert torch.equal(e, e0)
 
 
@@ -180,15 +155,15 @@ def test_add_noise_kernel_equals_eager_twin(batch, shape, block):
     n = batch * torch.Size(shape).numel()
     ids = torch.arange(batch, dtype=torch.int64, device=DEV) + 2**32
     x0 = (torch.rand((batch, *shape), generator=gen) * 2 - 1).to(DEV)
-    buf, x = _padded((batch, *shape), x0)
+    buf, x = padded((batch, *shape), x0)
     t = {3: 75, 5: 999, 17: 0}[batch]
     kd.ddpm_add_noise_(x, t, seed=9, sample_ids=ids, step=0, block=block)
     want = kd.ddpm_add_noise_eager(
         x0.clone(), t, seed=9, sample_ids=ids, noise=_z(9, 0, ids, shape)
     )
     assert torch.isfinite(x).all() and (x != x0).float().mean() > 0.999
-    _assert_rel(x, want)
-    assert _pads_untouched(buf, n)
+    assert_rel(x, want)
+    assert pads_untouched(buf, n)
 
 
 def test_every_block_size_and_batch_split_gives_identical_results():
@@ -225,10 +200,10 @@ def test_device_tensor_t_seed_step_equal_ints():
     got = kd.ddpm_step_(x0.clone(), e0, ts[1], seed=seed_t, step=draws[1], sample_ids=ids)
     assert torch.equal(got, want)
     eager = kd.ddpm_step_eager(x0.clone(), e0, ts[1], seed=seed_t, step=draws[1], sample_ids=ids)
-    _assert_rel(got, kd.ddpm_step_eager(x0.clone(), e0, 74, seed=2**40, step=1, sample_ids=ids,
+    assert_rel(got, kd.ddpm_step_eager(x0.clone(), e0, 74, seed=2**40, step=1, sample_ids=ids,
                                          noise=_z(2**40, 1, ids, (2, 5, 5))))  # fmt: skip
     if DEV == "cpu":
-        _assert_rel(got, eager)
+        assert_rel(got, eager)
     want = kd.ddpm_add_noise_(x0.clone(), 75, seed=2**40, sample_ids=ids, step=0)
     got = kd.ddpm_add_noise_(x0.clone(), ts[0], seed=seed_t, sample_ids=ids, step=draws[0])
     assert torch.equal(got, want)
@@ -251,7 +226,7 @@ def test_custom_coefficients_and_bad_arguments():
     a = kd.ddpm_step_(x.clone(), x, 99, seed=0, step=0, sample_ids=ids, coefficients=short)
     b = kd.ddpm_step_eager(x.clone(), x, 99, seed=0, step=0, sample_ids=ids, coefficients=short,
                            noise=_z(0, 0, ids, (3, 4)))  # fmt: skip
-    _assert_rel(a, b)
+    assert_rel(a, b)
     with pytest.raises(ValueError, match="t must lie"):
         kd.ddpm_step_(x, x, 100, seed=0, step=0, sample_ids=ids, coefficients=short)
     with pytest.raises(ValueError, match="t must lie"):
@@ -328,7 +303,7 @@ def test_gpu_graph_replay_reads_t_step_and_ids():
         z = randn_triton(8, SD, step, ids.clone(), shape[1:])
         kd.ddpm_step_eager(want, e, t, seed=8, step=step, sample_ids=ids, noise=z)
         kd.ddpm_add_noise_eager(want, t, seed=8, sample_ids=ids, step=step, noise=z)
-        _assert_rel(x, want)
+        assert_rel(x, want)
         outs.append(x.clone())
     for a, b in zip(outs, outs[1:]):
         assert (a != b).float().mean() > 0.99

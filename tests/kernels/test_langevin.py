@@ -3,22 +3,14 @@
 On CPU the kernel runs in the Triton interpreter: small shapes, large blocks, few launches.
 """
 
-import os
-
+import pytest
 import torch
+from helpers import DEV, assert_rel, gpu, padded, pads_untouched, require_kernels
 
-if not torch.cuda.is_available():  # before anything imports triton's jit (see conftest)
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from puregen_fast import noise
+from puregen_fast.kernels import langevin as kl
+from puregen_fast.kernels._noise import randn_triton
 
-import pytest  # noqa: E402
-
-from puregen_fast import noise  # noqa: E402
-from puregen_fast.kernels import langevin as kl  # noqa: E402
-from puregen_fast.kernels._noise import randn_triton  # noqa: E402
-from puregen_fast.kernels.availability import triton_available  # noqa: E402
-
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
-gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 EPS = 1.25e-2
 KW = {"grad_scale": 0.05, "noise_scale": EPS}  # O(1) grads: both terms visible in fp32
 
@@ -32,18 +24,8 @@ CASES = [
 
 @pytest.fixture(autouse=True, scope="module")
 def _kernels_usable():
-    ok, why = triton_available(DEV)
-    if not ok:
-        pytest.skip(f"Triton kernels cannot run here: {why}")
+    require_kernels()
 
-
-def _padded(shape: tuple[int, ...], fill: torch.Tensor, pad: int = 37) -> tuple:
-    """A contiguous view of ``fill``'s values inside a NaN-padded buffer (pads on both sides)."""
-    n = fill.numel()
-    buf = torch.full((n + 2 * pad,), float("nan"), dtype=fill.dtype, device=fill.device)
-    view = buf[pad : pad + n].view(shape)
-    view.copy_(fill)
-    return buf, view
 
 
 def _expected(x, g, seed, step, ids, stream=noise.STREAM_EBM, **kw):
@@ -58,11 +40,6 @@ def _expected(x, g, seed, step, ids, stream=noise.STREAM_EBM, **kw):
     )
 
 
-def _assert_rel(got: torch.Tensor, want: torch.Tensor, tol: float = 1e-6) -> None:
-    scale = max(1.0, want.abs().max().item())
-    err = (got.double() - want.double()).abs().max().item()
-    assert err <= tol * scale, f"max error {err:.3g} > {tol:g} x {scale:.3g}"
-
 
 @pytest.mark.parametrize("batch,shape,block", CASES)
 def test_kernel_equals_eager_twin(batch, shape, block):
@@ -70,17 +47,17 @@ def test_kernel_equals_eager_twin(batch, shape, block):
     x0 = (torch.rand((batch, *shape), generator=gen) * 2 - 1).to(DEV)
     g0 = torch.randn((batch, *shape), generator=gen).to(DEV)
     ids = torch.arange(batch, dtype=torch.int64, device=DEV) * 7919 + 2**32 - 5
-    xbuf, x = _padded((batch, *shape), x0)
-    gbuf, g = _padded((batch, *shape), g0)
+    xbuf, x = padded((batch, *shape), x0)
+    gbuf, g = padded((batch, *shape), g0)
     out = kl.langevin_step_(x, g, seed=2**35 + 1, step=149, sample_ids=ids, block=block, **KW)
     assert out is x
     want = _expected(x0, g0, 2**35 + 1, 149, ids)
     assert torch.isfinite(x).all()
     assert (x != x0).float().mean() > 0.999, "elements were not updated"
-    _assert_rel(x, want)
+    assert_rel(x, want)
     n = x0.numel()
     for buf in (xbuf, gbuf):  # nothing written outside the tensors
-        assert buf[:37].isnan().all() and buf[37 + n :].isnan().all()
+        assert pads_untouched(buf, n)
     assert torch.equal(g, g0)
 
 
@@ -118,7 +95,7 @@ def test_device_tensor_seed_and_step_equal_ints():
     eager = kl.langevin_step_eager(
         x0.clone(), g0, seed=seed_t, step=steps[12], sample_ids=ids, **KW
     )
-    _assert_rel(eager, _expected(x0, g0, 2**33 + 3, 12, ids))
+    assert_rel(eager, _expected(x0, g0, 2**33 + 3, 12, ids))
 
 
 def test_noise_term_is_the_keyed_stream_and_changes_with_step():
@@ -136,7 +113,7 @@ def test_noise_term_is_the_keyed_stream_and_changes_with_step():
         assert (x != 0).all()
         want = noise.randn(5, stream, step, ids, shape)
         if DEV == "cpu":
-            _assert_rel(x, want)
+            assert_rel(x, want)
         else:  # GPU transcendentals: see test_kernels_noise.normals_close
             err = (x - want).abs()
             assert (err <= 2e-5 * (1 + want.abs())).float().mean() >= 0.999
@@ -186,7 +163,7 @@ def test_gpu_bf16_grad_within_twice_the_eager_error():
     assert err_kernel <= 2 * max(err_eager, floor), (err_kernel, err_eager)
     # and the two agree to float tolerance on the same noise
     same = kl.langevin_step_eager(x0.clone(), g, noise=z_kernel, **kw)
-    _assert_rel(kernel, same)
+    assert_rel(kernel, same)
 
 
 @pytest.mark.gpu
@@ -216,6 +193,6 @@ def test_gpu_graph_replay_draws_fresh_noise():
         graph.replay()
         torch.cuda.synchronize()
         outs[(step, first_id)] = x.clone()
-        _assert_rel(x, _expected(x0, g, 21, step, ids.clone()))
+        assert_rel(x, _expected(x0, g, 21, step, ids.clone()))
     assert (outs[(3, 0)] != outs[(4, 0)]).float().mean() > 0.99
     assert (outs[(4, 0)] != outs[(4, 100)]).float().mean() > 0.99

@@ -1,29 +1,21 @@
 """The Triton noise helper reproduces `puregen_fast.noise` (issue 4; DESIGN 2.2).
 
-On CPU the kernels run in the Triton interpreter (``TRITON_INTERPRET=1``, set by conftest and, for
-a lone run of this file, below); on a CUDA machine they compile for the GPU.
+On CPU the kernels run in the Triton interpreter (``TRITON_INTERPRET=1``, set by conftest); on a
+CUDA machine they compile for the GPU.
 """
 
 import os
+import subprocess
+import sys
 
+import pytest
 import torch
+from helpers import DEV, gpu, require_kernels
+from scipy import stats
 
-if not torch.cuda.is_available():  # before anything imports triton's jit (see conftest)
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-
-import pytest  # noqa: E402
-from scipy import stats  # noqa: E402
-
-from puregen_fast import noise  # noqa: E402
-from puregen_fast.kernels import _noise as kn  # noqa: E402
-from puregen_fast.kernels.availability import triton_available  # noqa: E402
-
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
-gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
+from puregen_fast import noise
+from puregen_fast.kernels import _noise as kn
+from puregen_fast.kernels.availability import triton_available
 
 IDS_BIG = [0, 5, 2**31 - 1, 2**31 + 3, 2**32 + 7, 2**47 + 11]
 SEEDS = [0, 2**40 + 123, 2**63 - 1]
@@ -31,9 +23,7 @@ SEEDS = [0, 2**40 + 123, 2**63 - 1]
 
 @pytest.fixture(autouse=True, scope="module")
 def _kernels_usable():
-    ok, why = triton_available(DEV)
-    if not ok:
-        pytest.skip(f"Triton kernels cannot run here: {why}")
+    require_kernels()
 
 
 def _ids(values) -> torch.Tensor:

@@ -4,14 +4,11 @@ keyed noise (DESIGN 2.3: relative L2 < 1e-4 after 150 EBM and 75 DDPM steps, fp3
 import numpy as np
 import pytest
 import torch
+from helpers import rel_l2
 
 import puregen_fast as pg
 from puregen_fast.models.unet import UNET_PRESETS
 from puregen_fast.sampling.backends import DDPMSampler, LangevinSampler
-
-
-def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm())
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,7 @@ throughout, so the suite compiles each model once per precision."""
 
 import pytest
 import torch
+from helpers import rel_l2
 
 import puregen_fast as pg
 from puregen_fast.models.unet import UNET_PRESETS
@@ -27,9 +28,6 @@ def fp32_deterministic():
     yield
     b.cuda.matmul.allow_tf32, b.cudnn.allow_tf32, b.cudnn.deterministic = old
 
-
-def rel_l2(a, b):
-    return float((a - b).norm() / b.norm())
 
 
 @pytest.fixture(scope="module")
