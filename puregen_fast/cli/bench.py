@@ -30,12 +30,16 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.autograd.profiler import profile as _legacy_profile
 
 from puregen_fast import reference
 from puregen_fast.errors import UsageError
+from puregen_fast.models.checkpoints import load_ddpm, load_ebm
 from puregen_fast.models.ebm import EBMSNGAN32
 from puregen_fast.models.schedule import DDPMSchedule
+from puregen_fast.models.unet import UNET_PRESETS, UNet2D
 from puregen_fast.runtime import COMPILE_MODES, PRECISIONS, precision_context, resolve_device
+from puregen_fast.sampling.backends import DDPMSampler, LangevinSampler
 
 # dense peak TFLOP/s by (device-name fragment, precision); SXM parts, no sparsity
 PEAK_TFLOPS: dict[str, dict[str, float]] = {
@@ -200,16 +204,10 @@ def _models(args: argparse.Namespace, device: torch.device) -> nn.Module:
     torch.manual_seed(0)
     if args.method == "ebm":
         if args.ebm:
-            from puregen_fast.models.checkpoints import load_ebm
-
             return load_ebm(args.ebm, device)
         return EBMSNGAN32(nf=EBM_WIDTHS[args.model]).to(device).eval().requires_grad_(False)
     if args.ddpm:
-        from puregen_fast.models.checkpoints import load_ddpm
-
         return load_ddpm(args.ddpm, device)
-    from puregen_fast.models.unet import UNET_PRESETS, UNet2D
-
     unet = UNet2D.from_config(UNET_PRESETS[UNET_MODELS[args.model]])
     return unet.to(device).eval().requires_grad_(False)
 
@@ -234,15 +232,11 @@ def _runners(
                 )
         elif name == "fast":
             if args.method == "ebm":
-                from puregen_fast.sampling.backends import LangevinSampler
-
                 s = LangevinSampler(
                     model, steps, seed=0, device=device, precision=args.precision,
                     compile_mode=args.compile_mode,
                 )  # fmt: skip
             else:
-                from puregen_fast.sampling.backends import DDPMSampler
-
                 s = DDPMSampler(
                     model, sched, steps, seed=0, device=device, precision=args.precision,
                     compile_mode=args.compile_mode,
@@ -273,7 +267,8 @@ def _diffusers_runner(model: nn.Module, steps: int, device: torch.device):
     return run
 
 
-def benchmark(args: argparse.Namespace) -> dict[str, Any]:
+def _check(args: argparse.Namespace) -> tuple[torch.device, int]:
+    """The device and step count, or a UsageError naming the flag."""
     if args.profile < 0:
         raise UsageError(f"--profile {args.profile}: need N >= 0 (0: no profile)")
     if args.batch_size < 1 or args.repeats < 1 or args.image_size < 8 or args.image_size % 8:
@@ -287,16 +282,55 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
         raise UsageError(f"--device: {e}") from e
     if args.precision == "bf16" and device.type != "cuda":
         raise UsageError("--precision bf16 needs a CUDA device; use fp32 on CPU")
-    if args.profile and device.type == "cuda":
-        # start the profiler's CUDA tracing once before any graph is captured, so the kernels
-        # of graph replays are recorded later (torch's advice for profiling CUDA graphs)
-        from torch.autograd.profiler import profile as _legacy_profile
-
-        with _legacy_profile():
-            pass
     steps = (150 if args.method == "ebm" else 75) if args.steps is None else args.steps
     if not 1 <= steps < (10**9 if args.method == "ebm" else DDPMSchedule().num_train_timesteps):
         raise UsageError(f"--steps {steps}: need >= 1 (and < 1000 for ddpm)")
+    return device, steps
+
+
+def _time(
+    args: argparse.Namespace, name: str, fn: Callable[[], Any], device: torch.device,
+    work: float, peak: float | None,
+) -> dict[str, Any]:  # fmt: skip
+    """One backend's row: warm-up apart, the median of the repeats, FLOP/s, memory, NVML."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    with precision_context(args.precision, device):
+        warm = _timer(device, fn)
+        nv = _NvmlSampler(device.index or 0) if device.type == "cuda" else None
+        with nv if nv is not None else _Null():
+            times = [_timer(device, fn) for _ in range(args.repeats)]
+        prof = profile_top(device, fn, args.profile) if args.profile else None
+    med = statistics.median(times)
+    achieved = work / med / 1e12
+    row: dict[str, Any] = {
+        "backend": name,
+        "warmup_s": warm,
+        "median_s": med,
+        "times_s": times,
+        "images_per_s": args.batch_size / med,
+        "tflops": achieved,
+        "pct_of_peak": 100 * achieved / peak if peak else None,
+        "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30
+        if device.type == "cuda"
+        else None,
+    }
+    if prof is not None:
+        row["profile"] = prof
+    nvs = nv.summary() if nv is not None else None
+    if nvs:
+        row.update(nvs)
+        row["joules_per_image"] = nvs["power_w"] * med / args.batch_size
+    return row
+
+
+def benchmark(args: argparse.Namespace) -> dict[str, Any]:
+    device, steps = _check(args)
+    if args.profile and device.type == "cuda":
+        # start the profiler's CUDA tracing once before any graph is captured, so the kernels
+        # of graph replays are recorded later (torch's advice for profiling CUDA graphs)
+        with _legacy_profile():
+            pass
     model = _models(args, device)
     flops = flops_per_image_step(args.method, model, args.image_size, device)
     dev_name, peak = peak_tflops(device, args.precision)
@@ -308,40 +342,9 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
             f"--backends {args.backends}: nothing to time for --method {args.method} here "
             "(diffusers is a DDPM column and needs the diffusers package)"
         )
-    rows = []
-    for name, fn in runners.items():
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        with precision_context(args.precision, device):
-            warm = _timer(device, lambda fn=fn: fn(x0))
-            nv = _NvmlSampler(device.index or 0) if device.type == "cuda" else None
-            times = []
-            with nv if nv is not None else _Null():
-                for _ in range(args.repeats):
-                    times.append(_timer(device, lambda fn=fn: fn(x0)))
-            prof = profile_top(device, lambda fn=fn: fn(x0), args.profile) if args.profile else None
-        med = statistics.median(times)
-        ips = args.batch_size / med
-        achieved = flops * steps * args.batch_size / med / 1e12
-        row: dict[str, Any] = {
-            "backend": name,
-            "warmup_s": warm,
-            "median_s": med,
-            "times_s": times,
-            "images_per_s": ips,
-            "tflops": achieved,
-            "pct_of_peak": 100 * achieved / peak if peak else None,
-            "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30
-            if device.type == "cuda"
-            else None,
-        }
-        if prof is not None:
-            row["profile"] = prof
-        nvs = nv.summary() if nv is not None else None
-        if nvs:
-            row.update(nvs)
-            row["joules_per_image"] = nvs["power_w"] * med / args.batch_size
-        rows.append(row)
+    work = flops * steps * args.batch_size
+    rows = [_time(args, name, lambda fn=fn: fn(x0), device, work, peak)
+            for name, fn in runners.items()]  # fmt: skip
     base = next((r for r in rows if r["backend"] == "authors"), None)
     for r in rows:
         r["speedup_vs_authors"] = r["images_per_s"] / base["images_per_s"] if base else None
