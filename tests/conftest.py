@@ -3,12 +3,24 @@
 Without a GPU, Triton kernels run in the CPU interpreter (DESIGN 8). ``TRITON_INTERPRET`` is read
 when a ``@triton.jit`` function is defined, i.e. when `puregen_fast.kernels` is first imported,
 which any test module may do at collection; so it is set here, before any test module loads. On
-a CUDA machine it is left alone so the kernels compile for the GPU.
+a CUDA machine it is left alone so the kernels compile for the GPU. Helpers shared by test modules
+live in ``helpers.py`` (and ``fixtures_data.py``, ``train_helpers.py``).
 """
 
 import os
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module (``pytestmark = pytest.mark.usefixtures("one_thread")``):
+    its nets are tiny, so extra threads only contend, and it matches the subprocess runs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -20,13 +20,12 @@ import math
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from puregen_fast import noise as pgnoise
 from puregen_fast import reference
+from puregen_fast.data.io import atomic_write_json
 from puregen_fast.dist import Dist
 from puregen_fast.errors import UsageError
 from puregen_fast.models.checkpoints import save_ddpm
@@ -34,14 +33,7 @@ from puregen_fast.models.schedule import DDPMSchedule
 from puregen_fast.runtime import precision_context
 from puregen_fast.train.config import UNET_PRESETS, DDPMConfig
 from puregen_fast.train.data import TrainData, to_x
-from puregen_fast.train.loop import (
-    Loop,
-    TrainResult,
-    epoch_permutation,
-    grad_norm,
-    run_training,
-)
-from puregen_fast.train.state import atomic_write_text
+from puregen_fast.train.loop import Loop, TrainResult, run_training
 
 __all__ = ["DDPMTrainer", "train_ddpm", "unet_config", "ema_decay", "STREAM_TRAIN_DDPM"]
 
@@ -96,7 +88,6 @@ class DDPMTrainer(Loop):
             self.schedule = DDPMSchedule(cfg.num_train_timesteps, cfg.beta_start, cfg.beta_end)
         except ValueError as e:
             raise UsageError(f"--num-train-timesteps/--beta-start/--beta-end: {e}") from e
-        self._perm_cache: tuple[int, torch.Tensor] | None = None
 
     # -- set-up --------------------------------------------------------------------------------
     def build(self) -> None:
@@ -113,35 +104,25 @@ class DDPMTrainer(Loop):
                 f"{self.data.source}: image size {h} must be divisible by {2 ** (levels - 1)} "
                 f"for a {levels}-level UNet"
             )
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(cfg.seed)
+
+        def make() -> torch.nn.Module:
             try:
-                self.unet = UNet2D.from_config(conf).to(dev)
+                return UNet2D.from_config(conf)
             except (TypeError, ValueError) as e:
                 raise UsageError(f"UNet config: {e}") from e
-        self.unet.train()
-        self.params = [p for p in self.unet.parameters() if p.requires_grad]
-        self.model: nn.Module = self.unet
-        if self.dist.enabled:
-            from torch.nn.parallel import DistributedDataParallel as DDP
 
-            self.model = DDP(self.unet, device_ids=[dev.index] if dev.type == "cuda" else None)
+        self.unet = self.init_network(make)
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, **self.optimizer_hparams())
         self.ema = copy.deepcopy(self.unet).eval().requires_grad_(False) if cfg.ema else None
         self.ema_updates = 0
-        self.images = torch.from_numpy(np.ascontiguousarray(self.data.images))
         self.abar = self.schedule.alphas_cumprod.to(dev)
         self.show_idx = torch.arange(min(8, len(self.data)))
 
     def describe(self) -> dict[str, Any]:
         return {
+            **super().describe(),
             "unet_config": dict(self.unet.config),
             "parameters": sum(p.numel() for p in self.unet.parameters()),
-            "device": str(self.device),
-            "world_size": self.dist.world,
-            "steps_per_epoch": self.steps_per_epoch,
-            "total_steps": self.total_steps,
-            "data": {"source": self.data.source, "images": len(self.data)},
             "schedule": self.schedule.config,
         }
 
@@ -162,17 +143,11 @@ class DDPMTrainer(Loop):
         progress = (step - wu) / max(1, total - wu)
         return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
 
-    def _perm(self, epoch: int) -> torch.Tensor:
-        if self._perm_cache is None or self._perm_cache[0] != epoch:
-            self._perm_cache = (epoch, epoch_permutation(self.cfg.seed, epoch, len(self.data)))
-        return self._perm_cache[1]
-
     # -- one update ----------------------------------------------------------------------------
     def forward_backward(self, step: int) -> dict[str, float]:
         cfg, dev, g = self.cfg, self.device, self.gen
         B = cfg.batch_size
-        epoch, b = divmod(step, self.steps_per_epoch)
-        idx = self._perm(epoch)[b * B : (b + 1) * B]
+        idx = self.batch_indices(step)
         flip = torch.rand(B, generator=g) < 0.5 if cfg.hflip else None
         t_all = torch.randint(0, cfg.max_timestep, (B,), generator=g)
         sh = self.dist.shard(B)
@@ -189,20 +164,13 @@ class DDPMTrainer(Loop):
         with precision_context(cfg.precision, dev):
             pred = self.model(x_t, t)
         loss = F.mse_loss(pred.float(), z)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self._gn = grad_norm(self.params)
-        m = self.dist.all_reduce_mean(torch.stack([loss.detach(), self._gn.to(dev)]))
+        gn = self.backward(loss)
+        m = self.dist.all_reduce_mean(torch.stack([loss.detach(), gn.to(dev)]))
         loss_v, gn = m.tolist()
         return {"loss": loss_v, "grad_norm": gn}
 
     def apply(self, step: int) -> None:
-        if self.cfg.grad_clip > 0:
-            coef = torch.clamp(self.cfg.grad_clip / (self._gn + 1e-6), max=1.0)
-            for p in self.params:
-                if p.grad is not None:
-                    p.grad.mul_(coef.to(p.grad.device))
-        self.optimizer.step()
+        super().apply(step)  # clip, step
         if self.ema is not None:
             self.ema_updates += 1
             d = ema_decay(
@@ -243,23 +211,19 @@ class DDPMTrainer(Loop):
             "note": "pg.load_ddpm(DIR) loads the top-level weights; purify with the EMA "
             "(the authors' published pipeline holds EMA weights)",
         }
-        atomic_write_text(d / "weights.json", json.dumps(info, indent=2))
+        atomic_write_json(d / "weights.json", info, sort_keys=False)
 
     def load_weights(self, d: Path) -> None:
-        from safetensors.torch import load_file
-
         try:
             info = json.loads((d / "weights.json").read_text())
         except (OSError, json.JSONDecodeError) as e:
             raise UsageError(f"checkpoint {str(d)!r}: unreadable weights.json ({e})") from e
         name = "diffusion_pytorch_model.safetensors"
-        self.unet.load_state_dict(load_file(str(d / info["raw"] / name), device=str(self.device)))
+        self.unet.load_state_dict(self.read_tensors(d / info["raw"] / name))
         if self.ema is not None:
             if not info.get("ema"):
                 raise UsageError(f"checkpoint {str(d)!r} has no EMA weights; resume with --no-ema")
-            self.ema.load_state_dict(
-                load_file(str(d / info["ema"] / name), device=str(self.device))
-            )
+            self.ema.load_state_dict(self.read_tensors(d / info["ema"] / name))
 
     # -- plots ---------------------------------------------------------------------------------
     @torch.no_grad()

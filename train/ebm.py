@@ -22,9 +22,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from torch import nn
 
 from puregen_fast import noise as pgnoise
 from puregen_fast.dist import Dist
@@ -34,13 +32,7 @@ from puregen_fast.models.ebm import EBMSNGAN32
 from puregen_fast.runtime import precision_context
 from puregen_fast.train.config import EBMConfig
 from puregen_fast.train.data import TrainData, to_x
-from puregen_fast.train.loop import (
-    Loop,
-    TrainResult,
-    epoch_permutation,
-    grad_norm,
-    run_training,
-)
+from puregen_fast.train.loop import Loop, TrainResult, run_training
 from puregen_fast.train.sampler import TrainSampler
 
 __all__ = ["EBMTrainer", "train_ebm", "STREAM_TRAIN_EBM"]
@@ -83,23 +75,12 @@ class EBMTrainer(Loop):
                 raise UsageError(msg)
         super().__init__(cfg, data, dist)
         self.milestones = _parse_milestones(cfg.lr_milestones)
-        self._perm_cache: tuple[int, torch.Tensor] | None = None
 
     # -- set-up --------------------------------------------------------------------------------
     def build(self) -> None:
         cfg, dev = self.cfg, self.device
-        with torch.random.fork_rng(devices=[]):  # the init is a function of --seed only
-            torch.manual_seed(cfg.seed)
-            self.ebm = EBMSNGAN32(nf=cfg.nf, patch_size=cfg.patch_size).to(dev)
-        self.ebm.train()
-        self.params = list(self.ebm.parameters())
-        self.model: nn.Module = self.ebm
-        if self.dist.enabled:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-
-            self.model = DDP(self.ebm, device_ids=[dev.index] if dev.type == "cuda" else None)
+        self.ebm = self.init_network(lambda: EBMSNGAN32(nf=cfg.nf, patch_size=cfg.patch_size))
         self.optimizer = torch.optim.Adam(self.params, lr=cfg.lr, **self.optimizer_hparams())
-        self.images = torch.from_numpy(np.ascontiguousarray(self.data.images))
         self.sampler = TrainSampler(
             self.ebm,
             cfg.mcmc_steps,
@@ -136,12 +117,8 @@ class EBMTrainer(Loop):
 
     def describe(self) -> dict[str, Any]:
         return {
+            **super().describe(),
             "sampler": self.sampler.impl,
-            "device": str(self.device),
-            "world_size": self.dist.world,
-            "steps_per_epoch": self.steps_per_epoch,
-            "total_steps": self.total_steps,
-            "data": {"source": self.data.source, "images": len(self.data)},
             "loss": "((E(data) - E(samples)).mean() "
             "+ energy_reg * (E(data)^2 + E(samples)^2).mean()) / mcmc_temp",
         }
@@ -158,60 +135,56 @@ class EBMTrainer(Loop):
             f *= min(1.0, (step + 1) / self.cfg.warmup_steps)
         return f
 
-    def _perm(self, epoch: int) -> torch.Tensor:
-        if self._perm_cache is None or self._perm_cache[0] != epoch:
-            self._perm_cache = (epoch, epoch_permutation(self.cfg.seed, epoch, len(self.data)))
-        return self._perm_cache[1]
-
     # -- one update ----------------------------------------------------------------------------
     def energies(self, x: torch.Tensor) -> torch.Tensor:
         """E of a batch through the (DDP-wrapped) model; one forward for data and samples."""
         with precision_context(self.cfg.precision, self.device):
             return self.model(x).float()
 
-    def forward_backward(self, step: int) -> dict[str, float]:
+    def _negatives(self, step: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Draw ``n`` bank slots, rejuvenate some from fresh noised data, run the sampler on this
+        rank's share of them and put the chains back: (this rank's negatives, rejuvenated)."""
         cfg, dev, g = self.cfg, self.device, self.gen
-        B, N = cfg.batch_size, len(self.data)
-        epoch, b = divmod(step, self.steps_per_epoch)
-        idx = self._perm(epoch)[b * B : (b + 1) * B]
-        # global draws, in a fixed order, on every rank
-        x_data = self._noised_data(idx)
-        if cfg.hflip:
-            flip = (torch.rand(B, generator=g) < 0.5).to(dev)
-            x_data = torch.where(flip[:, None, None, None], x_data.flip(-1), x_data)
-        slots = torch.randperm(cfg.bank_size, generator=g)[:B]
-        rejuv = torch.rand(B, generator=g) < cfg.rejuvenation
-        fresh = torch.randint(N, (B,), generator=g)
+        slots = torch.randperm(cfg.bank_size, generator=g)[:n]
+        rejuv = torch.rand(n, generator=g) < cfg.rejuvenation
+        fresh = torch.randint(len(self.data), (n,), generator=g)
         fresh_x = self._noised_data(fresh)
         slots_dev = slots.to(dev)
         if bool(rejuv.any()):
             r = rejuv.to(dev)
             self.bank[slots_dev[r]] = fresh_x[r]
-        sh = self.dist.shard(B)
-        my_slots = slots_dev[sh]
+        my_slots = slots_dev[self.dist.shard(n)]
         x_neg = self.sampler(self.bank[my_slots], my_slots, STREAM_TRAIN_EBM, step * cfg.mcmc_steps)
         self.bank[slots_dev] = self.dist.all_gather_cat(x_neg.detach())
+        return x_neg, rejuv
 
-        e = self.energies(torch.cat([x_data[sh], x_neg.detach()]))
+    def forward_backward(self, step: int) -> dict[str, float]:
+        cfg, dev, g = self.cfg, self.device, self.gen
+        B = cfg.batch_size
+        # global draws, in a fixed order, on every rank
+        x_data = self._noised_data(self.batch_indices(step))
+        if cfg.hflip:
+            flip = (torch.rand(B, generator=g) < 0.5).to(dev)
+            x_data = torch.where(flip[:, None, None, None], x_data.flip(-1), x_data)
+        x_neg, rejuv = self._negatives(step, B)
+
+        e = self.energies(torch.cat([x_data[self.dist.shard(B)], x_neg.detach()]))
         e_d, e_s = e[: x_neg.shape[0]], e[x_neg.shape[0] :]
-        gap = e_d.mean() - e_s.mean()
-        loss = gap
+        loss = e_d.mean() - e_s.mean()
         if cfg.energy_reg > 0:
             loss = loss + cfg.energy_reg * (e_d.square() + e_s.square()).mean()
         loss = loss / cfg.mcmc_temp
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self._gn = grad_norm(self.params)
+        gn = self.backward(loss)
         m = torch.stack(
             [
                 loss.detach(),
                 e_d.mean().detach(),
                 e_s.mean().detach(),
-                self._gn.to(dev),
+                gn.to(dev),
                 rejuv.sum().to(dev, torch.float32),  # one global draw: the same on every rank
             ]
         )
-        loss_v, ed, es, gn, nrej = self.dist.all_reduce_mean(m).tolist()
+        loss_v, ed, es, gn_v, nrej = self.dist.all_reduce_mean(m).tolist()
         xmax = float(self.dist.all_reduce_max(x_neg.detach().abs().amax()))
         return {
             "loss": loss_v,
@@ -220,18 +193,10 @@ class EBMTrainer(Loop):
             "gap": ed - es,
             "energy_abs": max(abs(ed), abs(es)),
             "gap_abs": abs(ed - es),
-            "grad_norm": gn,
+            "grad_norm": gn_v,
             "sample_abs_max": xmax,
             "rejuvenated": nrej,
         }
-
-    def apply(self, step: int) -> None:
-        if self.cfg.grad_clip > 0:
-            coef = torch.clamp(self.cfg.grad_clip / (self._gn + 1e-6), max=1.0)
-            for p in self.params:
-                if p.grad is not None:
-                    p.grad.mul_(coef.to(p.grad.device))
-        self.optimizer.step()
 
     # -- checkpoints ---------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
@@ -250,10 +215,7 @@ class EBMTrainer(Loop):
         save_ebm(self.ebm, d)
 
     def load_weights(self, d: Path) -> None:
-        from safetensors.torch import load_file
-
-        state = load_file(str(d / "model.safetensors"), device=str(self.device))
-        self.ebm.load_state_dict(state)
+        self.ebm.load_state_dict(self.read_tensors(d / "model.safetensors"))
 
     # -- plots ---------------------------------------------------------------------------------
     @torch.no_grad()

@@ -2,7 +2,10 @@
 schedule, the divergence watch with rollback, checkpoints, metrics, progress, plots.
 
 A recipe subclasses `Loop` and provides the model-specific parts (`build`, `forward_backward`,
-`apply`, `state`/`load_state`, `write_weights`, `load_weights`, `sample_rows`).
+`state`/`load_state`, `write_weights`, `load_weights`, `sample_rows`; `apply` where an update
+does more than step the optimiser). The parts both recipes share are written here once: the
+network set-up (`init_network`: seeded, DDP across ranks), the data order (`batch_indices`), the
+gradients with their norm (`backward`) and the clipped optimiser step (`apply`).
 
 Steps are counted as completed optimiser steps: the checkpoint "step k" holds the state after k
 updates, and the update that follows it has index k (which keys its noise and data).
@@ -11,27 +14,28 @@ updates, and the update that follows it has index k (which keys its noise and da
 from __future__ import annotations
 
 import abc
-import dataclasses
-import json
 import math
 import os
 import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
+from puregen_fast.data.io import atomic_write_json
 from puregen_fast.dist import Dist
 from puregen_fast.errors import UsageError
 from puregen_fast.train.config import recipe_of
 from puregen_fast.train.data import TrainData, load_train_data
 from puregen_fast.train.plots import save_curves, save_grid
-from puregen_fast.train.state import RunDir, atomic_write_text, capture_rng, restore_rng
+from puregen_fast.train.state import RunDir, capture_rng, restore_rng
 from puregen_fast.train.watch import DivergenceWatch, WatchConfig
 
 __all__ = ["Loop", "TrainResult", "TrainingDiverged", "epoch_permutation", "grad_norm"]
@@ -103,22 +107,15 @@ class Loop(abc.ABC):
         if cfg.log_every < 1:
             raise UsageError(f"--log-every must be >= 1; got {cfg.log_every}")
         self.gen = torch.Generator().manual_seed(cfg.seed)  # everything but the keyed noise
-        self.watch = DivergenceWatch(
-            WatchConfig(
-                enabled=cfg.watch,
-                factor=cfg.watch_factor,
-                patience=cfg.watch_patience,
-                window=cfg.watch_window,
-                warmup=cfg.watch_warmup,
-                max_energy=cfg.watch_max_energy,
-                max_grad_norm=cfg.watch_max_grad_norm,
-            ),
-            self.relative_keys,
-        )
+        self.watch = DivergenceWatch(WatchConfig.from_config(cfg), self.relative_keys)
+        self.images = torch.from_numpy(np.ascontiguousarray(data.images))  # uint8 NHWC, host
         self.step = 0
         self.saved_step: int | None = None  # in memory on every rank: ranks decide alike
         self._stop = False
+        self._perm_cache: tuple[int, torch.Tensor] | None = None
+        self._gn = torch.zeros(())  # the last `backward`'s gradient norm
         self.model: nn.Module
+        self.params: list[nn.Parameter]
         self.optimizer: torch.optim.Optimizer
 
     # -- hooks -------------------------------------------------------------------------------
@@ -131,10 +128,15 @@ class Loop(abc.ABC):
         over ranks). The optimiser has not stepped yet, so a bad step can be refused."""
         ...
 
-    @abc.abstractmethod
     def apply(self, step: int) -> None:
-        """Clip, step the optimiser, update EMAs."""
-        ...
+        """Clip the gradient norm to ``--grad-clip`` (0: off), then step the optimiser; a recipe
+        that also updates an EMA extends this."""
+        if self.cfg.grad_clip > 0:
+            coef = torch.clamp(self.cfg.grad_clip / (self._gn + 1e-6), max=1.0)
+            for p in self.params:
+                if p.grad is not None:
+                    p.grad.mul_(coef.to(p.grad.device))
+        self.optimizer.step()
 
     def state(self) -> dict[str, Any]:
         return {}
@@ -155,11 +157,60 @@ class Loop(abc.ABC):
         return 1.0
 
     def describe(self) -> dict[str, Any]:
-        return {}
+        """What ran, for recipe.json; a recipe adds its own entries."""
+        return {
+            "device": str(self.device),
+            "world_size": self.dist.world,
+            "steps_per_epoch": self.steps_per_epoch,
+            "total_steps": self.total_steps,
+            "data": {"source": self.data.source, "images": len(self.data)},
+        }
 
     def optimizer_hparams(self) -> dict[str, Any]:
         """The optimiser's per-group settings from the flags (betas, weight decay, ...)."""
         return {}
+
+    # -- the pieces both recipes share ---------------------------------------------------------
+    def init_network(self, make: Callable[[], nn.Module]) -> nn.Module:
+        """``make()`` on this device, its initial weights a function of ``--seed`` only, in
+        training mode; sets ``self.params`` and ``self.model`` (DDP-wrapped across ranks)."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.cfg.seed)
+            net = make().to(self.device)
+        net.train()
+        self.params = [p for p in net.parameters() if p.requires_grad]
+        self.model = net
+        if self.dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            dev = self.device
+            self.model = DDP(net, device_ids=[dev.index] if dev.type == "cuda" else None)
+        return net
+
+    def read_tensors(self, path: Path) -> dict[str, torch.Tensor]:
+        """A safetensors file's tensors on this device."""
+        from safetensors.torch import load_file
+
+        return load_file(str(path), device=str(self.device))
+
+    def _perm(self, epoch: int) -> torch.Tensor:
+        if self._perm_cache is None or self._perm_cache[0] != epoch:
+            self._perm_cache = (epoch, epoch_permutation(self.cfg.seed, epoch, len(self.data)))
+        return self._perm_cache[1]
+
+    def batch_indices(self, step: int) -> torch.Tensor:
+        """The data indices of update ``step`` (the global batch): its slice of its epoch's
+        permutation."""
+        epoch, b = divmod(step, self.steps_per_epoch)
+        n = self.cfg.batch_size
+        return self._perm(epoch)[b * n : (b + 1) * n]
+
+    def backward(self, loss: torch.Tensor) -> torch.Tensor:
+        """The gradients of ``loss``; returns their global norm, which `apply` clips with."""
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self._gn = grad_norm(self.params)
+        return self._gn
 
     # -- learning rate -----------------------------------------------------------------------
     def set_lr(self, step: int) -> float:
@@ -220,39 +271,13 @@ class Loop(abc.ABC):
             self._forced = True
 
     def _start(self) -> None:
-        cfg = self.cfg
+        """Build, then resume (``--resume``) or start a fresh run with a step-0 checkpoint."""
         self._forced = False
         self.build()
         used = bool(self.run.checkpoints()) or self.run.read_recipe() is not None
         self.dist.barrier()  # every rank looks at --out before rank 0 writes into it
-        if cfg.resume is not None:
-            run_src, ckpt = self.run.find_resume(cfg.resume)
-            elsewhere = run_src.resolve() != self.run.path.resolve()
-            if elsewhere and used:
-                raise UsageError(
-                    f"--out {str(self.run.path)!r} already holds another training run; resume "
-                    f"from {str(run_src)!r} into a new --out, or into {str(run_src)!r} itself"
-                )
-            state = self._check_resume(run_src, ckpt)
-            if not elsewhere and self.dist.is_main:
-                self._set_aside_newer(ckpt)
-            self.load_weights(ckpt)
-            self.optimizer.load_state_dict(state["optimizer"])
-            for g in self.optimizer.param_groups:  # this run's flags (differ only if forced)
-                g.update(self.optimizer_hparams())
-            self.gen.set_state(state["generator"].cpu())
-            restore_rng(state["rng"])
-            self.watch.load_state_dict(state["watch"])
-            self.load_state(state)
-            self.step = int(state["step"])
-            self.saved_step = self.step
-            if self.dist.is_main:
-                self._log_event("resume", {"from": str(ckpt), "forced_recipe_change": self._forced})
-                if self._forced or elsewhere:
-                    self.run.write_recipe(self.hparams, {"resumed_from": str(ckpt)})
-            self.dist.barrier()
-            if elsewhere:  # the new run directory starts with the state it continues from
-                self.save()
+        if self.cfg.resume is not None:
+            self._resume(used)
             return
         if used:
             raise UsageError(
@@ -262,6 +287,38 @@ class Loop(abc.ABC):
         if self.dist.is_main:
             self.run.write_recipe(self.hparams, {"describe": self.describe()})
         self.save()  # step 0: there is always a good checkpoint to roll back to
+
+    def _resume(self, used: bool) -> None:
+        run_src, ckpt = self.run.find_resume(self.cfg.resume)
+        elsewhere = run_src.resolve() != self.run.path.resolve()
+        if elsewhere and used:
+            raise UsageError(
+                f"--out {str(self.run.path)!r} already holds another training run; resume "
+                f"from {str(run_src)!r} into a new --out, or into {str(run_src)!r} itself"
+            )
+        state = self._check_resume(run_src, ckpt)
+        if not elsewhere and self.dist.is_main:
+            self._set_aside_newer(ckpt)
+        self._restore(ckpt, state)
+        if self.dist.is_main:
+            self._log_event("resume", {"from": str(ckpt), "forced_recipe_change": self._forced})
+            if self._forced or elsewhere:
+                self.run.write_recipe(self.hparams, {"resumed_from": str(ckpt)})
+        self.dist.barrier()
+        if elsewhere:  # the new run directory starts with the state it continues from
+            self.save()
+
+    def _restore(self, ckpt: Path, state: dict[str, Any]) -> None:
+        self.load_weights(ckpt)
+        self.optimizer.load_state_dict(state["optimizer"])
+        for g in self.optimizer.param_groups:  # this run's flags (differ only if forced)
+            g.update(self.optimizer_hparams())
+        self.gen.set_state(state["generator"].cpu())
+        restore_rng(state["rng"])
+        self.watch.load_state_dict(state["watch"])
+        self.load_state(state)
+        self.step = int(state["step"])
+        self.saved_step = self.step
 
     # -- logging -----------------------------------------------------------------------------
     def _log_event(self, event: str, info: dict[str, Any]) -> None:
@@ -333,7 +390,7 @@ class Loop(abc.ABC):
                 "rolled_back_to_step": good_step,
                 "checkpoint": str(good),
             }
-            atomic_write_text(self.run.path / "divergence.json", json.dumps(info, indent=2))
+            atomic_write_json(self.run.path / "divergence.json", info, sort_keys=False)
             self._log_event("diverged", info)
         self.load_weights(good)  # the in-memory model is the good one too
         self.dist.barrier()
@@ -366,80 +423,99 @@ class Loop(abc.ABC):
         flag = torch.tensor([1.0 if self._stop else 0.0], device=self.device)
         return bool(self.dist.all_reduce_mean(flag).item() > 0)
 
+    def _progress_bar(self) -> Any:
+        if not (self.dist.is_main and self.cfg.progress):
+            return None
+        from tqdm import tqdm
+
+        return tqdm(
+            total=self.stop_at,
+            initial=self.step,
+            desc=f"train {self.recipe}",
+            unit="step",
+            dynamic_ncols=True,
+        )
+
+    def _update(self) -> tuple[dict[str, float], float, float]:
+        """One update, refused (and the run rolled back) when the watch fires; returns its
+        metrics, learning rate and images per second."""
+        t0 = time.perf_counter()
+        k = self.step  # the index of this update
+        lr = self.set_lr(k)
+        metrics = self.forward_backward(k)
+        reason = self.watch.check(k + 1, metrics)
+        if reason is not None:
+            raise self._rollback(k + 1, reason)
+        self.apply(k)
+        self.step = k + 1
+        return metrics, lr, self.cfg.batch_size / max(time.perf_counter() - t0, 1e-9)
+
+    def _log_step(self, metrics: dict[str, float], lr: float, ips: float) -> None:
+        if not self.dist.is_main:
+            return
+        if self.step % self.cfg.log_every and self.step != self.stop_at:
+            return
+        row = {k: _finite_or_none(v) for k, v in metrics.items()}
+        self.run.log(
+            {
+                "step": self.step,
+                "epoch": self.step / self.steps_per_epoch,
+                "lr": lr,
+                "images_per_s": round(ips, 2),
+                "time": time.time(),
+                **row,
+            }
+        )
+
+    def _after_step(self, save_due: bool) -> bool:
+        """Sample grids at epoch ends, a checkpoint when one is due and the watch has no open
+        streak; returns whether one is still due."""
+        cfg, per = self.cfg, self.steps_per_epoch
+        if self.step % per == 0 and (self.step // per) % max(cfg.sample_every, 1) == 0:
+            self._plots()
+        save_due = save_due or self.step % max(cfg.ckpt_every, 1) == 0
+        if save_due and not self.watch.pending:
+            self.save()
+            return False
+        return save_due
+
+    def _steps(self, bar: Any) -> tuple[dict[str, float], str]:
+        """Update until the end, ``--steps`` or an interrupt: (last metrics, why it stopped)."""
+        metrics: dict[str, float] = {}
+        save_due, rate = False, 0.0
+        while self.step < self.stop_at:
+            metrics, lr, ips = self._update()
+            rate = ips if rate == 0 else 0.9 * rate + 0.1 * ips
+            self._log_step(metrics, lr, ips)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(
+                    loss=f"{metrics.get('loss', float('nan')):.4g}", img_s=f"{rate:.1f}"
+                )
+            save_due = self._after_step(save_due)
+            if self._stop_requested():
+                return metrics, "interrupted"
+        return metrics, "done" if self.step >= self.total_steps else "steps"
+
+    def _finish(self) -> None:
+        if self.watch.pending:  # ending inside an open streak: keep the last good checkpoint
+            if self.dist.is_main:
+                ck = self.run.checkpoints()
+                self.run.publish_weights(ck[-1][1])
+                self._log_event("end_pending", {"kept_step": ck[-1][0]})
+        elif self.saved_step != self.step:  # not the disk: rank 0 may be writing it now
+            self.save()
+        if not self.watch.pending:
+            self._plots()
+
     def train(self) -> TrainResult:
-        cfg = self.cfg
+        """Start or resume, update to the end (or ``--steps``, or an interrupt), checkpoint."""
         self._start()
         old_handlers = self._install_signals()
-        bar = None
-        if self.dist.is_main and cfg.progress:
-            from tqdm import tqdm
-
-            bar = tqdm(
-                total=self.stop_at,
-                initial=self.step,
-                desc=f"train {self.recipe}",
-                unit="step",
-                dynamic_ncols=True,
-            )
-        metrics: dict[str, float] = {}
-        save_due, stopped, rate = False, "done", 0.0
+        bar = self._progress_bar()
         try:
-            while self.step < self.stop_at:
-                t0 = time.perf_counter()
-                k = self.step  # the index of this update
-                lr = self.set_lr(k)
-                metrics = self.forward_backward(k)
-                reason = self.watch.check(k + 1, metrics)
-                if reason is not None:
-                    raise self._rollback(k + 1, reason)
-                self.apply(k)
-                self.step = k + 1
-                dt = time.perf_counter() - t0
-                ips = cfg.batch_size / max(dt, 1e-9)
-                rate = ips if rate == 0 else 0.9 * rate + 0.1 * ips
-                if self.dist.is_main and (
-                    self.step % cfg.log_every == 0 or self.step == self.stop_at
-                ):
-                    row = {k_: _finite_or_none(v) for k_, v in metrics.items()}
-                    self.run.log(
-                        {
-                            "step": self.step,
-                            "epoch": self.step / self.steps_per_epoch,
-                            "lr": lr,
-                            "images_per_s": round(ips, 2),
-                            "time": time.time(),
-                            **row,
-                        }
-                    )
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(
-                        loss=f"{metrics.get('loss', float('nan')):.4g}", img_s=f"{rate:.1f}"
-                    )
-                epoch_end = self.step % self.steps_per_epoch == 0
-                if (
-                    epoch_end
-                    and (self.step // self.steps_per_epoch) % max(cfg.sample_every, 1) == 0
-                ):
-                    self._plots()
-                save_due = save_due or self.step % max(cfg.ckpt_every, 1) == 0
-                if save_due and not self.watch.pending:
-                    self.save()
-                    save_due = False
-                if self._stop_requested():
-                    stopped = "interrupted"
-                    break
-            else:
-                stopped = "done" if self.step >= self.total_steps else "steps"
-            if self.watch.pending:  # ending inside an open streak: keep the last good checkpoint
-                if self.dist.is_main:
-                    ck = self.run.checkpoints()
-                    self.run.publish_weights(ck[-1][1])
-                    self._log_event("end_pending", {"kept_step": ck[-1][0]})
-            elif self.saved_step != self.step:  # not the disk: rank 0 may be writing it now
-                self.save()
-            if not self.watch.pending:
-                self._plots()
+            metrics, stopped = self._steps(bar)
+            self._finish()
         finally:
             if bar is not None:
                 bar.close()
@@ -454,10 +530,6 @@ class Loop(abc.ABC):
             metrics,
             last[-1][1] if last else None,
         )
-
-
-def config_dict(cfg: Any) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
 
 
 def run_training(

@@ -1,4 +1,4 @@
-"""PNG sample grids and loss curves, drawn with Pillow (no matplotlib)."""
+"""PNG sample grids and loss curves, drawn with Pillow (no matplotlib), written atomically."""
 
 from __future__ import annotations
 
@@ -10,7 +10,14 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from puregen_fast.data.io import atomic_path
+
 __all__ = ["save_grid", "save_curves"]
+
+
+def _save_png(im: Image.Image, path: str | os.PathLike[str]) -> None:
+    with atomic_path(path) as tmp:
+        im.save(tmp, format="PNG")  # PNG whatever the name ends in, as before
 
 
 def _to_u8(x: torch.Tensor) -> np.ndarray:
@@ -36,13 +43,40 @@ def save_grid(
     im = Image.fromarray(canvas)
     if scale > 1:
         im = im.resize((im.width * scale, im.height * scale), Image.NEAREST)
-    tmp = f"{os.fspath(path)}.tmp{os.getpid()}.png"
-    im.save(tmp)
-    os.replace(tmp, path)
+    _save_png(im, path)
 
 
 def _fmt(v: float) -> str:
     return f"{v:.3g}"
+
+
+def _panel(d: ImageDraw.ImageDraw, box: tuple[int, int, int, int], pts: list, colour: str) -> None:
+    """One series' points (x, y) in ``box``, with its y range and step range in the corners."""
+    xlo, xhi = min(x for x, _ in pts), max(x for x, _ in pts)
+    ylo, yhi = min(y for _, y in pts), max(y for _, y in pts)
+    if xhi == xlo:
+        xhi = xlo + 1
+    if yhi == ylo:
+        yhi, ylo = yhi + 0.5 * (abs(yhi) or 1), ylo - 0.5 * (abs(ylo) or 1)
+    if ylo < 0 < yhi:  # the zero line helps read an energy gap
+        zy = box[3] - (0 - ylo) / (yhi - ylo) * (box[3] - box[1])
+        d.line([(box[0], zy), (box[2], zy)], fill="#bbbbbb")
+    scaled = [
+        (
+            box[0] + (x - xlo) / (xhi - xlo) * (box[2] - box[0]),
+            box[3] - (y - ylo) / (yhi - ylo) * (box[3] - box[1]),
+        )
+        for x, y in pts
+    ]
+    if len(scaled) > 1:
+        d.line(scaled, fill=colour, width=1)
+    else:
+        x, y = scaled[0]
+        d.ellipse((x - 2, y - 2, x + 2, y + 2), fill=colour)
+    d.text((2, box[1]), _fmt(yhi), fill="black")
+    d.text((2, box[3] - 10), _fmt(ylo), fill="black")
+    d.text((box[0] + 2, box[3] - 11), f"step {int(xlo)}", fill="gray")
+    d.text((box[2] - 70, box[3] - 11), f"step {int(xhi)}", fill="gray")
 
 
 def save_curves(
@@ -70,34 +104,6 @@ def save_curves(
         box = (margin_l, y0 + 12, width - margin_r, y0 + panel_h)
         d.rectangle(box, outline="black")
         d.text((4, y0), name, fill="black")
-        if not pts:
-            continue
-        xlo, xhi = min(x for x, _ in pts), max(x for x, _ in pts)
-        ylo, yhi = min(y for _, y in pts), max(y for _, y in pts)
-        if xhi == xlo:
-            xhi = xlo + 1
-        if yhi == ylo:
-            yhi, ylo = yhi + 0.5 * (abs(yhi) or 1), ylo - 0.5 * (abs(ylo) or 1)
-        if ylo < 0 < yhi:  # the zero line helps read an energy gap
-            zy = box[3] - (0 - ylo) / (yhi - ylo) * (box[3] - box[1])
-            d.line([(box[0], zy), (box[2], zy)], fill="#bbbbbb")
-        scaled = [
-            (
-                box[0] + (x - xlo) / (xhi - xlo) * (box[2] - box[0]),
-                box[3] - (y - ylo) / (yhi - ylo) * (box[3] - box[1]),
-            )
-            for x, y in pts
-        ]
-        colour = colours[p % len(colours)]
-        if len(scaled) > 1:
-            d.line(scaled, fill=colour, width=1)
-        else:
-            x, y = scaled[0]
-            d.ellipse((x - 2, y - 2, x + 2, y + 2), fill=colour)
-        d.text((2, box[1]), _fmt(yhi), fill="black")
-        d.text((2, box[3] - 10), _fmt(ylo), fill="black")
-        d.text((box[0] + 2, box[3] - 11), f"step {int(xlo)}", fill="gray")
-        d.text((box[2] - 70, box[3] - 11), f"step {int(xhi)}", fill="gray")
-    tmp = f"{os.fspath(path)}.tmp{os.getpid()}.png"
-    im.save(tmp)
-    os.replace(tmp, path)
+        if pts:
+            _panel(d, box, pts, colours[p % len(colours)])
+    _save_png(im, path)

@@ -8,9 +8,10 @@ Layout of ``--out DIR``::
     checkpoints/latest.json      {"step": 1234, "dir": "step_00001234"}
     metrics.jsonl, samples/*.png, loss.png
 
-Every file and checkpoint directory is written under a temporary name and renamed into place, so
-a run killed at any moment leaves the previous checkpoint intact. ``state.pt`` holds only
-tensors, numbers, strings, lists and dicts: it loads with ``torch.load(weights_only=True)``.
+Every file is written through `puregen_fast.data.io` (a temporary name, renamed into place), and
+a checkpoint directory counts only once its ``state.pt``, written last, is there; so a run killed
+at any moment leaves the previous checkpoint intact. ``state.pt`` holds only tensors, numbers,
+strings, lists and dicts: it loads with ``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
@@ -26,33 +27,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from puregen_fast.data.io import atomic_path, atomic_write_json
 from puregen_fast.errors import UsageError
 
-__all__ = [
-    "FORMAT",
-    "RunDir",
-    "capture_rng",
-    "restore_rng",
-    "atomic_write_text",
-    "atomic_write_bytes",
-]
+__all__ = ["FORMAT", "RunDir", "capture_rng", "restore_rng"]
 
 FORMAT = 1
 _STEP_DIR = "step_{:08d}"
-
-
-def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
-    p = Path(path)
-    tmp = p.with_name(f".{p.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, p)
-
-
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
-    p = Path(path)
-    tmp = p.with_name(f".{p.name}.tmp{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, p)
 
 
 def capture_rng() -> dict[str, Any]:
@@ -128,7 +109,7 @@ class RunDir:
         except OSError as e:
             raise UsageError(f"--out {str(self.path)!r}: cannot create it ({e})") from e
         doc = {"recipe": self.recipe, "format": FORMAT, "hparams": hparams, **(extra or {})}
-        atomic_write_text(self.path / "recipe.json", json.dumps(doc, indent=2, sort_keys=True))
+        atomic_write_json(self.path / "recipe.json", doc)
 
     def check_recipe(
         self, found: dict[str, Any] | None, hparams: dict[str, Any], where: Path
@@ -198,24 +179,17 @@ class RunDir:
         write_weights: Callable[[Path], None],
         keep: int,
     ) -> Path:
-        """Write checkpoints/step_N atomically, point latest.json at it, copy its weights to the
-        top of the run directory, and delete all but the newest ``keep`` checkpoints."""
-        self.ckpt_root.mkdir(parents=True, exist_ok=True)
+        """Write checkpoints/step_N (``state.pt`` last: it marks the checkpoint complete), point
+        latest.json at it, copy its weights to the top of the run directory, and delete all but
+        the newest ``keep`` checkpoints."""
         final = self.ckpt_root / _STEP_DIR.format(step)
-        tmp = self.ckpt_root / f".tmp-{final.name}-{os.getpid()}"
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
-        write_weights(tmp)
-        torch.save(
-            {**state, "format": FORMAT, "recipe": self.recipe, "step": step}, tmp / "state.pt"
-        )
-        if final.exists():  # re-reaching a step after a rollback
+        if final.exists():  # re-reaching a step after a rollback, or a write cut by a kill
             shutil.rmtree(final)
-        os.replace(tmp, final)
-        atomic_write_text(
-            self.ckpt_root / "latest.json", json.dumps({"step": step, "dir": final.name})
-        )
+        final.mkdir(parents=True)
+        write_weights(final)
+        with atomic_path(final / "state.pt") as tmp:
+            torch.save({**state, "format": FORMAT, "recipe": self.recipe, "step": step}, tmp)
+        atomic_write_json(self.ckpt_root / "latest.json", {"step": step, "dir": final.name})
         self.publish_weights(final)
         for _, old in self.checkpoints()[: -max(keep, 1)]:
             shutil.rmtree(old, ignore_errors=True)
@@ -228,9 +202,8 @@ class RunDir:
                 continue
             dst = self.path / src.relative_to(ckpt)
             dst.parent.mkdir(parents=True, exist_ok=True)
-            tmp = dst.with_name(f".{dst.name}.tmp{os.getpid()}")
-            shutil.copyfile(src, tmp)
-            os.replace(tmp, dst)
+            with atomic_path(dst) as tmp:
+                shutil.copyfile(src, tmp)
 
     @staticmethod
     def load_state(ckpt: Path, device: torch.device) -> dict[str, Any]:

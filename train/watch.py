@@ -16,6 +16,7 @@ healthy state and the newest one is the rollback target.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import statistics
 from collections import deque
@@ -35,6 +36,12 @@ class WatchConfig:
     warmup: int = 50
     max_energy: float | None = None
     max_grad_norm: float | None = None
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> WatchConfig:
+        """From a training config: ``watch`` switches it on, ``watch_<field>`` sets the rest."""
+        names = [f.name for f in dataclasses.fields(cls) if f.name != "enabled"]
+        return cls(enabled=cfg.watch, **{n: getattr(cfg, f"watch_{n}") for n in names})
 
 
 class DivergenceWatch:

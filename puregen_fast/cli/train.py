@@ -5,6 +5,7 @@ puregen_fast.cli train ebm ...`` (each rank joins the process group; rank 0 writ
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from puregen_fast.train.config import DDPMConfig, EBMConfig, add_config_arguments, config_from_args
@@ -38,9 +39,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         from puregen_fast.train.ddpm import train_ddpm as train
     result = train(cfg)
-    import os
-
-    if int(os.environ.get("RANK", "0")) == 0:
+    if int(os.environ.get("RANK", "0")) == 0:  # the process group is closed by now
         loader = "pg.load_ebm" if name == "ebm" else "pg.load_ddpm"
         what = {"done": "all epochs", "steps": "--steps", "interrupted": "an interrupt"}[
             result.stopped

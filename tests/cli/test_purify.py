@@ -37,13 +37,7 @@ def env(tmp_path_factory):
     return SimpleNamespace(root=root, exp=exp, cinic=root / "cinic", ebm=root / "ebm")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # one intra-op thread: fast on a small, shared CPU, and the same as the subprocess runs
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(autouse=True)

@@ -34,14 +34,7 @@ HW = 16
 K = 4
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # one intra-op thread: these nets are tiny, so extra threads only contend (tests elsewhere
-    # do the same)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def synth(n_per: int, seed: int, k: int = K, hw: int = HW) -> tuple[np.ndarray, np.ndarray]:

@@ -7,10 +7,10 @@ import json
 import math
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+from train_helpers import final_and_initial, run_train, shapes, to_x, train_argv, write_npz
 
 import puregen_fast as pg
 from puregen_fast import reference
@@ -20,58 +20,16 @@ from puregen_fast.train.ddpm import ema_decay
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 
 
-def shapes(n: int, size: int = 16, seed: int = 0) -> np.ndarray:
-    """A bright disc of random place, size and colour on a flat darker background (uint8 NHWC)."""
-    r = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
-    out = np.empty((n, size, size, 3), np.float32)
-    for i in range(n):
-        img = np.broadcast_to(r.uniform(0.2, 0.5, 3), (size, size, 3)).copy()
-        cy, cx = r.uniform(4, size - 4, 2)
-        rad = r.uniform(2.5, 5)
-        img[((yy - cy) ** 2 + (xx - cx) ** 2) <= rad**2] = r.uniform(0.6, 1.0, 3)
-        out[i] = img
-    return (out * 255).round().astype(np.uint8)
-
-
-def to_x(u8: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(u8).permute(0, 3, 1, 2).float() / 255 * 2 - 1
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    p = tmp_path_factory.mktemp("ddpmdata") / "shapes.npz"
-    x = shapes(320, seed=0)
-    np.savez(p, x=x, y=np.zeros(len(x), np.int64))
-    return p
+    return write_npz(tmp_path_factory.mktemp("ddpmdata") / "shapes.npz", shapes(320, seed=0))
 
 
 TINY = ["--unet", "tiny", "--device", "cpu", "--no-progress", "--log-every", "1"]
 
 
 def _train(data: Path, out: Path, *extra: str) -> int:
-    return main(
-        [
-            "train",
-            "ddpm",
-            "--dataset",
-            "npz",
-            "--data-dir",
-            str(data),
-            "--out",
-            str(out),
-            *TINY,
-            *extra,
-        ]
-    )
+    return run_train("ddpm", data, out, *TINY, *extra)
 
 
 # -- acceptance 2: the loss falls and ddpm_purify moves noised images back ------------------
@@ -97,17 +55,17 @@ def _purify_dist(unet: torch.nn.Module, x: torch.Tensor, steps: int = 50) -> tup
     return rms(noised), rms(out)
 
 
+LEARN = [
+    "--batch-size", "32", "--lr", "2e-3", "--warmup-steps", "20", "--epochs", "20",
+    "--steps", "200", "--ckpt-every", "100000", "--log-every", "10", "--purify-steps", "50",
+]  # fmt: skip
+
+
 def test_tiny_ddpm_learns_and_purifies(data, tmp_path):
     out = tmp_path / "run"
-    rc = _train(
-        data, out, "--batch-size", "32", "--lr", "2e-3", "--warmup-steps", "20",
-        "--epochs", "20", "--steps", "200", "--ckpt-every", "100000", "--log-every", "10",
-        "--purify-steps", "50",
-    )  # fmt: skip
-    assert rc == 0
+    assert _train(data, out, *LEARN) == 0
     held = to_x(shapes(64, seed=1))
-    trained = pg.load_ddpm(out)  # the EMA weights
-    untrained = pg.load_ddpm(out / "checkpoints" / "step_00000000")
+    trained, untrained = final_and_initial(out, pg.load_ddpm)  # trained: the EMA weights
     l0, l1 = _eps_loss(untrained, held), _eps_loss(trained, held)
     assert l1 < 0.5 * l0, (l0, l1)
     noised, purified = _purify_dist(trained, held)
@@ -170,11 +128,11 @@ def test_output_layout(resumed):
 
 def test_resume_refuses_an_ebm_run(resumed, data, tmp_path, capsys):
     ebm_run = tmp_path / "ebm"
-    rc = main([
-        "train", "ebm", "--dataset", "npz", "--data-dir", str(data), "--out", str(ebm_run),
-        "--nf", "8", "--bank-size", "32", "--batch-size", "32", "--mcmc-steps", "1",
-        "--steps", "1", "--backend", "reference", "--device", "cpu", "--no-progress",
-    ])  # fmt: skip
+    rc = run_train(
+        "ebm", data, ebm_run, "--nf", "8", "--bank-size", "32", "--batch-size", "32",
+        "--mcmc-steps", "1", "--steps", "1", "--backend", "reference", "--device", "cpu",
+        "--no-progress",
+    )  # fmt: skip
     assert rc == 0
     assert _train(data, tmp_path / "o", "--batch-size", "32", "--resume", str(ebm_run)) == 2
     assert "written by `train ebm`" in capsys.readouterr().err
@@ -216,16 +174,13 @@ def test_cosine_warmup_and_ema_match_diffusers():
     ],
 )
 def test_bad_ddpm_flags_exit_2(data, tmp_path, capsys, content, flag, needle):
-    from puregen_fast.cli.main import main
-
     if content is None:
         extra = ["--ema-inv-gamma", "0"]
     else:
         cfg = tmp_path / "cfg.json"
         cfg.write_bytes(content if isinstance(content, bytes) else content.encode())
         extra = ["--unet-config", str(cfg)]
-    argv = ["train", "ddpm", "--dataset", "npz", "--data-dir", str(data), "--out",
-            str(tmp_path / "o"), "--device", "cpu", "--no-progress", "--steps", "1",
-            "--batch-size", "16", *extra]  # fmt: skip
+    argv = train_argv("ddpm", data, tmp_path / "o", "--device", "cpu", "--no-progress",
+                      "--steps", "1", "--batch-size", "16", *extra)  # fmt: skip
     assert main(argv) == 2
     assert needle in capsys.readouterr().err

@@ -9,44 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
+from train_helpers import final_and_initial, run_train, shapes, to_x, weights, write_npz
 
 import puregen_fast as pg
 from puregen_fast.cli.main import main
 from puregen_fast.train import EBMConfig, TrainingDiverged, train_ebm
 from puregen_fast.train import ebm as train_ebm_mod
-
-
-def shapes(n: int, size: int = 16, seed: int = 0) -> np.ndarray:
-    """One family of images: a bright disc of random place, size and colour on a flat, darker
-    background. uint8 NHWC."""
-    r = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
-    out = np.empty((n, size, size, 3), np.float32)
-    for i in range(n):
-        img = np.broadcast_to(r.uniform(0.2, 0.5, 3), (size, size, 3)).copy()
-        cy, cx = r.uniform(4, size - 4, 2)
-        rad = r.uniform(2.5, 5)
-        img[((yy - cy) ** 2 + (xx - cx) ** 2) <= rad**2] = r.uniform(0.6, 1.0, 3)
-        out[i] = img
-    return (out * 255).round().astype(np.uint8)
-
-
-def write_npz(path: Path, x: np.ndarray, y: np.ndarray | None = None) -> Path:
-    np.savez(path, x=x, y=np.zeros(len(x), np.int64) if y is None else y)
-    return path
-
-
-def to_x(u8: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(u8).permute(0, 3, 1, 2).float() / 255 * 2 - 1
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a small shared CPU: one intra-op thread is fastest here
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -62,24 +30,7 @@ TINY = [
 
 
 def _train(data: Path, out: Path, *extra: str) -> int:
-    return main(
-        [
-            "train",
-            "ebm",
-            "--dataset",
-            "npz",
-            "--data-dir",
-            str(data),
-            "--out",
-            str(out),
-            *TINY,
-            *extra,
-        ]
-    )
-
-
-def _weights(d: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(d / "model.safetensors"))
+    return run_train("ebm", data, out, *TINY, *extra)
 
 
 # -- acceptance 1: a trained EBM orders data < trigger-patched data, uniform noise ------------
@@ -109,17 +60,17 @@ def _ordered(m: dict[str, float]) -> bool:
     return m["noise_margin"] > 3.0 and m["trigger_margin"] > 0.25 and m["trigger_frac"] > 0.9
 
 
+LEARN = [
+    "--bank-size", "256", "--batch-size", "32", "--mcmc-steps", "10", "--lr", "1e-3",
+    "--epochs", "25", "--steps", "250", "--ckpt-every", "100000", "--log-every", "10",
+]  # fmt: skip
+
+
 def test_trained_ebm_gives_data_lower_energy(data, tmp_path):
     out = tmp_path / "run"
-    rc = _train(
-        data, out, "--bank-size", "256", "--batch-size", "32", "--mcmc-steps", "10",
-        "--lr", "1e-3", "--epochs", "25", "--steps", "250", "--ckpt-every", "100000",
-        "--log-every", "10",
-    )  # fmt: skip
-    assert rc == 0
+    assert _train(data, out, *LEARN) == 0
     held = to_x(shapes(128, seed=1))  # held out: another draw of the same family
-    trained = _ordering(pg.load_ebm(out), held)
-    untrained = _ordering(pg.load_ebm(out / "checkpoints" / "step_00000000"), held)
+    trained, untrained = (_ordering(m, held) for m in final_and_initial(out, pg.load_ebm))
     assert _ordered(trained), trained
     assert not _ordered(untrained), untrained  # the test can fail: the margin is learnt
     rows = [json.loads(s) for s in (out / "metrics.jsonl").read_text().splitlines()]
@@ -144,7 +95,7 @@ def resumed(data, tmp_path_factory):
 
 def test_resume_is_exact(resumed):
     full, part = resumed / "full", resumed / "part"
-    wf, wp = _weights(full), _weights(part)
+    wf, wp = weights(full), weights(part)
     assert wf.keys() == wp.keys()
     for k in wf:
         assert torch.equal(wf[k], wp[k]), k
@@ -194,7 +145,7 @@ def test_divergence_watch_rolls_back(data, tmp_path, capsys):
     assert f"diverged at step {bad}" in err and f"step {good}" in err
     # the top-level weights are the last good checkpoint's, and they load and purify
     ck = out / "checkpoints" / f"step_{good:08d}"
-    wt, wc = _weights(out), _weights(ck)
+    wt, wc = weights(out), weights(ck)
     assert all(torch.equal(wt[k], wc[k]) for k in wt)
     ebm = pg.load_ebm(out)
     p = pg.Purifier(method="ebm", ebm=ebm, ebm_steps=2, device="cpu", backend="reference")
@@ -249,7 +200,7 @@ def test_fast_sampler_trains_like_the_reference(data, tmp_path):
     assert _train(data, tmp_path / "fast", *common, "--backend", "auto") == 0
     recipe = json.loads((tmp_path / "fast" / "recipe.json").read_text())
     assert "backend=fast" in recipe["describe"]["sampler"]
-    wr, wf = _weights(tmp_path / "ref"), _weights(tmp_path / "fast")
+    wr, wf = weights(tmp_path / "ref"), weights(tmp_path / "fast")
     assert all(torch.allclose(wr[k], wf[k], atol=1e-5, rtol=1e-4) for k in wr)
     br = torch.load(tmp_path / "ref/checkpoints/step_00000003/state.pt", weights_only=True)
     bf = torch.load(tmp_path / "fast/checkpoints/step_00000003/state.pt", weights_only=True)

@@ -10,9 +10,9 @@ import math
 import numpy as np
 import pytest
 import torch
+from train_helpers import run_train, write_npz
 
 import puregen_fast as pg
-from puregen_fast.cli.main import main
 from puregen_fast.sampling.backends import LangevinSampler
 
 pytestmark = [
@@ -51,11 +51,8 @@ def test_graph_replay_sees_in_place_parameter_updates():
 
 
 def _npz(tmp_path, n=256, size=32):
-    r = np.random.default_rng(0)
-    x = r.integers(0, 256, (n, size, size, 3), dtype=np.uint8)
-    path = tmp_path / "data.npz"
-    np.savez(path, x=x, y=np.zeros(n, np.int64))
-    return path
+    x = np.random.default_rng(0).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+    return write_npz(tmp_path / "data.npz", x)
 
 
 def _metrics(out):
@@ -64,12 +61,11 @@ def _metrics(out):
 
 def test_train_ebm_on_cuda_with_the_fast_sampler(tmp_path):
     out = tmp_path / "ebm"
-    rc = main([
-        "train", "ebm", "--dataset", "npz", "--data-dir", str(_npz(tmp_path)), "--out", str(out),
-        "--nf", "32", "--bank-size", "128", "--batch-size", "16", "--mcmc-steps", "10",
-        "--steps", "12", "--device", "cuda", "--backend", "fast", "--no-progress",
-        "--log-every", "4",
-    ])  # fmt: skip
+    rc = run_train(
+        "ebm", _npz(tmp_path), out, "--nf", "32", "--bank-size", "128", "--batch-size", "16",
+        "--mcmc-steps", "10", "--steps", "12", "--device", "cuda", "--backend", "fast",
+        "--no-progress", "--log-every", "4",
+    )  # fmt: skip
     assert rc == 0
     recipe = json.loads((out / "recipe.json").read_text())
     assert "backend=fast" in recipe["describe"]["sampler"]
@@ -82,11 +78,10 @@ def test_train_ebm_on_cuda_with_the_fast_sampler(tmp_path):
 
 def test_train_ddpm_on_cuda(tmp_path):
     out = tmp_path / "ddpm"
-    rc = main([
-        "train", "ddpm", "--dataset", "npz", "--data-dir", str(_npz(tmp_path)), "--out", str(out),
-        "--unet", "tiny", "--batch-size", "32", "--steps", "12", "--device", "cuda",
-        "--no-progress", "--log-every", "4",
-    ])  # fmt: skip
+    rc = run_train(
+        "ddpm", _npz(tmp_path), out, "--unet", "tiny", "--batch-size", "32", "--steps", "12",
+        "--device", "cuda", "--no-progress", "--log-every", "4",
+    )  # fmt: skip
     assert rc == 0
     rows = _metrics(out)
     assert rows[-1]["step"] == 12

@@ -11,32 +11,16 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
+from train_helpers import shapes, train_argv, weights, write_npz
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _images(n: int, size: int = 16, seed: int = 0) -> np.ndarray:
-    r = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
-    out = np.empty((n, size, size, 3), np.float32)
-    for i in range(n):
-        img = np.broadcast_to(r.uniform(0.2, 0.5, 3), (size, size, 3)).copy()
-        cy, cx = r.uniform(4, size - 4, 2)
-        img[((yy - cy) ** 2 + (xx - cx) ** 2) <= r.uniform(2.5, 5) ** 2] = r.uniform(0.6, 1, 3)
-        out[i] = img
-    return (out * 255).round().astype(np.uint8)
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    p = tmp_path_factory.mktemp("rundata") / "shapes.npz"
-    x = _images(160)
-    np.savez(p, x=x, y=np.zeros(len(x), np.int64))
-    return p
+    return write_npz(tmp_path_factory.mktemp("rundata") / "shapes.npz", shapes(160))
 
 
 def _env() -> dict[str, str]:
@@ -49,10 +33,8 @@ def _cmd(recipe: str, data: Path, out: Path, *extra: str, ranks: int = 1) -> lis
     launcher = [sys.executable]
     if ranks > 1:
         launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"]
-    return [
-        *launcher, "-m", "puregen_fast.cli", "train", recipe, "--dataset", "npz",
-        "--data-dir", str(data), "--out", str(out), "--device", "cpu", "--no-progress", *extra,
-    ]  # fmt: skip
+    argv = train_argv(recipe, data, out, "--device", "cpu", "--no-progress", *extra)
+    return [*launcher, "-m", "puregen_fast.cli", *argv]
 
 
 def _run(cmd: list[str]) -> None:
@@ -88,15 +70,12 @@ def test_sigint_then_resume_is_exact(data, tmp_path):
         pytest.skip("the run finished before the interrupt arrived")
     assert "interrupt" in err
     _run(_cmd("ebm", data, part, *EBM, "--steps", str(n), "--resume"))
-    a, b = (
-        load_file(str(tmp_path / "full" / "model.safetensors")),
-        load_file(str(part / "model.safetensors")),
-    )
+    a, b = weights(tmp_path / "full"), weights(part)
     assert all(torch.equal(a[key], b[key]) for key in a), f"interrupted at step {k}"
 
 
 def _max_diff(a: Path, b: Path, name: str) -> float:
-    wa, wb = load_file(str(a / name)), load_file(str(b / name))
+    wa, wb = weights(a, name), weights(b, name)
     return max(float((wa[k] - wb[k]).abs().max()) for k in wa)
 
 

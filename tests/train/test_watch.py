@@ -1,8 +1,10 @@
-"""The divergence watch, the Pillow plots and the flag generation of `puregen-fast train`."""
+"""The divergence watch, the Pillow plots, the checkpoint directory and the flag generation of
+`puregen-fast train`."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 
 import pytest
@@ -11,6 +13,7 @@ from PIL import Image
 
 from puregen_fast.train.config import DDPMConfig, EBMConfig, add_config_arguments, recipe_of
 from puregen_fast.train.plots import save_curves, save_grid
+from puregen_fast.train.state import RunDir
 from puregen_fast.train.watch import DivergenceWatch, WatchConfig
 
 
@@ -59,6 +62,27 @@ def test_plots_write_pngs(tmp_path):
         title="t",
     )
     assert Image.open(tmp_path / "c.png").size[0] == 640
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.png", "g.png"]  # no temporaries
+
+
+def test_a_checkpoint_counts_once_its_state_is_written(tmp_path):
+    run = RunDir(tmp_path / "run", "ebm")
+    cut = run.ckpt_root / "step_00000002"
+    cut.mkdir(parents=True)
+    (cut / "model.safetensors").write_bytes(b"half")  # a write cut by a kill
+    assert run.checkpoints() == []
+
+    def write_weights(d):
+        (d / "w.bin").write_bytes(b"w")
+
+    for step in (1, 2):
+        run.save_checkpoint(step, {"x": torch.ones(1)}, write_weights, keep=5)
+    assert [k for k, _ in run.checkpoints()] == [1, 2]
+    assert sorted(p.name for p in cut.iterdir()) == ["state.pt", "w.bin"]
+    assert (run.path / "w.bin").read_bytes() == b"w"
+    latest = json.loads((run.ckpt_root / "latest.json").read_text())
+    assert latest == {"step": 2, "dir": "step_00000002"}
+    assert not list(run.path.rglob(".*"))  # no temporary file left behind
 
 
 @pytest.mark.parametrize("cls", [EBMConfig, DDPMConfig])
