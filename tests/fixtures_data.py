@@ -17,18 +17,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-CIFAR_CLASSES = [
-    "airplane",
-    "automobile",
-    "bird",
-    "cat",
-    "deer",
-    "dog",
-    "frog",
-    "horse",
-    "ship",
-    "truck",
-]
+from puregen_fast.data.datasets import CIFAR10_CLASSES
+
+CIFAR_CLASSES = list(CIFAR10_CLASSES)  # test_datasets pins the published order
 
 
 def _rng(seed: int) -> np.random.Generator:
@@ -99,14 +90,27 @@ def write_cifar10(root: Path, n_per_batch: int = 4, n_test: int = 5, seed: int =
     return expected
 
 
+def _archive(tmp: Path, name: str, write, top: list[str], **kw) -> tuple[Path, dict]:
+    """``tmp/name`` (a zip if the name says so, else a tar.gz) holding the folders ``top`` that
+    ``write(src, **kw)`` made, at the archive's top level; and what ``write`` returned."""
+    src = tmp / f"{name}-src"
+    expected = write(src, **kw)
+    path = tmp / name
+    if name.endswith(".zip"):
+        with zipfile.ZipFile(path, "w") as zf:
+            for t in top:
+                for p in sorted((src / t).rglob("*")):
+                    zf.write(p, p.relative_to(src).as_posix())
+    else:
+        with tarfile.open(path, "w:gz") as tf:
+            for t in top:
+                tf.add(src / t, arcname=t)
+    return path, expected
+
+
 def make_cifar10_tarball(tmp: Path, **kw) -> tuple[Path, dict]:
     """``cifar-10-python.tar.gz`` (top-level ``cifar-10-batches-py/``) and its expected data."""
-    src = tmp / "cifar-src"
-    expected = write_cifar10(src, **kw)
-    tar = tmp / "cifar-10-python.tar.gz"
-    with tarfile.open(tar, "w:gz") as tf:
-        tf.add(src / "cifar-10-batches-py", arcname="cifar-10-batches-py")
-    return tar, expected
+    return _archive(tmp, "cifar-10-python.tar.gz", write_cifar10, ["cifar-10-batches-py"], **kw)
 
 
 # ----------------------------------------------------------------------------- CINIC-10
@@ -145,13 +149,7 @@ def write_cinic10(root: Path, n_cifar: int = 1, n_imagenet: int = 2, seed: int =
 
 def make_cinic10_tarball(tmp: Path, **kw) -> tuple[Path, dict]:
     """``CINIC-10.tar.gz`` with ``train/ valid/ test/`` at its top level, as published."""
-    src = tmp / "cinic-src"
-    expected = write_cinic10(src, **kw)
-    tar = tmp / "CINIC-10.tar.gz"
-    with tarfile.open(tar, "w:gz") as tf:
-        for split in ("train", "valid", "test"):
-            tf.add(src / split, arcname=split)
-    return tar, expected
+    return _archive(tmp, "CINIC-10.tar.gz", write_cinic10, ["train", "valid", "test"], **kw)
 
 
 # ----------------------------------------------------------------------------- Tiny-ImageNet
@@ -198,13 +196,8 @@ def write_tinyimagenet(
 
 
 def make_tinyimagenet_zip(tmp: Path, **kw) -> tuple[Path, dict]:
-    src = tmp / "tiny-src"
-    expected = write_tinyimagenet(src, **kw)
-    z = tmp / "tiny-imagenet-200.zip"
-    with zipfile.ZipFile(z, "w") as zf:
-        for p in sorted((src / "tiny-imagenet-200").rglob("*")):
-            zf.write(p, p.relative_to(src).as_posix())
-    return z, expected
+    """``tiny-imagenet-200.zip`` (top-level ``tiny-imagenet-200/``) and its expected data."""
+    return _archive(tmp, "tiny-imagenet-200.zip", write_tinyimagenet, ["tiny-imagenet-200"], **kw)
 
 
 # ----------------------------------------------------------------------------- ImageFolder, npz

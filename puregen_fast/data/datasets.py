@@ -44,6 +44,7 @@ from pathlib import Path
 import numpy as np
 
 from puregen_fast.data.download import COMPLETE_MARKER, cache_root, ensure_extracted
+from puregen_fast.data.io import fsync_dir
 from puregen_fast.errors import UsageError
 
 __all__ = [
@@ -267,6 +268,7 @@ def _cached_decode(
         (tmp / COMPLETE_MARKER).write_text("")
         try:
             os.replace(tmp, entry)
+            fsync_dir(base)
         except OSError:  # another process finished the same entry first
             shutil.rmtree(tmp, ignore_errors=True)
     except BaseException:

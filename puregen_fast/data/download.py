@@ -36,6 +36,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from puregen_fast.data.io import atomic_path, file_digest, fsync_dir
 from puregen_fast.errors import UsageError
 
 __all__ = [
@@ -45,7 +46,6 @@ __all__ = [
     "cache_root",
     "resolve_data_dir",
     "archive_url",
-    "file_digest",
     "fetch",
     "verify_file",
     "safe_extract",
@@ -124,14 +124,6 @@ def archive_url(name: str) -> str:
     return env or ARCHIVES[name].url
 
 
-def file_digest(path: str | os.PathLike[str], algo: str = "sha256") -> str:
-    h = hashlib.new(algo)
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _instructions(arc: Archive, dest_dir: Path) -> str:
     check = f" ({arc.algo} {arc.digest})" if arc.digest else ""
     return (
@@ -168,47 +160,42 @@ def fetch(
     from tqdm.auto import tqdm
 
     dest.parent.mkdir(parents=True, exist_ok=True)
+    # unique per call (not only per process): threads of one process may fetch the same file
     part = dest.with_name(f"{dest.name}.part-{os.getpid()}-{secrets.token_hex(4)}")
     h = hashlib.new(algo) if algo else None
     received = 0
     try:
-        req = urllib.request.Request(url, headers={"User-Agent": "puregen-fast"})
-        with urllib.request.urlopen(req, timeout=timeout) as resp, open(part, "wb") as f:
-            length = resp.headers.get("Content-Length")
-            expected_len = int(length) if length and length.isdigit() else None
-            with tqdm(
-                total=expected_len or size_hint,
-                unit="B",
-                unit_scale=True,
-                unit_divisor=1024,
-                desc=dest.name,
-                disable=quiet,
-                leave=False,
-            ) as bar:
-                while chunk := resp.read(_CHUNK):
-                    f.write(chunk)
-                    if h is not None:
-                        h.update(chunk)
-                    received += len(chunk)
-                    bar.update(len(chunk))
-            f.flush()
-            os.fsync(f.fileno())
-        if expected_len is not None and received != expected_len:
-            raise UsageError(
-                f"download of {url} stopped after {received} of {expected_len} bytes; run again"
-            )
-        if h is not None and h.hexdigest() != digest:
-            raise UsageError(
-                f"download of {url}: {algo} is {h.hexdigest()}, expected {digest} "
-                f"(corrupted or truncated). Nothing was extracted; run again"
-            )
-        os.replace(part, dest)
+        with atomic_path(dest, part):  # a failed or refused download removes the part file
+            req = urllib.request.Request(url, headers={"User-Agent": "puregen-fast"})
+            with urllib.request.urlopen(req, timeout=timeout) as resp, open(part, "wb") as f:
+                length = resp.headers.get("Content-Length")
+                expected_len = int(length) if length and length.isdigit() else None
+                with tqdm(
+                    total=expected_len or size_hint,
+                    unit="B",
+                    unit_scale=True,
+                    unit_divisor=1024,
+                    desc=dest.name,
+                    disable=quiet,
+                    leave=False,
+                ) as bar:
+                    while chunk := resp.read(_CHUNK):
+                        f.write(chunk)
+                        if h is not None:
+                            h.update(chunk)
+                        received += len(chunk)
+                        bar.update(len(chunk))
+            if expected_len is not None and received != expected_len:
+                raise UsageError(
+                    f"download of {url} stopped after {received} of {expected_len} bytes; run again"
+                )
+            if h is not None and h.hexdigest() != digest:
+                raise UsageError(
+                    f"download of {url}: {algo} is {h.hexdigest()}, expected {digest} "
+                    f"(corrupted or truncated). Nothing was extracted; run again"
+                )
     except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as e:
-        part.unlink(missing_ok=True)
         raise UsageError(f"cannot download {url}: {e}") from e
-    except BaseException:
-        part.unlink(missing_ok=True)
-        raise
     return dest
 
 
@@ -294,6 +281,7 @@ def safe_extract(archive: Path, target: Path) -> Path:
         (tmp / COMPLETE_MARKER).write_text(f"{archive.name}\n")
         try:
             os.replace(tmp, target)
+            fsync_dir(target.parent)
         except OSError as e:
             # another process renamed its copy into place first: use that one
             if e.errno in (errno.ENOTEMPTY, errno.EEXIST) and (target / COMPLETE_MARKER).is_file():

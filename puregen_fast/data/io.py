@@ -5,18 +5,32 @@ leading dot hides it, the pid keeps two processes apart, the suffix keeps the ex
 writers such as PIL and ``np.savez`` go by), flushed to disk, renamed over the final name, and
 the folder is flushed too, so after a crash a reader finds either the old file or the whole new
 one, never a torn one. A failed write removes its temporary file.
+
+`read_json` and `file_digest` (the sha256 of shards and weights, an archive's published
+checksum) read back what is written.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_path", "atomic_write", "atomic_write_json", "fsync_dir", "read_json", "tmp_name"]
+__all__ = [
+    "atomic_path",
+    "atomic_write",
+    "atomic_write_json",
+    "file_digest",
+    "fsync_dir",
+    "read_json",
+    "tmp_name",
+]
+
+_CHUNK = 1 << 20
 
 
 def tmp_name(path: str | os.PathLike[str]) -> Path:
@@ -48,25 +62,34 @@ def _fsync_file(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+def atomic_path(
+    path: str | os.PathLike[str],
+    tmp: str | os.PathLike[str] | None = None,
+    *,
+    sync_dir: bool = True,
+) -> Iterator[Path]:
     """``with atomic_path(p) as tmp: write(tmp)``: the file appears under ``p`` whole, or not at
-    all (see the module doc)."""
+    all (see the module doc). ``tmp`` replaces `tmp_name` where the temporary name must differ,
+    e.g. be unique per call when threads of one process may write the same file. ``sync_dir``
+    False leaves flushing the folder to the caller, once after many files (`fsync_dir`)."""
     final = Path(path)
-    tmp = tmp_name(final)
+    tmp_path = Path(tmp) if tmp is not None else tmp_name(final)
     try:
-        yield tmp
-        _fsync_file(tmp)
-        os.replace(tmp, final)
+        yield tmp_path
+        _fsync_file(tmp_path)
+        os.replace(tmp_path, final)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        tmp_path.unlink(missing_ok=True)
         raise
-    fsync_dir(final.parent)
+    if sync_dir:
+        fsync_dir(final.parent)
 
 
-def atomic_write(path: str | os.PathLike[str], data: bytes | str) -> None:
-    """Write ``data`` (text is UTF-8 encoded) to ``path`` atomically."""
+def atomic_write(path: str | os.PathLike[str], data: bytes | str, *, sync_dir: bool = True) -> None:
+    """Write ``data`` (text is UTF-8 encoded) to ``path`` atomically (``sync_dir``: as in
+    `atomic_path`)."""
     raw = data.encode() if isinstance(data, str) else data
-    with atomic_path(path) as tmp:
+    with atomic_path(path, sync_dir=sync_dir) as tmp:
         tmp.write_bytes(raw)
 
 
@@ -82,3 +105,12 @@ def read_json(path: str | os.PathLike[str]) -> dict | None:
     except (OSError, ValueError):
         return None
     return obj if isinstance(obj, dict) else None
+
+
+def file_digest(path: str | os.PathLike[str], algo: str = "sha256") -> str:
+    """The hex digest (``algo``, a `hashlib` name) of a file, read in chunks."""
+    h = hashlib.new(algo)
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()

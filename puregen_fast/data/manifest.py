@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
-from collections.abc import Iterator, Mapping
-from dataclasses import asdict, dataclass, field, fields
+import types
+import typing
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -52,19 +54,23 @@ class Manifest(Mapping):
     format: str = FORMAT_ID
     format_version: int = FORMAT_VERSION
 
-    # -- the mapping view ---------------------------------------------------------------------
+    # -- the mapping view: the keys of `to_json`, without copying the values -----------------
+    def _keys(self) -> list[str]:
+        return [f.name for f in fields(self) if _written(f.name, getattr(self, f.name))]
+
     def to_json(self) -> dict[str, Any]:
-        d = asdict(self)
-        return {k: v for k, v in d.items() if v is not None or k == "filter"}
+        return {k: v for k, v in asdict(self).items() if _written(k, v)}
 
     def __getitem__(self, key: str) -> Any:
-        return self.to_json()[key]
+        if key not in self._keys():
+            raise KeyError(key)
+        return getattr(self, key)
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self.to_json())
+        return iter(self._keys())
 
     def __len__(self) -> int:
-        return len(self.to_json())
+        return len(self._keys())
 
     # -- what readers use ---------------------------------------------------------------------
     @property
@@ -104,38 +110,73 @@ class Manifest(Mapping):
 
     @classmethod
     def from_json(cls, raw: dict[str, Any], where: Path | str = MANIFEST) -> Manifest:
+        """The manifest of its JSON form; UsageError naming ``where`` and the field when a field
+        is missing, of another type than the class declares, or inconsistent."""
+
         def bad(what: str) -> UsageError:
             return UsageError(f"{where}: {what}; rerun purify with the same flags and --resume")
 
-        names = {f.name for f in fields(cls)}
-        for key, typ in (("config", dict), ("purifier", dict), ("dataset", dict),
-                         ("shards", list)):  # fmt: skip
-            if not isinstance(raw.get(key), typ):
-                raise bad(f"field {key!r} is missing or not a {typ.__name__}")
-        count = raw.get("count")
-        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
-            raise bad("field 'count' is not a non-negative integer")
-        if raw["config"].get("format") not in ("npy", "png"):
-            raise bad(f"unknown output format {raw['config'].get('format')!r}")
+        hints = typing.get_type_hints(cls)
+        for f in fields(cls):
+            if f.name not in raw:
+                if f.default is MISSING and f.default_factory is MISSING:
+                    raise bad(f"field {f.name!r} is missing")
+                continue
+            allowed = _classes(hints[f.name])
+            v = raw[f.name]
+            if not isinstance(v, allowed) or (isinstance(v, bool) and bool not in allowed):
+                want = " or ".join(_JSON_KIND.get(t, t.__name__) for t in allowed)
+                got = _JSON_KIND.get(type(v), type(v).__name__)
+                raise bad(f"field {f.name!r} is {got}, expected {want}")
+        count = raw["count"]
+        if count < 0:
+            raise bad("field 'count' is negative")
+        if raw.get("world_size", 1) < 1:
+            raise bad("field 'world_size' is below 1")
+        fmt = raw["config"].get("format")
+        if fmt not in ("npy", "png"):
+            raise bad(f"unknown output format {fmt!r}")
         ds = raw["dataset"]
         shape = ds.get("image_shape")
-        if not (
-            isinstance(shape, list)
-            and len(shape) == 3
-            and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in shape)
-        ):
+        if not (isinstance(shape, list) and len(shape) == 3 and all(_positive(v) for v in shape)):
             raise bad("dataset.image_shape is not three positive integers")
         cn = ds.get("class_names")
         if not isinstance(cn, list) or not all(isinstance(c, str) for c in cn):
             raise bad("dataset.class_names is not a list of names")
+        stop = 0  # shards cover [0, count) in order, as the writer lays them out
         for i, s in enumerate(raw["shards"]):
-            _check_shard(s, i, raw["config"]["format"], bad)
-        if sum(s["stop"] - s["start"] for s in raw["shards"]) != count:
+            _check_shard(s, i, fmt, bad)
+            if s["start"] != stop:
+                raise bad(f"shards[{i}] starts at {s['start']}, expected {stop}")
+            stop = s["stop"]
+        if stop != count:
             raise bad(f"shard ranges do not add up to {count} images")
+        names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in raw.items() if k in names})
 
 
-def _check_shard(s: Any, i: int, fmt: str, bad: Any) -> None:
+_JSON_KIND = {dict: "an object", list: "an array", str: "a string", int: "an integer",
+              float: "a number", bool: "true/false", type(None): "null"}  # fmt: skip
+
+
+def _written(key: str, value: Any) -> bool:
+    """Whether ``key`` is in the JSON form: unset optional fields are left out, except the filt
+    record, whose null says that no filter ran."""
+    return value is not None or key == "filter"
+
+
+def _classes(annotation: Any) -> tuple[type, ...]:
+    """The runtime classes an annotation allows: ``dict[str, Any] | None`` -> (dict, NoneType)."""
+    union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
+    parts = typing.get_args(annotation) if union else (annotation,)
+    return tuple(typing.get_origin(a) or a for a in parts)
+
+
+def _positive(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
+def _check_shard(s: Any, i: int, fmt: str, bad: Callable[[str], UsageError]) -> None:
     if not isinstance(s, dict):
         raise bad(f"shards[{i}] is not an object")
     ints = ("index", "start", "stop")
@@ -148,6 +189,6 @@ def _check_shard(s: Any, i: int, fmt: str, bad: Any) -> None:
         if not isinstance(s.get(k), str):
             raise bad(f"shards[{i}].{k} is missing")
     for k in ("images", "labels") if fmt == "npy" else ():
-        name = s[k]
-        if Path(name).name != name or name in ("", ".", ".."):
+        name = s[k]  # joined to the output folder: a bare file name, nothing that leads out
+        if Path(name).name != name or name in ("", ".", "..") or "\0" in name:
             raise bad(f"shards[{i}].{k} {name!r} is not a file name inside the folder")

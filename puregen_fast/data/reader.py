@@ -19,7 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-from puregen_fast.data.writer import FORMAT_ID, MANIFEST, _sha256_file, png_class_dirs, read_json
+from puregen_fast.data.io import file_digest
+from puregen_fast.data.manifest import MANIFEST, Manifest
+from puregen_fast.data.writer import png_class_dirs, png_digest_line
 from puregen_fast.errors import UsageError
 
 __all__ = ["Purified", "ShardedArray", "load_purified"]
@@ -100,14 +102,17 @@ class Purified:
 
     images: np.ndarray | ShardedArray
     labels: np.ndarray
-    manifest: dict
+    manifest: Manifest
 
     @property
     def class_names(self) -> list[str]:
-        return list(self.manifest["dataset"]["class_names"])
+        return self.manifest.class_names
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
+
+
+_HINT = "rerun purify with the same flags and --resume to rewrite it"
 
 
 def load_purified(out_dir: str | os.PathLike[str], *, verify: bool = True) -> Purified:
@@ -115,84 +120,79 @@ def load_purified(out_dir: str | os.PathLike[str], *, verify: bool = True) -> Pu
     sha256 is checked against the manifest (and shapes always are); a mismatch raises
     UsageError naming the file."""
     out = Path(out_dir)
-    man = read_json(out / MANIFEST)
-    if man is None:
-        raise UsageError(
-            f"{out / MANIFEST}: missing or unreadable; the output is not finished "
-            f"(rerun purify with --resume)"
-        )
-    if man.get("format") != FORMAT_ID or "shards" not in man:
-        raise UsageError(f"{out / MANIFEST}: not a puregen-fast purify manifest")
-    n = int(man["count"])
-    shape = tuple(man["dataset"]["image_shape"])
-    shards = man["shards"]
-    fmt = man["config"]["format"]
-    hint = "rerun purify with the same flags and --resume to rewrite it"
-    if sum(s["stop"] - s["start"] for s in shards) != n:
-        raise UsageError(f"{out / MANIFEST}: shard ranges do not add up to {n} images")
-    if fmt == "npy":
-        parts, labels = [], []
-        for s in shards:
-            m = s["stop"] - s["start"]
-            for key in ("images", "labels"):
-                p = out / s[key]
-                if not p.is_file():
-                    raise UsageError(f"{p}: missing; {hint}")
-                if verify and _sha256_file(p) != s[f"{key}_sha256"]:
-                    raise UsageError(f"{p}: sha256 does not match the manifest; {hint}")
-            try:
-                im = np.load(out / s["images"], mmap_mode="r")
-                lb = np.load(out / s["labels"])
-            except (OSError, ValueError) as e:
-                raise UsageError(f"{out / s['images']}: unreadable ({e}); {hint}") from e
-            if im.dtype != np.uint8 or im.shape != (m, *shape):
-                raise UsageError(f"{out / s['images']}: shape {im.shape}, expected {(m, *shape)}")
-            if lb.dtype != np.int64 or lb.shape != (m,):
-                raise UsageError(f"{out / s['labels']}: shape {lb.shape}, expected ({m},)")
-            parts.append(im)
-            labels.append(lb)
-        images: np.ndarray | ShardedArray
-        if len(parts) == 0:
-            images = np.zeros((0, *shape), np.uint8)
-        elif len(parts) == 1:
-            images = parts[0]
-        else:
-            images = ShardedArray(parts)
-        lab = np.concatenate(labels) if labels else np.zeros(0, np.int64)
-        return Purified(images, lab, man)
-    if fmt == "png":
-        from PIL import Image
+    man = Manifest.read(out / MANIFEST)  # checks the structure the readers below rely on
+    read = _read_npy if man.out_format == "npy" else _read_png
+    images, labels = read(out, man, verify)
+    return Purified(images, labels, man)
 
-        dirs = png_class_dirs(man["dataset"]["class_names"])
-        width = len(str(max(n - 1, 0)))
-        found: dict[int, tuple[int, Path]] = {}
-        for label, d in enumerate(dirs):
-            if not (out / d).is_dir():
-                continue
-            for f in (out / d).iterdir():
-                if f.is_file() and re.fullmatch(r"\d+\.png", f.name):
-                    found[int(f.stem)] = (label, f)
-        if sorted(found) != list(range(n)):
-            raise UsageError(f"{out}: expected PNG files 0..{n - 1} in the class folders; {hint}")
-        images = np.empty((n, *shape), np.uint8)
-        lab = np.empty(n, np.int64)
-        for s in shards:
-            h = hashlib.sha256()
-            for i in range(s["start"], s["stop"]):
-                label, f = found[i]
-                data = f.read_bytes()
-                name = f"{dirs[label]}/{i:0{width}d}.png"
-                h.update(f"{name}\0{hashlib.sha256(data).hexdigest()}\n".encode())
-                try:
-                    with Image.open(io.BytesIO(data)) as im:
-                        images[i] = np.asarray(im.convert("RGB"))
-                except (OSError, ValueError, SyntaxError) as e:
-                    raise UsageError(f"{f}: unreadable or wrong size ({e}); {hint}") from e
-                lab[i] = label
-            if verify and h.hexdigest() != s["sha256"]:
-                raise UsageError(
-                    f"{out}: PNG files of shard {s['index']} (images {s['start']}.."
-                    f"{s['stop'] - 1}) do not match the manifest; {hint}"
-                )
-        return Purified(images, lab, man)
-    raise UsageError(f"{out / MANIFEST}: unknown format {fmt!r}")
+
+def _read_npy(
+    out: Path, man: Manifest, verify: bool
+) -> tuple[np.ndarray | ShardedArray, np.ndarray]:
+    shape = man.image_shape
+    parts, labels = [], []
+    for s in man.shards:
+        m = s["stop"] - s["start"]
+        for key in ("images", "labels"):
+            p = out / s[key]
+            if not p.is_file():
+                raise UsageError(f"{p}: missing; {_HINT}")
+            if verify and file_digest(p) != s[f"{key}_sha256"]:
+                raise UsageError(f"{p}: sha256 does not match the manifest; {_HINT}")
+        try:
+            im = np.load(out / s["images"], mmap_mode="r")
+            lb = np.load(out / s["labels"])
+        except (OSError, ValueError) as e:
+            raise UsageError(f"{out / s['images']}: unreadable ({e}); {_HINT}") from e
+        if im.dtype != np.uint8 or im.shape != (m, *shape):
+            raise UsageError(f"{out / s['images']}: shape {im.shape}, expected {(m, *shape)}")
+        if lb.dtype != np.int64 or lb.shape != (m,):
+            raise UsageError(f"{out / s['labels']}: shape {lb.shape}, expected ({m},)")
+        parts.append(im)
+        labels.append(lb)
+    images: np.ndarray | ShardedArray
+    if len(parts) == 0:
+        images = np.zeros((0, *shape), np.uint8)
+    elif len(parts) == 1:
+        images = parts[0]
+    else:
+        images = ShardedArray(parts)
+    return images, np.concatenate(labels) if labels else np.zeros(0, np.int64)
+
+
+def _read_png(out: Path, man: Manifest, verify: bool) -> tuple[np.ndarray, np.ndarray]:
+    from PIL import Image
+
+    n = man.count
+    dirs = png_class_dirs(man.class_names)
+    width = len(str(max(n - 1, 0)))
+    found: dict[int, tuple[int, Path]] = {}
+    for label, d in enumerate(dirs):
+        if not (out / d).is_dir():
+            continue
+        for f in (out / d).iterdir():
+            if f.is_file() and re.fullmatch(r"\d+\.png", f.name):
+                found[int(f.stem)] = (label, f)
+    if sorted(found) != list(range(n)):
+        raise UsageError(f"{out}: expected PNG files 0..{n - 1} in the class folders; {_HINT}")
+    images = np.empty((n, *man.image_shape), np.uint8)
+    lab = np.empty(n, np.int64)
+    for s in man.shards:
+        h = hashlib.sha256()
+        for i in range(s["start"], s["stop"]):
+            label, f = found[i]
+            data = f.read_bytes()
+            name = f"{dirs[label]}/{i:0{width}d}.png"
+            h.update(png_digest_line(name, hashlib.sha256(data).hexdigest()))
+            try:
+                with Image.open(io.BytesIO(data)) as im:
+                    images[i] = np.asarray(im.convert("RGB"))
+            except (OSError, ValueError, SyntaxError) as e:
+                raise UsageError(f"{f}: unreadable or wrong size ({e}); {_HINT}") from e
+            lab[i] = label
+        if verify and h.hexdigest() != s["sha256"]:
+            raise UsageError(
+                f"{out}: PNG files of shard {s['index']} (images {s['start']}.."
+                f"{s['stop'] - 1}) do not match the manifest; {_HINT}"
+            )
+    return images, lab

@@ -17,9 +17,9 @@ With ``--format png`` the shards are ImageFolder trees instead: ``DIR/<class>/<i
 zero-padded, so ``ImageFolder`` assigns the same label numbers. Every class folder is created,
 also for classes a ``--limit`` leaves empty (pass ``allow_empty=True`` to ``ImageFolder`` then).
 
-Every file is written under a temporary name and renamed (``os.replace``) when whole, and a shard
-counts as finished only through its completion record, so a killed run never leaves a shard or a
-manifest that looks complete.
+Every file is written through `puregen_fast.data.io` (a temporary name, renamed when whole), and
+a shard counts as finished only through its completion record, so a killed run never leaves a
+shard or a manifest that looks complete.
 
 A folder is purify output only when it holds this tool's run record or manifest; a non-empty
 folder with neither is refused whatever the flags. ``--overwrite`` deletes only what this tool
@@ -33,15 +33,22 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
+from puregen_fast.data.io import (
+    atomic_path,
+    atomic_write,
+    atomic_write_json,
+    file_digest,
+    fsync_dir,
+    read_json,
+)
 from puregen_fast.data.manifest import FORMAT_ID, MANIFEST
 from puregen_fast.errors import UsageError
 
@@ -53,80 +60,44 @@ __all__ = [
     "shard_ranges",
     "rank_shards",
     "png_class_dirs",
-    "write_json_atomic",
-    "read_json",
+    "png_digest_line",
     "check_out_dir",
     "prepare_out_dir",
     "clear_out_dir",
 ]
 
 RUN_STATE = ".puregen-run.json"
-_OUR_FILE = re.compile(r"^(images|labels)-\d{5,}\.npy$|^\.(images|labels)-\d{5,}\.npy\.tmp-\d+$")
-_PNG_FILE = re.compile(r"^\d+\.png$|^\.\d+\.png\.tmp-\d+$")
-_CHUNK = 1 << 20
+
+
+def _ours_or_tmp(final: str, ext: str) -> re.Pattern[str]:
+    """Names matching the regex ``final``, and their temporary names: `io.tmp_name`'s
+    ``.<name>.tmp-<pid><ext>``, or ``.<name>.tmp-<pid>`` as earlier versions named them."""
+    return re.compile(rf"^(?:{final}|\.{final}\.tmp-\d+(?:{re.escape(ext)})?)$")
+
+
+_OUR_FILE = _ours_or_tmp(r"(?:images|labels)-\d{5,}\.npy", ".npy")
+_PNG_FILE = _ours_or_tmp(r"\d+\.png", ".png")
 
 
 # ----------------------------------------------------------------------------- small helpers
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _write_bytes_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    _write_bytes_atomic(Path(path), (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
-
-
-def read_json(path: Path) -> dict | None:
-    """The JSON object in ``path``; None when missing or unreadable."""
-    try:
-        obj = json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return None
-    return obj if isinstance(obj, dict) else None
-
-
 class _HashingFile:
     """A write-only file object that hashes what passes through it (one pass for npy shards)."""
 
-    def __init__(self, f) -> None:
+    def __init__(self, f: BinaryIO) -> None:
         self.f, self.h = f, hashlib.sha256()
 
-    def write(self, b) -> int:
+    def write(self, b: bytes) -> int:
         self.h.update(b)
         return self.f.write(b)
 
 
 def _npy_bytes_atomic(path: Path, arr: np.ndarray) -> str:
-    """np.save ``arr`` to ``path`` through a temporary name; returns the file's sha256."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            hf = _HashingFile(f)
-            np.lib.format.write_array(hf, np.ascontiguousarray(arr), allow_pickle=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    """np.save ``arr`` to ``path`` atomically; returns the file's sha256, hashed as written."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        hf = _HashingFile(f)
+        np.lib.format.write_array(hf, np.ascontiguousarray(arr), allow_pickle=False)
     return hf.h.hexdigest()
 
 
@@ -152,6 +123,12 @@ def png_class_dirs(class_names: Sequence[str]) -> list[str]:
         return safe
     w = len(str(max(len(safe) - 1, 0)))
     return [f"{i:0{w}d}-{s}" for i, s in enumerate(safe)]
+
+
+def png_digest_line(name: str, sha256: str) -> bytes:
+    """One PNG's line in its shard's ``sha256``: the hash of these lines in index order (so the
+    record covers every file's name and bytes)."""
+    return f"{name}\0{sha256}\n".encode()
 
 
 # ----------------------------------------------------------------------------- the writer
@@ -215,17 +192,22 @@ class ShardWriter:
             from PIL import Image
 
             h = hashlib.sha256()
+            dirs = set()
             for j in range(stop - start):
                 name = self.png_name(start + j, int(labels[j]))
                 buf = io.BytesIO()
                 Image.fromarray(np.ascontiguousarray(images[j])).save(buf, format="PNG")
                 data = buf.getvalue()
-                _write_bytes_atomic(self.out / name, data)
-                h.update(f"{name}\0{hashlib.sha256(data).hexdigest()}\n".encode())
+                # each class folder is flushed once per shard, before the record says it is done
+                atomic_write(self.out / name, data, sync_dir=False)
+                dirs.add((self.out / name).parent)
+                h.update(png_digest_line(name, hashlib.sha256(data).hexdigest()))
+            for d in sorted(dirs):
+                fsync_dir(d)
             rec["count"] = stop - start
             rec["sha256"] = h.hexdigest()
             rec["shape"] = list(images.shape)
-        write_json_atomic(self.record_path(k), rec)
+        atomic_write_json(self.record_path(k), rec)
         return rec
 
     # -- verify -------------------------------------------------------------------------------
@@ -246,9 +228,9 @@ class ShardWriter:
                 ipath, lpath = self.out / rec["images"], self.out / rec["labels"]
                 if (rec["images"], rec["labels"]) != self.npy_names(k):
                     return None
-                if _sha256_file(ipath) != rec["images_sha256"]:
+                if file_digest(ipath) != rec["images_sha256"]:
                     return None
-                if _sha256_file(lpath) != rec["labels_sha256"]:
+                if file_digest(lpath) != rec["labels_sha256"]:
                     return None
                 im = np.load(ipath, mmap_mode="r")
                 lb = np.load(lpath, mmap_mode="r")
@@ -264,7 +246,7 @@ class ShardWriter:
                 h = hashlib.sha256()
                 for j in range(stop - start):
                     name = self.png_name(start + j, int(labels[j]))
-                    h.update(f"{name}\0{_sha256_file(self.out / name)}\n".encode())
+                    h.update(png_digest_line(name, file_digest(self.out / name)))
                 if h.hexdigest() != rec["sha256"]:
                     return None
         except (OSError, ValueError, KeyError, TypeError):
@@ -411,7 +393,7 @@ def prepare_out_dir(out: Path, config: dict, *, resume: bool, overwrite: bool) -
                 if ".tmp-" in f.name:
                     f.unlink(missing_ok=True)
         (out / MANIFEST).unlink(missing_ok=True)
-        write_json_atomic(out / RUN_STATE, {"format": FORMAT_ID, "config": config})
+        atomic_write_json(out / RUN_STATE, {"format": FORMAT_ID, "config": config})
     except OSError as e:
         raise UsageError(
             f"--out {out}: cannot write ({e}); choose a writable folder with enough free space"

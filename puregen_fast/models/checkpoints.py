@@ -13,7 +13,6 @@ huggingface_hub's cache). Pickles are never unpickled: ``.pt``/``.bin`` only thr
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -21,6 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from puregen_fast.data.io import atomic_path, atomic_write, file_digest
 from puregen_fast.errors import CheckpointError
 from puregen_fast.models.ebm import EBMSNGAN32
 
@@ -31,7 +31,6 @@ __all__ = [
     "save_ebm",
     "load_ddpm",
     "save_ddpm",
-    "file_sha256",
 ]
 
 DEFAULT_EBM = "hf:SunayBhat1/puregen-ebm-cinic10-imagenet"
@@ -39,14 +38,6 @@ DEFAULT_DDPM = "hf:SunayBhat1/puregen-ddpm-cinic10-imagenet"
 
 _EBM_WEIGHTS = ("model.safetensors", "pytorch_model.bin", "model.pt")
 _DDPM_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
-
-
-def file_sha256(path: str | os.PathLike[str]) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _resolve(src: str | os.PathLike[str], what: str) -> Path:
@@ -159,7 +150,7 @@ def _load_strict(model: nn.Module, state: dict[str, torch.Tensor], where: Path) 
 def _finish(model: nn.Module, src: str, weights: Path, device: str | torch.device) -> nn.Module:
     model.eval().requires_grad_(False).to(device)
     model.puregen_source = src  # type: ignore[assignment]
-    model.puregen_sha256 = file_sha256(weights)  # type: ignore[assignment]
+    model.puregen_sha256 = file_digest(weights)  # type: ignore[assignment]
     return model
 
 
@@ -199,8 +190,9 @@ def save_ebm(ebm: EBMSNGAN32, out_dir: str | os.PathLike[str]) -> Path:
     state = {
         k: v.detach().to("cpu", torch.float32).contiguous() for k, v in ebm.state_dict().items()
     }
-    _atomic(d / "model.safetensors", lambda f: save_file(state, f))
-    _atomic(d / "config.json", lambda f: Path(f).write_text(json.dumps(ebm.config, indent=2)))
+    with atomic_path(d / "model.safetensors") as tmp:
+        save_file(state, str(tmp))
+    atomic_write(d / "config.json", json.dumps(ebm.config, indent=2))
     return d
 
 
@@ -235,13 +227,7 @@ def save_ddpm(unet: nn.Module, out_dir: str | os.PathLike[str]) -> Path:
     d.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu").contiguous() for k, v in unet.state_dict().items()}
     cfg = {"_class_name": "UNet2DModel", **dict(unet.config)}
-    _atomic(d / "diffusion_pytorch_model.safetensors", lambda f: save_file(state, f))
-    _atomic(d / "config.json", lambda f: Path(f).write_text(json.dumps(cfg, indent=2)))
+    with atomic_path(d / "diffusion_pytorch_model.safetensors") as tmp:
+        save_file(state, str(tmp))
+    atomic_write(d / "config.json", json.dumps(cfg, indent=2))
     return d
-
-
-def _atomic(path: Path, write) -> None:
-    """Write through a temporary name so a killed run never leaves a half file under ``path``."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    write(str(tmp))
-    os.replace(tmp, path)

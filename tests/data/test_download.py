@@ -24,6 +24,7 @@ from puregen_fast.cli.main import main
 from puregen_fast.data import download
 from puregen_fast.data.datasets import open_dataset
 from puregen_fast.data.download import COMPLETE_MARKER, safe_extract
+from puregen_fast.data.io import file_digest
 from puregen_fast.errors import UsageError
 
 
@@ -100,7 +101,7 @@ def _isolated(tmp_path, monkeypatch):
 def _point(monkeypatch, server, name: str, archive: Path, *, corrupt=False, truncate=False):
     """Serve ``archive`` for data set ``name`` and pin its md5 to the good file's."""
     data = archive.read_bytes()
-    md5 = download.file_digest(archive, "md5")
+    md5 = file_digest(archive, "md5")
     if corrupt:
         data = data[:100] + bytes([data[100] ^ 0xFF]) + data[101:]
     path = f"/{name}/{archive.name}"

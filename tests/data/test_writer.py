@@ -8,17 +8,18 @@ import numpy as np
 import pytest
 
 import puregen_fast as pg
+from puregen_fast.data.io import atomic_write_json, tmp_name
+from puregen_fast.data.manifest import Manifest
+from puregen_fast.data.reader import ShardedArray
 from puregen_fast.data.writer import (
     MANIFEST,
     RUN_STATE,
-    ShardedArray,
     ShardWriter,
     check_out_dir,
     png_class_dirs,
     prepare_out_dir,
     rank_shards,
     shard_ranges,
-    write_json_atomic,
 )
 from puregen_fast.errors import UsageError
 
@@ -34,16 +35,13 @@ def _data(n=10, seed=0):
 def _finish(out, w, x, y, fmt="npy", names=("a", "b", "c")):
     """Write every shard and a minimal manifest, as the pipeline does."""
     recs = [w.write_shard(k, x[s:e], y[s:e]) for k, (s, e) in enumerate(w.ranges)]
-    write_json_atomic(
-        out / MANIFEST,
-        {
-            "format": "puregen-fast/purified",
-            "config": {"format": fmt},
-            "dataset": {"class_names": list(names), "image_shape": list(x.shape[1:])},
-            "count": len(y),
-            "shards": recs,
-        },
-    )
+    Manifest(
+        config={"format": fmt},
+        purifier={"method": "none"},
+        dataset={"class_names": list(names), "image_shape": list(x.shape[1:])},
+        count=len(y),
+        shards=recs,
+    ).write(out / MANIFEST)
     return recs
 
 
@@ -156,7 +154,7 @@ def test_out_dir_states(tmp_path):
     assert not (out / "images-00000.npy").exists()
     assert (out / "user-notes.txt").read_text() == "mine"
     # a finished folder: the manifest is removed while a resume rewrites shards
-    write_json_atomic(out / MANIFEST, {"config": {**cfg, "seed": 1}})
+    atomic_write_json(out / MANIFEST, {"config": {**cfg, "seed": 1}})
     with pytest.raises(UsageError, match="manifest"):
         check_out_dir(out, resume=False, overwrite=False)
     assert prepare_out_dir(out, {**cfg, "seed": 1}, resume=True, overwrite=False) is True
@@ -201,3 +199,62 @@ def test_unknown_folder_is_not_a_run_and_overwrite_keeps_foreign_files(tmp_path)
     assert (out / "photos" / "1.png").read_bytes() == b"a photo"
     assert (out / "a" / "notes.txt").exists() and not (out / "a" / "0.png").exists()
     assert not (out / "b").exists() and not (out / ".puregen-shard-00000.json").exists()
+
+
+def test_killed_runs_temporary_files_are_cleaned(tmp_path):
+    """Temporary names as `io.tmp_name` makes them (and as earlier versions did) are ours: a
+    resume removes them and keeps finished shards, --overwrite removes them; look-alikes that are
+    not ours stay."""
+    x, y = _data(4)
+    names = ["a", "b", "c"]
+    for fmt in ("npy", "png"):
+        out = tmp_path / fmt
+        cfg = {"format": fmt, "class_names": names}
+        prepare_out_dir(out, cfg, resume=False, overwrite=False)
+        w = ShardWriter(out, fmt, 4, 2, names)
+        w.make_class_dirs()
+        w.write_shard(0, x[:2], y[:2])
+        finished = sorted(p for p in out.rglob("*") if p.is_file())
+        if fmt == "npy":
+            final = [out / "images-00001.npy", out / "labels-00001.npy"]
+        else:
+            final = [out / w.png_name(2, int(y[2])), out / w.png_name(3, int(y[3]))]
+        final += [out / MANIFEST, w.record_path(1), out / RUN_STATE]
+        leftovers = [tmp_name(f) for f in final]
+        leftovers += [f.with_name(f".{f.name}.tmp-77") for f in final]  # earlier versions
+        mine = [out / "notes.tmp-1.npy", out / ".images-00001.npy.tmp-1.txt", out / "a" / "x.png"]
+        (out / "a").mkdir(exist_ok=True)
+        for f in leftovers + mine:
+            f.write_bytes(b"partial")
+        assert prepare_out_dir(out, cfg, resume=True, overwrite=False) is True
+        left = sorted(p for p in out.rglob("*") if p.is_file() and p not in mine)
+        assert left == finished
+        for f in leftovers:
+            f.write_bytes(b"partial")
+        assert prepare_out_dir(out, cfg, resume=True, overwrite=True) is True
+        assert not any(f.exists() for f in leftovers)
+        assert all(f.exists() for f in mine)
+        prepare_out_dir(out, {**cfg, "seed": 1}, resume=False, overwrite=True)
+        assert not any(f.exists() for f in finished if f.name != RUN_STATE)
+        assert all(f.exists() for f in mine)
+    # a folder holding only a run record's temporary file is not someone else's folder
+    only = tmp_path / "only"
+    only.mkdir()
+    tmp_name(only / RUN_STATE).write_bytes(b"{")
+    assert prepare_out_dir(only, {"seed": 0}, resume=False, overwrite=False) is False
+    assert [p.name for p in only.iterdir()] == [RUN_STATE]
+
+
+def test_png_shard_flushes_its_class_folders_before_its_record(tmp_path, monkeypatch):
+    from puregen_fast.data import writer
+
+    events = []
+    monkeypatch.setattr(writer, "fsync_dir", lambda d: events.append(("folder", d.name)))
+    record = writer.atomic_write_json
+    monkeypatch.setattr(
+        writer, "atomic_write_json", lambda p, o: (events.append(("record", p.name)), record(p, o))
+    )
+    w = ShardWriter(tmp_path, "png", 4, 4, ["a", "b", "c"])
+    w.make_class_dirs()
+    w.write_shard(0, _data(4)[0], np.array([2, 0, 2, 0]))
+    assert events == [("folder", "a"), ("folder", "c"), ("record", ".puregen-shard-00000.json")]
