@@ -11,7 +11,7 @@ from __future__ import annotations
 from puregen_fast import noise, reference
 from puregen_fast.config import PurifyConfig
 from puregen_fast.data.reader import load_purified
-from puregen_fast.errors import CheckpointError, UsageError
+from puregen_fast.errors import CheckpointError, DivergenceError, UsageError
 from puregen_fast.models.checkpoints import load_ddpm, load_ebm, save_ddpm, save_ebm
 from puregen_fast.models.ebm import EBMSNGAN32
 from puregen_fast.models.schedule import DDPMSchedule
@@ -37,5 +37,6 @@ __all__ = [
     "reference",
     "UsageError",
     "CheckpointError",
+    "DivergenceError",
     "__version__",
 ]

@@ -45,6 +45,10 @@ FORMATS = ("npy", "png")
 DEFAULT_BATCH_SIZE = 256
 DEFAULT_SHARD_SIZE = 10_000
 MAX_SEED = (1 << 63) - 1
+# healthy chains stay near [-1, 1] (an untrained EBM pushes states to about 2.2); a diverged one
+# runs to 1e5 and beyond, or to NaN
+DEFAULT_DIVERGENCE_MARGIN = 4.0
+PAPER_LANGEVIN = {"ebm_eps": 1.25e-2, "ebm_temp": 1e-4}  # DESIGN 2.1
 
 Check = Callable[[Any], None]  # raises ValueError(reason) for a bad value
 
@@ -163,8 +167,12 @@ class EngineConfig:
         "ebm", "purification method", group="method", choices=METHODS, required=True
     )
     ebm_steps: int = _opt(150, "Langevin steps", group="method", check=int_in(1))
-    ebm_eps: float = _opt(1.25e-2, "Langevin step size", group="method", check=positive)
-    ebm_temp: float = _opt(1e-4, "Langevin temperature", group="method", check=positive)
+    ebm_eps: float = _opt(
+        PAPER_LANGEVIN["ebm_eps"], "Langevin step size", group="method", check=positive
+    )
+    ebm_temp: float = _opt(
+        PAPER_LANGEVIN["ebm_temp"], "Langevin temperature", group="method", check=positive
+    )
     ddpm_steps: int = _opt(
         75, "DDPM noising timestep, in [1, 999]", group="method", check=int_in(1, 999)
     )
@@ -179,6 +187,13 @@ class EngineConfig:
         75, "jpeg: quality in [1, 95]", group="method", check=int_in(1, 95)
     )
     seed: int = _opt(0, "keys the noise", group="method", check=int_in(0, MAX_SEED))
+    divergence_margin: float = _opt(
+        DEFAULT_DIVERGENCE_MARGIN,
+        "a purified state that is non-finite or leaves [-1 - m, 1 + m] is a divergence: the run "
+        "stops, naming the images, and nothing of their batch is written",
+        group="method",
+        check=positive,
+    )
     device: str = _opt(
         "auto", "auto, cpu, cuda (or cuda:N)", group="run", cli_choices=("auto", "cpu", "cuda")
     )

@@ -28,6 +28,7 @@ written.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -45,10 +46,11 @@ from tqdm.auto import tqdm
 from puregen_fast.config import DEFAULT_BATCH_SIZE, DEFAULT_SHARD_SIZE, FORMATS
 from puregen_fast.data.datasets import Dataset
 from puregen_fast.data.io import atomic_write_json, read_json
+from puregen_fast.data.lock import out_lock
 from puregen_fast.data.manifest import MANIFEST, Manifest
-from puregen_fast.data.writer import ShardWriter, prepare_out_dir, rank_shards
+from puregen_fast.data.writer import ShardWriter, mark_diverged, prepare_out_dir, rank_shards
 from puregen_fast.dist import Dist
-from puregen_fast.errors import UsageError
+from puregen_fast.errors import DivergenceError, UsageError
 from puregen_fast.runtime import describe_device
 from puregen_fast.version import __version__
 
@@ -389,46 +391,62 @@ def purify_dataset(
     own_dist = dist is None
     if dist is None:
         dist = Dist.from_env(getattr(purifier, "device", "cpu"))
-    t0 = time.perf_counter()
     try:
-        out = Path(out_dir)
-        run = _plan(dataset, purifier, out, dist, batch_size=batch_size, shard_size=shard_size,
-                    fmt=fmt, limit=limit, quiet=quiet)  # fmt: skip
-        reuse, records = _prepare(run, resume, overwrite)
-        reused = len(records)
-        t1 = time.perf_counter()
-        filt = _filter_threshold(run, reuse) if run.config["method"] == "filt" else None
-        t_energy = time.perf_counter() - t1
-        err: BaseException | None = None
-        purified = 0
-        t2 = time.perf_counter()
-        try:
-            purified = _purify_shards(run, records, filt["threshold"] if filt else None)
-        except Exception as e:  # tell the other ranks, so none waits at the barrier
-            err = e
-        t_purify = time.perf_counter() - t2
-        dist.check(err)
-        timing = {
-            "rank": dist.rank,
-            "shards_written": len(run.mine) - reused,
-            "shards_reused": reused,
-            "images_purified": purified,
-            "energy_s": round(t_energy, 4),
-            "purify_s": round(t_purify, 4),
-            "images_per_s": round(purified / t_purify, 3) if t_purify > 0 and purified else None,
-        }
-        # every rank's records and timings to rank 0, which writes the manifest
-        gathered = dist.gather((records, timing))
-        if dist.is_main:
-            every: dict[int, dict] = {}
-            for recs, _ in gathered:
-                every.update(recs)
-            shards = [every[k] for k in range(run.writer.num_shards)]
-            ranks = [t for _, t in gathered]
-            _write_manifest(run, shards, ranks, filt, time.perf_counter() - t0,
-                            extra_manifest or {})  # fmt: skip
-        dist.check(None)  # nobody returns before the manifest exists
-        return out
+        with contextlib.ExitStack() as held:
+            out = Path(out_dir)
+            # one writer per folder for the run's whole life; rank 0 holds it for all ranks
+            dist.on_rank0(lambda: held.enter_context(out_lock(out)))
+            return _run(dataset, purifier, out, dist, batch_size=batch_size,
+                        shard_size=shard_size, fmt=fmt, resume=resume, overwrite=overwrite,
+                        quiet=quiet, limit=limit, extra=extra_manifest or {})  # fmt: skip
     finally:
         if own_dist:
             dist.close()
+
+
+def _run(
+    dataset: Dataset, purifier, out: Path, dist: Dist, *, batch_size: int, shard_size: int,
+    fmt: str, resume: bool, overwrite: bool, quiet: bool, limit: int | None, extra: dict,
+) -> Path:  # fmt: skip
+    t0 = time.perf_counter()
+    n = len(dataset) if limit is None else min(len(dataset), limit)
+    batch_size = max(1, min(batch_size, n))  # never pad past the data set (the bytes depend on it)
+    run = _plan(dataset, purifier, out, dist, batch_size=batch_size, shard_size=shard_size,
+                fmt=fmt, limit=limit, quiet=quiet)  # fmt: skip
+    reuse, records = _prepare(run, resume, overwrite)
+    reused = len(records)
+    t1 = time.perf_counter()
+    filt = _filter_threshold(run, reuse) if run.config["method"] == "filt" else None
+    t_energy = time.perf_counter() - t1
+    err: BaseException | None = None
+    purified = 0
+    t2 = time.perf_counter()
+    try:
+        purified = _purify_shards(run, records, filt["threshold"] if filt else None)
+    except DivergenceError as e:  # the diverged batch is not written; say so in the run record
+        _write_out(out, mark_diverged, out, {"sample_ids": e.sample_ids[:100], "error": str(e)})
+        err = e
+    except Exception as e:
+        err = e
+    t_purify = time.perf_counter() - t2
+    dist.check(err)  # any rank's failure stops every rank (none waits at the next collective)
+    timing = {
+        "rank": dist.rank,
+        "shards_written": len(run.mine) - reused,
+        "shards_reused": reused,
+        "images_purified": purified,
+        "energy_s": round(t_energy, 4),
+        "purify_s": round(t_purify, 4),
+        "images_per_s": round(purified / t_purify, 3) if t_purify > 0 and purified else None,
+    }
+    # every rank's records and timings to rank 0, which writes the manifest
+    gathered = dist.gather((records, timing))
+    if dist.is_main:
+        every: dict[int, dict] = {}
+        for recs, _ in gathered:
+            every.update(recs)
+        shards = [every[k] for k in range(run.writer.num_shards)]
+        ranks = [t for _, t in gathered]
+        _write_manifest(run, shards, ranks, filt, time.perf_counter() - t0, extra)
+    dist.check(None)  # nobody returns before the manifest exists
+    return out

@@ -13,6 +13,7 @@ settings back from its callers: a data set's filt threshold is an argument of th
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -22,7 +23,13 @@ from torch import nn
 
 from puregen_fast import noise as pgnoise
 from puregen_fast import reference
-from puregen_fast.config import METHODS, EngineConfig
+from puregen_fast.config import (
+    DEFAULT_DIVERGENCE_MARGIN,
+    METHODS,
+    PAPER_LANGEVIN,
+    EngineConfig,
+)
+from puregen_fast.errors import DivergenceError
 from puregen_fast.models.schedule import DDPMSchedule
 from puregen_fast.runtime import resolve_device
 from puregen_fast.sampling.backends import make_sampler
@@ -59,11 +66,13 @@ class Purifier:
         filter_frac: float = 0.5,
         jpeg_quality: int = 75,
         schedule: DDPMSchedule | None = None,
+        divergence_margin: float = DEFAULT_DIVERGENCE_MARGIN,
     ) -> None:
         cfg = EngineConfig(
             method=method, ebm_steps=ebm_steps, ebm_eps=ebm_eps, ebm_temp=ebm_temp,
             ddpm_steps=ddpm_steps, reps=reps, filter_frac=filter_frac, jpeg_quality=jpeg_quality,
             seed=seed, device=str(device), backend=backend, precision=precision,
+            divergence_margin=divergence_margin,
         )  # fmt: skip
         needs_ebm, needs_ddpm = cfg.uses
         if needs_ebm and ebm is None:
@@ -188,11 +197,43 @@ class Purifier:
         for r in range(self.config.reps):
             if self.ebm is not None:
                 stream = pgnoise.stream_id(pgnoise.STREAM_EBM, r)
-                x = self.sampler.ebm(x, ids, stream, pad_to=pad_to)
+                x = self._guard(self.sampler.ebm(x, ids, stream, pad_to=pad_to), ids, "ebm")
             if self.ddpm is not None:
                 stream = pgnoise.stream_id(pgnoise.STREAM_DDPM, r)
-                x = self.sampler.ddpm(x, ids, stream, pad_to=pad_to)
+                x = self._guard(self.sampler.ddpm(x, ids, stream, pad_to=pad_to), ids, "ddpm")
         return x
+
+    def _guard(self, x: torch.Tensor, ids: torch.Tensor, stage: str) -> torch.Tensor:
+        """DESIGN 2.4: a non-finite state, or one far outside [-1, 1], is a divergence, never
+        an image (clamping would hide it: a NaN cast to uint8 is a black pixel)."""
+        flat = x.detach().flatten(1)
+        peak = flat.abs().amax(1)
+        bad = ~torch.isfinite(flat).all(1) | (peak > 1 + self.config.divergence_margin)
+        if bool(bad.any()):
+            raise self._diverged(stage, ids[bad].tolist(), float(peak[bad].max()))
+        return x
+
+    def _diverged(self, stage: str, ids: list[int], peak: float) -> DivergenceError:
+        c = self.config
+        shown = ", ".join(map(str, ids[:8])) + (", ..." if len(ids) > 8 else "")
+        what = "non-finite values" if not math.isfinite(peak) else f"states up to |x| = {peak:.3g}"
+        msg = (
+            f"the {stage.upper()} stage diverged for {len(ids)} image(s) (sample ids {shown}): "
+            f"{what}, outside [-1 - m, 1 + m] with --divergence-margin m = "
+            f"{c.divergence_margin:g}; nothing of their batch was written. "
+        )
+        changed = [f"--{k.replace('_', '-')} {getattr(c, k):g} (paper: {v:g})"
+                   for k, v in PAPER_LANGEVIN.items() if getattr(c, k) != v]  # fmt: skip
+        if stage == "ebm" and changed:
+            msg += f"Likely cause: {', '.join(changed)}; go back toward the paper's values."
+        elif stage == "ebm":
+            msg += (
+                "Likely cause: the EBM (--ebm): check that it is the trained checkpoint you meant "
+                "(a wrongly scaled or untrained model diverges), or lower --ebm-eps."
+            )
+        else:
+            msg += "Likely cause: the DDPM (--ddpm): check that it is the checkpoint you meant."
+        return DivergenceError(msg, ids, flag_cause=stage == "ebm" and bool(changed))
 
     def _energy(self, x: torch.Tensor) -> torch.Tensor:
         if self.ebm is None:

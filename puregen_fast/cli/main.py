@@ -1,6 +1,7 @@
 """The `puregen-fast` command line (DESIGN 4). Each subcommand lives in its own module, which
 provides `add_arguments(parser)` and `run(args) -> int`; this file only wires them up and maps
-errors to exit codes (0 success, 2 bad usage or input, 1 internal failure)."""
+errors to exit codes (0 success, 2 bad usage or input, 1 internal failure or a diverged run, 2
+when a flag caused the divergence, 130 interrupted)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-from puregen_fast.errors import UsageError
+from puregen_fast.errors import DivergenceError, UsageError
+from puregen_fast.version import __version__
 
 # subcommand -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
@@ -29,8 +31,6 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="puregen-fast", description="PureGen data purification at GPU speed.")
-    from puregen_fast.version import __version__
-
     parser.add_argument("--version", action="version", version=f"puregen-fast {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="{" + ",".join(SUBCOMMANDS) + "}")
     for name, (module, help_) in SUBCOMMANDS.items():
@@ -64,6 +64,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-
-
-    sys.exit(main())
+    except DivergenceError as e:
+        print(f"puregen-fast {args.command}: error: {e}", file=sys.stderr)
+        return 2 if e.flag_cause else 1

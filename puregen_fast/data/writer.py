@@ -49,6 +49,7 @@ from puregen_fast.data.io import (
     fsync_dir,
     read_json,
 )
+from puregen_fast.data.lock import LOCK
 from puregen_fast.data.manifest import FORMAT_ID, MANIFEST
 from puregen_fast.errors import UsageError
 
@@ -64,6 +65,7 @@ __all__ = [
     "check_out_dir",
     "prepare_out_dir",
     "clear_out_dir",
+    "mark_diverged",
 ]
 
 RUN_STATE = ".puregen-run.json"
@@ -285,6 +287,8 @@ def _ours(out: Path) -> list[Path]:
         n = e.name
         if not e.is_file() or e.is_symlink():
             continue
+        if n == LOCK:
+            continue  # the live run's lock (data/lock.py): never ours to delete
         private = n.startswith((".puregen-", "..puregen-"))  # also their temporary names
         if private or (
             configs
@@ -333,6 +337,19 @@ def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
     return out
 
 
+def _diverged(out: Path) -> bool:
+    rec = read_json(out / RUN_STATE)
+    return rec is not None and isinstance(rec.get("diverged"), dict)
+
+
+def mark_diverged(out: Path, info: dict) -> None:
+    """Record in the run record that the run stopped on a divergence (DESIGN 2.4): ``--resume``
+    with changed flags then starts over instead of refusing the other configuration."""
+    rec = read_json(out / RUN_STATE)
+    if rec is not None:
+        atomic_write_json(out / RUN_STATE, {**rec, "diverged": info})
+
+
 def check_out_dir(out: Path, *, resume: bool, overwrite: bool) -> None:
     """The early, cheap refusal (before models or data are loaded): ``--out`` must be a folder;
     one holding earlier output needs --resume or --overwrite; a non-empty folder that holds no
@@ -343,7 +360,7 @@ def check_out_dir(out: Path, *, resume: bool, overwrite: bool) -> None:
         return
     if not _recorded_configs(out):
         ours = set(_ours(out))
-        foreign = sorted(e.name for e in out.iterdir() if e not in ours)
+        foreign = sorted(e.name for e in out.iterdir() if e not in ours and e.name != LOCK)
         if foreign:
             shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
             raise UsageError(
@@ -379,7 +396,7 @@ def prepare_out_dir(out: Path, config: dict, *, resume: bool, overwrite: bool) -
     if resume and before is not None:
         if before == config:
             reuse = True
-        elif not overwrite:
+        elif not overwrite and not _diverged(out):  # a diverged run is redone with new flags
             diffs = "; ".join(_diff(before, config)[:6])
             raise UsageError(
                 f"--out {out} was written with a different configuration: {diffs}. "

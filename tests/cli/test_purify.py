@@ -351,7 +351,7 @@ def test_unwritable_out_exit_2_names_out(env, tmp_path, monkeypatch, capsys, whe
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(
-        writer, "write_json_atomic" if where == "run record" else "_npy_bytes_atomic", full
+        writer, "atomic_write_json" if where == "run record" else "_npy_bytes_atomic", full
     )
     data = tmp_path / "d.npz"
     np.savez(data, x=np.zeros((4, 8, 8, 3), np.uint8), y=np.zeros(4, np.int64))
@@ -372,3 +372,49 @@ def test_image_size_the_model_cannot_take_exit_2(env, tmp_path, capsys, method, 
     err = capsys.readouterr().err
     assert flag in err and f"{hw[0]}x{hw[1]}" in err
     assert not (tmp_path / "o").exists()
+
+
+def test_a_diverging_run_writes_nothing_and_resumes_once_fixed(env, tmp_path, capsys):
+    """DESIGN 2.4: --ebm-eps 1e6 (a flag: exit 2) and an EBM scaled by 1e6 (the model: exit 1)
+    stop the run naming the images; no shard, no manifest. With the flag fixed, --resume runs.
+    (Both backends raise alike: tests/sampling/test_purifier.py.)"""
+    out = tmp_path / "o"
+    extra = ("--shard-size", "8")
+    assert purify(env, out, "--ebm-eps", "1e6", *extra) == 2
+    err = capsys.readouterr().err
+    assert "diverged" in err and "sample ids 0" in err and "--ebm-eps" in err
+    assert not list(out.glob("*.npy")) and not (out / "manifest.json").exists()
+    assert purify(env, out, "--resume", *extra) == 0
+    assert pg.load_purified(out).manifest["count"] == 30
+
+    big = tmp_path / "big-ebm"
+    state = pg.load_ebm(env.ebm).state_dict()
+    model = pg.EBMSNGAN32(nf=8)
+    model.load_state_dict({k: v * 1e6 if v.is_floating_point() else v for k, v in state.items()})
+    pg.save_ebm(model, big)
+    out2 = tmp_path / "o2"
+    argv = _argv(env, out2, *extra)
+    argv[argv.index("--ebm") + 1] = str(big)
+    assert main(argv) == 1
+    assert "--ebm" in capsys.readouterr().err
+    assert not list(out2.glob("*.npy")) and not (out2 / "manifest.json").exists()
+
+
+def test_two_writers_on_one_out_the_second_exits_2(env, tmp_path, capsys):
+    from puregen_fast.data.lock import out_lock
+
+    out = tmp_path / "o"
+    with out_lock(out):
+        assert purify(env, out) == 2
+    assert "being written by another run" in capsys.readouterr().err
+    assert not list(out.glob("*.npy"))
+    assert purify(env, out) == 0  # once the other run is gone
+
+
+def test_batch_size_is_capped_at_the_number_of_images(env, tmp_path):
+    """An absurd --batch-size does not pad to that size: it equals a run with the batch being
+    the whole (limited) set."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert purify(env, a, "--limit", "5", "--batch-size", "100000000") == 0
+    assert purify(env, b, "--limit", "5", "--batch-size", "5") == 0
+    assert _shard_bytes(a) == _shard_bytes(b)

@@ -142,6 +142,7 @@ def test_no_mid_attention_and_no_mid_block() -> None:
         check_close(ref, ours, x, 10)
 
 
+@pytest.mark.slow  # builds the 113.7M-parameter model twice
 def test_paper_config_matches_diffusers() -> None:
     ref, ours = make_pair(PAPER, seed=4)
     n_ref = sum(p.numel() for p in ref.parameters())

@@ -170,3 +170,45 @@ def test_unusual_numpy_layouts_are_accepted(models, images):
     assert f.dtype.byteorder == ">"
     assert np.array_equal(p(f, range(3)), p(f.astype(np.float32), range(3)))
     assert np.array_equal(p(x.astype(">i2")[:, :, ::-1], range(3)), ref)
+
+
+def _scaled(model: nn.Module, factor: float) -> nn.Module:
+    m = pg.EBMSNGAN32(nf=8)
+    m.load_state_dict({k: v * factor if v.is_floating_point() else v
+                       for k, v in model.state_dict().items()})  # fmt: skip
+    return m
+
+
+@pytest.mark.parametrize("backend", ["reference", "fast"])
+@pytest.mark.parametrize(
+    "kwargs, flag_cause, names",
+    [
+        ({"ebm_eps": 1e6}, True, "--ebm-eps"),
+        ({"ebm_temp": 1e-300}, True, "--ebm-temp"),
+        ({"scale": 1e6}, False, "--ebm"),
+    ],
+)
+def test_divergence_is_refused_never_written(models, images, backend, kwargs, flag_cause, names):
+    """DESIGN 2.4: a diverged chain raises, naming the images and the cause, on both backends;
+    without the guard its NaN pixels would come back as black uint8."""
+    kw = dict(kwargs)
+    ebm = _scaled(models[0], kw.pop("scale")) if "scale" in kw else models[0]
+    p = pg.Purifier("ebm", ebm=ebm, ebm_steps=2, backend=backend, device="cpu", **kw)
+    with pytest.raises(pg.DivergenceError) as ei:
+        p(images[:4], [10, 11, 12, 13])
+    e = ei.value
+    assert e.flag_cause is flag_cause and set(e.sample_ids) <= {10, 11, 12, 13} and e.sample_ids
+    assert names in str(e) and "sample ids 1" in str(e)
+
+
+def test_divergence_margin_is_an_option(models, images):
+    # an untrained EBM moves states to about 2; a margin below that calls it a divergence
+    p = pg.Purifier("ebm", ebm=models[0], ebm_steps=20, backend="reference", device="cpu")
+    ok = p(images[:4], range(4))
+    assert ok.dtype == np.uint8
+    tight = pg.Purifier("ebm", ebm=models[0], ebm_steps=20, backend="reference", device="cpu",
+                        divergence_margin=1e-3)  # fmt: skip
+    with pytest.raises(pg.DivergenceError, match="--divergence-margin"):
+        tight(images[:4], range(4))
+    with pytest.raises(ValueError, match="divergence_margin"):
+        pg.Purifier("none", device="cpu", divergence_margin=0)
