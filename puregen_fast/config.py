@@ -40,6 +40,7 @@ __all__ = [
 ]
 
 METHODS = ("ebm", "ddpm", "ebm+ddpm", "reps", "filt", "jpeg", "none")
+NO_MODEL = ("jpeg", "none")  # methods without a model: nothing for a sampler to do
 BACKENDS = ("auto", "reference", "fast")
 FORMATS = ("npy", "png")
 DEFAULT_BATCH_SIZE = 256

@@ -26,6 +26,7 @@ from puregen_fast import reference
 from puregen_fast.config import (
     DEFAULT_DIVERGENCE_MARGIN,
     METHODS,
+    NO_MODEL,
     PAPER_LANGEVIN,
     EngineConfig,
 )
@@ -87,7 +88,7 @@ class Purifier:
         self.ebm = ebm.to(self.device).eval().requires_grad_(False) if self.uses_ebm else None
         self.ddpm = ddpm.to(self.device).eval().requires_grad_(False) if self.uses_ddpm else None
         self.schedule = schedule or DDPMSchedule()
-        no_model = method in ("jpeg", "none")  # nothing for a fast path to do
+        no_model = method in NO_MODEL
         self.sampler = make_sampler(
             "reference" if no_model else backend,
             cfg.sampler(self.device),

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from puregen_fast.config import PurifyConfig, add_arguments
+from puregen_fast.config import NO_MODEL, PurifyConfig, add_arguments
 from puregen_fast.data.datasets import open_dataset
 from puregen_fast.data.writer import check_out_dir
 from puregen_fast.dist import Dist
@@ -18,6 +18,8 @@ from puregen_fast.errors import UsageError
 from puregen_fast.models.checkpoints import DEFAULT_DDPM, DEFAULT_EBM, load_ddpm, load_ebm
 from puregen_fast.pipeline import purify_dataset
 from puregen_fast.purifier import Purifier
+from puregen_fast.runtime import resolve_device
+from puregen_fast.sampling.backends import fast_available
 
 __all__ = ["add_arguments", "run"]
 
@@ -30,8 +32,15 @@ def _config(args: argparse.Namespace) -> PurifyConfig:
         raise UsageError(str(e)) from None
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: no CUDA device is available here; use --device cpu")
-    if cfg.precision == "bf16" and cfg.device == "cpu" and cfg.backend == "fast":
-        raise UsageError("--precision bf16 with --backend fast needs --device cuda")
+    if cfg.precision != "fp32" and cfg.backend != "reference" and cfg.method not in NO_MODEL:
+        # never fall back silently to another precision's numbers: say so, exit 2
+        ok, why = fast_available(resolve_device(cfg.device), cfg.precision)
+        if not ok:
+            raise UsageError(
+                f"--precision {cfg.precision}: the fast path cannot run it here ({why}); use "
+                "--precision fp32, or --backend reference to run the eager reference in "
+                f"{cfg.precision}"
+            )
     return cfg
 
 

@@ -418,3 +418,13 @@ def test_batch_size_is_capped_at_the_number_of_images(env, tmp_path):
     assert purify(env, a, "--limit", "5", "--batch-size", "100000000") == 0
     assert purify(env, b, "--limit", "5", "--batch-size", "5") == 0
     assert _shard_bytes(a) == _shard_bytes(b)
+
+
+def test_bf16_where_the_fast_path_cannot_run_it_is_refused(env, tmp_path, capsys):
+    """No silent fall-back to other numbers: bf16 on a CPU without the fast path's bf16 exits 2,
+    unless the reference backend was asked for."""
+    argv = _argv(env, tmp_path / "a", "--precision", "bf16", "--limit", "4")
+    argv[argv.index("--backend") + 1] = "auto"
+    assert main(argv) == 2
+    assert "--precision bf16" in capsys.readouterr().err
+    assert purify(env, tmp_path / "b", "--precision", "bf16", "--limit", "4") == 0  # reference
