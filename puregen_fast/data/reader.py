@@ -141,7 +141,7 @@ def _read_npy(
                 raise UsageError(f"{p}: sha256 does not match the manifest; {_HINT}")
         try:
             im = np.load(out / s["images"], mmap_mode="r")
-            lb = np.load(out / s["labels"])
+            lb = np.load(out / s["labels"], mmap_mode="r")  # shape checked before it is read
         except (OSError, ValueError) as e:
             raise UsageError(f"{out / s['images']}: unreadable ({e}); {_HINT}") from e
         if im.dtype != np.uint8 or im.shape != (m, *shape):
@@ -149,7 +149,7 @@ def _read_npy(
         if lb.dtype != np.int64 or lb.shape != (m,):
             raise UsageError(f"{out / s['labels']}: shape {lb.shape}, expected ({m},)")
         parts.append(im)
-        labels.append(lb)
+        labels.append(np.array(lb))
     images: np.ndarray | ShardedArray
     if len(parts) == 0:
         images = np.zeros((0, *shape), np.uint8)
@@ -175,7 +175,17 @@ def _read_png(out: Path, man: Manifest, verify: bool) -> tuple[np.ndarray, np.nd
                 found[int(f.stem)] = (label, f)
     if sorted(found) != list(range(n)):
         raise UsageError(f"{out}: expected PNG files 0..{n - 1} in the class folders; {_HINT}")
-    images = np.empty((n, *man.image_shape), np.uint8)
+    shape = man.image_shape
+    if n:  # the manifest's shape must be the files' before it sizes an allocation
+        first = found[0][1]
+        try:
+            with Image.open(first) as im:
+                w, h = im.size
+        except (OSError, ValueError, SyntaxError) as e:
+            raise UsageError(f"{first}: unreadable ({e}); {_HINT}") from e
+        if (h, w, 3) != shape:
+            raise UsageError(f"{first}: {h}x{w} pixels, the manifest says {shape}; {_HINT}")
+    images = np.empty((n, *shape), np.uint8)
     lab = np.empty(n, np.int64)
     for s in man.shards:
         h = hashlib.sha256()
