@@ -392,13 +392,9 @@ def purify_dataset(
     if dist is None:
         dist = Dist.from_env(getattr(purifier, "device", "cpu"))
     try:
-        with contextlib.ExitStack() as held:
-            out = Path(out_dir)
-            # one writer per folder for the run's whole life; rank 0 holds it for all ranks
-            dist.on_rank0(lambda: held.enter_context(out_lock(out)))
-            return _run(dataset, purifier, out, dist, batch_size=batch_size,
-                        shard_size=shard_size, fmt=fmt, resume=resume, overwrite=overwrite,
-                        quiet=quiet, limit=limit, extra=extra_manifest or {})  # fmt: skip
+        return _run(dataset, purifier, Path(out_dir), dist, batch_size=batch_size,
+                    shard_size=shard_size, fmt=fmt, resume=resume, overwrite=overwrite,
+                    quiet=quiet, limit=limit, extra=extra_manifest or {})  # fmt: skip
     finally:
         if own_dist:
             dist.close()
@@ -413,6 +409,15 @@ def _run(
     batch_size = max(1, min(batch_size, n))  # never pad past the data set (the bytes depend on it)
     run = _plan(dataset, purifier, out, dist, batch_size=batch_size, shard_size=shard_size,
                 fmt=fmt, limit=limit, quiet=quiet)  # fmt: skip
+    with contextlib.ExitStack() as held:
+        # one writer per folder for the rest of the run; rank 0 holds it for all ranks
+        dist.on_rank0(lambda: held.enter_context(out_lock(out)))
+        return _write(run, t0, resume=resume, overwrite=overwrite, extra=extra)
+
+
+def _write(run: _Run, t0: float, *, resume: bool, overwrite: bool, extra: dict) -> Path:
+    """Prepare ``--out``, the filt threshold, the shards, and (rank 0) the manifest."""
+    out, dist = run.out, run.dist
     reuse, records = _prepare(run, resume, overwrite)
     reused = len(records)
     t1 = time.perf_counter()

@@ -13,6 +13,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from puregen_fast.config import DEFAULT_DIVERGENCE_MARGIN
 from puregen_fast.models.unet import UNET_PRESETS
 
 __all__ = [
@@ -76,6 +77,19 @@ class _Common:
     watch_warmup: int = _f(50, "watch: steps before the relative test starts", run=True)
     watch_max_energy: float | None = _f(None, "watch: absolute limit on |E| (EBM)", run=True)
     watch_max_grad_norm: float | None = _f(None, "watch: absolute limit on the grad norm", run=True)
+    watch_trend_window: int = _f(
+        200,
+        "watch, slow blow-up: fire when the grad norm (DDPM: also the loss) grew more than "
+        "--watch-trend-factor times within this many steps (medians over a quarter of it; 0: off)",
+        run=True,
+    )
+    watch_trend_factor: float = _f(6.0, "watch: the growth the trend rule fires at", run=True)
+    watch_sample_margin: float = _f(
+        DEFAULT_DIVERGENCE_MARGIN,
+        "watch: training samples that are non-finite or leave [-1 - m, 1 + m] are a divergence "
+        "(as purify's --divergence-margin); the sample grids are refused then too",
+        run=True,
+    )
 
 
 @dataclass

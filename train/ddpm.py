@@ -245,7 +245,9 @@ class DDPMTrainer(Loop):
         with precision_context(cfg.precision, dev):
             out = reference.ddpm_purify(model, self.schedule, x, steps, noise=z).float()
         model.train(was_training)
-        return [x, noised, out]
+        # the noised row is an input, not a model sample: clamped here as the grid would draw it,
+        # so only the model's output is held to the sample range
+        return [x, noised.clamp(-1, 1), out]
 
 
 def train_ddpm(cfg: DDPMConfig, data: TrainData | None = None) -> TrainResult:

@@ -19,6 +19,7 @@ global batch's numbers and keeps its slice, and the bank is the same on every ra
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,8 @@ def _parse_milestones(spec: str) -> list[int]:
 class EBMTrainer(Loop):
     recipe = "ebm"
     relative_keys = ("energy_abs", "gap_abs", "grad_norm")
+    # energies drift and the gap crosses zero on healthy runs: the trend rule would misread them
+    trend_keys = ("grad_norm",)
     loss_keys = ("loss", "e_data", "e_samples", "grad_norm")
 
     def __init__(self, cfg: EBMConfig, data: TrainData, dist: Dist) -> None:
@@ -184,8 +187,12 @@ class EBMTrainer(Loop):
                 rejuv.sum().to(dev, torch.float32),  # one global draw: the same on every rank
             ]
         )
-        loss_v, ed, es, gn_v, nrej = self.dist.all_reduce_mean(m).tolist()
-        xmax = float(self.dist.all_reduce_max(x_neg.detach().abs().amax()))
+        # the samples' peak rides on the metrics' one host read; NaN -> inf so a MAX reduce
+        # over ranks cannot drop it
+        xmax = torch.nan_to_num(x_neg.detach().abs().amax().float(), nan=math.inf)
+        xmax = self.dist.all_reduce_max(xmax)
+        vals = torch.cat([self.dist.all_reduce_mean(m), xmax.reshape(1).to(m.device)])
+        loss_v, ed, es, gn_v, nrej, xmax = vals.tolist()
         return {
             "loss": loss_v,
             "e_data": ed,

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import abc
 import math
-import os
 import signal
 import sys
 import threading
@@ -34,7 +33,7 @@ from puregen_fast.dist import Dist
 from puregen_fast.errors import UsageError
 from puregen_fast.train.config import recipe_of
 from puregen_fast.train.data import TrainData, load_train_data
-from puregen_fast.train.plots import save_curves, save_grid
+from puregen_fast.train.plots import SampleRangeError, save_curves, save_grid
 from puregen_fast.train.state import RunDir, capture_rng, restore_rng
 from puregen_fast.train.watch import DivergenceWatch, WatchConfig
 
@@ -81,6 +80,7 @@ def _finite_or_none(v: float) -> float | None | str:
 class Loop(abc.ABC):
     recipe = ""
     relative_keys: tuple[str, ...] = ()
+    trend_keys: tuple[str, ...] | None = None  # the watch's trend rule (None: relative_keys)
     loss_keys: tuple[str, ...] = ("loss",)  # the panels of loss.png
 
     def __init__(self, cfg: Any, data: TrainData, dist: Dist) -> None:
@@ -107,11 +107,15 @@ class Loop(abc.ABC):
         if cfg.log_every < 1:
             raise UsageError(f"--log-every must be >= 1; got {cfg.log_every}")
         self.gen = torch.Generator().manual_seed(cfg.seed)  # everything but the keyed noise
-        self.watch = DivergenceWatch(WatchConfig.from_config(cfg), self.relative_keys)
+        wcfg = WatchConfig.from_config(cfg)
+        if wcfg.problems():
+            raise UsageError("; ".join(wcfg.problems()))
+        self.watch = DivergenceWatch(wcfg, self.relative_keys, self.trend_keys)
         self.images = torch.from_numpy(np.ascontiguousarray(data.images))  # uint8 NHWC, host
         self.step = 0
         self.saved_step: int | None = None  # in memory on every rank: ranks decide alike
         self._stop = False
+        self._plotted_step: int | None = None
         self._perm_cache: tuple[int, torch.Tensor] | None = None
         self._gn = torch.zeros(())  # the last `backward`'s gradient norm
         self.model: nn.Module
@@ -247,20 +251,45 @@ class Loop(abc.ABC):
         self.saved_step = self.step
         return path
 
-    def _check_resume(self, run_src: Path, ckpt: Path) -> dict[str, Any]:
+    def _check_resume(self, run_src: Path, cands: list[Path]) -> tuple[Path, dict[str, Any]]:
+        """The newest readable checkpoint among ``cands`` (newest first) and its state; a
+        damaged one (truncated state.pt or weights, bad JSON) is skipped with a warning."""
         doc = self.run.read_recipe(run_src)
         if doc is not None:
             self._check_doc(doc, run_src)
-        state = RunDir.load_state(ckpt, self.device)
-        self._check_doc(
-            {
-                "recipe": state.get("recipe"),
-                "format": state.get("format"),
-                "hparams": state.get("hparams", {}),
-            },
-            ckpt,
+        damaged: list[str] = []
+        for ckpt in cands:
+            why = RunDir.damage(ckpt)
+            state: dict[str, Any] | None = None
+            if why is None:
+                try:
+                    state = RunDir.load_state(ckpt, self.device)
+                except UsageError as e:
+                    why = str(e)
+            if state is None:
+                damaged.append(f"{ckpt.name} ({why})")
+                if self.dist.is_main and len(cands) > 1:
+                    print(
+                        f"train {self.recipe}: warning: checkpoint {str(ckpt)!r} is damaged "
+                        f"({why}); trying the one before it",
+                        file=sys.stderr,
+                    )
+                continue
+            self._check_doc(
+                {
+                    "recipe": state.get("recipe"),
+                    "format": state.get("format"),
+                    "hparams": state.get("hparams", {}),
+                },
+                ckpt,
+            )
+            return ckpt, state
+        if len(cands) == 1 and damaged:
+            raise UsageError(f"--resume: cannot read checkpoint {str(cands[0])!r}: {damaged[0]}")
+        raise UsageError(
+            f"--resume {str(run_src)!r}: every checkpoint is damaged ({'; '.join(damaged)}); "
+            "start a fresh run with another --out"
         )
-        return state
 
     def _check_doc(self, doc: dict[str, Any], where: Path) -> None:
         try:
@@ -276,6 +305,14 @@ class Loop(abc.ABC):
         self.build()
         used = bool(self.run.checkpoints()) or self.run.read_recipe() is not None
         self.dist.barrier()  # every rank looks at --out before rank 0 writes into it
+        if self.dist.is_main:
+            gone = self.run.clean_leftovers()
+            if gone:
+                print(
+                    f"train {self.recipe}: removed {len(gone)} leftover(s) of an interrupted "
+                    f"write in {str(self.run.path)!r}",
+                    file=sys.stderr,
+                )
         if self.cfg.resume is not None:
             self._resume(used)
             return
@@ -289,17 +326,20 @@ class Loop(abc.ABC):
         self.save()  # step 0: there is always a good checkpoint to roll back to
 
     def _resume(self, used: bool) -> None:
-        run_src, ckpt = self.run.find_resume(self.cfg.resume)
+        run_src, cands = self.run.resume_candidates(self.cfg.resume)
         elsewhere = run_src.resolve() != self.run.path.resolve()
         if elsewhere and used:
             raise UsageError(
                 f"--out {str(self.run.path)!r} already holds another training run; resume "
                 f"from {str(run_src)!r} into a new --out, or into {str(run_src)!r} itself"
             )
-        state = self._check_resume(run_src, ckpt)
+        ckpt, state = self._check_resume(run_src, cands)
+        self.dist.barrier()  # every rank has read the checkpoints before any is moved
         if not elsewhere and self.dist.is_main:
             self._set_aside_newer(ckpt)
         self._restore(ckpt, state)
+        if not elsewhere and self.dist.is_main:
+            self.run.truncate_metrics(self.step)  # the steps after it are logged again
         if self.dist.is_main:
             self._log_event("resume", {"from": str(ckpt), "forced_recipe_change": self._forced})
             if self._forced or elsewhere:
@@ -325,11 +365,33 @@ class Loop(abc.ABC):
         self.run.log({"event": event, "step": self.step, "time": time.time(), **info})
 
     def _plots(self) -> None:
-        if not self.dist.is_main:
+        """The sample grid and loss.png (rank 0). Samples of the current weights that are
+        non-finite or out of range are a divergence (every rank rolls back), not a grid."""
+        if self._plotted_step == self.step:
             return
+        self._plotted_step = self.step
+        bad = self._draw() if self.dist.is_main else None
+        if self.dist.enabled:
+            flag = torch.tensor([0.0 if bad is None else 1.0], device=self.device)
+            refused = bool(self.dist.all_reduce_max(flag).item() > 0)
+        else:
+            refused = bad is not None
+        if not refused:
+            return
+        why = f"the sample grid {bad or '(on rank 0)'}"
+        if self.watch.cfg.enabled:
+            raise self._rollback(self.step, why, self.step)
+        if bad is not None:
+            print(f"train {self.recipe}: no grid at step {self.step}: {why}", file=sys.stderr)
+
+    def _draw(self) -> str | None:
+        """Write the grid and loss.png; the grid's refusal, if it refused."""
         self.run.samples.mkdir(parents=True, exist_ok=True)
+        devices = [self.device] if self.device.type == "cuda" else []
         try:
-            rows = self.sample_rows()
+            # a grid never moves the global RNG: the next checkpoint saves it
+            with torch.random.fork_rng(devices=devices):
+                rows = self.sample_rows()
         except Exception as e:  # a plot must not end a long run
             print(
                 f"train {self.recipe}: no sample grid at step {self.step} "
@@ -337,8 +399,16 @@ class Loop(abc.ABC):
                 file=sys.stderr,
             )
             rows = []
+        refused = None
         if rows:
-            save_grid(rows, self.run.samples / f"step_{self.step:08d}.png")
+            try:
+                save_grid(
+                    rows,
+                    self.run.samples / f"step_{self.step:08d}.png",
+                    margin=self.watch.cfg.sample_margin,
+                )
+            except SampleRangeError as e:
+                refused = str(e)
         by_step: dict[int, dict[str, Any]] = {}
         for r in self.run.read_metrics():
             if "event" not in r and "step" in r:
@@ -351,28 +421,40 @@ class Loop(abc.ABC):
         save_curves(
             series, self.run.path / "loss.png", title=f"train {self.recipe}: {self.run.path.name}"
         )
+        return refused
 
     def _set_aside_newer(self, ckpt: Path) -> None:
         """Resuming an older checkpoint of this run abandons the newer ones: move them aside so
         a later --resume, the pruning and a rollback never pick the abandoned trajectory."""
-        resumed = int(ckpt.name[5:]) if ckpt.name.startswith("step_") else None
-        newer = [d for k, d in self.run.checkpoints() if resumed is not None and k > resumed]
-        if not newer:
+        if not ckpt.name.startswith("step_"):
             return
-        aside = self.run.ckpt_root / f"abandoned-{time.strftime('%Y%m%d-%H%M%S')}"
-        aside.mkdir(parents=True, exist_ok=True)
-        for d in newer:
-            os.replace(d, aside / d.name)
+        resumed = int(ckpt.name[5:])
+        n, aside = self.run.move_newer_aside(resumed)
+        if not n:
+            return
+        self.run.point_latest(resumed, ckpt)
         print(
-            f"train {self.recipe}: resuming step {resumed} abandons {len(newer)} newer "
+            f"train {self.recipe}: resuming step {resumed} abandons {n} newer "
             f"checkpoint(s); moved to {str(aside)!r}",
             file=sys.stderr,
         )
 
     # -- divergence ----------------------------------------------------------------------------
-    def _rollback(self, at_step: int, reason: str) -> TrainingDiverged:
-        # the last checkpoint this run saved (in memory, the same on every rank)
-        ck = [(k, d) for k, d in self.run.checkpoints() if k == self.saved_step]
+    def _rollback(self, at_step: int, reason: str, suspect_from: int | None) -> TrainingDiverged:
+        """Reset the run directory to the newest checkpoint older than ``suspect_from`` (the
+        first step whose weights misbehaved: its checkpoint is suspect too); newer ones are
+        moved aside."""
+        saved = self.saved_step if self.saved_step is not None else -1
+        ck = [(k, d) for k, d in self.run.checkpoints() if k <= saved]
+        bound = saved if suspect_from is None else min(saved, suspect_from - 1)
+        trusted = [(k, d) for k, d in ck if k <= bound]
+        note = ""
+        if ck and not trusted:
+            note = (
+                f" (no checkpoint before step {bound + 1} is left; step {ck[0][0]} is the "
+                "oldest and may hold the diverging weights)"
+            )
+            trusted = ck[:1]
         if not ck:  # cannot happen: a run always starts by saving one; be clear if it does
             return TrainingDiverged(
                 f"training diverged at step {at_step}: {reason}; no checkpoint to roll back to",
@@ -381,14 +463,17 @@ class Loop(abc.ABC):
                 reason,
                 self.run.ckpt_root,
             )
-        good_step, good = ck[-1]
+        good_step, good = trusted[-1]
         if self.dist.is_main:
+            _, aside = self.run.move_newer_aside(good_step)
+            self.run.point_latest(good_step, good)
             self.run.publish_weights(good)
             info = {
                 "diverged_at_step": at_step,
                 "reason": reason,
                 "rolled_back_to_step": good_step,
                 "checkpoint": str(good),
+                "set_aside": str(aside) if aside else None,
             }
             atomic_write_json(self.run.path / "divergence.json", info, sort_keys=False)
             self._log_event("diverged", info)
@@ -396,7 +481,8 @@ class Loop(abc.ABC):
         self.dist.barrier()
         msg = (
             f"training diverged at step {at_step}: {reason}. Rolled back: {str(self.run.path)!r} "
-            f"holds the last good checkpoint, step {good_step} ({good}). To go on from there, add "
+            f"holds the last good checkpoint, step {good_step} ({good}){note}. To go on from "
+            "there, add "
             "a stabiliser (--grad-clip 1.0, --energy-reg 0.1, --warmup-steps 1000, or a lower "
             "--lr) and pass --resume --force-resume; or disable the watch with --no-watch"
         )
@@ -445,7 +531,7 @@ class Loop(abc.ABC):
         metrics = self.forward_backward(k)
         reason = self.watch.check(k + 1, metrics)
         if reason is not None:
-            raise self._rollback(k + 1, reason)
+            raise self._rollback(k + 1, reason, self.watch.suspect_from)
         self.apply(k)
         self.step = k + 1
         return metrics, lr, self.cfg.batch_size / max(time.perf_counter() - t0, 1e-9)
@@ -503,10 +589,10 @@ class Loop(abc.ABC):
                 ck = self.run.checkpoints()
                 self.run.publish_weights(ck[-1][1])
                 self._log_event("end_pending", {"kept_step": ck[-1][0]})
-        elif self.saved_step != self.step:  # not the disk: rank 0 may be writing it now
+            return
+        self._plots()  # first: weights whose samples diverge are not saved
+        if self.saved_step != self.step:  # not the disk: rank 0 may be writing it now
             self.save()
-        if not self.watch.pending:
-            self._plots()
 
     def train(self) -> TrainResult:
         """Start or resume, update to the end (or ``--steps``, or an interrupt), checkpoint."""

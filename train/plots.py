@@ -12,12 +12,37 @@ from PIL import Image, ImageDraw
 
 from puregen_fast.data.io import atomic_path
 
-__all__ = ["save_grid", "save_curves"]
+__all__ = ["SampleRangeError", "check_samples", "save_grid", "save_curves"]
+
+
+class SampleRangeError(ValueError):
+    """Samples that are non-finite or far outside [-1, 1]: a grid of them is refused (DESIGN
+    2.4: a NaN cast to uint8 would be drawn black, a diverged chain clamped to plain colour)."""
 
 
 def _save_png(im: Image.Image, path: str | os.PathLike[str]) -> None:
     with atomic_path(path) as tmp:
         im.save(tmp, format="PNG")  # PNG whatever the name ends in, as before
+
+
+def check_samples(rows: Sequence[torch.Tensor], margin: float | None) -> list[torch.Tensor]:
+    """``rows`` as float32 on the CPU; raises `SampleRangeError` when one holds a non-finite
+    value or (``margin`` not None) leaves [-1 - margin, 1 + margin]."""
+    out = [r.detach().float().cpu() for r in rows]
+    for i, r in enumerate(out):
+        if not r.numel():
+            continue
+        finite = torch.isfinite(r)
+        if not bool(finite.all()):
+            n = int((~finite).flatten(1).any(1).sum())
+            raise SampleRangeError(f"row {i}: {n} of {r.shape[0]} image(s) hold non-finite values")
+        peak = float(r.abs().max())
+        if margin is not None and peak > 1 + margin:
+            raise SampleRangeError(
+                f"row {i}: values up to |x| = {peak:.4g}, outside [-1 - m, 1 + m] with "
+                f"--watch-sample-margin m = {margin:g}"
+            )
+    return out
 
 
 def _to_u8(x: torch.Tensor) -> np.ndarray:
@@ -27,10 +52,17 @@ def _to_u8(x: torch.Tensor) -> np.ndarray:
 
 
 def save_grid(
-    rows: Sequence[torch.Tensor], path: str | os.PathLike[str], scale: int = 2, pad: int = 2
+    rows: Sequence[torch.Tensor],
+    path: str | os.PathLike[str],
+    scale: int = 2,
+    pad: int = 2,
+    *,
+    margin: float | None = 4.0,
 ) -> None:
-    """One row of images per tensor (float NCHW in [-1, 1]); rows may differ in length."""
-    imgs = [_to_u8(r) for r in rows if r.shape[0]]
+    """One row of images per tensor (float NCHW in [-1, 1], clamped for display); rows may
+    differ in length. Refuses (`SampleRangeError`, nothing written) a row with a non-finite
+    value or, unless ``margin`` is None, one leaving [-1 - margin, 1 + margin]."""
+    imgs = [_to_u8(r) for r in check_samples(rows, margin) if r.shape[0]]
     if not imgs:
         return
     h, w = imgs[0].shape[1:3]

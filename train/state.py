@@ -19,7 +19,9 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -27,13 +29,26 @@ from typing import Any
 import numpy as np
 import torch
 
-from puregen_fast.data.io import atomic_path, atomic_write_json
+from puregen_fast.data.io import atomic_path, atomic_write, atomic_write_json
 from puregen_fast.errors import UsageError
 
 __all__ = ["FORMAT", "RunDir", "capture_rng", "restore_rng"]
 
 FORMAT = 1
 _STEP_DIR = "step_{:08d}"
+_TMP = re.compile(r"^\..+\.tmp-(\d+)")  # puregen_fast.data.io.tmp_name: .<name>.tmp-<pid><suffix>
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # nothing of this run is being written yet
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
 
 
 def capture_rng() -> dict[str, Any]:
@@ -158,10 +173,16 @@ class RunDir:
 
     def find_resume(self, spec: str) -> tuple[Path, Path]:
         """(run directory, checkpoint directory) for ``--resume [spec]``."""
+        run, cands = self.resume_candidates(spec)
+        return run, cands[0]
+
+    def resume_candidates(self, spec: str) -> tuple[Path, list[Path]]:
+        """(run directory, its checkpoints newest first) for ``--resume [spec]``; a checkpoint
+        directory named explicitly is the only candidate."""
         src = Path(spec) if spec else self.path
         if (src / "state.pt").is_file():  # a checkpoint directory itself
             run = src.parent.parent if src.parent.name == "checkpoints" else src
-            return run, src
+            return run, [src]
         ck = self.checkpoints(src / "checkpoints")
         if not ck:
             if not src.exists():
@@ -170,7 +191,59 @@ class RunDir:
                 f"--resume {str(src)!r}: no checkpoint there (checkpoints/step_*/state.pt); "
                 "start without --resume"
             )
-        return src, ck[-1][1]
+        return src, [d for _, d in reversed(ck)]
+
+    @staticmethod
+    def damage(ckpt: Path) -> str | None:
+        """Why a checkpoint's files cannot be read (a truncated weight file, unparsable JSON),
+        or None; ``state.pt`` is checked by `load_state`. Headers only: cheap."""
+        from safetensors import safe_open
+
+        for f in sorted(ckpt.rglob("*")):
+            try:
+                if f.suffix == ".json":
+                    json.loads(f.read_text())
+                elif f.suffix == ".safetensors":
+                    with safe_open(str(f), "pt") as st:
+                        st.keys()
+            except Exception as e:  # any failure to parse is damage
+                return f"{f.relative_to(ckpt)}: {e}"
+        return None
+
+    def point_latest(self, step: int, ckpt: Path) -> None:
+        atomic_write_json(self.ckpt_root / "latest.json", {"step": step, "dir": ckpt.name})
+
+    def move_newer_aside(self, step: int) -> tuple[int, Path | None]:
+        """Move the checkpoints newer than ``step`` to ``checkpoints/abandoned-<time>/`` so no
+        resume, pruning or rollback picks them: (how many, where)."""
+        newer = [d for k, d in self.checkpoints() if k > step]
+        if not newer:
+            return 0, None
+        aside = self.ckpt_root / f"abandoned-{time.strftime('%Y%m%d-%H%M%S')}"
+        aside.mkdir(parents=True, exist_ok=True)
+        for d in newer:
+            os.replace(d, aside / d.name)
+        return len(newer), aside
+
+    def clean_leftovers(self) -> list[Path]:
+        """Remove what a killed run left: checkpoint folders without their ``state.pt`` and the
+        temporary files of `puregen_fast.data.io` (``.<name>.tmp-<pid>...``) of dead processes.
+        Returns what was removed."""
+        gone: list[Path] = []
+        if self.ckpt_root.is_dir():
+            for d in self.ckpt_root.iterdir():
+                if d.is_dir() and d.name.startswith("step_") and not (d / "state.pt").is_file():
+                    shutil.rmtree(d, ignore_errors=True)
+                    gone.append(d)
+        if self.path.is_dir():
+            for folder, _, files in os.walk(self.path):
+                for name in files:
+                    m = _TMP.match(name)
+                    if m and not _alive(int(m.group(1))):
+                        p = Path(folder) / name
+                        p.unlink(missing_ok=True)
+                        gone.append(p)
+        return gone
 
     def save_checkpoint(
         self,
@@ -189,7 +262,7 @@ class RunDir:
         write_weights(final)
         with atomic_path(final / "state.pt") as tmp:
             torch.save({**state, "format": FORMAT, "recipe": self.recipe, "step": step}, tmp)
-        atomic_write_json(self.ckpt_root / "latest.json", {"step": step, "dir": final.name})
+        self.point_latest(step, final)
         self.publish_weights(final)
         for _, old in self.checkpoints()[: -max(keep, 1)]:
             shutil.rmtree(old, ignore_errors=True)
@@ -217,6 +290,24 @@ class RunDir:
         self.path.mkdir(parents=True, exist_ok=True)
         with open(self.metrics, "a") as f:
             f.write(json.dumps(record, allow_nan=True) + "\n")
+
+    def truncate_metrics(self, step: int) -> int:
+        """Drop the metric rows after ``step`` (and lines cut by a kill) before a resumed run
+        logs them again; events stay, they record what happened. Returns how many went."""
+        if not self.metrics.is_file():
+            return 0
+        lines = self.metrics.read_text().splitlines()
+        keep = []
+        for line in lines:
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if "event" in r or not isinstance(r.get("step"), int) or r["step"] <= step:
+                keep.append(line)
+        if len(keep) != len(lines):
+            atomic_write(self.metrics, "".join(s + "\n" for s in keep))
+        return len(lines) - len(keep)
 
     def read_metrics(self) -> list[dict[str, Any]]:
         if not self.metrics.is_file():

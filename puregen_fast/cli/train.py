@@ -7,8 +7,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import TYPE_CHECKING
 
 from puregen_fast.train.config import DDPMConfig, EBMConfig, add_config_arguments, config_from_args
+
+if TYPE_CHECKING:
+    from puregen_fast.train.loop import TrainResult
 
 __all__ = ["add_arguments", "run"]
 
@@ -40,14 +44,22 @@ def run(args: argparse.Namespace) -> int:
         from puregen_fast.train.ddpm import train_ddpm as train
     result = train(cfg)
     if int(os.environ.get("RANK", "0")) == 0:  # the process group is closed by now
-        loader = "pg.load_ebm" if name == "ebm" else "pg.load_ddpm"
-        what = {"done": "all epochs", "steps": "--steps", "interrupted": "an interrupt"}[
-            result.stopped
-        ]
-        print(
-            f"train {name}: stopped after {result.step} of {result.total_steps} steps ({what}); "
-            f"weights in {str(result.out_dir)!r} ({loader}); checkpoint {result.checkpoint}; "
-            f"continue with --resume",
-            file=sys.stderr,
+        print(_last_line(name, result), file=sys.stderr)
+    # interrupted: what was done is saved, but `train && purify` must not go on (DESIGN 4)
+    return 130 if result.stopped == "interrupted" else 0
+
+
+def _last_line(name: str, result: TrainResult) -> str:
+    """Where things stand and what to do next."""
+    out, loader = str(result.out_dir), "pg.load_ebm" if name == "ebm" else "pg.load_ddpm"
+    done = f"{result.step} of {result.total_steps} steps"
+    if result.stopped == "done":
+        return (
+            f"train {name}: finished, {done}; weights in {out!r}: purify with "
+            f"`puregen-fast purify --{name} {out} ...` or load with {loader}({out!r})"
         )
-    return 0
+    why = "an interrupt" if result.stopped == "interrupted" else "--steps"
+    return (
+        f"train {name}: stopped after {done} ({why}); checkpoint {result.checkpoint}, its "
+        f"weights in {out!r} ({loader}); continue with the same command and --resume"
+    )

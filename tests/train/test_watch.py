@@ -1,5 +1,5 @@
-"""The divergence watch, the Pillow plots, the checkpoint directory and the flag generation of
-`puregen-fast train`."""
+"""The divergence watch (its spike, trend and sample rules), the Pillow plots, the checkpoint
+directory and the flag generation of `puregen-fast train`."""
 
 from __future__ import annotations
 
@@ -7,12 +7,13 @@ import argparse
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from puregen_fast.train.config import DDPMConfig, EBMConfig, add_config_arguments, recipe_of
-from puregen_fast.train.plots import save_curves, save_grid
+from puregen_fast.train.plots import SampleRangeError, save_curves, save_grid
 from puregen_fast.train.state import RunDir
 from puregen_fast.train.watch import DivergenceWatch, WatchConfig
 
@@ -123,3 +124,128 @@ def test_paper_defaults():
         "paper",
     )
     assert d.ema and d.save_weights == "ema" and not d.hflip
+
+
+# -- the slow blow-up (trend) rule -------------------------------------------------------------
+
+
+def _lognormal(rng: np.random.Generator, n: int, sigma: float) -> np.ndarray:
+    return np.exp(rng.normal(0.0, sigma, n))
+
+
+def _ramp(seed: int, plateau: bool) -> tuple[np.ndarray, int]:
+    """A noisy flat grad norm for 500 steps, then a geometric 9x rise over 200 steps (the real
+    run's), then either still rising or flat at 9x: (values, the first step of the rise)."""
+    rng = np.random.default_rng(seed)
+    base, rise = 500, np.arange(1, 401)
+    level = 9.0 ** (np.minimum(rise, 200) / 200) if plateau else 9.0 ** (rise / 200)
+    return np.concatenate([np.ones(base), level]) * _lognormal(rng, base + 400, 0.3), base + 1
+
+
+def _run_watch(w: DivergenceWatch, series: dict[str, np.ndarray]) -> tuple[int | None, float]:
+    """Feed the series step by step: (the step it fired at or None, the largest trend ratio)."""
+    top = 0.0
+    for i in range(len(next(iter(series.values())))):
+        reason = w.check(i + 1, {k: float(v[i]) for k, v in series.items()})
+        for k in w.trend_keys:
+            r = w.trend_ratio(k)
+            top = max(top, r[0] if r else 0.0)
+        if reason is not None:
+            return i + 1, top
+    return None, top
+
+
+@pytest.mark.parametrize("plateau", [False, True])
+@pytest.mark.parametrize("seed", range(3))
+def test_trend_rule_fires_on_a_slow_9x_rise(seed, plateau):
+    x, start = _ramp(seed, plateau)
+    # the spike rule alone never sees it: no step is 100x its running median
+    old = DivergenceWatch(WatchConfig(trend_window=0), ["grad_norm"])
+    assert _run_watch(old, {"grad_norm": x})[0] is None
+    w = DivergenceWatch(WatchConfig(), ["grad_norm"])
+    fired, _ = _run_watch(w, {"grad_norm": x})
+    # by the time it has grown 9x, give or take the noise (9x at start + 200, 10x at + 210)
+    assert fired is not None and start + 100 < fired < start + 210, fired
+    assert "grad_norm grew" in w.fired[1] and "--watch-trend-factor 6" in w.fired[1]
+    # the rollback goes to a checkpoint from before the rise, not one from the ramp
+    assert w.suspect_from is not None and w.suspect_from <= start
+
+
+def _healthy(seed: int, n: int = 4000) -> dict[str, np.ndarray]:
+    """A decaying loss with realistic noise and spikes; a flat noisy grad norm with rarer,
+    larger spikes; a second grad norm that rises 3.5x over 150 steps and settles (as a small EBM
+    run at 10x the paper's learning rate did while it learned)."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(n)
+    loss = (0.05 + np.exp(-t / 600)) * _lognormal(rng, n, 0.25)
+    loss[rng.random(n) < 0.01] *= 3
+    gn = 2.0 * _lognormal(rng, n, 0.5)
+    gn[rng.random(n) < 0.005] *= 10
+    settle = np.interp(t, [0, 300, 450, n], [1.0, 1.0, 3.5, 3.5]) * _lognormal(rng, n, 0.4)
+    return {"loss": loss, "grad_norm": gn, "gn_settle": settle}
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_trend_rule_is_quiet_on_healthy_runs(seed):
+    s = _healthy(seed)
+    w = DivergenceWatch(WatchConfig(), ["loss", "grad_norm", "gn_settle"])
+    fired, top = _run_watch(w, s)
+    assert fired is None, w.fired
+    assert 3.0 < top < 0.85 * WatchConfig().trend_factor, top  # the settling rise is seen
+
+
+def test_trend_rule_off_and_its_state_round_trips():
+    x, _ = _ramp(0, plateau=False)
+    off = DivergenceWatch(WatchConfig(trend_window=0), ["grad_norm"])
+    assert _run_watch(off, {"grad_norm": x})[0] is None
+    cfg = WatchConfig(trend_window=8, trend_factor=2.0, patience=2)
+    a, b = DivergenceWatch(cfg, ["grad_norm"]), DivergenceWatch(cfg, ["grad_norm"])
+    for i, v in enumerate([1.0] * 8 + [3.0] * 2):
+        a.check(i + 1, {"grad_norm": v})
+    b.load_state_dict(json.loads(json.dumps(a.state_dict())))  # plain data, as in state.pt
+    assert list(b.trend["grad_norm"]) == list(a.trend["grad_norm"]) and b.pending
+    assert a.check(11, {"grad_norm": 3.0}) == b.check(11, {"grad_norm": 3.0}) is not None
+    assert a.suspect_from == b.suspect_from == 2  # the end of the baseline
+    assert "--watch-trend-window must be >= 0" in WatchConfig(trend_window=-1).problems()[0]
+    assert "--watch-trend-factor" in WatchConfig(trend_factor=1.0).problems()[0]
+
+
+def test_trend_flags_are_run_control():
+    p = argparse.ArgumentParser()
+    add_config_arguments(p, EBMConfig)
+    args = p.parse_args(["--out", "x", "--watch-trend-window", "0", "--watch-trend-factor", "8"])
+    cfg = EBMConfig(**vars(args))
+    w = WatchConfig.from_config(cfg)
+    assert (w.trend_window, w.trend_factor, w.sample_margin) == (0, 8.0, 4.0)
+    assert "watch_trend_window" not in recipe_of(cfg)  # free to change on --resume
+    assert (EBMConfig().watch_trend_window, EBMConfig().watch_trend_factor) == (200, 6.0)
+
+
+# -- training samples are checked like purified output (DESIGN 2.4) ---------------------------
+
+
+def test_samples_out_of_range_or_non_finite_fire_at_once():
+    w = DivergenceWatch(WatchConfig(patience=5), ["energy_abs"])
+    assert w.check(1, {"energy_abs": 1.0, "sample_abs_max": 4.9}) is None
+    reason = w.check(2, {"energy_abs": 1.0, "sample_abs_max": 5.5})
+    assert reason is not None and "--watch-sample-margin 4" in reason
+    assert w.suspect_from == 1  # the weights that drew them
+    w = DivergenceWatch(WatchConfig(sample_margin=0.5), ["energy_abs"])
+    assert "training samples left" in (w.check(1, {"sample_abs_max": 1.6}) or "")
+    w = DivergenceWatch(WatchConfig(), ["energy_abs"])
+    assert "non-finite" in (w.check(1, {"sample_abs_max": math.inf}) or "")
+
+
+def test_grid_refuses_nan_and_diverged_samples(tmp_path):
+    ok = torch.rand(4, 3, 8, 8) * 2 - 1
+    nan = ok.clone()
+    nan[1, 0, 2, 2] = math.nan
+    with pytest.raises(SampleRangeError, match="row 1: 1 of 4 image"):
+        save_grid([ok, nan], tmp_path / "g.png")
+    far = ok * 6
+    with pytest.raises(SampleRangeError, match="margin m = 4"):
+        save_grid([ok, far], tmp_path / "g.png")
+    save_grid([ok, far], tmp_path / "g.png", margin=None)  # range unchecked: drawn clamped
+    with pytest.raises(SampleRangeError):
+        save_grid([nan], tmp_path / "h.png", margin=None)  # never a NaN drawn black
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["g.png"]
