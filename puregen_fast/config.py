@@ -246,8 +246,9 @@ class PurifyConfig(EngineConfig):
     )
     data_dir: str | None = _opt(
         None,
-        "where the data set is or is downloaded to (default: the cache, $PUREGEN_FAST_CACHE or "
-        "~/.cache/puregen-fast); imagefolder: the root folder; npz: the .npz file",
+        "where the data set is, extracted or as its official archive; never downloaded into "
+        "(default: the cache, $PUREGEN_FAST_CACHE or ~/.cache/puregen-fast, where it is "
+        "downloaded once); imagefolder: the root folder; npz: the .npz file",
         group="data",
         metavar="DIR",
     )

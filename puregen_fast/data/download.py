@@ -1,22 +1,32 @@
 """Fetch, verify and safely extract the data sets' official archives (DESIGN 5).
 
-* Cache directory: ``--data-dir`` if given, else ``$PUREGEN_FAST_CACHE``, else
-  ``$XDG_CACHE_HOME/puregen-fast`` (``~/.cache/puregen-fast``).
+* Download target: only the cache, ``$PUREGEN_FAST_CACHE``, else ``$XDG_CACHE_HOME/puregen-fast``
+  (``~/.cache/puregen-fast``). A ``--data-dir`` is where the user placed the data set (extracted,
+  or its official archive, which is then verified and extracted next to it); one that holds
+  neither is a UsageError naming the folder, and is not created or downloaded into, so a
+  mistyped path never starts a download (``ensure_extracted(download_into_data_dir=True)`` is
+  the explicit opt-in).
 * Every archive has a published checksum (``ARCHIVES``); the download streams into a file of
   its own (``<file>.part-<pid>-<token>``, so concurrent downloads never share one) and is renamed
   to its final name only after the checksum matched, so a truncated or corrupted download never
   looks like a finished one.
-* Extraction refuses members that would land outside the target (``../``, absolute paths, links
-  pointing out, device files); it extracts into a temporary sibling directory, writes the marker
-  file ``.puregen-complete`` last, then renames the directory into place. A directory without the
-  marker is never taken as complete, and never deleted either (it is not ours): extraction
-  refuses to run until it is moved. When concurrent runs extract the same archive, the first
-  rename wins and the others use its result.
+* Extraction accepts regular files and folders only. The data sets' archives contain no links,
+  so symbolic and hard links are refused outright, whatever they point at: a link checked by its
+  text can still lead outside through other links (CVE-2025-4517), and the tarfile ``data``
+  filter of some Python versions has the same flaw, so it is not relied on. Also refused: device
+  files, FIFOs, absolute paths, ``..`` components, backslashes, NUL characters, a file and a
+  folder at one path, and the marker's name. Every member is checked before anything is
+  written, then the files are written by this module (no links, fixed permissions) into a
+  temporary sibling directory; the marker file ``.puregen-complete`` is written last and the
+  directory renamed into place. A directory without the marker is never taken as complete, and
+  never deleted either (it is not ours): extraction refuses to run until it is moved. When
+  concurrent runs extract the same archive, the first rename wins and the others use its result.
 * The URL of each archive can be overridden, for mirrors and tests, by assigning
   ``ARCHIVES[name].url`` or with the environment variable ``PUREGEN_FAST_URL_<NAME>`` (``NAME`` is
   the key upper-cased with ``-`` as ``_``, e.g. ``PUREGEN_FAST_URL_CIFAR10``).
-* Offline, or on a failed checksum, a :class:`~puregen_fast.errors.UsageError` (exit 2) says what
-  to download and where to put it.
+* Offline, or on a failed checksum, a :class:`~puregen_fast.errors.UsageError` (exit 2) lists, in
+  one message, every missing file with its URL, checksum and where to put it
+  (``offline_message``).
 """
 
 from __future__ import annotations
@@ -24,6 +34,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import http.client
+import lzma
 import os
 import secrets
 import shutil
@@ -33,8 +44,10 @@ import tempfile
 import urllib.error
 import urllib.request
 import zipfile
+import zlib
+from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 from puregen_fast.data.io import atomic_path, file_digest, fsync_dir
 from puregen_fast.errors import UsageError
@@ -46,6 +59,8 @@ __all__ = [
     "cache_root",
     "resolve_data_dir",
     "archive_url",
+    "missing_archives",
+    "offline_message",
     "fetch",
     "verify_file",
     "safe_extract",
@@ -60,7 +75,8 @@ _TIMEOUT_S = 60.0
 @dataclass
 class Archive:
     """One official archive. ``algo``/``digest`` is the published checksum; ``size`` (bytes) is
-    informational (a progress total when the server sends no length)."""
+    informational (a progress total when the server sends no length). ``title`` names the data
+    set in messages; ``layout`` says what its extracted folder holds (what to place by hand)."""
 
     name: str
     url: str
@@ -69,6 +85,8 @@ class Archive:
     digest: str | None
     size: int | None
     note: str = ""
+    title: str = ""
+    layout: str = ""
 
 
 ARCHIVES: dict[str, Archive] = {
@@ -79,6 +97,8 @@ ARCHIVES: dict[str, Archive] = {
         "md5",
         "c58f30108f718f92721af3b95e74349a",  # published on the CIFAR page and in torchvision
         170_498_071,
+        title="CIFAR-10",
+        layout="cifar-10-batches-py/ with data_batch_1..5, test_batch and batches.meta",
     ),
     "cinic10": Archive(
         "cinic10",
@@ -90,6 +110,8 @@ ARCHIVES: dict[str, Archive] = {
         "6ee4d0c996905fe93221de577967a372",
         687_544_992,
         note="the tarball holds train/, valid/ and test/ at its top level",
+        title="CINIC-10",
+        layout="train/, valid/ and test/, each with one <class>/ folder of .png images",
     ),
     "tinyimagenet": Archive(
         "tinyimagenet",
@@ -98,6 +120,9 @@ ARCHIVES: dict[str, Archive] = {
         "md5",
         "90528d7ca1a48142e341f4ef8d21d0de",
         None,
+        title="Tiny-ImageNet",
+        layout="tiny-imagenet-200/ with wnids.txt, train/<wnid>/images/*.JPEG, val/images/ "
+        "and val/val_annotations.txt",
     ),
 }
 
@@ -124,11 +149,62 @@ def archive_url(name: str) -> str:
     return env or ARCHIVES[name].url
 
 
-def _instructions(arc: Archive, dest_dir: Path) -> str:
-    check = f" ({arc.algo} {arc.digest})" if arc.digest else ""
+def _file_lines(items: Iterable[tuple[Archive, Path]]) -> str:
+    lines = []
+    for arc, dest in items:
+        check = f" ({arc.algo} {arc.digest})" if arc.digest else ""
+        lines.append(f"  {archive_url(arc.name)}{check}\n    -> {dest}")
+    return "\n".join(lines)
+
+
+def _by_hand(items: list[tuple[Archive, Path]], reason: str = "") -> str:
+    """One message: ``reason``, then every missing archive with its URL, checksum and place."""
+    n = len(items)
+    what = "this file" if n == 1 else f"these {n} files"
     return (
-        f"download {archive_url(arc.name)}{check} and place it at {dest_dir / arc.filename}, "
-        f"or extract it yourself and pass its folder with --data-dir"
+        (f"{reason.rstrip('.')}. " if reason else "")
+        + f"To set up by hand (e.g. offline), download {what}, check the checksum and place "
+        + ("it" if n == 1 else "each")
+        + " where shown, then run again:\n"
+        + _file_lines(items)
+        + "\nor extract an archive yourself and pass its folder with --data-dir"
+    )
+
+
+def missing_archives(
+    names: Iterable[str], data_dir: str | os.PathLike[str] | None = None
+) -> list[tuple[Archive, Path]]:
+    """The archives among ``names`` (keys of ``ARCHIVES``) neither extracted nor placed under the
+    data directory (the cache by default), each with the path it belongs at; no repeats."""
+    root = resolve_data_dir(data_dir)
+    out: list[tuple[Archive, Path]] = []
+    for name in dict.fromkeys(names):
+        arc = ARCHIVES[name]
+        if not ((root / name / COMPLETE_MARKER).is_file() or (root / arc.filename).is_file()):
+            out.append((arc, root / arc.filename))
+    return out
+
+
+def offline_message(
+    names: Iterable[str], data_dir: str | os.PathLike[str] | None = None, *, reason: str = ""
+) -> str:
+    """One message listing every archive of ``names`` still missing, with its URL, checksum and
+    where to put it, so an offline user fetches them all in one go (not one per failed run)."""
+    items = missing_archives(names, data_dir)
+    if not items:
+        return reason or "every archive is in place"
+    return _by_hand(items, reason)
+
+
+def _no_dataset_here(arc: Archive, root: Path) -> str:
+    state = "does not exist" if not root.exists() else "holds neither it nor its archive"
+    check = f", {arc.algo} {arc.digest}" if arc.digest else ""
+    return (
+        f"--data-dir {root}: no {arc.title or arc.name} data set found there (the folder "
+        f"{state}). Place the extracted data set in it ({arc.layout}), or the archive at "
+        f"{root / arc.filename} (from {archive_url(arc.name)}{check}); or leave out --data-dir to "
+        f"use the cache {cache_root()}, where it is downloaded once. A --data-dir is never "
+        f"downloaded into, so a mistyped one cannot start a download"
     )
 
 
@@ -140,7 +216,7 @@ def verify_file(path: Path, arc: Archive) -> None:
     if got != arc.digest:
         raise UsageError(
             f"{path}: {arc.algo} is {got}, expected {arc.digest} (corrupted or truncated "
-            f"download). Delete it and run again, or {_instructions(arc, path.parent)}"
+            f"download). Delete it and run again. " + _by_hand([(arc, path)])
         )
 
 
@@ -199,58 +275,145 @@ def fetch(
     return dest
 
 
-def _check_member_name(name: str, archive: Path) -> PurePosixPath:
-    p = PurePosixPath(name.replace("\\", "/"))
-    if p.is_absolute() or name.startswith(("/", "\\")) or (p.parts and ":" in p.parts[0]):
-        raise UsageError(f"{archive}: refusing member with an absolute path: {name!r}")
-    if ".." in p.parts:
-        raise UsageError(f"{archive}: refusing member that escapes the target: {name!r}")
-    return p
+_FILE_MODE = 0o644
+_EXEC_MODE = 0o755
+# Bad input surfaces from the archive modules and decompressors as any of these.
+_BAD_ARCHIVE = (
+    tarfile.TarError,
+    zipfile.BadZipFile,
+    zipfile.LargeZipFile,
+    EOFError,
+    OSError,
+    zlib.error,
+    lzma.LZMAError,
+    NotImplementedError,  # a zip compression method this Python lacks
+    UnicodeError,
+)
+_DISK_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC), errno.EACCES, errno.EROFS}
+_NO_LINKS = (
+    "links are never extracted (the data sets' archives contain none, and a link can send "
+    "later members outside the target folder whatever its text says)"
+)
 
 
-def _inside(parent: PurePosixPath, link: str) -> bool:
-    """Whether a link stored at ``parent`` pointing at ``link`` stays inside the archive root."""
-    if link.startswith("/") or PurePosixPath(link).is_absolute():
-        return False
-    depth = 0
-    for part in (parent / link).parts:
-        if part == "..":
-            depth -= 1
-            if depth < 0:
-                return False
-        elif part not in ("", "."):
-            depth += 1
-    return True
+def _refuse(archive: Path, name: str, why: str) -> UsageError:
+    return UsageError(
+        f"{archive}: refusing member {name!r}: {why}. Nothing was extracted; this is not an "
+        f"official data set archive: delete it and run again"
+    )
+
+
+class _Plan:
+    """Every member's path checked before anything is written: normalised to its parts under
+    the target, and no file where a folder is (or the other way round)."""
+
+    def __init__(self, archive: Path) -> None:
+        self.archive = archive
+        self.files: set[tuple[str, ...]] = set()
+        self.dirs: set[tuple[str, ...]] = set()
+
+    def add(self, name: str, is_dir: bool) -> tuple[str, ...]:
+        """The member's path parts (empty for the archive's own root folder ``./``)."""
+        refuse = lambda why: _refuse(self.archive, name, why)  # noqa: E731
+        if "\x00" in name:
+            raise refuse("its name holds a NUL character")
+        if "\\" in name:
+            raise refuse("its name holds a backslash (a Windows path separator)")
+        raw = name.split("/")
+        if name.startswith("/") or ":" in raw[0]:
+            raise refuse("an absolute path escapes the target folder")
+        if ".." in raw:
+            raise refuse("a '..' component escapes the target folder")
+        try:
+            os.fsencode(name)
+        except UnicodeError:
+            raise refuse("its name cannot be a file name here") from None
+        parts = tuple(p for p in raw if p not in ("", "."))
+        if not parts:
+            if is_dir:
+                return parts
+            raise refuse("a file without a name")
+        if parts == (COMPLETE_MARKER,):
+            raise refuse(f"{COMPLETE_MARKER} is the name of the completion marker")
+        for i in range(1, len(parts)):
+            if parts[:i] in self.files:
+                raise refuse(f"{'/'.join(parts[:i])!r} is a file in this archive, not a folder")
+            self.dirs.add(parts[:i])
+        if is_dir:
+            if parts in self.files:
+                raise refuse("a folder would replace a file of the same name")
+            self.dirs.add(parts)
+        else:
+            if parts in self.dirs:
+                raise refuse("a file would overwrite a folder of the same name")
+            self.files.add(parts)  # a repeated file: the later copy wins, as in tar
+        return parts
+
+
+def _write(path: Path, src, executable: bool) -> None:
+    # O_NOFOLLOW: never write through a link (none can exist here; a second guard)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0)
+    fd = os.open(path, flags, _EXEC_MODE if executable else _FILE_MODE)
+    with os.fdopen(fd, "wb") as f:
+        shutil.copyfileobj(src, f, _CHUNK)
 
 
 def _extract_tar(archive: Path, target: Path) -> None:
     with tarfile.open(archive, "r:*") as tf:
-        members = tf.getmembers()
-        for m in members:
-            p = _check_member_name(m.name, archive)
-            if m.issym() and not _inside(p.parent, m.linkname):
-                raise UsageError(f"{archive}: refusing symlink {m.name!r} -> {m.linkname!r}")
-            if m.islnk():
-                _check_member_name(m.linkname, archive)
-            if not (m.isfile() or m.isdir() or m.issym() or m.islnk()):
-                raise UsageError(f"{archive}: refusing special file {m.name!r}")
-        # The "data" filter repeats these checks in the standard library (defence in depth) and
-        # drops set-uid bits and ownership.
-        if hasattr(tarfile, "data_filter"):
-            tf.extractall(target, members=members, filter="data")
-        else:  # pragma: no cover - Python without PEP 706
-            tf.extractall(target, members=members)
+        plan = _Plan(archive)
+        todo = []
+        for m in tf.getmembers():
+            if m.issym() or m.islnk():
+                kind = "a symbolic" if m.issym() else "a hard"
+                raise _refuse(archive, m.name, f"it is {kind} link to {m.linkname!r}; {_NO_LINKS}")
+            if not (m.isfile() or m.isdir()):
+                kind = (
+                    "a character device" if m.ischr()
+                    else "a block device" if m.isblk()
+                    else "a FIFO" if m.isfifo()
+                    else f"of tar type {m.type!r}"
+                )  # fmt: skip
+                raise _refuse(archive, m.name, f"it is {kind}; only files and folders are taken")
+            todo.append((m, plan.add(m.name, m.isdir())))
+        # written by hand, not by extractall: no links, owners or special modes can come through
+        for m, parts in todo:
+            dest = target.joinpath(*parts)
+            if m.isdir():
+                dest.mkdir(parents=True, exist_ok=True)
+                continue
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            src = tf.extractfile(m)
+            if src is None:  # pragma: no cover - a regular member always has a stream
+                raise _refuse(archive, m.name, "its data cannot be read")
+            with src:
+                _write(dest, src, bool(m.mode & 0o100))
 
 
 def _extract_zip(archive: Path, target: Path) -> None:
     with zipfile.ZipFile(archive) as zf:
-        infos = zf.infolist()
-        for info in infos:
-            _check_member_name(info.filename, archive)
+        plan = _Plan(archive)
+        todo = []
+        for info in zf.infolist():
             mode = info.external_attr >> 16
-            if stat.S_ISLNK(mode):  # zipfile would write it as a file; refuse rather than guess
-                raise UsageError(f"{archive}: refusing symlink member {info.filename!r}")
-        zf.extractall(target, members=infos)
+            kind = stat.S_IFMT(mode)
+            if stat.S_ISLNK(mode):
+                raise _refuse(archive, info.filename, f"it is a symbolic link; {_NO_LINKS}")
+            if kind not in (0, stat.S_IFREG, stat.S_IFDIR):
+                what = "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a special file"
+                raise _refuse(archive, info.filename, f"it is {what} (mode {mode:o})")
+            if info.flag_bits & 0x1:
+                raise _refuse(archive, info.filename, "it is encrypted")
+            # not info.is_dir(): it fails on an empty name
+            is_dir = info.filename.endswith("/") or kind == stat.S_IFDIR
+            todo.append((info, is_dir, plan.add(info.filename, is_dir)))
+        for info, is_dir, parts in todo:
+            dest = target.joinpath(*parts)
+            if is_dir:
+                dest.mkdir(parents=True, exist_ok=True)
+                continue
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            with zf.open(info) as src:
+                _write(dest, src, bool((info.external_attr >> 16) & 0o100))
 
 
 def _not_ours(target: Path, archive: Path) -> str:
@@ -263,7 +426,9 @@ def _not_ours(target: Path, archive: Path) -> str:
 
 def safe_extract(archive: Path, target: Path) -> Path:
     """Extract ``archive`` (tar, tar.gz or zip) into ``target`` atomically: into a temporary
-    sibling, the marker written last, then renamed. Returns ``target``."""
+    sibling, the marker written last, then renamed. Returns ``target``. Only regular files and
+    folders are accepted; any other member (a link above all) is a UsageError naming the archive
+    and the member, raised before anything is written."""
     target.parent.mkdir(parents=True, exist_ok=True)
     if (target / COMPLETE_MARKER).is_file():
         return target
@@ -276,7 +441,9 @@ def safe_extract(archive: Path, target: Path) -> Path:
                 _extract_zip(archive, tmp)
             else:
                 _extract_tar(archive, tmp)
-        except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError) as e:
+        except _BAD_ARCHIVE as e:
+            if isinstance(e, OSError) and e.errno in _DISK_ERRNOS:  # the disk, not the archive
+                raise UsageError(f"cannot extract {archive} into {target.parent}: {e}") from e
             raise UsageError(f"{archive}: cannot extract ({e}); delete it and run again") from e
         (tmp / COMPLETE_MARKER).write_text(f"{archive.name}\n")
         try:
@@ -301,11 +468,17 @@ def ensure_extracted(
     data_dir: str | os.PathLike[str] | None,
     *,
     download: bool = True,
+    download_into_data_dir: bool = False,
     quiet: bool = False,
 ) -> Path:
     """The extracted folder of archive ``name`` under the data directory, fetching and
-    extracting it once. The archive is looked for first in the data directory (placed there by
-    hand), then downloaded when ``download`` is true."""
+    extracting it once.
+
+    Without ``data_dir``: the cache, where a missing archive is downloaded when ``download``.
+    With one: the archive placed there by hand is verified and extracted next to it; a missing
+    one is a UsageError naming the folder (the folder is not created), because a given folder is
+    where the user says the data is, and a typo must not start a download. Only
+    ``download_into_data_dir`` (with ``download``) makes a given folder a download target."""
     arc = ARCHIVES[name]
     root = resolve_data_dir(data_dir)
     target = root / name
@@ -315,10 +488,12 @@ def ensure_extracted(
         raise UsageError(_not_ours(target, root / arc.filename))
     archive = root / arc.filename
     if not archive.is_file():
+        given = bool(data_dir) and os.path.realpath(root) != os.path.realpath(cache_root())
+        if given and not download_into_data_dir:
+            raise UsageError(_no_dataset_here(arc, root))
         if not download:
-            raise UsageError(
-                f"data set '{name}' not found under {root}: {_instructions(arc, root)}"
-            )
+            reason = f"{arc.title or name} is not in {root} and downloading is off"
+            raise UsageError(_by_hand([(arc, archive)], reason))
         try:
             root.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -333,9 +508,7 @@ def ensure_extracted(
                 quiet=quiet,
             )
         except UsageError as e:
-            raise UsageError(
-                f"{e}. If offline, or to fetch it by hand: {_instructions(arc, root)}"
-            ) from e
+            raise UsageError(_by_hand([(arc, archive)], str(e))) from e
     else:
         verify_file(archive, arc)
     return safe_extract(archive, target)

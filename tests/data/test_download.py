@@ -1,12 +1,25 @@
 """Downloads (issue 3, acceptance 2) against a local HTTP server on 127.0.0.1: a good archive is
 fetched, verified and extracted; a corrupted or truncated one fails with exit 2 and leaves
-nothing a later run would take as complete; archives with escaping members are refused."""
+nothing a later run would take as complete; archives with escaping members are refused.
+
+Hostile archives (issue 11) are built here with tarfile/zipfile: links of any kind (the
+CVE-2025-4517 symlink chain included), device files, FIFOs, absolute and ``..`` paths, file/folder
+clashes. Each is refused with exit 2 before anything is written, and a sentinel tree around the
+target is compared byte for byte before and after. Only the cache is a download target: a given
+``--data-dir`` without the data set is exit 2 and is not created."""
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import http.server
+import io
+import os
+import stat
+import tarfile
 import threading
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -142,9 +155,9 @@ def test_url_override_by_environment(tmp_path, server, monkeypatch):
     _point(monkeypatch, server, "cifar10", tar)
     monkeypatch.setattr(download.ARCHIVES["cifar10"], "url", "http://127.0.0.1:9/unreachable")
     monkeypatch.setenv("PUREGEN_FAST_URL_CIFAR10", server.url("/cifar10/cifar-10-python.tar.gz"))
-    ds = open_dataset("cifar10", tmp_path / "dd", "test", quiet=True)  # --data-dir: downloads there
+    ds = open_dataset("cifar10", None, "test", quiet=True)
     np.testing.assert_array_equal(ds.labels, exp["test"][1])
-    assert (tmp_path / "dd" / "cifar10" / COMPLETE_MARKER).is_file()
+    assert (tmp_path / "cache" / "cifar10" / COMPLETE_MARKER).is_file()
 
 
 @pytest.mark.parametrize("fault", ["corrupt", "truncate"])
@@ -231,21 +244,21 @@ def test_folder_without_marker_is_never_deleted(tmp_path, server, monkeypatch):
     # a folder named like the archive key that puregen-fast did not make: refused, kept
     tar, _ = make_cifar10_tarball(tmp_path)
     _point(monkeypatch, server, "cifar10", tar)
-    data = tmp_path / "data"
-    (data / "cifar10" / "mine").mkdir(parents=True)
-    (data / "cifar10" / "mine" / "notes.txt").write_text("the user's")
+    cache = tmp_path / "cache"
+    (cache / "cifar10" / "mine").mkdir(parents=True)
+    (cache / "cifar10" / "mine" / "notes.txt").write_text("the user's")
     with pytest.raises(UsageError, match="move or rename it") as ei:
-        open_dataset("cifar10", data, "test", quiet=True)
-    assert str(data / "cifar10") in str(ei.value)
+        open_dataset("cifar10", None, "test", quiet=True)
+    assert str(cache / "cifar10") in str(ei.value)
     assert server.requests == []  # refused before downloading
     with pytest.raises(UsageError, match="move or rename it"):
-        safe_extract(tar, data / "cifar10")
-    assert (data / "cifar10" / "mine" / "notes.txt").read_text() == "the user's"
-    assert sorted(p.name for p in data.iterdir()) == ["cifar10"]
+        safe_extract(tar, cache / "cifar10")
+    assert (cache / "cifar10" / "mine" / "notes.txt").read_text() == "the user's"
+    assert sorted(p.name for p in cache.iterdir()) == ["cifar10"]
     # once moved away, the archive is fetched and extracted
-    (data / "cifar10").rename(tmp_path / "moved")
-    assert len(open_dataset("cifar10", data, "test", quiet=True)) == 5
-    assert (data / "cifar10" / COMPLETE_MARKER).is_file()
+    (cache / "cifar10").rename(tmp_path / "moved")
+    assert len(open_dataset("cifar10", None, "test", quiet=True)) == 5
+    assert (cache / "cifar10" / COMPLETE_MARKER).is_file()
 
 
 def test_concurrent_fetch_and_extract_of_one_archive(tmp_path, server, monkeypatch):
@@ -309,3 +322,296 @@ def test_published_checksums_are_pinned():
     assert (
         download.ARCHIVES["tinyimagenet"].url == "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
     )
+
+
+# ----------------------------------------------------------------------------- hostile archives
+
+
+def _tree(root: Path, skip: Path) -> dict:
+    """Everything under ``root`` except ``skip``'s subtree, links not followed: each file's type,
+    mode, link count, mtime and content digest, each link's target, each folder's listing."""
+    out: dict = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        d = Path(dirpath)
+        dirnames[:] = sorted(n for n in dirnames if d / n != skip)
+        out[str(d)] = ("dir", sorted(n for n in os.listdir(d) if d / n != skip))
+        for n in filenames:
+            p = d / n
+            st = os.lstat(p)
+            if stat.S_ISLNK(st.st_mode):
+                out[str(p)] = ("link", os.readlink(p))
+            elif stat.S_ISREG(st.st_mode):
+                digest = hashlib.sha256(p.read_bytes()).hexdigest()
+                out[str(p)] = ("file", st.st_mode, st.st_nlink, st.st_mtime_ns, digest)
+            else:
+                out[str(p)] = ("other", st.st_mode)
+    return out
+
+
+def _box(tmp_path: Path) -> tuple[Path, Path]:
+    """A sentinel tree ``box/`` with victims next to and two levels above the target
+    ``box/a/b/t``; returns (box, target)."""
+    box = tmp_path / "box"
+    (box / "a" / "b").mkdir(parents=True)
+    for p in (box / "victim.txt", box / "a" / "victim.txt", box / "a" / "b" / "victim.txt"):
+        p.write_text("sentinel")
+    return box, box / "a" / "b" / "t"
+
+
+def _tar(path: Path, members: list[tuple]) -> Path:
+    """A tar.gz of ``(name, kind, arg)``: file (bytes), dir, sym/hard (link target), fifo, chr
+    and blk (device numbers)."""
+    with tarfile.open(path, "w:gz", format=tarfile.PAX_FORMAT) as tf:
+        for name, kind, arg in members:
+            ti = tarfile.TarInfo(name)
+            ti.mode = 0o755 if kind == "dir" else 0o644
+            data = None
+            if kind == "file":
+                data = io.BytesIO(arg)
+                ti.size = len(arg)
+            else:
+                ti.type = {"dir": tarfile.DIRTYPE, "sym": tarfile.SYMTYPE, "hard": tarfile.LNKTYPE,
+                           "fifo": tarfile.FIFOTYPE, "chr": tarfile.CHRTYPE,
+                           "blk": tarfile.BLKTYPE}[kind]  # fmt: skip
+                if kind in ("sym", "hard"):
+                    ti.linkname = arg
+                if kind in ("chr", "blk"):
+                    ti.devmajor, ti.devminor = arg
+            tf.addfile(ti, data)
+    return path
+
+
+def _zip(path: Path, members: list[tuple]) -> Path:
+    """A zip of ``(name, file mode, data)`` with the Unix mode in the external attributes."""
+    with zipfile.ZipFile(path, "w") as zf:
+        for name, mode, data in members:
+            zi = zipfile.ZipInfo(name)
+            zi.create_system = 3
+            zi.external_attr = mode << 16
+            zf.writestr(zi, data)
+    return path
+
+
+def _cve_2025_4517(dest: Path, up: int) -> list[tuple]:
+    """The symlink chain of CVE-2025-4517 (as in CPython's own regression test): links whose
+    expansion overflows PATH_MAX, so a non-strict ``os.path.realpath`` stops resolving and
+    link checks (the tarfile ``data`` filter of Python 3.11.7 among them) take ``escape`` for a
+    folder inside ``dest``; the kernel resolves it ``up`` levels above ``dest``."""
+    steps = "abcdefghijklmnop"
+    path_max = os.pathconf(dest.parent, "PC_PATH_MAX")
+    comp = "d" * ((path_max - len(str(dest)) - 1) // (len(steps) + 1))
+    members: list[tuple] = []
+    prefix = ""
+    for ch in steps:
+        members += [(prefix + comp, "dir", None), (prefix + ch, "sym", comp)]
+        prefix += comp + "/"
+    longlink = "/".join(steps) + "/" + "l" * 254
+    members.append((longlink, "sym", "/".join([".."] * len(steps))))
+    members.append(("escape", "sym", longlink + "/.." * up))
+    return members
+
+
+def _hostile(kind: str, box: Path, target: Path) -> tuple[Path, str]:
+    """Archive ``kind`` written next to the box (not inside it), and the member named in the
+    refusal. Every escaping member aims at a victim file in the box."""
+    tmp = box.parent
+    good = ("t/readme.txt", "file", b"fine")
+    victim = str(box / "a" / "victim.txt")
+    pwned = b"pwned"
+    # the extraction folder is a sibling of the target: .t.extract-XXXXXXXX (8 random letters)
+    dest = target.parent / f".{target.name}.extract-xxxxxxxx"
+    tars = {
+        # the chain that plain text checks pass: l = ".", l2 = "l/.." is really the target's
+        # parent, l3 = "l2/.." two levels above; a file is then written through l3
+        "symlink-chain": (
+            [
+                good,
+                ("l", "sym", "."),
+                ("l2", "sym", "l/.."),
+                ("l3", "sym", "l2/.."),
+                ("l3/victim.txt", "file", pwned),
+            ],
+            "l",
+        ),
+        "cve-2025-4517": (
+            [good, *_cve_2025_4517(dest, 2), ("escape/victim.txt", "file", pwned)],
+            "d",
+        ),
+        "hardlink-absolute": ([good, ("h", "hard", victim), ("h", "file", pwned)], "h"),
+        "hardlink-dotdot": ([good, ("h", "hard", "../../victim.txt"), ("h", "file", pwned)], "h"),
+        "hardlink-inside": ([good, ("h", "hard", "t/readme.txt")], "h"),
+        "symlink-inside": ([good, ("s", "sym", "t")], "s"),
+        "absolute": ([good, (victim, "file", pwned)], victim),
+        "dotdot": ([good, ("../../victim.txt", "file", pwned)], "../../victim.txt"),
+        "dotdot-inside": ([good, ("t/../x", "file", pwned)], "t/../x"),
+        "backslash": ([good, ("..\\..\\victim.txt", "file", pwned)], "..\\\\..\\\\victim.txt"),
+        "fifo": ([good, ("p", "fifo", None)], "p"),
+        "chardev": ([good, ("c", "chr", (1, 3))], "c"),
+        "blockdev": ([good, ("k", "blk", (7, 0))], "k"),
+        "file-over-folder": ([("d", "dir", None), ("d/x", "file", b"1"), ("d", "file", b"2")], "d"),
+        "file-as-folder": ([("f", "file", b"1"), ("f/x", "file", b"2")], "f/x"),
+        "marker-name": ([good, (COMPLETE_MARKER, "dir", None)], COMPLETE_MARKER),
+    }
+    zips = {
+        "zip-dotdot": (
+            [("t/a.txt", 0o100644, b"a"), ("../../victim.txt", 0o100644, pwned)],
+            "../../victim.txt",
+        ),
+        "zip-absolute": ([(victim, 0o100644, pwned)], victim.lstrip("/")),
+        "zip-symlink": ([("s", stat.S_IFLNK | 0o777, b"../../victim.txt")], "s"),
+        "zip-fifo": ([("p", stat.S_IFIFO | 0o644, b"")], "p"),
+        "zip-chardev": ([("c", stat.S_IFCHR | 0o644, b"")], "c"),
+        "zip-file-over-folder": ([("d/", stat.S_IFDIR | 0o755, b""), ("d", 0o100644, b"x")], "d"),
+        "zip-dotdot-inside": ([("t/../x", 0o100644, b"x")], "t/../x"),
+    }
+    if kind in tars:
+        members, member = tars[kind]
+        return _tar(tmp / f"{kind}.tar.gz", members), member
+    members, member = zips[kind]
+    return _zip(tmp / f"{kind}.zip", members), member
+
+
+HOSTILE = [
+    "symlink-chain", "cve-2025-4517", "hardlink-absolute", "hardlink-dotdot", "hardlink-inside",
+    "symlink-inside", "absolute", "dotdot", "dotdot-inside", "backslash", "fifo", "chardev",
+    "blockdev", "file-over-folder", "file-as-folder", "marker-name", "zip-dotdot", "zip-absolute",
+    "zip-symlink", "zip-fifo", "zip-chardev", "zip-file-over-folder", "zip-dotdot-inside",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", HOSTILE)
+def test_hostile_archive_is_refused_and_nothing_outside_changes(tmp_path, kind):
+    box, target = _box(tmp_path)
+    archive, member = _hostile(kind, box, target)
+    before = _tree(box, target)
+    with pytest.raises(UsageError) as ei:
+        safe_extract(archive, target)
+    msg = str(ei.value)
+    assert str(archive) in msg and "refusing" in msg and member in msg, msg
+    if "link" in kind or "cve" in kind:
+        assert "links are never extracted" in msg
+    assert not target.exists()
+    assert sorted(os.listdir(target.parent)) == ["victim.txt"]  # no temporary folder left
+    assert _tree(box, target) == before  # the sentinels are untouched
+    assert (box / "a" / "victim.txt").read_text() == "sentinel"
+
+
+@pytest.mark.parametrize("kind", ["cve-2025-4517", "symlink-chain", "hardlink-absolute", "fifo",
+                                  "file-over-folder", "zip-symlink"])  # fmt: skip
+def test_hostile_archive_exits_2_from_the_command_line(tmp_path, monkeypatch, capsys, kind):
+    # placed by hand as the CIFAR-10 archive, with its checksum pinned: the checksum matches,
+    # extraction refuses, the command exits 2 naming the archive and the member
+    data = tmp_path / "data"
+    data.mkdir()
+    box, target = _box(tmp_path)
+    archive, member = _hostile(kind, box, data / "cifar10")
+    placed = data / "cifar-10-python.tar.gz"
+    placed.write_bytes(archive.read_bytes())
+    monkeypatch.setattr(download.ARCHIVES["cifar10"], "digest", file_digest(placed, "md5"))
+    monkeypatch.setattr(download.ARCHIVES["cifar10"], "algo", "md5")
+    before = _tree(tmp_path, data / "cifar10")
+    argv = ["purify", "--dataset", "cifar10", "--data-dir", str(data), "--method", "none",
+            "--out", str(tmp_path / "o"), "--quiet"]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert str(placed) in err and member in err, err
+    assert not (data / "cifar10").exists()
+    assert _tree(tmp_path, data / "cifar10") == before
+
+
+def test_good_archives_still_extract(tmp_path):
+    # "./" entries, folders listed before and after their files, an empty folder, an
+    # executable bit: all fine; files come out as plain files with the archive's bytes
+    members = [
+        ("./", "dir", None),
+        ("./d/", "dir", None),
+        ("./d/x.bin", "file", b"\0" * 3000),
+        ("./d/e/", "dir", None),
+        ("./y.txt", "file", b"y"),
+        ("d", "dir", None),
+    ]
+    out = safe_extract(_tar(tmp_path / "good.tar.gz", members), tmp_path / "t")
+    assert (out / "d" / "x.bin").read_bytes() == b"\0" * 3000
+    assert (out / "y.txt").read_bytes() == b"y" and (out / "d" / "e").is_dir()
+    assert sorted(p.name for p in out.iterdir()) == [COMPLETE_MARKER, "d", "y.txt"]
+    z = _zip(
+        tmp_path / "good.zip",
+        [("top/", stat.S_IFDIR | 0o755, b""), ("top/a.txt", 0o100644, b"a"), ("b.txt", 0, b"b")],
+    )
+    out = safe_extract(z, tmp_path / "z")
+    assert (out / "top" / "a.txt").read_bytes() == b"a" and (out / "b.txt").read_bytes() == b"b"
+    for p in [*(tmp_path / "t").rglob("*"), *(tmp_path / "z").rglob("*")]:
+        st = os.lstat(p)
+        assert stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)
+        assert not st.st_mode & (stat.S_ISUID | stat.S_ISGID)
+
+
+# ----------------------------------------------------------------------------- download targets
+
+
+def test_mistyped_data_dir_is_exit_2_and_not_created(tmp_path, server, monkeypatch, capsys):
+    # only the cache is a download target: a --data-dir holding no data set is never created or
+    # downloaded into, and the message names it and says what to place where
+    tar, _ = make_cifar10_tarball(tmp_path)
+    _point(monkeypatch, server, "cifar10", tar)
+    typo = tmp_path / "dtaa"
+    argv = ["purify", "--dataset", "cifar10", "--data-dir", str(typo), "--method", "none",
+            "--out", str(tmp_path / "o"), "--quiet"]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert str(typo) in err and "no CIFAR-10 data set" in err, err
+    assert "cifar-10-batches-py" in err and str(typo / "cifar-10-python.tar.gz") in err
+    assert "--data-dir" in err and str(tmp_path / "cache") in err
+    assert not typo.exists()
+    assert server.requests == []
+    # an existing folder without the data set: the same, and it stays empty
+    typo.mkdir()
+    with pytest.raises(UsageError, match="no CIFAR-10 data set found"):
+        open_dataset("cifar10", typo, "test", quiet=True)
+    assert list(typo.iterdir()) == [] and server.requests == []
+
+
+def test_download_into_a_data_dir_only_when_asked(tmp_path, server, monkeypatch):
+    tar, _ = make_cifar10_tarball(tmp_path)
+    _point(monkeypatch, server, "cifar10", tar)
+    dd = tmp_path / "dd"
+    with pytest.raises(UsageError, match="no CIFAR-10 data set found"):
+        download.ensure_extracted("cifar10", dd, quiet=True)
+    assert not dd.exists()
+    got = download.ensure_extracted("cifar10", dd, download_into_data_dir=True, quiet=True)
+    assert got == dd / "cifar10" and (got / COMPLETE_MARKER).is_file()
+    assert len(server.requests) == 1
+
+
+def test_offline_message_lists_every_missing_file(tmp_path, monkeypatch):
+    for name in ("cifar10", "cinic10", "tinyimagenet"):
+        monkeypatch.setattr(download.ARCHIVES[name], "url", f"http://127.0.0.1:9/{name}")
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "tiny-imagenet-200.zip").write_bytes(b"placed by hand")  # present: not listed
+    msg = download.offline_message(["cifar10", "cinic10", "tinyimagenet"])
+    for name, arc in download.ARCHIVES.items():
+        listed = str(cache / arc.filename) in msg
+        assert listed == (name != "tinyimagenet"), msg
+        assert (f"http://127.0.0.1:9/{name}" in msg) == listed
+    assert "c58f30108f718f92721af3b95e74349a" in msg
+    # offline: one message, each missing file once with where it goes
+    with pytest.raises(UsageError) as ei:
+        download.ensure_extracted("cifar10", None, quiet=True)
+    msg = str(ei.value)
+    assert msg.count(str(cache / "cifar-10-python.tar.gz")) == 1, msg
+    assert "cannot download" in msg and "Connection refused" in msg
+    assert "http://127.0.0.1:9/cifar10 (md5 c58f30108f718f92721af3b95e74349a)" in msg
+
+
+def test_full_disk_blames_the_disk_not_the_archive(tmp_path, monkeypatch):
+    tar = _tar(tmp_path / "ok.tar.gz", [("f", "file", b"x")])
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(download, "_write", full)
+    with pytest.raises(UsageError, match="No space left") as ei:
+        safe_extract(tar, tmp_path / "t")
+    assert "delete it" not in str(ei.value) and str(tmp_path) in str(ei.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ok.tar.gz"]
