@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
@@ -22,6 +24,8 @@ from puregen_fast.runtime import resolve_device
 from puregen_fast.sampling.backends import fast_available
 
 __all__ = ["add_arguments", "run"]
+
+T = TypeVar("T")
 
 
 def _config(args: argparse.Namespace) -> PurifyConfig:
@@ -44,10 +48,31 @@ def _config(args: argparse.Namespace) -> PurifyConfig:
     return cfg
 
 
-def _build_purifier(cfg: PurifyConfig, device: torch.device) -> Purifier:
-    needs_ebm, needs_ddpm = cfg.uses
-    ebm = load_ebm(cfg.ebm or DEFAULT_EBM) if needs_ebm else None
-    ddpm = load_ddpm(cfg.ddpm or DEFAULT_DDPM) if needs_ddpm else None
+class _Inputs:
+    """The run's models and data, each loaded (rank 0 first) on its own, so that every problem
+    (a missing checkpoint, a missing data set, offline) is found in one go and reported in one
+    message, not one per attempt."""
+
+    def __init__(self, dist: Dist) -> None:
+        self.dist, self.problems = dist, []
+
+    def load(self, fn: Callable[[], T]) -> T | None:
+        try:
+            return self.dist.staged(fn)
+        except UsageError as e:
+            self.problems.append(str(e))
+            return None
+
+    def check(self) -> None:
+        if len(self.problems) == 1:
+            raise UsageError(self.problems[0])
+        if self.problems:
+            listed = "\n".join(f"  {i}. {p}" for i, p in enumerate(self.problems, 1))
+            raise UsageError(f"{len(self.problems)} problems, fix them all before rerunning:\n"
+                             f"{listed}")  # fmt: skip
+
+
+def _purifier(cfg: PurifyConfig, device: torch.device, ebm, ddpm) -> Purifier:
     try:
         return Purifier(ebm=ebm, ddpm=ddpm, **{**cfg.engine_dict(), "device": device})
     except ValueError as e:
@@ -64,11 +89,16 @@ def run(args: argparse.Namespace) -> int:
         out = Path(cfg.out).expanduser()
         dist.on_rank0(lambda: check_out_dir(out, resume=cfg.resume, overwrite=cfg.overwrite))
         t0 = time.perf_counter()
-        purifier = dist.staged(lambda: _build_purifier(cfg, dist.device))
+        needs_ebm, needs_ddpm = cfg.uses
+        inputs = _Inputs(dist)
+        ebm = inputs.load(lambda: load_ebm(cfg.ebm or DEFAULT_EBM)) if needs_ebm else None
+        ddpm = inputs.load(lambda: load_ddpm(cfg.ddpm or DEFAULT_DDPM)) if needs_ddpm else None
         t_models = time.perf_counter() - t0
-        dataset = dist.staged(
+        dataset = inputs.load(
             lambda: open_dataset(cfg.dataset, cfg.data_dir, cfg.split, quiet=cfg.quiet)
         )
+        inputs.check()
+        purifier = _purifier(cfg, dist.device, ebm, ddpm)
         t_data = time.perf_counter() - t0 - t_models
         command = {**cfg.to_dict(), "out": str(out.absolute())}
         purify_dataset(

@@ -428,3 +428,15 @@ def test_bf16_where_the_fast_path_cannot_run_it_is_refused(env, tmp_path, capsys
     assert main(argv) == 2
     assert "--precision bf16" in capsys.readouterr().err
     assert purify(env, tmp_path / "b", "--precision", "bf16", "--limit", "4") == 0  # reference
+
+
+def test_every_missing_input_in_one_message(tmp_path, capsys):
+    """Offline and nothing in place: the EBM, the DDPM and the data set are all named at once
+    (one round trip, not three)."""
+    argv = ["purify", "--dataset", "cifar10", "--method", "ebm+ddpm",
+            "--ebm", str(tmp_path / "no-ebm"), "--ddpm", str(tmp_path / "no-ddpm"),
+            "--device", "cpu", "--out", str(tmp_path / "o"), "--quiet"]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "3 problems" in err
+    assert "no-ebm" in err and "no-ddpm" in err and "cifar-10-python.tar.gz" in err
