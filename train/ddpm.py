@@ -28,7 +28,7 @@ from puregen_fast import reference
 from puregen_fast.data.io import atomic_write_json
 from puregen_fast.dist import Dist
 from puregen_fast.errors import UsageError
-from puregen_fast.models.checkpoints import save_ddpm
+from puregen_fast.models.checkpoints import read_config, save_ddpm
 from puregen_fast.models.schedule import DDPMSchedule
 from puregen_fast.runtime import precision_context
 from puregen_fast.train.config import UNET_PRESETS, DDPMConfig
@@ -51,15 +51,7 @@ def ema_decay(n: int, max_decay: float, inv_gamma: float, power: float) -> float
 
 def unet_config(cfg: DDPMConfig, size: int) -> dict[str, Any]:
     if cfg.unet_config:
-        try:
-            conf = json.loads(Path(cfg.unet_config).read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise UsageError(f"--unet-config {cfg.unet_config!r}: {e}") from e
-        if not isinstance(conf, dict):
-            raise UsageError(
-                f"--unet-config {cfg.unet_config!r}: expected a JSON object (a diffusers "
-                f"UNet2DModel config.json), found {type(conf).__name__}"
-            )
+        conf = read_config(cfg.unet_config, label="--unet-config")
     else:
         conf = copy.deepcopy(UNET_PRESETS[cfg.unet])
     conf["sample_size"] = size

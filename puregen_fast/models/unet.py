@@ -19,6 +19,7 @@ a device tensor.
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -81,11 +82,59 @@ def _block_type(name: str) -> str:
 
 
 def _refuse(key: str, value: Any, supported: str) -> ValueError:
-    return ValueError(f"UNet2D: unsupported config value {key}={value!r}; supported: {supported}")
+    return ValueError(
+        f"UNet2D: unsupported config value {key}={_show(value)}; supported: {supported}"
+    )
+
+
+# Sanity limits on untrusted configs, far above any UNet2DModel (the paper's has 6 levels of at
+# most 512 channels and 2 layers): they keep shape arithmetic and the module count bounded.
+MAX_CHANNELS = 1 << 16
+MAX_LEVELS = 8
+MAX_LAYERS_PER_BLOCK = 32
+
+
+def _show(value: Any) -> str:
+    """``repr(value)`` cut short, for messages about untrusted values."""
+    try:
+        text = repr(value)
+    except (ValueError, RecursionError):  # an int too long to print, deep nesting
+        text = f"<{type(value).__name__}>"
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _is_finite(v: Any) -> bool:
+    # math.isfinite overflows on huge ints; ints are finite anyway.
+    if _is_int(v):
+        return True
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _check_int(cfg: Mapping[str, Any], key: str, lo: int, hi: int, optional: bool = False) -> None:
+    v = cfg[key]
+    if optional and v is None:
+        return
+    if not _is_int(v) or not lo <= v <= hi:
+        what = "None or " * optional + f"a whole number in [{lo}, {hi}]"
+        raise _refuse(key, v, what)
+
+
+def _check_names(cfg: Mapping[str, Any], key: str, allowed: tuple[str, ...]) -> None:
+    names = cfg[key]
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise _refuse(key, names, "a list of block type names")
+    for name in names:
+        if _block_type(name) not in allowed:
+            raise _refuse(key, name, ", ".join(map(repr, allowed)))
 
 
 def _validate(cfg: Mapping[str, Any]) -> None:
-    """Raise ValueError for any config value that this implementation does not reproduce."""
+    """Raise ValueError for any config value that this implementation does not reproduce, or
+    that is not a valid value of its type (a config.json is untrusted input)."""
     for key, allowed in (
         ("time_embedding_type", ("positional",)),
         ("resnet_time_scale_shift", ("default",)),
@@ -95,25 +144,65 @@ def _validate(cfg: Mapping[str, Any]) -> None:
         ("class_embed_type", (None,)),
         ("num_class_embeds", (None,)),
     ):
-        if cfg[key] not in allowed:
+        if not (cfg[key] is None or isinstance(cfg[key], str)) or cfg[key] not in allowed:
             raise _refuse(key, cfg[key], ", ".join(repr(a) for a in allowed))
-    if cfg["act_fn"] not in _ACTIVATIONS:
+    if not isinstance(cfg["act_fn"], str) or cfg["act_fn"] not in _ACTIVATIONS:
         raise _refuse("act_fn", cfg["act_fn"], ", ".join(map(repr, _ACTIVATIONS)))
     if cfg["norm_num_groups"] is None:
         raise _refuse("norm_num_groups", None, "an int")
-    for key, allowed in (("down_block_types", _DOWN_BLOCKS), ("up_block_types", _UP_BLOCKS)):
-        for name in cfg[key]:
-            if _block_type(name) not in allowed:
-                raise _refuse(key, name, ", ".join(map(repr, allowed)))
-    n = len(cfg["block_out_channels"])
+    _check_names(cfg, "down_block_types", _DOWN_BLOCKS)
+    _check_names(cfg, "up_block_types", _UP_BLOCKS)
+    chans = cfg["block_out_channels"]
+    if not isinstance(chans, list):
+        raise _refuse("block_out_channels", chans, "a list of channel counts")
+    n = len(chans)
     if n == 0 or len(cfg["down_block_types"]) != n or len(cfg["up_block_types"]) != n:
         raise ValueError(
             "UNet2D: block_out_channels, down_block_types and up_block_types must have the same "
-            f"non-zero length; got {cfg['block_out_channels']}, {cfg['down_block_types']}, "
-            f"{cfg['up_block_types']}"
+            f"non-zero length; got {_show(chans)}, {_show(cfg['down_block_types'])}, "
+            f"{_show(cfg['up_block_types'])}"
         )
-    if cfg["downsample_padding"] not in (0, 1):
-        raise _refuse("downsample_padding", cfg["downsample_padding"], "0, 1")
+    if n > MAX_LEVELS:
+        raise _refuse("block_out_channels", chans, f"at most {MAX_LEVELS} levels")
+    if not all(_is_int(c) and 1 <= c <= MAX_CHANNELS for c in chans):
+        raise _refuse("block_out_channels", chans, f"whole numbers in [1, {MAX_CHANNELS}]")
+    _check_int(cfg, "layers_per_block", 1, MAX_LAYERS_PER_BLOCK)
+    _check_int(cfg, "in_channels", 1, MAX_CHANNELS)
+    _check_int(cfg, "out_channels", 1, MAX_CHANNELS)
+    _check_int(cfg, "time_embedding_dim", 1, 4 * MAX_CHANNELS, optional=True)
+    _check_int(cfg, "attention_head_dim", 1, MAX_CHANNELS, optional=True)
+    _check_int(cfg, "norm_num_groups", 1, MAX_CHANNELS)
+    _check_int(cfg, "attn_norm_num_groups", 1, MAX_CHANNELS, optional=True)
+    _check_int(cfg, "downsample_padding", 0, 1)
+    _check_int(cfg, "num_train_timesteps", 0, 1 << 62, optional=True)
+    size = cfg["sample_size"]
+    sizes = size if isinstance(size, list) and 1 <= len(size) <= 2 else [size]
+    if size is not None and not all(_is_int(s) and 1 <= s <= MAX_CHANNELS for s in sizes):
+        raise _refuse("sample_size", size, "None, a whole number or [height, width]")
+    for key in ("center_input_sample", "flip_sin_to_cos", "add_attention"):
+        if not isinstance(cfg[key], bool) and not (_is_int(cfg[key]) and cfg[key] in (0, 1)):
+            raise _refuse(key, cfg[key], "true, false")
+    if not _is_finite(cfg["freq_shift"]):
+        raise _refuse("freq_shift", cfg["freq_shift"], "a finite number")
+    for key, lo, hi in (("norm_eps", 0.0, 1.0), ("dropout", 0.0, 1.0)):
+        if not _is_finite(cfg[key]) or not lo <= cfg[key] <= hi:
+            raise _refuse(key, cfg[key], f"a number in [{lo}, {hi}]")
+    scale = cfg["mid_block_scale_factor"]
+    if not _is_finite(scale) or not 0 < scale <= 1e6:
+        raise _refuse("mid_block_scale_factor", scale, "a number in (0, 1e6]")
+    # GroupNorm splits channels into equal groups: every normalised width (sums of block widths
+    # on the up path) must divide evenly.
+    groups = cfg["norm_num_groups"]
+    if any(c % groups for c in chans):
+        raise _refuse("norm_num_groups", groups, f"a divisor of every block_out_channels {chans}")
+    attn_groups = cfg["attn_norm_num_groups"]
+    if (
+        attn_groups is not None
+        and cfg["mid_block_type"] is not None
+        and cfg["add_attention"]
+        and chans[-1] % attn_groups
+    ):
+        raise _refuse("attn_norm_num_groups", attn_groups, f"a divisor of {chans[-1]}")
 
 
 def _json_value(value: Any) -> Any:

@@ -160,7 +160,11 @@ def test_pickles_are_not_unpickled(tmp_path):
 
 
 def test_hf_source_offline_says_what_to_do(monkeypatch, tmp_path):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    with pytest.raises(pg.CheckpointError, match="huggingface-cli download"):
+    from huggingface_hub import constants
+
+    # huggingface_hub reads its environment at import: set the values it uses
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    with pytest.raises(pg.CheckpointError, match="--ebm puregen-ebm-cinic10-imagenet") as info:
         pg.load_ebm("hf:SunayBhat1/puregen-ebm-cinic10-imagenet")
+    assert "download SunayBhat1/puregen-ebm-cinic10-imagenet --local-dir" in str(info.value)
