@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
+import stat
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -42,3 +47,25 @@ def require_kernels() -> None:
     ok, why = triton_available(DEV)
     if not ok:
         pytest.skip(f"Triton kernels cannot run here: {why}")
+
+
+def tree_snapshot(root: Path, skip: Path) -> dict:
+    """Everything under ``root`` except ``skip``'s subtree, links not followed: each file's type,
+    mode, link count, mtime and content digest, each link's target, each folder's listing (to
+    prove that nothing outside a target folder changed)."""
+    out: dict = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        d = Path(dirpath)
+        dirnames[:] = sorted(n for n in dirnames if d / n != skip)
+        out[str(d)] = ("dir", sorted(n for n in os.listdir(d) if d / n != skip))
+        for n in filenames:
+            p = d / n
+            st = os.lstat(p)
+            if stat.S_ISLNK(st.st_mode):
+                out[str(p)] = ("link", os.readlink(p))
+            elif stat.S_ISREG(st.st_mode):
+                digest = hashlib.sha256(p.read_bytes()).hexdigest()
+                out[str(p)] = ("file", st.st_mode, st.st_nlink, st.st_mtime_ns, digest)
+            else:
+                out[str(p)] = ("other", st.st_mode)
+    return out

@@ -11,7 +11,6 @@ target is compared byte for byte before and after. Only the cache is a download 
 from __future__ import annotations
 
 import errno
-import hashlib
 import http.server
 import io
 import os
@@ -32,6 +31,7 @@ from fixtures_data import (
     make_evil_zip,
     make_tinyimagenet_zip,
 )
+from helpers import tree_snapshot
 
 from puregen_fast.cli.main import main
 from puregen_fast.data import download
@@ -327,25 +327,6 @@ def test_published_checksums_are_pinned():
 # ----------------------------------------------------------------------------- hostile archives
 
 
-def _tree(root: Path, skip: Path) -> dict:
-    """Everything under ``root`` except ``skip``'s subtree, links not followed: each file's type,
-    mode, link count, mtime and content digest, each link's target, each folder's listing."""
-    out: dict = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        d = Path(dirpath)
-        dirnames[:] = sorted(n for n in dirnames if d / n != skip)
-        out[str(d)] = ("dir", sorted(n for n in os.listdir(d) if d / n != skip))
-        for n in filenames:
-            p = d / n
-            st = os.lstat(p)
-            if stat.S_ISLNK(st.st_mode):
-                out[str(p)] = ("link", os.readlink(p))
-            elif stat.S_ISREG(st.st_mode):
-                digest = hashlib.sha256(p.read_bytes()).hexdigest()
-                out[str(p)] = ("file", st.st_mode, st.st_nlink, st.st_mtime_ns, digest)
-            else:
-                out[str(p)] = ("other", st.st_mode)
-    return out
 
 
 def _box(tmp_path: Path) -> tuple[Path, Path]:
@@ -483,7 +464,7 @@ HOSTILE = [
 def test_hostile_archive_is_refused_and_nothing_outside_changes(tmp_path, kind):
     box, target = _box(tmp_path)
     archive, member = _hostile(kind, box, target)
-    before = _tree(box, target)
+    before = tree_snapshot(box, target)
     with pytest.raises(UsageError) as ei:
         safe_extract(archive, target)
     msg = str(ei.value)
@@ -492,7 +473,7 @@ def test_hostile_archive_is_refused_and_nothing_outside_changes(tmp_path, kind):
         assert "links are never extracted" in msg
     assert not target.exists()
     assert sorted(os.listdir(target.parent)) == ["victim.txt"]  # no temporary folder left
-    assert _tree(box, target) == before  # the sentinels are untouched
+    assert tree_snapshot(box, target) == before  # the sentinels are untouched
     assert (box / "a" / "victim.txt").read_text() == "sentinel"
 
 
@@ -509,14 +490,14 @@ def test_hostile_archive_exits_2_from_the_command_line(tmp_path, monkeypatch, ca
     placed.write_bytes(archive.read_bytes())
     monkeypatch.setattr(download.ARCHIVES["cifar10"], "digest", file_digest(placed, "md5"))
     monkeypatch.setattr(download.ARCHIVES["cifar10"], "algo", "md5")
-    before = _tree(tmp_path, data / "cifar10")
+    before = tree_snapshot(tmp_path, data / "cifar10")
     argv = ["purify", "--dataset", "cifar10", "--data-dir", str(data), "--method", "none",
             "--out", str(tmp_path / "o"), "--quiet"]  # fmt: skip
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert str(placed) in err and member in err, err
     assert not (data / "cifar10").exists()
-    assert _tree(tmp_path, data / "cifar10") == before
+    assert tree_snapshot(tmp_path, data / "cifar10") == before
 
 
 def test_good_archives_still_extract(tmp_path):

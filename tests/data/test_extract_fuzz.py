@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import bz2
 import gzip
-import hashlib
 import io
 import lzma
 import os
@@ -29,6 +28,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from helpers import tree_snapshot
 from hypothesis import HealthCheck, given, reject, settings
 from hypothesis import strategies as st
 
@@ -169,25 +169,6 @@ def _damage(path: Path, how: str, where: int, byte: int) -> None:
         path.write_bytes(comp(raw[: where % (len(raw) + 1)] + bytes([byte]) * 600))
 
 
-def _tree(root: Path, skip: Path) -> dict:
-    """Everything under ``root`` but ``skip``'s subtree, links not followed: type, mode, link
-    count, mtime and content digest of each file, each link's target, each folder's listing."""
-    out: dict = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        d = Path(dirpath)
-        dirnames[:] = sorted(n for n in dirnames if d / n != skip)
-        out[str(d)] = ("dir", sorted(n for n in os.listdir(d) if d / n != skip))
-        for n in filenames:
-            p = d / n
-            st_ = os.lstat(p)
-            if stat.S_ISLNK(st_.st_mode):
-                out[str(p)] = ("link", os.readlink(p))
-            elif stat.S_ISREG(st_.st_mode):
-                digest = hashlib.sha256(p.read_bytes()).hexdigest()
-                out[str(p)] = ("file", st_.st_mode, st_.st_nlink, st_.st_mtime_ns, digest)
-            else:
-                out[str(p)] = ("other", st_.st_mode)
-    return out
 
 
 def _plain(target: Path) -> bool:
@@ -228,7 +209,7 @@ def _one(root: Path, case) -> str:
         except (ValueError, IndexError, UnicodeError, OverflowError, tarfile.TarError):
             return "unbuildable"  # the writer itself refuses these members
         _damage(archive, how, where, byte)
-        before = _tree(box, target)
+        before = tree_snapshot(box, target)
         signal.setitimer(signal.ITIMER_REAL, HANG_S)
         try:
             safe_extract(archive, target)
@@ -239,7 +220,7 @@ def _one(root: Path, case) -> str:
             outcome = "hang"
         finally:
             signal.setitimer(signal.ITIMER_REAL, 0)
-        if _tree(box, target) != before:
+        if tree_snapshot(box, target) != before:
             return "write outside"
         left = sorted(os.listdir(target.parent))
         if left != (["t", "victim.txt"] if outcome == "extracted" else ["victim.txt"]):
