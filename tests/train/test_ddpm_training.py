@@ -61,6 +61,7 @@ LEARN = [
 ]  # fmt: skip
 
 
+@pytest.mark.slow  # trains for ~20 s
 def test_tiny_ddpm_learns_and_purifies(data, tmp_path):
     out = tmp_path / "run"
     assert _train(data, out, *LEARN) == 0

@@ -66,6 +66,7 @@ LEARN = [
 ]  # fmt: skip
 
 
+@pytest.mark.slow  # trains for ~15 s
 def test_trained_ebm_gives_data_lower_energy(data, tmp_path):
     out = tmp_path / "run"
     assert _train(data, out, *LEARN) == 0

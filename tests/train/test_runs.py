@@ -48,6 +48,7 @@ EBM = [
 ]  # fmt: skip
 
 
+@pytest.mark.slow  # two training runs in subprocesses, ~15 s
 def test_sigint_then_resume_is_exact(data, tmp_path):
     n = 40
     _run(_cmd("ebm", data, tmp_path / "full", *EBM, "--steps", str(n)))
@@ -81,6 +82,7 @@ def _max_diff(a: Path, b: Path, name: str) -> float:
     return max(float((wa[k] - wb[k]).abs().max()) for k in wa)
 
 
+@pytest.mark.slow  # three training runs under torchrun, ~20 s
 def test_torchrun_two_ranks_match_one_process(data, tmp_path):
     ebm = [*EBM, "--mcmc-steps", "3", "--steps", "5"]
     _run(_cmd("ebm", data, tmp_path / "e1", *ebm))
