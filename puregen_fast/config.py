@@ -261,6 +261,14 @@ class PurifyConfig(EngineConfig):
     limit: int | None = _opt(
         None, "purify only the first N images", group="data", check=int_in(1), metavar="N"
     )
+    max_image_pixels: int | None = _opt(
+        None,
+        "refuse images with more pixels than N, checked from the file header before decoding "
+        "(default 16777216 = 4096x4096)",
+        group="data",
+        check=int_in(1),
+        metavar="N",
+    )
     ebm: str | None = _opt(
         None, f"EBM checkpoint (default {DEFAULT_EBM})", group="method", metavar="SRC"
     )

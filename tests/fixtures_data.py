@@ -8,10 +8,16 @@ images are what Pillow decodes from the written files.
 
 from __future__ import annotations
 
+import contextlib
 import io
+import os
 import pickle
+import signal
+import struct
 import tarfile
 import zipfile
+import zlib
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -270,3 +276,51 @@ def make_evil_zip(path: Path) -> Path:
         zf.writestr("tiny-imagenet-200/wnids.txt", "n01443537\n")
         zf.writestr("../evil.txt", "escaped")
     return path
+
+
+# ----------------------------------------------------------------------------- hostile files
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A tiny PNG whose header declares ``width`` x ``height`` RGB, with almost no pixel data:
+    decoding it would cost ``width * height * 3`` bytes before failing as truncated."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = struct.pack(">I", zlib.crc32(kind + data))
+        return struct.pack(">I", len(data)) + kind + data + crc
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    idat = zlib.compress(b"\0" * 64)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def release_fifos(fifos: Sequence[str | bytes | os.PathLike]) -> None:
+    """Open each FIFO's write end and close it: a reader blocked opening it gets end-of-file."""
+    for f in fifos:
+        try:
+            os.close(os.open(f, os.O_WRONLY | os.O_NONBLOCK))
+        except OSError:  # no reader waiting (ENXIO), or gone
+            pass
+
+
+class Hang(BaseException):
+    """A case ran past its time. Not an Exception (nor an OSError, as TimeoutError is), so no
+    ``except OSError`` or ``except Exception`` in the code under test can swallow it."""
+
+
+@contextlib.contextmanager
+def no_hang(seconds: float, fifos: Sequence[str | bytes | os.PathLike] = ()) -> Iterator[None]:
+    """Fail with `Hang` instead of hanging: after ``seconds`` the blocked readers of ``fifos``
+    are released and `Hang` is raised in the main thread (SIGALRM)."""
+
+    def on_alarm(signum, frame):
+        release_fifos(fifos)
+        raise Hang(f"still running after {seconds} s")
+
+    old = signal.signal(signal.SIGALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)

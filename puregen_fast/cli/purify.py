@@ -95,7 +95,8 @@ def run(args: argparse.Namespace) -> int:
         ddpm = inputs.load(lambda: load_ddpm(cfg.ddpm or DEFAULT_DDPM)) if needs_ddpm else None
         t_models = time.perf_counter() - t0
         dataset = inputs.load(
-            lambda: open_dataset(cfg.dataset, cfg.data_dir, cfg.split, quiet=cfg.quiet)
+            lambda: open_dataset(cfg.dataset, cfg.data_dir, cfg.split, quiet=cfg.quiet,
+                                 limit=cfg.limit, max_pixels=cfg.max_image_pixels)  # fmt: skip
         )
         inputs.check()
         purifier = _purifier(cfg, dist.device, ebm, ddpm)

@@ -440,3 +440,20 @@ def test_every_missing_input_in_one_message(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "3 problems" in err
     assert "no-ebm" in err and "no-ddpm" in err and "cifar-10-python.tar.gz" in err
+
+
+def test_limit_decodes_only_the_selection_and_the_pixel_cap_is_a_flag(tmp_path, capsys):
+    """A 12000x12000 PNG header past --limit is never decoded; within the selection it is
+    refused from its header (exit 2 naming the flag that raises the cap)."""
+    from fixtures_data import png_header_only
+    from PIL import Image
+
+    root = tmp_path / "imgs"
+    (root / "a").mkdir(parents=True)
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / "a" / "0.png")
+    (root / "a" / "1.png").write_bytes(png_header_only(12000, 12000))
+    base = ["purify", "--dataset", "imagefolder", "--data-dir", str(root), "--method", "none",
+            "--device", "cpu", "--quiet"]  # fmt: skip
+    assert main([*base, "--limit", "1", "--out", str(tmp_path / "o1")]) == 0
+    assert main([*base, "--out", str(tmp_path / "o2")]) == 2
+    assert "--max-image-pixels" in capsys.readouterr().err
