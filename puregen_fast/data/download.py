@@ -333,7 +333,7 @@ class _Plan:
             if is_dir:
                 return parts
             raise refuse("a file without a name")
-        if parts == (COMPLETE_MARKER,):
+        if parts[0] == COMPLETE_MARKER:  # a file, or a folder that would block the marker
             raise refuse(f"{COMPLETE_MARKER} is the name of the completion marker")
         for i in range(1, len(parts)):
             if parts[:i] in self.files:

@@ -432,6 +432,8 @@ def _hostile(kind: str, box: Path, target: Path) -> tuple[Path, str]:
         "file-over-folder": ([("d", "dir", None), ("d/x", "file", b"1"), ("d", "file", b"2")], "d"),
         "file-as-folder": ([("f", "file", b"1"), ("f/x", "file", b"2")], "f/x"),
         "marker-name": ([good, (COMPLETE_MARKER, "dir", None)], COMPLETE_MARKER),
+        # found by the fuzz test: a folder of the marker's name blocked the marker's write
+        "marker-folder": ([good, (f"./{COMPLETE_MARKER}/a", "file", b"1")], COMPLETE_MARKER),
     }
     zips = {
         "zip-dotdot": (
@@ -455,8 +457,8 @@ def _hostile(kind: str, box: Path, target: Path) -> tuple[Path, str]:
 HOSTILE = [
     "symlink-chain", "cve-2025-4517", "hardlink-absolute", "hardlink-dotdot", "hardlink-inside",
     "symlink-inside", "absolute", "dotdot", "dotdot-inside", "backslash", "fifo", "chardev",
-    "blockdev", "file-over-folder", "file-as-folder", "marker-name", "zip-dotdot", "zip-absolute",
-    "zip-symlink", "zip-fifo", "zip-chardev", "zip-file-over-folder", "zip-dotdot-inside",
+    "blockdev", "file-over-folder", "file-as-folder", "marker-name", "marker-folder",
+    "zip-dotdot", "zip-absolute", "zip-symlink", "zip-fifo", "zip-chardev", "zip-file-over-folder", "zip-dotdot-inside",
 ]  # fmt: skip
 
 
