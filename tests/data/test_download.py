@@ -458,7 +458,8 @@ HOSTILE = [
     "symlink-chain", "cve-2025-4517", "hardlink-absolute", "hardlink-dotdot", "hardlink-inside",
     "symlink-inside", "absolute", "dotdot", "dotdot-inside", "backslash", "fifo", "chardev",
     "blockdev", "file-over-folder", "file-as-folder", "marker-name", "marker-folder",
-    "zip-dotdot", "zip-absolute", "zip-symlink", "zip-fifo", "zip-chardev", "zip-file-over-folder", "zip-dotdot-inside",
+    "zip-dotdot", "zip-absolute", "zip-symlink", "zip-fifo", "zip-chardev",
+    "zip-file-over-folder", "zip-dotdot-inside",
 ]  # fmt: skip
 
 
