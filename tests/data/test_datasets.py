@@ -30,14 +30,7 @@ from puregen_fast.data.download import COMPLETE_MARKER
 from puregen_fast.data.io import file_digest
 from puregen_fast.errors import UsageError
 
-
-@pytest.fixture(autouse=True)
-def _cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("PUREGEN_FAST_CACHE", str(tmp_path / "cache"))
-    # never reach the network from these tests
-    monkeypatch.setenv("PUREGEN_FAST_URL_CIFAR10", "http://127.0.0.1:9/none")
-    monkeypatch.setenv("PUREGEN_FAST_URL_CINIC10", "http://127.0.0.1:9/none")
-    monkeypatch.setenv("PUREGEN_FAST_URL_TINYIMAGENET", "http://127.0.0.1:9/none")
+pytestmark = pytest.mark.usefixtures("offline_cache")
 
 
 def _check(ds, x, y, names):

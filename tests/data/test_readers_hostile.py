@@ -29,12 +29,7 @@ from puregen_fast.data import datasets
 from puregen_fast.data.datasets import MAX_CLASSES, open_dataset
 from puregen_fast.errors import UsageError
 
-
-@pytest.fixture(autouse=True)
-def _cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("PUREGEN_FAST_CACHE", str(tmp_path / "cache"))
-    for name in ("CIFAR10", "CINIC10", "TINYIMAGENET"):  # never reach the network
-        monkeypatch.setenv(f"PUREGEN_FAST_URL_{name}", "http://127.0.0.1:9/none")
+pytestmark = pytest.mark.usefixtures("offline_cache")
 
 
 def _png(path, size=(4, 4), value=0) -> None:
