@@ -208,6 +208,7 @@ def _plan(
     n = len(dataset) if limit is None else min(len(dataset), limit)
     if n == 0:
         raise UsageError(f"data set {dataset.name}/{dataset.split} has no images")
+    batch_size = min(batch_size, n)  # never pad past the data set (the bytes depend on it)
     labels = np.asarray(dataset.labels[:n], dtype=np.int64)
     shape = [int(v) for v in dataset.images.shape[1:]]
     config = {
@@ -405,8 +406,6 @@ def _run(
     fmt: str, resume: bool, overwrite: bool, quiet: bool, limit: int | None, extra: dict,
 ) -> Path:  # fmt: skip
     t0 = time.perf_counter()
-    n = len(dataset) if limit is None else min(len(dataset), limit)
-    batch_size = max(1, min(batch_size, n))  # never pad past the data set (the bytes depend on it)
     run = _plan(dataset, purifier, out, dist, batch_size=batch_size, shard_size=shard_size,
                 fmt=fmt, limit=limit, quiet=quiet)  # fmt: skip
     with contextlib.ExitStack() as held:
