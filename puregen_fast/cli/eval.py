@@ -6,6 +6,11 @@ Subcommands::
     puregen-fast eval poison --dataset NAME [--data-dir D] [--split train] --trigger T.npy
         --target-class K [--count 500] [--random-select] [--quantize trunc|round]
         --out POISONED.npz
+    puregen-fast eval poison --dataset NAME ... --attack narcissus|gradient-matching|
+        bullseye-polytope [--poisons hf:SunayBhat1/puregen-poisons | DIR]
+        [--poisons-dataset NAME] --target-class K [--narcissus-size 32 --narcissus-eps 8]
+        [--bp-poisons 50 --bp-mode linear-transfer|fine-tune --bp-iters 800 --bp-repeat 1]
+        --out POISONED.npz
     puregen-fast eval run (--train DIR | --train-npz F.npz | --train-dataset NAME
         [--train-data-dir D] [--train-split train]) --test-dataset NAME [--test-data-dir D]
         [--test-split test] [--trigger T.npy --target-class K [--trigger-scale 1 ...]]
@@ -13,6 +18,9 @@ Subcommands::
         [--device auto|cpu|cuda] [--limit-test N] [--json OUT] [--quiet]
     puregen-fast eval table RESULT.json ...
     puregen-fast eval trigger --size H W --eps E [--kind uniform|checker] --out T.npy
+    puregen-fast eval trigger --method narcissus --dataset NAME [--data-dir D] --target-class K
+        --ood-dataset NAME [--ood-data-dir D] [--size 32 32] [--eps 2*16/255] [--rounds R]
+        [--surrogate-arch airbench|resnet18] [--surrogate-epochs E] ... --out T.npy
 
 The experiment itself is `puregen_fast.eval.experiment`, the metrics and the table
 `puregen_fast.eval.metrics`; this module parses and checks the flags and prints.
@@ -24,8 +32,10 @@ import argparse
 import sys
 from pathlib import Path
 
+import numpy as np
+
 from puregen_fast.cli.argtypes import int_at_least, positive_float
-from puregen_fast.data.datasets import DATASETS, SPLITS
+from puregen_fast.data.datasets import DATASETS, SPLITS, open_dataset
 from puregen_fast.errors import UsageError
 from puregen_fast.eval.classifier import ARCHS, default_config
 from puregen_fast.eval.experiment import (
@@ -40,7 +50,16 @@ from puregen_fast.eval.experiment import (
     save_result,
 )
 from puregen_fast.eval.metrics import format_table
-from puregen_fast.eval.poison import QUANTIZE, make_trigger, save_trigger
+from puregen_fast.eval.narcissus import NarcissusConfig, synthesize_narcissus, target_rate
+from puregen_fast.eval.poison import QUANTIZE, make_trigger, save_poisoned_npz, save_trigger
+from puregen_fast.eval.poisons import (
+    ATTACKS,
+    BP_MODES,
+    HF_REPO,
+    POISON_DATASETS,
+    PoisonSpec,
+    poison_with_published,
+)
 from puregen_fast.runtime import resolve_device
 
 __all__ = ["add_arguments", "run"]
@@ -65,10 +84,42 @@ def _add_poison_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--trigger",
         metavar="FILE",
-        required=True,
-        help=".npy trigger, shape (1, 3, h, w) or (3, h, w), in the [-1, 1] image space",
+        default=None,
+        help=".npy trigger, shape (1, 3, h, w) or (3, h, w), in the [-1, 1] image space "
+        "(or --attack for the authors' published poisons)",
     )
-    p.add_argument("--target-class", metavar="K", type=int_at_least(0), required=True)
+    p.add_argument(
+        "--target-class",
+        metavar="K",
+        type=int_at_least(0),
+        required=True,
+        help="the target class (the trial folder <k> for gradient-matching and "
+        "bullseye-polytope)",
+    )
+    a = p.add_argument_group("the authors' published poisons (instead of --trigger)")
+    a.add_argument("--attack", choices=ATTACKS, default=None)
+    a.add_argument(
+        "--poisons",
+        metavar="SRC",
+        default=f"hf:{HF_REPO}",
+        help="a local copy of the poisons dataset, or hf:owner/name (default %(default)s; "
+        "only the files needed are fetched)",
+    )
+    a.add_argument(
+        "--poisons-dataset",
+        metavar="NAME",
+        default=None,
+        help="the data set the poisons were made for (default: --dataset; needed with npz "
+        "or imagefolder)",
+    )
+    a.add_argument("--narcissus-size", type=int_at_least(1), default=32, help="(default 32)")
+    a.add_argument(
+        "--narcissus-eps", type=int_at_least(1), default=8, help="pixel levels (default 8)"
+    )
+    a.add_argument("--bp-poisons", type=int, choices=(5, 50), default=50)
+    a.add_argument("--bp-mode", choices=tuple(BP_MODES), default="linear-transfer")
+    a.add_argument("--bp-iters", type=int_at_least(1), default=800)
+    a.add_argument("--bp-repeat", type=int_at_least(1), default=1, help="5 poisons: 1, 3 or 5")
     p.add_argument(
         "--count",
         metavar="N",
@@ -168,16 +219,59 @@ def _add_classifier_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_trigger_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--method",
+        choices=("synthetic", "narcissus"),
+        default="synthetic",
+        help="synthetic: a --kind pattern (tests, demos); narcissus: the attack (Zeng et al. "
+        "2023), optimised against a surrogate",
+    )
     p.add_argument("--size", type=int_at_least(1), nargs=2, metavar=("H", "W"), default=[32, 32])
     p.add_argument(
         "--eps",
         type=positive_float,
         default=16 / 255 * 2,
-        help="amplitude in the [-1, 1] space (default 2*16/255: 16 pixel levels)",
+        help="L-inf amplitude in the [-1, 1] space (default 2*16/255: 16 pixel levels)",
     )
     p.add_argument("--kind", choices=("uniform", "checker"), default="uniform")
     p.add_argument("--seed", type=int_at_least(0), default=0)
     p.add_argument("--out", metavar="FILE.npy", required=True)
+    n = p.add_argument_group("narcissus")
+    n.add_argument("--dataset", choices=DATASETS, help="the set whose target class is attacked")
+    n.add_argument("--data-dir", metavar="DIR", default=None)
+    n.add_argument("--split", default="train")
+    n.add_argument("--target-class", metavar="K", type=int_at_least(0), default=None)
+    n.add_argument(
+        "--count",
+        metavar="N",
+        type=int_at_least(1),
+        default=None,
+        help="target-class examples the attacker has (default: all of the class)",
+    )
+    n.add_argument(
+        "--ood-dataset",
+        choices=DATASETS,
+        help="public out-of-distribution images with their own classes (Narcissus: "
+        "Tiny-ImageNet for CIFAR-10); resized to the images' size",
+    )
+    n.add_argument("--ood-data-dir", metavar="DIR", default=None)
+    n.add_argument("--ood-split", default="train")
+    n.add_argument("--limit-ood", metavar="N", type=int_at_least(1), default=None)
+    d = NarcissusConfig()
+    n.add_argument("--rounds", type=int_at_least(1), default=d.rounds, help="(default %(default)s)")
+    n.add_argument("--lr", type=positive_float, default=d.lr, help="(default %(default)s)")
+    n.add_argument("--batch-size", type=int_at_least(1), default=d.batch_size)
+    n.add_argument("--surrogate-arch", choices=ARCHS, default=d.surrogate_arch)
+    n.add_argument("--surrogate-epochs", type=positive_float, default=d.surrogate_epochs)
+    n.add_argument(
+        "--surrogate-widths",
+        type=_widths,
+        default=None,
+        help="as --widths of eval run (default: the architecture's)",
+    )
+    n.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    n.add_argument("--json", metavar="OUT", default=None, help="write the surrogate's figures")
+    n.add_argument("--quiet", action="store_true")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -203,7 +297,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _add_classifier_args(r)
     t = sub.add_parser("table", help="print the table of several `eval run --json` results")
     t.add_argument("results", nargs="+", metavar="RESULT.json")
-    g = sub.add_parser("trigger", help="write a synthetic trigger .npy (for tests and demos)")
+    g = sub.add_parser(
+        "trigger",
+        help="synthesise a Narcissus trigger (--method narcissus) or write a synthetic one",
+    )
     _add_trigger_args(g)
 
 
@@ -288,6 +385,47 @@ def _experiment(args: argparse.Namespace) -> Experiment:
 # ----------------------------------------------------------------------------- commands
 
 
+def _poison_spec(args: argparse.Namespace) -> PoisonSpec:
+    """The published poison set the flags of ``eval poison --attack`` name."""
+    name = args.poisons_dataset
+    if name is None:
+        name = {"cinic10-imagenet": "cinic10"}.get(args.dataset, args.dataset)
+        if name not in POISON_DATASETS[args.attack]:
+            raise UsageError(
+                f"--poisons-dataset: name the data set the poisons were made for (one of "
+                f"{', '.join(POISON_DATASETS[args.attack])}); --dataset {args.dataset} does not"
+            )
+    spec = PoisonSpec(
+        args.attack, name, args.target_class, args.narcissus_size, args.narcissus_eps,
+        args.bp_poisons, args.bp_mode, args.bp_iters, args.bp_repeat,
+    )  # fmt: skip
+    spec.check()
+    return spec
+
+
+def _cmd_poison_published(args: argparse.Namespace, out: Path) -> int:
+    if args.trigger is not None:
+        raise UsageError("--trigger and --attack exclude each other (a trigger file, or the "
+                         "authors' published poisons)")  # fmt: skip
+    spec = _poison_spec(args)  # before reading the data set: a bad flag fails fast
+    ds = open_dataset(args.dataset, args.data_dir, args.split, quiet=args.quiet)
+    k = len(ds.class_names)
+    if spec.attack == "narcissus" and args.target_class >= k:
+        raise UsageError(f"--target-class {args.target_class}: {ds.name} has {k} classes")
+    ps = poison_with_published(
+        ds.images, ds.labels, list(ds.class_names), spec, args.poisons, count=args.count,
+        last_n=not args.random_select, seed=args.seed, quantize=args.quantize,
+    )  # fmt: skip
+    save_poisoned_npz(ps, out)
+    if not args.quiet:
+        print(
+            f"eval poison: {spec.title}: {ps.poison_idx.size} of {len(ds)} images poisoned "
+            f"(class {ps.target_class}, {ds.class_names[ps.target_class]}) -> {out}",
+            file=sys.stderr,
+        )
+    return 0
+
+
 def _cmd_poison(args: argparse.Namespace) -> int:
     out = Path(args.out).expanduser()
     _check_out(out, ".npz")
@@ -297,6 +435,10 @@ def _cmd_poison(args: argparse.Namespace) -> int:
     _check_split("--split", args.dataset, args.split)
     if args.dataset in ("imagefolder", "npz") and not args.data_dir:
         raise UsageError(f"--dataset {args.dataset} needs --data-dir")
+    if args.attack is not None:
+        return _cmd_poison_published(args, out)
+    if args.trigger is None:
+        raise UsageError("give --trigger FILE.npy, or --attack for the authors' published poisons")
     _, ds = poison_to_npz(
         args.dataset,
         args.data_dir,
@@ -320,10 +462,81 @@ def _cmd_poison(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_narcissus(args: argparse.Namespace, out: Path) -> int:
+    for flag, v in (("--dataset", args.dataset), ("--target-class", args.target_class),
+                    ("--ood-dataset", args.ood_dataset)):  # fmt: skip
+        if v is None:
+            raise UsageError(f"--method narcissus needs {flag}")
+    _check_split("--split", args.dataset, args.split)
+    _check_split("--ood-split", args.ood_dataset, args.ood_split)
+    for flag, name, d, dflag in (
+        ("--dataset", args.dataset, args.data_dir, "--data-dir"),
+        ("--ood-dataset", args.ood_dataset, args.ood_data_dir, "--ood-data-dir"),
+    ):
+        if name in ("imagefolder", "npz") and not d:
+            raise UsageError(f"{flag} {name} needs {dflag}")
+    if args.json is not None and Path(args.json).expanduser().is_dir():
+        raise UsageError(f"--json {args.json}: is a folder; give a file name")
+    try:
+        device = resolve_device(args.device)
+    except ValueError as e:
+        raise UsageError(f"--device: {e}") from e
+    cfg = NarcissusConfig(
+        eps=args.eps, size=(args.size[0], args.size[1]), rounds=args.rounds, lr=args.lr,
+        batch_size=args.batch_size, surrogate_arch=args.surrogate_arch,
+        surrogate_epochs=args.surrogate_epochs, surrogate_widths=args.surrogate_widths,
+        seed=args.seed,
+    )  # fmt: skip
+    ds = open_dataset(args.dataset, args.data_dir, args.split, quiet=args.quiet)
+    k = len(ds.class_names)
+    if args.target_class >= k:
+        raise UsageError(f"--target-class {args.target_class}: {ds.name} has {k} classes")
+    cfg.check(tuple(ds.images.shape[1:3]))
+    ood = open_dataset(args.ood_dataset, args.ood_data_dir, args.ood_split, quiet=args.quiet,
+                       limit=args.limit_ood)  # fmt: skip
+    members = np.flatnonzero(ds.labels == args.target_class)
+    if members.size == 0:
+        raise UsageError(f"--target-class {args.target_class}: no images of it in --dataset")
+    if args.count is not None:
+        if args.count > members.size:
+            raise UsageError(f"--count {args.count}: the class has {members.size} images")
+        members = np.sort(np.random.default_rng(args.seed).choice(members, args.count, False))
+    res = synthesize_narcissus(
+        np.asarray(ds.images[members]), np.asarray(ood.images), ood.labels, cfg,
+        device=device, quiet=args.quiet,
+    )  # fmt: skip
+    save_trigger(res.trigger, out)
+    # the data set's other classes: images the attacker never used (held apart)
+    others = np.asarray(ds.images[np.flatnonzero(ds.labels != args.target_class)])
+    rates = {f"x{m:g}": target_rate(res, others, m) for m in (1.0, 3.0)}
+    rates = {"clean": target_rate(res, others, None), **rates}
+    if args.json:
+        save_result(args.json, {
+            "format": "puregen-fast-narcissus", "trigger": str(out.absolute()),
+            "target_class": args.target_class, "target_examples": int(members.size),
+            "ood_images": len(ood), "held_apart_images": len(others),
+            "surrogate_target_rate": rates, "loss_per_round": res.history,
+            "best_round": res.best_round, "seconds": res.seconds, "config": res.config,
+        })  # fmt: skip
+    print(
+        f"eval trigger: Narcissus trigger for class {args.target_class} "
+        f"({ds.class_names[args.target_class]}) from {members.size} target and {len(ood)} "
+        f"POOD images in {res.seconds:.0f}s -> {out}\n"
+        f"surrogate on the {len(others)} other-class images of --dataset (never used): "
+        f"classified as the target {100 * rates['clean']:.1f}% clean, "
+        f"{100 * rates['x1']:.1f}% with the trigger x1, {100 * rates['x3']:.1f}% x3"
+    )
+    return 0
+
+
 def _cmd_trigger(args: argparse.Namespace) -> int:
     out = Path(args.out).expanduser()
     _check_out(out, ".npy")
     _check_out_folder(out)
+    if args.method == "narcissus":
+        return _cmd_narcissus(args, out)
+    if args.dataset is not None or args.ood_dataset is not None:
+        raise UsageError("--dataset / --ood-dataset apply to --method narcissus only")
     save_trigger(make_trigger(args.kind, tuple(args.size), args.eps, args.seed), out)
     return 0
 

@@ -26,7 +26,7 @@ reproduces those bytes exactly: the same float32 operations in the same order, t
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -53,14 +53,19 @@ QUANTIZE = ("trunc", "round")
 @dataclass
 class PoisonedSet:
     """A poisoned copy of a training set: ``images`` uint8 NHWC, ``labels`` int64 (unchanged),
-    ``poison_idx`` (sorted indices of the poisoned images), the target class and the trigger."""
+    ``poison_idx`` (sorted indices of the poisoned images), the target class (the class the
+    attack wants; for Gradient Matching and Bullseye Polytope the poisons' class) and the
+    trigger (None for the triggerless attacks). ``attack``: its name; ``extra``: more arrays
+    for the record (`puregen_fast.eval.poisons`: the trial index, the target image)."""
 
     images: np.ndarray
     labels: np.ndarray
     poison_idx: np.ndarray
     target_class: int
-    trigger: np.ndarray
+    trigger: np.ndarray | None
     class_names: list[str]
+    attack: str = "narcissus"
+    extra: dict = field(default_factory=dict)
 
 
 def make_trigger(
@@ -230,9 +235,13 @@ def poison_dataset(
 
 def save_poisoned_npz(ps: PoisonedSet, path: str | os.PathLike[str]) -> Path:
     """Write ``ps`` as ``.npz`` with the keys ``puregen-fast purify --dataset npz`` reads
-    (``x`` uint8 NHWC, ``y`` int64, ``classes``) plus ``poison_idx``, ``target_class`` and
-    ``trigger`` (for the record), atomically (`puregen_fast.data.io.atomic_path`)."""
+    (``x`` uint8 NHWC, ``y`` int64, ``classes``) plus ``poison_idx``, ``target_class``,
+    ``attack``, the ``trigger`` if there is one and ``ps.extra`` (for the record), atomically
+    (`puregen_fast.data.io.atomic_path`)."""
     p = Path(path)
+    record = {k: np.asarray(v) for k, v in ps.extra.items()}
+    if ps.trigger is not None:
+        record["trigger"] = ps.trigger.astype(np.float32)
     try:
         with atomic_path(p) as tmp, open(tmp, "wb") as f:  # a file: savez adds no suffix
             np.savez(
@@ -242,7 +251,8 @@ def save_poisoned_npz(ps: PoisonedSet, path: str | os.PathLike[str]) -> Path:
                 poison_idx=ps.poison_idx.astype(np.int64),
                 classes=np.asarray(ps.class_names, dtype=str),
                 target_class=np.int64(ps.target_class),
-                trigger=ps.trigger.astype(np.float32),
+                attack=np.asarray(ps.attack),
+                **record,
             )
     except OSError as e:
         raise UsageError(

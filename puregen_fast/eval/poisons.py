@@ -1,0 +1,856 @@
+"""The PureGen authors' published poison sets (Hugging Face dataset ``SunayBhat1/puregen-poisons``,
+the layout their ``utils/purification.py`` reads), loaded without trusting the files.
+
+Layout (relative to the dataset's root, or to a local copy passed as ``--poisons DIR``)::
+
+    Narcissus/<dataset>/size=<s>_eps=<e>/best_noise_lab<k>.npy
+        float (1, 3, s, s), the trigger for target class k in the [-1, 1] image space
+    GradientMatching/<dataset>/<k>/poisons.pickle        (Tiny-ImageNet: .../tinyimagenet/
+    GradientMatching/<dataset>/<k>/base_indices.pickle    ResNet34_250/<k>/...)
+    GradientMatching/<dataset>/<k>/target.pickle          (optional)
+        a list of (PIL image, label); the training-set indices the poisons replace; the
+        (PIL image, original label) of the target test image
+    Bullseye_Polytope/<dataset>/attack-results-<n>poisons/100-overlap/<mode>/<iters>/<k>/
+        poison_<iters - 1, 5 digits>.pth
+        a dict: ``poison``, a list of (image tensor normalised by the CIFAR-10 mean
+        (0.4914, 0.4822, 0.4465) and std (0.2023, 0.1994, 0.2010), label); ``idx``, the
+        indices of the base images; ``<mode>`` is ``linear-transfer-learning/mean`` or
+        ``end2end-training/mean`` (``mean-<r>Repeat`` for 5 poisons)
+
+``k`` is the target class for Narcissus and the attack trial for the other two (each trial has
+its own target image and poison class; the authors ran trials 0-99 of Gradient Matching and
+0-47 of Bullseye Polytope with 50 poisons). Narcissus' default here is the authors' code's
+``size=32_eps=8``.
+
+Trust. A pickle can run any code while it loads, so ``.pickle`` files go through
+`safe_unpickle`: a restricted unpickler that admits only the globals these files need (the
+PIL image class, whose state is checked and decoded here rather than by PIL; numpy arrays and
+scalars of plain dtypes; torch tensors through ``torch.load(weights_only=True)``; ``_codecs``
+latin-1 bytes and ``collections.OrderedDict`` of protocol 2) and refuses any other global
+before anything is called (`UnsafePickleError`, naming the global). ``.pth`` files load with
+``torch.load(weights_only=True)``; ``.npy`` with ``allow_pickle=False``, header checked first.
+Sizes are capped before data is decoded: file bytes, pixels per image, pixels in all.
+
+`poison_with_published` applies a poison set to a training set: Narcissus with
+`puregen_fast.eval.poison.poison_dataset` (the last ``count`` images of the target class);
+Gradient Matching and Bullseye Polytope by replacing the images at their indices, checked to
+be images of the poison class (clean label: the labels stay as they are).
+"""
+
+from __future__ import annotations
+
+import _compat_pickle
+import io
+import math
+import os
+import pickle
+import re
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from puregen_fast.errors import UsageError
+from puregen_fast.eval.poison import PoisonedSet, check_trigger, poison_dataset
+
+__all__ = [
+    "ATTACKS",
+    "BP_MODES",
+    "HF_REPO",
+    "POISON_DATASETS",
+    "PoisonImage",
+    "PoisonSpec",
+    "PublishedPoisons",
+    "UnsafePickleError",
+    "apply_published",
+    "load_bullseye_polytope",
+    "load_gradient_matching",
+    "load_narcissus",
+    "locate_poisons",
+    "poison_with_published",
+    "safe_unpickle",
+]
+
+HF_REPO = "SunayBhat1/puregen-poisons"
+ATTACKS = ("narcissus", "gradient-matching", "bullseye-polytope")
+_FOLDER = {
+    "narcissus": "Narcissus",
+    "gradient-matching": "GradientMatching",
+    "bullseye-polytope": "Bullseye_Polytope",
+}
+_TITLE = {
+    "narcissus": "Narcissus",
+    "gradient-matching": "Gradient Matching",
+    "bullseye-polytope": "Bullseye Polytope",
+}
+# the data sets the authors' code reads each attack's poisons for
+POISON_DATASETS = {
+    "narcissus": ("cifar10", "cinic10", "stl10", "tinyimagenet"),
+    "gradient-matching": ("cifar10", "tinyimagenet"),
+    "bullseye-polytope": ("cifar10",),
+}
+_NUM_CLASSES = {"cifar10": 10, "cinic10": 10, "stl10": 10, "tinyimagenet": 200}
+BP_MODES = {"linear-transfer": "linear-transfer-learning", "fine-tune": "end2end-training"}
+# the attack trials the authors ran (their scripts/purify.py)
+_GM_TRIALS = 100
+_BP_TRIALS = {50: 48, 5: 50}
+
+CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR_STD = (0.2023, 0.1994, 0.2010)
+
+# caps, checked before data is decoded (the authors' files are far below them: CIFAR-10
+# Gradient Matching, 500 poisons of 32x32, is a 1.6 MB pickle)
+MAX_FILE_BYTES = 1 << 30
+MAX_IMAGE_PIXELS = 1024 * 1024  # per poison image
+MAX_TOTAL_PIXELS = 1 << 28  # all poison images of a file together
+MAX_POISONS = 1 << 20
+MAX_TRIGGER_SIDE = 1024
+MAX_LABEL = 1 << 20
+
+
+# ------------------------------------------------------------------------- restricted unpickling
+
+
+class UnsafePickleError(UsageError):
+    """A pickle names a global outside the allowed set; nothing of it was called."""
+
+
+@dataclass(frozen=True)
+class PoisonImage:
+    """A PIL image as read from a poison pickle: ``array``, (H, W, 3) uint8."""
+
+    array: np.ndarray
+
+
+class _Placeholder:
+    """A stand-in the unpickler builds instead of a real object; only these accept BUILD (their
+    ``__setstate__`` checks the state), so no real object's ``__setstate__`` ever sees
+    untrusted state."""
+
+    value: Any = None
+
+    def __setstate__(self, state: Any) -> None:  # overridden by each kind
+        raise ValueError(f"unexpected state for {type(self).__name__}")
+
+
+class _PickledImage(_Placeholder):
+    """Stands in for ``PIL.Image.Image``: its state (info, mode, size, palette, raw bytes) is
+    checked and kept as an (H, W, 3) uint8 array in ``value``; PIL never decodes it."""
+
+    def __setstate__(self, state: Any) -> None:
+        if self.value is not None:
+            raise ValueError("a PIL image state given twice")
+        if not isinstance(state, (list, tuple)) or len(state) < 5:
+            raise ValueError("a PIL image state must be [info, mode, size, palette, data]")
+        _info, mode, size, _palette, data = state[:5]
+        channels = {"RGB": 3, "L": 1}.get(mode) if isinstance(mode, str) else None
+        if channels is None:
+            raise ValueError(f"PIL image mode {str(mode)[:20]!r}: only RGB (or L) images are read")
+        if (
+            not isinstance(size, (list, tuple))
+            or len(size) != 2
+            or not all(type(v) is int and 0 < v <= MAX_IMAGE_PIXELS for v in size)
+        ):
+            raise ValueError(f"PIL image size {str(size)[:60]}: expected (width, height)")
+        w, h = size
+        if w * h > MAX_IMAGE_PIXELS:
+            raise ValueError(f"a {w}x{h} image is over the cap of {MAX_IMAGE_PIXELS} pixels")
+        if not isinstance(data, (bytes, bytearray)) or len(data) != w * h * channels:
+            raise ValueError(f"a {mode} {w}x{h} image needs {w * h * channels} bytes of data")
+        a = np.frombuffer(bytes(data), np.uint8).reshape(h, w, channels)
+        self.value = np.repeat(a, 3, axis=2) if channels == 1 else a.copy()
+
+
+class _DtypeSpec(_Placeholder):
+    """Stands in for a ``numpy.dtype`` of plain numbers (``value``: the real dtype)."""
+
+    def __setstate__(self, state: Any) -> None:
+        # (3, byteorder, subarray, names, fields, elsize, alignment, flags[, metadata])
+        if (
+            not isinstance(state, tuple)
+            or len(state) not in (8, 9)
+            or state[1] not in ("<", ">", "|", "=")
+            or any(v is not None for v in state[2:5])
+            or (len(state) == 9 and state[8] is not None)
+        ):
+            raise ValueError("a numpy dtype state other than a plain number's")
+        if state[1] in "<>":
+            self.value = self.value.newbyteorder(state[1])
+
+
+class _ArrayState(_Placeholder):
+    """Stands in for a ``numpy.ndarray`` (``value``: the real array, built from checked bytes)."""
+
+    def __setstate__(self, state: Any) -> None:
+        # (version, shape, dtype, is_fortran, raw bytes)
+        if not isinstance(state, tuple) or len(state) != 5 or self.value is not None:
+            raise ValueError("a numpy array state must be (version, shape, dtype, fortran, data)")
+        _, shape, dtype, fortran, raw = state
+        self.value = _array(raw, dtype, shape, "F" if fortran is True else "C")
+
+
+def _refuse(name: str) -> UnsafePickleError:
+    return UnsafePickleError(name)
+
+
+def _array(raw: Any, dtype: Any, shape: Any, order: Any) -> np.ndarray:
+    if not isinstance(dtype, _DtypeSpec) or dtype.value is None:
+        raise ValueError("a numpy array needs a plain dtype")
+    if isinstance(raw, pickle.PickleBuffer):
+        raw = bytes(raw.raw())
+    if not isinstance(raw, (bytes, bytearray)):
+        raise ValueError("numpy array data must be bytes")
+    if not isinstance(shape, tuple) or not all(type(v) is int and v >= 0 for v in shape):
+        raise ValueError("a numpy array shape must be a tuple of sizes")
+    if math.prod(shape) * dtype.value.itemsize != len(raw) or order not in ("C", "F"):
+        raise ValueError("numpy array data does not match its shape")
+    return np.frombuffer(bytes(raw), dtype.value).reshape(shape, order=order).copy()
+
+
+def _reconstructor(cls: Any, base: Any, state: Any = None) -> _PickledImage:
+    # copyreg._reconstructor: protocols 0 and 1 build objects this way
+    if cls is not _PickledImage or base is not object or state is not None:
+        raise _refuse("copyreg._reconstructor (of anything but a PIL image)")
+    return _PickledImage()
+
+
+def _np_reconstruct(subtype: Any, shape: Any, dtype: Any) -> _ArrayState:
+    if subtype is not _NdarrayType or shape != (0,):
+        raise _refuse("numpy _reconstruct (of anything but an ndarray)")
+    return _ArrayState()
+
+
+class _NdarrayType:
+    """Stands in for ``numpy.ndarray`` as the subtype argument of ``_reconstruct``."""
+
+    def __new__(cls, *args: Any) -> Any:
+        raise _refuse("numpy.ndarray (called directly)")
+
+
+def _np_dtype(spec: Any, align: Any = False, copy: Any = False) -> _DtypeSpec:
+    if not isinstance(spec, str) or len(spec) > 4:
+        raise _refuse(f"numpy.dtype({str(spec)[:20]!r})")
+    d = np.dtype(spec)
+    if d.hasobject or d.kind not in "biuf" or d.fields is not None or d.subdtype is not None:
+        raise _refuse(f"numpy.dtype({spec!r}) (only plain numbers are read)")
+    out = _DtypeSpec()
+    out.value = d
+    return out
+
+
+def _np_scalar(dtype: Any, data: Any = None) -> Any:
+    if not isinstance(dtype, _DtypeSpec) or not isinstance(data, bytes):
+        raise _refuse("numpy scalar (of anything but a plain number)")
+    if len(data) != dtype.value.itemsize:
+        raise ValueError("numpy scalar data does not match its dtype")
+    return np.frombuffer(data, dtype.value, count=1)[0]
+
+
+def _np_frombuffer(buf: Any, dtype: Any, shape: Any, order: Any) -> np.ndarray:
+    # protocol 5 arrays
+    return _array(buf, dtype, shape, order)
+
+
+def _codecs_encode(text: Any, encoding: Any = "utf-8") -> bytes:
+    # protocol 2 stores bytes as latin-1 text passed through _codecs.encode
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise _refuse(f"_codecs.encode(..., {str(encoding)[:20]!r})")
+    return text.encode("latin-1")
+
+
+def _torch_storage(data: Any) -> Any:
+    # torch.storage._load_from_bytes runs torch.load(weights_only=False); this, weights_only
+    import torch
+
+    if not isinstance(data, bytes):
+        raise ValueError("a tensor storage needs bytes")
+    return torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
+
+
+def _torch_tensor(storage, offset, size, stride, requires_grad=False, hooks=None, meta=None):
+    import torch
+    from torch._utils import _rebuild_tensor
+
+    if not isinstance(storage, torch.storage.TypedStorage) or hooks or meta:
+        raise _refuse("torch._utils._rebuild_tensor_v2 (of anything but a plain tensor)")
+    return _rebuild_tensor(storage, offset, size, stride)  # bounds checked by set_()
+
+
+_ALLOWED: dict[tuple[str, str], Any] = {
+    ("PIL.Image", "Image"): _PickledImage,
+    ("copyreg", "_reconstructor"): _reconstructor,
+    ("builtins", "object"): object,  # the base argument of _reconstructor
+    ("_codecs", "encode"): _codecs_encode,
+    ("collections", "OrderedDict"): OrderedDict,
+    ("builtins", "set"): set,
+    ("builtins", "frozenset"): frozenset,
+    ("numpy", "ndarray"): _NdarrayType,
+    ("numpy", "dtype"): _np_dtype,
+    ("torch._utils", "_rebuild_tensor_v2"): _torch_tensor,
+    ("torch.storage", "_load_from_bytes"): _torch_storage,
+}
+for _m in ("numpy.core", "numpy._core"):
+    _ALLOWED[(f"{_m}.multiarray", "_reconstruct")] = _np_reconstruct
+    _ALLOWED[(f"{_m}.multiarray", "scalar")] = _np_scalar
+    _ALLOWED[(f"{_m}.numeric", "_frombuffer")] = _np_frombuffer
+
+
+def _load_build(self: pickle._Unpickler) -> None:
+    state = self.stack.pop()
+    inst = self.stack[-1]
+    if not isinstance(inst, _Placeholder):
+        raise ValueError(f"object state (BUILD) for a {type(inst).__name__}")
+    inst.__setstate__(state)
+
+
+class _RestrictedUnpickler(pickle._Unpickler):
+    """Python's own unpickler with ``find_class`` limited to `_ALLOWED` and BUILD limited to
+    the placeholders (the pure-Python class is used because its opcode table can be changed)."""
+
+    dispatch = dict(pickle._Unpickler.dispatch)
+    dispatch[pickle.BUILD[0]] = _load_build
+
+    def find_class(self, module: str, name: str) -> Any:
+        if self.proto < 3:  # protocols 0-2 spell some modules as Python 2 did (copy_reg, ...)
+            if (module, name) in _compat_pickle.NAME_MAPPING:
+                module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+            else:
+                module = _compat_pickle.IMPORT_MAPPING.get(module, module)
+        found = _ALLOWED.get((module, name))
+        if found is None:
+            raise _refuse(f"{module}.{name}")
+        return found
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise _refuse("a persistent id")
+
+
+def _resolve(obj: Any, depth: int = 0) -> Any:
+    """Placeholders replaced by their values (images and arrays), in lists, tuples and dicts."""
+    if depth > 20:
+        raise ValueError("nested too deeply")
+    if isinstance(obj, _Placeholder):
+        if obj.value is None:
+            raise ValueError(f"{type(obj).__name__} without its state")
+        return PoisonImage(obj.value) if isinstance(obj, _PickledImage) else obj.value
+    if isinstance(obj, list):
+        return [_resolve(v, depth + 1) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(_resolve(v, depth + 1) for v in obj)
+    if isinstance(obj, dict):
+        return {k: _resolve(v, depth + 1) for k, v in obj.items()}
+    return obj
+
+
+def safe_unpickle(path: str | os.PathLike[str]) -> Any:
+    """Unpickle ``path`` admitting only the globals of the authors' poison files (module doc).
+
+    PIL images come back as `PoisonImage` ((H, W, 3) uint8 in ``.array``), numpy arrays as
+    arrays. Any other global raises
+    `UnsafePickleError` naming it, before anything is called; any other problem is a
+    UsageError naming the file.
+    """
+    p = Path(path)
+    data = _read_capped(p)
+    try:
+        return _resolve(_RestrictedUnpickler(io.BytesIO(data)).load())
+    except UnsafePickleError as e:
+        raise UnsafePickleError(
+            f"{p}: refused to unpickle the global '{e}': only PIL images, builtin containers "
+            "and numpy arrays are allowed in poison files, so nothing of it was run. This is "
+            "not a poison file as the authors publish it; delete it and fetch the original"
+        ) from None
+    except Exception as e:  # any malformed pickle: truncated, wrong opcodes, bad states
+        raise UsageError(
+            f"{p}: not a readable poison pickle ({type(e).__name__}: {str(e)[:200]}); "
+            "fetch the file again"
+        ) from e
+
+
+def _read_capped(p: Path) -> bytes:
+    try:
+        size = p.stat().st_size
+        if not p.is_file():
+            raise UsageError(f"{p}: not a regular file")
+        if size > MAX_FILE_BYTES:
+            raise UsageError(f"{p}: {size} bytes, over the cap of {MAX_FILE_BYTES} for poisons")
+        return p.read_bytes()
+    except OSError as e:
+        raise UsageError(f"{p}: cannot read ({e})") from e
+
+
+# ----------------------------------------------------------------------------- what to load
+
+
+@dataclass(frozen=True)
+class PoisonSpec:
+    """Which published poison file(s): ``attack`` (one of `ATTACKS`), ``dataset`` (the
+    authors' data set name, `POISON_DATASETS`), ``target`` (``k`` of the module doc), and the
+    attack's settings as the folder names spell them."""
+
+    attack: str
+    dataset: str
+    target: int
+    narcissus_size: int = 32
+    narcissus_eps: int = 8
+    bp_poisons: int = 50
+    bp_mode: str = "linear-transfer"
+    bp_iters: int = 800
+    bp_repeat: int = 1
+
+    def check(self, num_classes: int | None = None) -> None:
+        """UsageError (naming the flag) for an unknown attack, data set, setting or target."""
+        if self.attack not in ATTACKS:
+            raise UsageError(f"--attack {self.attack!r}: choose one of {', '.join(ATTACKS)}")
+        known = POISON_DATASETS[self.attack]
+        if self.dataset not in known:
+            raise UsageError(
+                f"--poisons-dataset {self.dataset!r}: the authors publish {_TITLE[self.attack]} "
+                f"poisons for {', '.join(known)}"
+            )
+        if self.attack == "narcissus":
+            k = num_classes or _NUM_CLASSES[self.dataset]
+            what = f"{self.dataset} has {k} classes"
+        elif self.attack == "gradient-matching":
+            k, what = _GM_TRIALS, f"the authors ran trials 0..{_GM_TRIALS - 1}"
+        else:
+            if self.bp_poisons not in _BP_TRIALS:
+                raise UsageError(f"--bp-poisons {self.bp_poisons}: the authors publish 5 or 50")
+            if self.bp_mode not in BP_MODES:
+                raise UsageError(f"--bp-mode {self.bp_mode!r}: choose {', '.join(BP_MODES)}")
+            k = _BP_TRIALS[self.bp_poisons]
+            what = f"the authors ran trials 0..{k - 1} with {self.bp_poisons} poisons"
+        if not 0 <= self.target < k:
+            raise UsageError(f"--target-class {self.target}: out of range ({what})")
+
+    @property
+    def title(self) -> str:
+        return f"{_TITLE[self.attack]} poisons for {self.dataset} (target {self.target})"
+
+    def folder(self) -> str:
+        """The folder (relative to the root) that holds this poison set's files."""
+        top = f"{_FOLDER[self.attack]}/{self.dataset}"
+        if self.attack == "narcissus":
+            return f"{top}/size={self.narcissus_size}_eps={self.narcissus_eps}"
+        if self.attack == "gradient-matching":
+            sub = "ResNet34_250/" if self.dataset == "tinyimagenet" else ""
+            return f"{top}/{sub}{self.target}"
+        mode = BP_MODES.get(self.bp_mode, self.bp_mode)
+        mean = f"mean-{self.bp_repeat}Repeat" if self.bp_poisons == 5 else "mean"
+        return (
+            f"{top}/attack-results-{self.bp_poisons}poisons/100-overlap/{mode}/{mean}/"
+            f"{self.bp_iters}/{self.target}"
+        )
+
+    def required_files(self) -> list[str]:
+        f = self.folder()
+        if self.attack == "narcissus":
+            return [f"{f}/best_noise_lab{self.target}.npy"]
+        if self.attack == "gradient-matching":
+            return [f"{f}/poisons.pickle", f"{f}/base_indices.pickle"]
+        return [f"{f}/poison_{self.bp_iters - 1:05d}.pth"]
+
+    def optional_files(self) -> list[str]:
+        return [f"{self.folder()}/target.pickle"] if self.attack == "gradient-matching" else []
+
+
+# ----------------------------------------------------------------------------- where the files are
+
+
+def _hub_command(spec: PoisonSpec, repo: str, local: str) -> str:
+    from puregen_fast.models.checkpoints import _hub_cli
+
+    gm = spec.attack == "gradient-matching"
+    pattern = f"{spec.folder()}/*" if gm else spec.required_files()[0]  # GM: target.pickle too
+    return (
+        f"`{_hub_cli()} download {repo} --repo-type dataset --include '{pattern}' "
+        f"--local-dir {local}`"
+    )
+
+
+def _missing_message(spec: PoisonSpec, root: Path, missing: list[str], head: str, repo: str) -> str:
+    lines = "\n".join(f"  {root / f}" for f in missing)
+    local = root if root.name != "" else Path(repo.split("/")[-1])
+    return (
+        f"{head}: {len(missing)} file(s) of the authors' {spec.title} are missing; place them "
+        f"at\n{lines}\nand pass `--poisons {local}`. On a machine with network: "
+        f"{_hub_command(spec, repo, str(local))}, then copy the folder here."
+    )
+
+
+def _other_datasets(root: Path, spec: PoisonSpec) -> list[str]:
+    top = root / _FOLDER[spec.attack]
+    try:
+        return sorted(d.name for d in top.iterdir() if d.is_dir() and d.name != spec.dataset)
+    except OSError:
+        return []
+
+
+def locate_poisons(spec: PoisonSpec, source: str | None = None) -> Path:
+    """The root folder holding ``spec``'s files: ``source`` a local copy of the dataset (the
+    folder with ``Narcissus/`` etc., or the authors' ``<data_dir>`` with ``PureGen_Poisons/``
+    in it), or ``hf:owner/name`` / None (the authors' dataset, only ``spec``'s files fetched
+    into the Hugging Face cache). UsageError listing every missing file and where it goes."""
+    spec.check()
+    src = source or f"hf:{HF_REPO}"
+    if src.startswith("hf:"):
+        repo = src[3:]
+        if not re.fullmatch(r"[\w.-]+/[\w.-]+", repo):
+            raise UsageError(f"--poisons {src!r}: expected hf:owner/name or a folder")
+        local = Path(repo.split("/")[-1])
+        try:
+            from huggingface_hub import snapshot_download
+
+            root = Path(
+                snapshot_download(
+                    repo_id=repo,
+                    repo_type="dataset",
+                    allow_patterns=spec.required_files() + spec.optional_files(),
+                )
+            )
+        except Exception as e:  # offline, no such repo, ...
+            reason = (str(e).strip().splitlines() or [""])[0][:200]
+            head = (
+                f"--poisons {src}: could not fetch from the Hugging Face Hub "
+                f"({type(e).__name__}: {reason})"
+            )
+            msg = _missing_message(spec, local, spec.required_files(), head, repo)
+            raise UsageError(msg) from e
+        head = f"--poisons {src}"
+    else:
+        repo = HF_REPO
+        root = Path(src).expanduser()
+        if not root.is_dir():
+            raise UsageError(
+                f"--poisons {root}: no such folder (a copy of the authors' poisons dataset, or "
+                f"hf:{HF_REPO})"
+            )
+        if not (root / _FOLDER[spec.attack]).is_dir() and (root / "PureGen_Poisons").is_dir():
+            root = root / "PureGen_Poisons"  # the authors' <data_dir> layout
+        head = f"--poisons {root}"
+    missing = [f for f in spec.required_files() if not (root / f).is_file()]
+    if missing:
+        others = _other_datasets(root, spec)
+        if others and not (root / _FOLDER[spec.attack] / spec.dataset).exists():
+            raise UsageError(
+                f"{head} holds the authors' {_TITLE[spec.attack]} poisons for "
+                f"{', '.join(others)}, not for {spec.dataset}: a poisons folder for another "
+                f"data set. Pass --poisons-dataset {others[0]} with that data set, or fetch "
+                f"{spec.dataset}'s poisons"
+            )
+        raise UsageError(_missing_message(spec, root, missing, head, repo))
+    return root
+
+
+# ----------------------------------------------------------------------------- loaders
+
+
+@dataclass
+class PublishedPoisons:
+    """A Gradient Matching or Bullseye Polytope poison set: ``images`` uint8 (n, H, W, 3) that
+    replace the training images at ``indices`` (n,), their ``labels`` (n,) (the poison class:
+    clean label), and the target image with its own label where the files have it."""
+
+    attack: str
+    images: np.ndarray
+    labels: np.ndarray
+    indices: np.ndarray
+    source: str
+    target_image: np.ndarray | None = None
+    target_label: int | None = None
+    info: dict = field(default_factory=dict)
+
+    @property
+    def poison_label(self) -> int:
+        """The class the poisons carry (the authors take the first poison's label)."""
+        return int(self.labels[0])
+
+
+def _as_int(v: Any, what: str) -> int:
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
+        try:
+            import torch
+
+            if isinstance(v, torch.Tensor) and v.numel() == 1 and not v.is_floating_point():
+                return int(v.item())
+        except ImportError:  # pragma: no cover - torch is a dependency
+            pass
+        raise ValueError(f"{what} must be an integer, got {type(v).__name__}")
+    return int(v)
+
+
+def _labels(values: list[Any], what: str) -> np.ndarray:
+    out = np.array([_as_int(v, what) for v in values], np.int64)
+    if out.size and (out.min() < 0 or out.max() >= MAX_LABEL):
+        raise ValueError(f"{what} out of range: {out.min()}..{out.max()}")
+    return out
+
+
+def _indices(obj: Any, n: int) -> np.ndarray:
+    try:
+        import torch
+
+        if isinstance(obj, torch.Tensor):
+            obj = obj.numpy()
+    except ImportError:  # pragma: no cover
+        pass
+    if isinstance(obj, np.ndarray):
+        if obj.ndim != 1 or obj.dtype.kind not in "iu":
+            raise ValueError(f"indices must be a 1-D integer array, got {obj.dtype} {obj.shape}")
+        idx = obj.astype(np.int64)
+    elif isinstance(obj, (list, tuple)):
+        idx = np.array([_as_int(v, "an index") for v in obj], np.int64)
+    else:
+        raise ValueError(f"indices must be a list or an array, got {type(obj).__name__}")
+    if idx.shape != (n,):
+        raise ValueError(f"{idx.size} indices for {n} poison images")
+    if idx.size and idx.min() < 0:
+        raise ValueError("negative indices")
+    if np.unique(idx).size != idx.size:
+        raise ValueError("repeated indices")
+    return idx
+
+
+def _stack(images: list[np.ndarray], what: str) -> np.ndarray:
+    if not images:
+        raise ValueError(f"{what}: no images")
+    if len(images) > MAX_POISONS:
+        raise ValueError(f"{what}: {len(images)} images, over the cap of {MAX_POISONS}")
+    shapes = {a.shape for a in images}
+    if len(shapes) != 1:
+        raise ValueError(f"{what}: images of different sizes {sorted(shapes)[:3]}")
+    h, w, _ = images[0].shape
+    if len(images) * h * w > MAX_TOTAL_PIXELS:
+        raise ValueError(f"{what}: {len(images)} images of {w}x{h}, over {MAX_TOTAL_PIXELS} pixels")
+    return np.stack(images)
+
+
+def _pairs(obj: Any, what: str) -> tuple[list[Any], list[Any]]:
+    if not isinstance(obj, (list, tuple)):
+        raise ValueError(f"{what} must be a list of (image, label), got {type(obj).__name__}")
+    if len(obj) > MAX_POISONS:
+        raise ValueError(f"{what}: {len(obj)} entries, over the cap of {MAX_POISONS}")
+    firsts, seconds = [], []
+    for i, item in enumerate(obj):
+        if not isinstance(item, (list, tuple)) or len(item) != 2:
+            raise ValueError(f"{what}[{i}] is not an (image, label) pair")
+        firsts.append(item[0])
+        seconds.append(item[1])
+    return firsts, seconds
+
+
+def load_gradient_matching(folder: str | os.PathLike[str]) -> PublishedPoisons:
+    """``poisons.pickle`` + ``base_indices.pickle`` (+ ``target.pickle`` if present) of one
+    Gradient Matching trial folder, through `safe_unpickle`."""
+    d = Path(folder)
+    poisons = safe_unpickle(d / "poisons.pickle")
+    base = safe_unpickle(d / "base_indices.pickle")
+    where = d / "poisons.pickle"
+    try:
+        imgs, labs = _pairs(poisons, "poisons.pickle")
+        if not all(isinstance(a, PoisonImage) for a in imgs):
+            raise ValueError("poisons.pickle: entries must be (PIL image, label)")
+        images = _stack([a.array for a in imgs], "poisons.pickle")
+        labels = _labels(labs, "a poison label")
+        where = d / "base_indices.pickle"
+        idx = _indices(base, len(images))
+        t_img = t_lab = None
+        if (d / "target.pickle").is_file():
+            where = d / "target.pickle"
+            t = safe_unpickle(where)
+            (ti,), (tl,) = _pairs([t], "target.pickle")
+            if not isinstance(ti, PoisonImage):
+                raise ValueError("target.pickle must hold (PIL image, label)")
+            t_img, t_lab = ti.array, _as_int(tl, "the target label")
+    except ValueError as e:
+        raise UsageError(f"{where}: not a Gradient Matching poison file as published ({e})") from e
+    return PublishedPoisons("gradient-matching", images, labels, idx, str(d), t_img, t_lab)
+
+
+def _unnormalise(t: Any) -> np.ndarray:
+    """The authors' ``ToPILImage(Normalize(-mean/std, 1/std)(t))`` in float32, op for op, with
+    out-of-range values clamped (torchvision's byte cast would wrap them around)."""
+    import torch
+
+    mean = torch.tensor([-m / s for m, s in zip(CIFAR_MEAN, CIFAR_STD)], dtype=torch.float32)
+    std = torch.tensor([1 / s for s in CIFAR_STD], dtype=torch.float32)
+    u = (t.float() - mean[:, None, None]) / std[:, None, None]
+    u = u.mul(255).clamp_(0, 255)
+    return u.to(torch.uint8).permute(1, 2, 0).numpy()  # truncation, as .byte()
+
+
+def load_bullseye_polytope(path: str | os.PathLike[str]) -> PublishedPoisons:
+    """A Bullseye Polytope ``poison_<iters-1>.pth``: ``torch.load(weights_only=True)`` of a
+    dict with ``poison`` (a list of (normalised tensor (3, H, W), label)) and ``idx``."""
+    import torch
+
+    p = Path(path)
+    _read_capped(p)  # the size cap and a readable regular file, before torch reads it
+    try:
+        obj = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:  # weights_only refuses any global outside tensors and containers
+        raise UsageError(
+            f"{p}: not loadable with torch.load(weights_only=True) "
+            f"({type(e).__name__}: {str(e)[:200]}); fetch the file again"
+        ) from e
+    try:
+        if not isinstance(obj, dict) or "poison" not in obj or "idx" not in obj:
+            raise ValueError("expected a dict with 'poison' and 'idx'")
+        tens, labs = _pairs(obj["poison"], "'poison'")
+        for t in tens:
+            if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+                raise ValueError("'poison' images must be float tensors")
+            shape = tuple(t.shape[-3:]) if t.dim() in (3, 4) else ()
+            if t.dim() == 4 and t.shape[0] != 1 or len(shape) != 3 or shape[0] != 3:
+                raise ValueError(f"'poison' images must be (3, H, W), got {tuple(t.shape)}")
+            if shape[1] * shape[2] > MAX_IMAGE_PIXELS:
+                raise ValueError(f"a {shape[2]}x{shape[1]} image is over the pixel cap")
+            if not torch.isfinite(t).all():
+                raise ValueError("'poison' images hold NaN or infinite values")
+        if len(tens) * math.prod(tens[0].shape[-2:]) > MAX_TOTAL_PIXELS:
+            raise ValueError("the poison images are over the total pixel cap")
+        images = _stack([_unnormalise(t.reshape(t.shape[-3:])) for t in tens], "'poison'")
+        labels = _labels(labs, "a poison label")
+        idx = _indices(obj["idx"], len(images))
+    except ValueError as e:
+        raise UsageError(f"{p}: not a Bullseye Polytope poison file as published ({e})") from e
+    return PublishedPoisons("bullseye-polytope", images, labels, idx, str(p))
+
+
+def load_narcissus(
+    path: str | os.PathLike[str], image_hw: tuple[int, int] | None = None
+) -> np.ndarray:
+    """A Narcissus ``best_noise_lab<k>.npy``: float (1, 3, s, s) (or (3, s, s)), the header
+    checked before the data is read; float32 (1, 3, s, s) back (`check_trigger`)."""
+    p = Path(path)
+    fmt = np.lib.format
+    try:
+        if p.stat().st_size > MAX_FILE_BYTES:
+            raise UsageError(f"{p}: over the cap of {MAX_FILE_BYTES} bytes for a trigger")
+        with open(p, "rb") as f:
+            version = fmt.read_magic(f)
+            if version == (1, 0):
+                shape, fortran, dtype = fmt.read_array_header_1_0(f)
+            elif version == (2, 0):
+                shape, fortran, dtype = fmt.read_array_header_2_0(f)
+            else:
+                raise UsageError(f"{p}: .npy version {version}; the authors' triggers are 1.0")
+            ok = (
+                dtype.kind == "f"
+                and not dtype.hasobject
+                and len(shape) in (3, 4)
+                and all(0 < s <= MAX_TRIGGER_SIDE for s in shape[-2:])
+                and shape[-3] == 3
+                and (len(shape) == 3 or shape[0] == 1)
+            )
+            if not ok:
+                raise UsageError(
+                    f"{p}: a Narcissus trigger is a float (1, 3, s, s) array with s <= "
+                    f"{MAX_TRIGGER_SIDE}, this file holds {dtype} {shape}"
+                )
+            f.seek(0)
+            t = fmt.read_array(f, allow_pickle=False)
+    except UsageError:
+        raise
+    except (OSError, ValueError, EOFError) as e:
+        raise UsageError(f"{p}: not a readable .npy trigger ({type(e).__name__}: {e})") from e
+    what = f"{p} (a Narcissus trigger)"
+    t = check_trigger(t, None, what=what)
+    if image_hw is not None and (t.shape[2] > image_hw[0] or t.shape[3] > image_hw[1]):
+        raise UsageError(
+            f"{what} is {t.shape[3]}x{t.shape[2]} but the training images are "
+            f"{image_hw[1]}x{image_hw[0]}: poisons made for another data set"
+        )
+    return t
+
+
+# ----------------------------------------------------------------------------- poisoning a set
+
+
+def apply_published(
+    images: np.ndarray, labels: np.ndarray, pp: PublishedPoisons
+) -> tuple[np.ndarray, np.ndarray]:
+    """A copy of ``images`` with the poisons at their indices, and the sorted indices. The
+    training set must be the one the poisons were made for: same image size, indices inside,
+    and each replaced image already of the poison's class (clean label); UsageError otherwise."""
+    x = np.asarray(images)
+    y = np.asarray(labels)
+    src = pp.source
+    if tuple(x.shape[1:]) != tuple(pp.images.shape[1:]):
+        raise UsageError(
+            f"{src}: the poisons are {pp.images.shape[2]}x{pp.images.shape[1]} images but the "
+            f"training set's are {x.shape[2]}x{x.shape[1]}: poisons made for another data set"
+        )
+    if pp.indices.size and pp.indices.max() >= len(x):
+        raise UsageError(
+            f"{src}: poison index {int(pp.indices.max())} is past the {len(x)} training images: "
+            "poisons made for another data set"
+        )
+    wrong = np.flatnonzero(y[pp.indices] != pp.labels)
+    if wrong.size:
+        i = int(wrong[0])
+        hint = (
+            " (the authors' Bullseye Polytope indices refer to the CIFAR-10 transfer split's "
+            "'others' images, saved as .npz in that order)"
+            if pp.attack == "bullseye-polytope"
+            else ""
+        )
+        raise UsageError(
+            f"{src}: {wrong.size} of {pp.indices.size} poisons replace images of another class "
+            f"(index {int(pp.indices[i])} is class {int(y[pp.indices[i]])}, the poison class "
+            f"{int(pp.labels[i])}): poisons made for another data set or image order{hint}"
+        )
+    out = np.array(x)  # a writable copy (x may be a read-only memmap)
+    out[pp.indices] = pp.images
+    return out, np.sort(pp.indices)
+
+
+def poison_with_published(
+    images: np.ndarray,
+    labels: np.ndarray,
+    class_names: list[str],
+    spec: PoisonSpec,
+    source: str | None = None,
+    *,
+    count: int = 500,
+    last_n: bool = True,
+    seed: int = 0,
+    quantize: str = "trunc",
+) -> PoisonedSet:
+    """The training set poisoned with the authors' published ``spec`` poisons (from
+    ``source``: `locate_poisons`). Narcissus poisons ``count`` images of the target class
+    (`poison_dataset`); the other attacks replace their base images. Labels are unchanged."""
+    spec.check(len(class_names) if spec.attack == "narcissus" else None)
+    root = locate_poisons(spec, source)
+    files = [root / f for f in spec.required_files()]
+    hw = (int(np.shape(images)[1]), int(np.shape(images)[2]))
+    extra: dict[str, Any] = {"target_index": np.int64(spec.target), "poisons_source": str(root)}
+    if spec.attack == "narcissus":
+        trig = load_narcissus(files[0], hw)
+        ps = poison_dataset(
+            images, labels, trig, spec.target, count, class_names=class_names,
+            last_n=last_n, seed=seed, quantize=quantize,
+        )  # fmt: skip
+        ps.attack = "narcissus"
+        ps.extra = extra
+        return ps
+    if spec.attack == "gradient-matching":
+        pp = load_gradient_matching(files[0].parent)
+    else:
+        pp = load_bullseye_polytope(files[0])
+    k = len(class_names)
+    if pp.poison_label >= k:
+        raise UsageError(
+            f"{pp.source}: the poison class {pp.poison_label} is not a class of the training set "
+            f"({k} classes): poisons made for another data set"
+        )
+    x, idx = apply_published(images, labels, pp)
+    if pp.target_image is not None:
+        extra["target_image"] = pp.target_image
+        extra["target_label"] = np.int64(pp.target_label)
+    return PoisonedSet(
+        x, np.asarray(labels, np.int64).copy(), idx, pp.poison_label, None, list(class_names),
+        attack=spec.attack, extra=extra,
+    )  # fmt: skip
