@@ -134,7 +134,7 @@ class Manifest(Mapping):
         if raw.get("world_size", 1) < 1:
             raise bad("field 'world_size' is below 1")
         fmt = raw["config"].get("format")
-        if fmt not in ("npy", "png"):
+        if fmt not in ("npy", "png", "webdataset"):
             raise bad(f"unknown output format {fmt!r}")
         ds = raw["dataset"]
         shape = ds.get("image_shape")
@@ -184,11 +184,12 @@ def _check_shard(s: Any, i: int, fmt: str, bad: Callable[[str], UsageError]) -> 
         raise bad(f"shards[{i}] needs integer index, start and stop")
     if not 0 <= s["start"] <= s["stop"]:
         raise bad(f"shards[{i}] has the range [{s['start']}, {s['stop']})")
+    files = {"npy": ("images", "labels"), "webdataset": ("tar",)}.get(fmt, ())
     keys = ("images", "labels", "images_sha256", "labels_sha256") if fmt == "npy" else ("sha256",)
-    for k in keys:
+    for k in (*keys, *files):
         if not isinstance(s.get(k), str):
             raise bad(f"shards[{i}].{k} is missing")
-    for k in ("images", "labels") if fmt == "npy" else ():
+    for k in files:
         name = s[k]  # joined to the output folder: a bare file name, nothing that leads out
         if Path(name).name != name or name in ("", ".", "..") or "\0" in name:
             raise bad(f"shards[{i}].{k} {name!r} is not a file name inside the folder")

@@ -3,8 +3,8 @@
 ``load_purified(DIR)`` returns `Purified`: ``.images`` is a read-only ``np.memmap`` when the
 output has one npy shard, and otherwise a `ShardedArray`: a lazy, read-only view over the
 shards' memmaps that indexes like an array (ints, slices, index arrays, boolean masks) and turns
-into one ndarray with ``np.asarray``; ``.labels`` is an in-memory int64 array. For png output the
-images are decoded into memory.
+into one ndarray with ``np.asarray``; ``.labels`` is an in-memory int64 array. For png and
+webdataset output the images are decoded into memory; webdataset output also gives ``.keys``.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import numpy as np
 
 from puregen_fast.data.io import file_digest
 from puregen_fast.data.manifest import MANIFEST, Manifest
+from puregen_fast.data.webdataset import read_tar
 from puregen_fast.data.writer import png_class_dirs, png_digest_line
 from puregen_fast.errors import UsageError
 
@@ -103,6 +104,7 @@ class Purified:
     images: np.ndarray | ShardedArray
     labels: np.ndarray
     manifest: Manifest
+    keys: list[str] | None = None  # the samples' keys (webdataset output)
 
     @property
     def class_names(self) -> list[str]:
@@ -121,6 +123,8 @@ def load_purified(out_dir: str | os.PathLike[str], *, verify: bool = True) -> Pu
     UsageError naming the file."""
     out = Path(out_dir)
     man = Manifest.read(out / MANIFEST)  # checks the structure the readers below rely on
+    if man.out_format == "webdataset":
+        return _read_wds(out, man, verify)
     read = _read_npy if man.out_format == "npy" else _read_png
     images, labels = read(out, man, verify)
     return Purified(images, labels, man)
@@ -158,6 +162,26 @@ def _read_npy(
     else:
         images = ShardedArray(parts)
     return images, np.concatenate(labels) if labels else np.zeros(0, np.int64)
+
+
+def _read_wds(out: Path, man: Manifest, verify: bool) -> Purified:
+    shape = man.image_shape
+    images = np.empty((man.count, *shape), np.uint8)
+    labels = np.empty(man.count, np.int64)
+    keys: list[str] = []
+    for s in man.shards:
+        p = out / s["tar"]
+        if not p.is_file():
+            raise UsageError(f"{p}: missing; {_HINT}")
+        if verify and file_digest(p) != s["sha256"]:
+            raise UsageError(f"{p}: sha256 does not match the manifest; {_HINT}")
+        k, x, y = read_tar(p, shape)
+        if len(k) != s["stop"] - s["start"]:
+            raise UsageError(f"{p}: {len(k)} samples, the manifest says "
+                             f"{s['stop'] - s['start']}; {_HINT}")  # fmt: skip
+        images[s["start"] : s["stop"]], labels[s["start"] : s["stop"]] = x, y
+        keys.extend(k)
+    return Purified(images, labels, man, keys)
 
 
 def _read_png(out: Path, man: Manifest, verify: bool) -> tuple[np.ndarray, np.ndarray]:

@@ -10,6 +10,11 @@ Layout of ``--out DIR`` with ``--format npy`` (the default)::
     .puregen-shard-00000.json      a shard's completion record (its files' sha256), written
                                    after the shard's files were renamed into place
 
+With ``--format webdataset`` shard k is ``shard-00000.tar`` (`puregen_fast.data.webdataset`):
+its images in index order as ``<key>.png`` and ``<key>.cls``, the keys those of WebDataset input
+(else the zero-padded index); its record holds the tar's sha256 and the sha256 of its labels and
+keys.
+
 With ``--format png`` the shards are ImageFolder trees instead: ``DIR/<class>/<index>.png``
 (index zero-padded to one width, so name order is index order), a drop-in for torchvision's
 ``ImageFolder``. Class folders are the class names when those already sort in label order
@@ -51,6 +56,7 @@ from puregen_fast.data.io import (
 )
 from puregen_fast.data.lock import LOCK
 from puregen_fast.data.manifest import FORMAT_ID, MANIFEST
+from puregen_fast.data.webdataset import write_tar
 from puregen_fast.errors import UsageError
 
 __all__ = [
@@ -79,6 +85,7 @@ def _ours_or_tmp(final: str, ext: str) -> re.Pattern[str]:
 
 _OUR_FILE = _ours_or_tmp(r"(?:images|labels)-\d{5,}\.npy", ".npy")
 _PNG_FILE = _ours_or_tmp(r"\d+\.png", ".png")
+_TAR_FILE = _ours_or_tmp(r"shard-\d{5,}\.tar", ".tar")
 
 
 # ----------------------------------------------------------------------------- small helpers
@@ -101,6 +108,10 @@ def _npy_bytes_atomic(path: Path, arr: np.ndarray) -> str:
         hf = _HashingFile(f)
         np.lib.format.write_array(hf, np.ascontiguousarray(arr), allow_pickle=False)
     return hf.h.hexdigest()
+
+
+def _keys_sha256(keys: Sequence[str]) -> str:
+    return hashlib.sha256("\0".join(keys).encode("utf-8", "surrogateescape")).hexdigest()
 
 
 def shard_ranges(n: int, shard_size: int) -> list[tuple[int, int]]:
@@ -146,16 +157,22 @@ class ShardWriter:
         num_images: int,
         shard_size: int,
         class_names: Sequence[str],
+        *,
+        ranges: Sequence[tuple[int, int]] | None = None,
+        keys: Sequence[str] | None = None,
     ) -> None:
-        if fmt not in ("npy", "png"):
-            raise UsageError(f"--format {fmt!r}: choose npy or png")
+        """``ranges``: the shards' [start, stop) when they are not ``shard_size`` images each
+        (WebDataset input: one per input shard); ``keys``: the images' WebDataset keys."""
+        if fmt not in ("npy", "png", "webdataset"):
+            raise UsageError(f"--format {fmt!r}: choose npy, png or webdataset")
         self.out = Path(out_dir)
         self.fmt = fmt
         self.n = num_images
         self.shard_size = shard_size
-        self.ranges = shard_ranges(num_images, shard_size)
+        self.ranges = shard_ranges(num_images, shard_size) if ranges is None else list(ranges)
         self.class_dirs = png_class_dirs(class_names)
         self._width = len(str(max(num_images - 1, 0)))
+        self.keys = keys
 
     @property
     def num_shards(self) -> int:
@@ -166,6 +183,16 @@ class ShardWriter:
 
     def npy_names(self, k: int) -> tuple[str, str]:
         return f"images-{k:05d}.npy", f"labels-{k:05d}.npy"
+
+    def tar_name(self, k: int) -> str:
+        return f"shard-{k:05d}.tar"
+
+    def shard_keys(self, k: int) -> list[str]:
+        """The WebDataset keys of shard ``k``'s images."""
+        start, stop = self.ranges[k]
+        if self.keys is not None:
+            return list(self.keys[start:stop])
+        return [f"{i:0{self._width}d}" for i in range(start, stop)]
 
     def png_name(self, index: int, label: int) -> str:
         return f"{self.class_dirs[label]}/{index:0{self._width}d}.png"
@@ -189,6 +216,14 @@ class ShardWriter:
             rec["images"], rec["labels"] = iname, lname
             rec["images_sha256"] = _npy_bytes_atomic(self.out / iname, images)
             rec["labels_sha256"] = _npy_bytes_atomic(self.out / lname, labels.astype(np.int64))
+            rec["shape"] = list(images.shape)
+        elif self.fmt == "webdataset":
+            keys = self.shard_keys(k)
+            rec["tar"] = self.tar_name(k)
+            rec["sha256"] = write_tar(self.out / rec["tar"], keys, images, labels)
+            rec["labels_sha256"] = hashlib.sha256(labels.astype(np.int64).tobytes()).hexdigest()
+            rec["keys_sha256"] = _keys_sha256(keys)
+            rec["count"] = stop - start
             rec["shape"] = list(images.shape)
         else:
             from PIL import Image
@@ -241,6 +276,17 @@ class ShardWriter:
                 if lb.dtype != np.int64 or lb.shape != (stop - start,):
                     return None
                 if labels is not None and not np.array_equal(lb, labels):
+                    return None
+            elif self.fmt == "webdataset":
+                if rec.get("tar") != self.tar_name(k) or rec.get("count") != stop - start:
+                    return None
+                if rec.get("keys_sha256") != _keys_sha256(self.shard_keys(k)):
+                    return None
+                if labels is not None and rec.get("labels_sha256") != hashlib.sha256(
+                    np.asarray(labels, np.int64).tobytes()
+                ).hexdigest():
+                    return None
+                if file_digest(self.out / rec["tar"]) != rec["sha256"]:
                     return None
             else:
                 if labels is None or rec.get("count") != stop - start:
@@ -295,6 +341,7 @@ def _ours(out: Path) -> list[Path]:
             and (
                 n in (MANIFEST, RUN_STATE)
                 or _OUR_FILE.match(n)
+                or _TAR_FILE.match(n)
                 or n.startswith(f".{MANIFEST}.tmp-")
             )
         ):

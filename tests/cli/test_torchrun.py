@@ -100,3 +100,49 @@ def test_ranks_with_another_configuration_are_refused():
         with pytest.raises(UsageError, match=rf"rank\(s\) {bad} of 3 .*checkpoints"):
             _check_same_config(FakeDist(rank, others), me)
     _check_same_config(Dist(), cfg)  # one process: nothing to compare
+
+
+@pytest.mark.slow
+def test_torchrun_over_webdataset_shards_equals_one_process(tmp_path, monkeypatch):
+    """Slow (two torchrun ranks: about 20 s on 2 CPUs): 4 input shards of unequal size, 2 ranks
+    taking 2 whole shards each, webdataset output equal to one process, byte for byte."""
+    from puregen_fast.data.webdataset import write_tar
+
+    x = np.random.default_rng(7).integers(0, 256, (11, 32, 32, 3), dtype=np.uint8)
+    (tmp_path / "in").mkdir()
+    for k, (s, e) in enumerate([(0, 3), (3, 5), (5, 9), (9, 11)]):
+        write_tar(tmp_path / "in" / f"{k:02d}.tar", [f"s{i}" for i in range(s, e)], x[s:e],
+                  np.arange(s, e) % 2)  # fmt: skip
+    torch.manual_seed(1)
+    pg.save_ebm(pg.EBMSNGAN32(nf=8), tmp_path / "ebm")
+    monkeypatch.setenv("PUREGEN_FAST_CACHE", str(tmp_path / "cache"))
+
+    def argv(out: Path) -> list[str]:
+        return [
+            "purify", "--dataset", "webdataset", "--data-dir", str(tmp_path / "in/{00..03}.tar"),
+            "--method", "ebm", "--ebm", str(tmp_path / "ebm"), "--ebm-steps", "3",
+            "--backend", "reference", "--device", "cpu", "--batch-size", "2", "--seed", "3",
+            "--format", "webdataset", "--out", str(out),
+        ]  # fmt: skip
+
+    env = {**os.environ, "PUREGEN_FAST_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    env.pop("WORLD_SIZE", None)
+    r = _run_torchrun(argv(tmp_path / "multi"), env)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each torchrun rank runs
+    try:
+        assert main(argv(tmp_path / "single") + ["--quiet"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    multi, single = tmp_path / "multi", tmp_path / "single"
+    names = [f"shard-{k:05d}.tar" for k in range(4)]
+    assert sorted(p.name for p in single.glob("*.tar")) == names
+    for n in names:
+        assert (multi / n).read_bytes() == (single / n).read_bytes(), n
+    mm = json.loads((multi / "manifest.json").read_text())
+    ms = json.loads((single / "manifest.json").read_text())
+    assert mm["shards"] == ms["shards"] and mm["config"] == ms["config"]
+    assert [s["count"] for s in mm["config"]["input_shards"]] == [3, 2, 4, 2]
+    assert [t["shards_written"] for t in mm["timings"]["ranks"]] == [2, 2]
+    assert pg.load_purified(multi).keys == [f"s{i}" for i in range(11)]

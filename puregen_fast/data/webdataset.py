@@ -1,0 +1,455 @@
+"""WebDataset tar shards in and out (DESIGN 5), through the ``webdataset`` library.
+
+Input: ``--dataset webdataset --data-dir 'shards/train-{000..099}.tar'``: local, uncompressed tar
+shards, brace-expanded (and ``::``-joined) as ``webdataset`` expands them, or a folder, whose
+``*.tar`` files are taken in name order. A sample is the members sharing a ``__key__``
+(``webdataset``'s key rule: the member name up to the first dot of its base name): the image
+under exactly one of ``jpg|jpeg|png|webp``, the label under ``cls`` (a non-negative integer as
+text). Other members are ignored. Class names are ``0 .. K-1`` with ``K`` the largest label + 1.
+
+Global ids (which key the noise) are the running index over the shards in order. The shards are
+read once up front without decoding images (`index_webdataset`): every sample is counted, its key
+and label kept, its image header checked (size, pixel limit) and its bytes hashed, and the end of
+each tar checked, so a truncated shard or a broken member stops the run before anything is
+purified, naming the shard and the key. Images are then decoded while they stream in, shard by
+shard (`WebDataset.images`), with no decoded cache. The per-shard counts are part of the run's
+recorded configuration and of the manifest, so ranks and resumed runs agree on the ids.
+
+Output (``--format webdataset``, `write_tar`): one tar per output shard, the samples in id order
+under their keys (the input keys, or the zero-padded global index for other inputs), the image
+losslessly as ``png``, the label as ``cls``. Member headers carry a fixed time and owner, so the
+bytes of a shard depend on its images only (a resumed or a multi-rank run writes the same bytes).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import stat
+import tarfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
+from puregen_fast.data.datasets import MAX_CLASSES, MAX_PIXELS, Dataset
+from puregen_fast.data.io import atomic_path, file_digest
+from puregen_fast.errors import UsageError
+
+__all__ = [
+    "IMAGE_EXTS",
+    "WebDataset",
+    "WebDatasetIndex",
+    "expand_shards",
+    "index_webdataset",
+    "open_webdataset",
+    "read_tar",
+    "write_tar",
+]
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+_BLOCK = 512  # tar block; an archive ends with zero blocks
+_MTIME = 0  # fixed member time: reproducible shard bytes
+
+
+def _wds() -> ModuleType:
+    try:
+        import webdataset
+    except ImportError as e:
+        raise UsageError(
+            "WebDataset shards need the webdataset package: pip install 'puregen-fast[webdataset]'"
+        ) from e
+    return webdataset
+
+
+def _show(path: str | os.PathLike[str]) -> str:
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def expand_shards(spec: str | os.PathLike[str]) -> list[Path]:
+    """The shard files of ``spec``: a brace pattern (``a/{000..009}.tar``, ``::`` joins lists) or
+    a folder (its ``*.tar`` in name order). Local paths only; every shard must be a regular
+    file."""
+    s = os.fspath(spec)
+    if "://" in s or s.startswith("pipe:"):
+        raise UsageError(f"--data-dir {s}: only local shard paths are read; copy the shards here")
+    p = Path(s).expanduser()
+    if p.is_dir():
+        paths = sorted(q for q in p.iterdir() if q.name.endswith(".tar"))
+        if not paths:
+            raise UsageError(f"--data-dir {_show(p)}: a folder without .tar shards")
+    else:
+        paths = [Path(u).expanduser() for u in _wds().shardlists.expand_urls(s)]
+    out = []
+    for q in paths:
+        try:
+            st = os.stat(q)
+        except OSError as e:
+            raise UsageError(
+                f"--data-dir {s}: shard {_show(q)} cannot be read ({e.strerror}); check the "
+                "pattern (brace ranges like {000..099} are expanded)"
+            ) from e
+        if not stat.S_ISREG(st.st_mode):
+            raise UsageError(f"--data-dir {s}: shard {_show(q)} is not a regular file")
+        out.append(Path(os.path.abspath(q)))
+    if len(set(out)) != len(out):
+        raise UsageError(f"--data-dir {s}: names a shard more than once")
+    return out
+
+
+# ----------------------------------------------------------------------------- reading samples
+
+
+def _key(name: str) -> str:
+    key, _ = _wds().tariterators.base_plus_ext(name)
+    return key if key is not None else name
+
+
+def _members(path: Path) -> Iterator[dict[str, Any]]:
+    """The regular members of the tar ``path`` as ``webdataset``'s file samples, then a check
+    that the archive ends with its end-of-archive block (Python's tarfile stops quietly at a
+    file cut on a member boundary)."""
+    last = None
+    try:
+        with open(path, "rb") as f:
+            try:
+                tf = tarfile.open(fileobj=f, mode="r|")
+            except tarfile.TarError as e:
+                raise UsageError(
+                    f"shard {_show(path)}: not an uncompressed tar archive ({e}); rewrite it as "
+                    "a plain .tar"
+                ) from e
+            for ti in tf:
+                if not ti.isreg():
+                    continue
+                reader = tf.extractfile(ti)
+                data = reader.read() if reader is not None else b""
+                tf.members = []  # streamed: keep no member list
+                last = ti.name
+                yield {"fname": ti.name, "data": data, "__url__": str(path)}
+            f.seek(tf.offset)
+            end = f.read(_BLOCK)
+    except (tarfile.TarError, EOFError) as e:
+        after = f" at key {_key(last)!r}" if last else ""
+        raise UsageError(
+            f"shard {_show(path)}: truncated or corrupt tar{after} ({e}); rewrite the shard"
+        ) from e
+    except OSError as e:
+        raise UsageError(f"shard {_show(path)}: cannot read ({e.strerror or e})") from e
+    if len(end) < _BLOCK or end.count(0) != _BLOCK:
+        after = f"after key {_key(last)!r}" if last else "before its first member"
+        raise UsageError(
+            f"shard {_show(path)}: truncated tar (it ends {after} without the end-of-archive "
+            "block); rewrite the shard"
+        )
+
+
+@dataclass
+class _Sample:
+    key: str
+    ext: str
+    image: bytes
+    label: int
+
+
+def _samples(path: Path) -> Iterator[_Sample]:
+    """The samples of shard ``path`` in order (``webdataset``'s grouping by key), checked: a
+    relative key, one image, an integer ``cls``."""
+    wds = _wds()
+    shard = _show(path)
+    members = (m for m in _members(path) if not _meta(m["fname"]))
+    try:
+        for s in wds.tariterators.group_by_keys(members):
+            key = s["__key__"]
+            where = f"shard {shard}, key {key!r}"
+            kp = PurePosixPath(key)
+            if kp.is_absolute() or ".." in kp.parts or "\0" in key:
+                raise UsageError(f"{where}: not a relative name; rename the sample")
+            exts = [e for e in IMAGE_EXTS if e in s]
+            if len(exts) != 1:
+                what = "no image" if not exts else f"{len(exts)} images ({', '.join(exts)})"
+                raise UsageError(
+                    f"{where}: {what}; a sample needs one image under {'|'.join(IMAGE_EXTS)}"
+                )
+            if "cls" not in s:
+                raise UsageError(f"{where}: no label (cls); every sample needs one")
+            try:
+                label = int(bytes(s["cls"]).decode("ascii").strip())
+            except (UnicodeDecodeError, ValueError):
+                label = -1
+            if not 0 <= label < MAX_CLASSES:
+                raise UsageError(
+                    f"{where}: label (cls) {bytes(s['cls'])[:20]!r} is not an integer in "
+                    f"[0, {MAX_CLASSES})"
+                )
+            yield _Sample(key, exts[0], bytes(s[exts[0]]), label)
+    except ValueError as e:  # webdataset: a file name twice within one sample
+        raise UsageError(f"shard {shard}: {e}; rewrite the shard") from e
+
+
+def _meta(name: str) -> bool:
+    base = name.rsplit("/", 1)[-1]
+    return base.startswith("__") and base.endswith("__")  # webdataset skips these
+
+
+def _header(data: bytes, where: str, max_pixels: int) -> tuple[int, int]:
+    """(H, W) from the image header (nothing decoded); UsageError naming ``where``."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            w, h = im.size
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError... for bad files
+        raise UsageError(
+            f"{where}: cannot read the image ({type(e).__name__}: {e}); replace the sample"
+        ) from e
+    if w * h > max_pixels:
+        raise UsageError(
+            f"{where}: the image is {w}x{h} = {w * h} pixels, more than the {max_pixels} "
+            "allowed; raise the limit (--max-image-pixels) if it is meant to be that big"
+        )
+    if w < 1 or h < 1:
+        raise UsageError(f"{where}: the image is {w}x{h}: empty; replace the sample")
+    return h, w
+
+
+def _decode(data: bytes, where: str, shape: tuple[int, ...], max_pixels: int) -> np.ndarray:
+    """uint8 (H, W, 3), converted to RGB as torchvision's loader does (and the ImageFolder reader,
+    so the same file gives the same bytes)."""
+    from PIL import Image
+
+    h, w = _header(data, where, max_pixels)
+    if (h, w) != tuple(shape[:2]):
+        raise UsageError(
+            f"{where}: the image is {w}x{h}, the data set's first is {shape[1]}x{shape[0]}: all "
+            "images must have one size"
+        )
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+            a = np.asarray(im.convert("RGB"), dtype=np.uint8)
+    except Exception as e:
+        raise UsageError(
+            f"{where}: cannot read the image ({type(e).__name__}: {e}); replace the sample"
+        ) from e
+    if a.shape != (h, w, 3):
+        raise UsageError(f"{where}: decoded {a.shape}, header {w}x{h}; replace the sample")
+    return a
+
+
+# ----------------------------------------------------------------------------- the index
+
+
+@dataclass
+class WebDatasetIndex:
+    """What the one pass over the shards found: per shard its path and sample count, every
+    sample's key and label, the image shape, and a sha256 over keys, labels and image bytes."""
+
+    source: str
+    shards: list[str]
+    counts: list[int]
+    keys: list[str]
+    labels: np.ndarray
+    shape: tuple[int, int, int]
+    sha256: str
+
+    @property
+    def starts(self) -> np.ndarray:
+        return np.concatenate([[0], np.cumsum(self.counts, dtype=np.int64)])
+
+
+def index_webdataset(
+    spec: str | os.PathLike[str], *, limit: int | None = None, max_pixels: int | None = None
+) -> WebDatasetIndex:
+    """Count and check the samples of the shards of ``spec`` (the first ``limit`` only), in one
+    pass that decodes no image."""
+    max_pixels = MAX_PIXELS if max_pixels is None else max_pixels
+    paths = expand_shards(spec)
+    h = hashlib.sha256()
+    shards, counts, keys, labels = [], [], [], []
+    shape: tuple[int, int, int] | None = None
+    for p in paths:
+        if limit is not None and len(keys) >= limit:
+            break
+        n, seen = 0, set()
+        for s in _samples(p):
+            where = f"shard {_show(p)}, key {s.key!r}"
+            if s.key in seen:
+                raise UsageError(f"{where}: the key occurs twice in the shard; rename one")
+            seen.add(s.key)
+            hw = _header(s.image, where, max_pixels)
+            if shape is None:
+                shape = (hw[0], hw[1], 3)
+            elif hw != shape[:2]:
+                raise UsageError(
+                    f"{where}: the image is {hw[1]}x{hw[0]}, the first is {shape[1]}x{shape[0]}: "
+                    "all images of a data set must have one size"
+                )
+            for part in (s.key.encode(), s.ext.encode(), str(s.label).encode(), s.image):
+                h.update(len(part).to_bytes(8, "little") + part)
+            keys.append(s.key)
+            labels.append(s.label)
+            n += 1
+            if limit is not None and len(keys) >= limit:
+                break
+        if n == 0:
+            raise UsageError(f"shard {_show(p)}: holds no samples; remove it from --data-dir")
+        shards.append(str(p))
+        counts.append(n)
+    if shape is None:
+        raise UsageError(f"--data-dir {_show(spec)}: no samples")
+    # the source as recorded (and compared on --resume): absolute, whatever the working folder
+    source = "::".join(os.path.abspath(os.path.expanduser(u)) for u in os.fspath(spec).split("::"))
+    return WebDatasetIndex(source, shards, counts, keys,
+                           np.asarray(labels, dtype=np.int64), shape, h.hexdigest())  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- the data set
+
+
+class _StreamedImages:
+    """``images[s:e]`` of a `WebDataset`: decoded as the shards stream past. Reading on from
+    where the last read stopped continues the open shard; another position reopens the shard
+    and skips to it without decoding."""
+
+    dtype = np.dtype(np.uint8)
+    ndim = 4
+
+    def __init__(self, index: WebDatasetIndex, max_pixels: int) -> None:
+        self.index, self.max_pixels = index, max_pixels
+        self.shape = (len(index.keys), *index.shape)
+        self._starts = index.starts
+        self._pos: tuple[int, int] | None = None  # (shard, next position in it) of _it
+        self._it: Iterator[_Sample] | None = None
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def _read(self, k: int, i: int, j: int) -> Iterator[np.ndarray]:
+        """Samples ``i..j-1`` (positions within shard ``k``), decoded."""
+        path = Path(self.index.shards[k])
+        if self._pos != (k, i) or self._it is None:
+            self._it, self._pos = _samples(path), (k, 0)
+            for _ in range(i):
+                next(self._it)
+        for pos in range(i, j):
+            s = next(self._it, None)
+            gid = int(self._starts[k]) + pos
+            if s is None or s.key != self.index.keys[gid] or s.label != self.index.labels[gid]:
+                self._it = self._pos = None
+                raise UsageError(f"shard {_show(path)}: changed while it was read; run again")
+            self._pos = (k, pos + 1)
+            yield _decode(s.image, f"shard {_show(path)}, key {s.key!r}", self.index.shape,
+                          self.max_pixels)  # fmt: skip
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        if isinstance(key, (int, np.integer)):
+            i = int(key) + (len(self) if key < 0 else 0)
+            return self[i : i + 1][0]
+        if not isinstance(key, slice) or key.step not in (None, 1):
+            raise TypeError("WebDataset images are read by contiguous slices")
+        s, e, _ = key.indices(len(self))
+        out = np.empty((max(e - s, 0), *self.index.shape), np.uint8)
+        row = 0
+        while s < e:
+            k = int(np.searchsorted(self._starts, s, side="right") - 1)
+            stop = min(e, int(self._starts[k + 1]))
+            for a in self._read(k, s - int(self._starts[k]), stop - int(self._starts[k])):
+                out[row] = a
+                row += 1
+            s = stop
+        return out
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        a = self[:]
+        return a if dtype is None else a.astype(dtype, copy=False)
+
+
+@dataclass
+class WebDataset(Dataset):
+    """A `Dataset` streamed from WebDataset shards: ``images`` decodes on reading, ``index``
+    holds the counts, keys and labels of the pass over the shards."""
+
+    index: WebDatasetIndex | None = field(default=None, repr=False)
+
+    @property
+    def keys(self) -> list[str]:
+        return self.index.keys
+
+    def shard_ranges(self, n: int) -> list[tuple[int, int]]:
+        """The input shards' [start, stop) ranges among the first ``n`` images: the output
+        shards, so each rank reads whole input shards."""
+        st = [int(v) for v in self.index.starts]
+        return [(a, min(b, n)) for a, b in zip(st[:-1], st[1:]) if a < n]
+
+    def images_sha256(self, n: int) -> str | None:
+        """The index's content hash when it covers exactly the first ``n`` images."""
+        return self.index.sha256 if n == len(self) else None
+
+    def shard_records(self) -> list[dict]:
+        return [{"path": p, "count": c} for p, c in zip(self.index.shards, self.index.counts)]
+
+    def describe(self) -> dict:
+        return {**super().describe(), "shards": self.shard_records()}
+
+
+def open_webdataset(
+    spec: str | os.PathLike[str] | None,
+    split: str = "train",
+    *,
+    limit: int | None = None,
+    max_pixels: int | None = None,
+    index: WebDatasetIndex | None = None,
+) -> WebDataset:
+    """The shards of ``spec`` as a streamed `WebDataset` (``index``: one `index_webdataset`
+    already made, e.g. by another rank)."""
+    if spec is None:
+        raise UsageError("--dataset webdataset needs --data-dir 'shards/{000..099}.tar'")
+    max_pixels = MAX_PIXELS if max_pixels is None else max_pixels
+    if index is None:
+        index = index_webdataset(spec, limit=limit, max_pixels=max_pixels)
+    k = int(index.labels.max()) + 1
+    return WebDataset("webdataset", split, _StreamedImages(index, max_pixels),  # type: ignore[arg-type]
+                      index.labels, [str(i) for i in range(k)], index.source,
+                      index=index)  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- writing, reading
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(image)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_tar(
+    path: str | os.PathLike[str], keys: Sequence[str], images: np.ndarray, labels: np.ndarray
+) -> str:
+    """One output shard: sample ``i`` is ``keys[i]`` with ``png`` and ``cls``, written atomically
+    with `webdataset.TarWriter`; returns the file's sha256."""
+    wds = _wds()
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        with wds.TarWriter(f, encoder=False, mtime=_MTIME, user="", group="") as w:
+            for key, im, y in zip(keys, images, labels):
+                w.write({"__key__": key, "png": png_bytes(im), "cls": str(int(y)).encode()})
+    return file_digest(path)
+
+
+def read_tar(path: str | os.PathLike[str], shape: tuple[int, ...]) -> tuple[list[str], np.ndarray,
+                                                                            np.ndarray]:
+    """keys, images (n, H, W, 3) uint8 and labels (n,) int64 of a shard `write_tar` wrote."""
+    keys, images, labels = [], [], []
+    p = Path(path)
+    for s in _samples(p):
+        keys.append(s.key)
+        images.append(_decode(s.image, f"shard {_show(p)}, key {s.key!r}", shape, 1 << 62))
+        labels.append(s.label)
+    x = np.stack(images) if images else np.zeros((0, *shape), np.uint8)
+    return keys, x, np.asarray(labels, dtype=np.int64)

@@ -1,0 +1,137 @@
+"""Ray Data: `PurifyBatches`, a callable class for ``Dataset.map_batches`` (DESIGN 3, 5).
+
+::
+
+    ds.map_batches(PurifyBatches, batch_size=256, num_gpus=1,
+                   compute=ray.data.ActorPoolStrategy(size=4),
+                   fn_constructor_kwargs=dict(method="ebm", ebm="runs/ebm", seed=0,
+                                              batch_size=256))
+
+Each actor builds the `Purifier` once, from the same options as ``puregen-fast purify`` (the
+fields of `PurifyConfig`: method, ``ebm``/``ddpm`` sources, step counts, seed, precision, device,
+backend, and ``batch_size``). A batch is a dict of numpy arrays: ``"image"`` uint8
+(B, H, W, 3) and ``"id"`` the images' int64 global indices, which key the noise (DESIGN 2.2);
+every other column passes through unchanged. The batch is purified in pieces of ``batch_size``
+images, a short piece padded to ``batch_size`` as the command pads its last batch, so every
+model call has the command's shape and an image's bytes equal ``puregen-fast purify`` with the
+same seed and ``--batch-size``, however Ray cuts the data set into blocks and batches. (The
+command caps the batch size at the number of images: for a data set smaller than the batch
+size, pass that number.)
+
+``method="filt"`` needs the data set's energy threshold (``filter_threshold``, from the
+``filter`` record of a ``puregen-fast purify`` manifest): a threshold taken per batch would
+depend on how Ray cuts batches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from puregen_fast.config import EngineConfig, PurifyConfig
+from puregen_fast.models.checkpoints import DEFAULT_DDPM, DEFAULT_EBM, load_ddpm, load_ebm
+from puregen_fast.purifier import Purifier
+
+__all__ = ["PurifyBatches", "OPTIONS"]
+
+# the PurifyConfig fields that decide the purified bytes; the data and output options of the
+# command (data set, --out, --format, ...) are Ray's to handle
+OPTIONS = (*(f.name for f in dataclasses.fields(EngineConfig)), "ebm", "ddpm", "batch_size")
+
+
+class PurifyBatches:
+    """``PurifyBatches(**options)(batch) -> batch`` with ``batch["image"]`` purified."""
+
+    def __init__(self, *, filter_threshold: float | None = None, **options: Any) -> None:
+        unknown = sorted(set(options) - set(OPTIONS))
+        if unknown:
+            raise TypeError(
+                f"PurifyBatches: unknown option(s) {', '.join(unknown)}; the options are "
+                f"{', '.join(OPTIONS)} and filter_threshold"
+            )
+        self.config = PurifyConfig(**options)  # checked here: a bad value names its field
+        cfg = self.config
+        if cfg.method == "filt" and filter_threshold is None:
+            raise ValueError(
+                "method 'filt' needs filter_threshold (the 'threshold' of the filter record in "
+                "a puregen-fast purify manifest): a per-batch threshold would depend on Ray's "
+                "batches"
+            )
+        self.filter_threshold = filter_threshold
+        self.batch_size = cfg.batch_size
+        needs_ebm, needs_ddpm = cfg.uses
+        ebm = load_ebm(cfg.ebm or DEFAULT_EBM) if needs_ebm else None
+        ddpm = load_ddpm(cfg.ddpm or DEFAULT_DDPM) if needs_ddpm else None
+        self.purifier = Purifier(ebm=ebm, ddpm=ddpm, **cfg.engine_dict())
+
+    def describe(self) -> dict:
+        """The engine's description (method, models' sha256, backend, device)."""
+        return {**self.purifier.describe(), "batch_size": self.batch_size}
+
+    def __call__(self, batch: Mapping[str, np.ndarray]) -> dict[str, Any]:
+        if not isinstance(batch, Mapping):
+            raise TypeError(
+                f"PurifyBatches takes dict-of-numpy batches, got {type(batch).__name__}; "
+                "pass batch_format='numpy' to map_batches"
+            )
+        images = _image_column(batch)
+        ids = _id_column(batch, len(images))
+        kw = {} if self.filter_threshold is None else {"filter_threshold": self.filter_threshold}
+        bs = self.batch_size
+        out = np.empty_like(images)
+        for s in range(0, len(images), bs):
+            e = min(s + bs, len(images))
+            x, i = images[s:e], ids[s:e]
+            if e - s < bs:  # pad as the command pads its last batch: one shape for every call
+                x = np.concatenate([x, np.repeat(x[-1:], bs - (e - s), axis=0)])
+                i = np.concatenate([i, i[-1] + 1 + np.arange(bs - (e - s), dtype=np.int64)])
+            out[s:e] = np.asarray(self.purifier(np.ascontiguousarray(x), i, **kw))[: e - s]
+        return {**batch, "image": out}
+
+
+def _columns(batch: Mapping[str, Any]) -> str:
+    return ", ".join(map(repr, batch)) or "none"
+
+
+def _image_column(batch: Mapping[str, Any]) -> np.ndarray:
+    if "image" not in batch:
+        raise ValueError(
+            f"batch has no 'image' column (columns: {_columns(batch)}); map the images to "
+            "'image', uint8 (B, H, W, 3)"
+        )
+    col = batch["image"]
+    a = np.asarray(col)
+    if a.dtype == object:  # Ray's variable-shaped tensors: one array per row
+        try:
+            a = np.stack([np.asarray(r) for r in col])
+        except ValueError as e:
+            raise ValueError(
+                f"column 'image': images of different sizes ({e}); resize them to one size"
+            ) from e
+    if a.dtype != np.uint8 or a.ndim != 4 or a.shape[-1] != 3:
+        raise ValueError(
+            f"column 'image': expected uint8 (B, H, W, 3), got {a.dtype} {a.shape}; decode "
+            "to RGB uint8 (read_images(..., mode='RGB'))"
+        )
+    return a
+
+
+def _id_column(batch: Mapping[str, Any], n: int) -> np.ndarray:
+    if "id" not in batch:
+        raise ValueError(
+            f"batch has no 'id' column (columns: {_columns(batch)}); add each image's global "
+            "index as 'id' (int64): it keys the noise, so the bytes do not depend on Ray's "
+            "batches"
+        )
+    ids = np.asarray(batch["id"])
+    if ids.dtype.kind not in "iu" or ids.shape != (n,):
+        raise ValueError(
+            f"column 'id': expected integers of shape ({n},) (one per image), got {ids.dtype} "
+            f"{ids.shape}"
+        )
+    if n and (ids.min() < 0 or ids.max() > np.iinfo(np.int64).max - n):
+        raise ValueError(f"column 'id': global indices must be >= 0, got min {ids.min()}")
+    return ids.astype(np.int64)

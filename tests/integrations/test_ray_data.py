@@ -1,0 +1,132 @@
+"""Ray Data (issue 15): `PurifyBatches` gives the bytes of ``puregen-fast purify`` whatever
+batches it is handed; the example runs an image folder through Ray Data on an actor pool."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import puregen_fast as pg
+from puregen_fast.cli.main import main
+from puregen_fast.data.datasets import Dataset
+from puregen_fast.integrations.ray_data import PurifyBatches
+from puregen_fast.pipeline import purify_dataset
+
+REPO = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def ebm(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("ebm")
+    torch.manual_seed(0)
+    pg.save_ebm(pg.EBMSNGAN32(nf=8), root / "ebm")
+    return root / "ebm"
+
+
+def _opts(ebm: Path, bs: int) -> dict:
+    return dict(method="ebm", ebm=str(ebm), ebm_steps=2, seed=3, backend="reference",
+                device="cpu", batch_size=bs)  # fmt: skip
+
+
+def test_uneven_batches_give_the_pipeline_bytes(ebm, tmp_path):
+    """Batches of 3, 5, 1 and 2 images, ids out of order, against the pipeline's batches of 4
+    (shards of 6): the same bytes for every image; other columns pass through."""
+    x = np.random.default_rng(1).integers(0, 256, (11, 32, 32, 3), dtype=np.uint8)
+    y = np.arange(11) % 3
+    ds = Dataset("npz", "train", x, y, ["a", "b", "c"], "memory")
+    opts = _opts(ebm, 4)
+    p = pg.Purifier(ebm=pg.load_ebm(ebm), **{k: v for k, v in opts.items()
+                                             if k not in ("ebm", "batch_size")})  # fmt: skip
+    want = np.asarray(pg.load_purified(
+        purify_dataset(ds, p, tmp_path / "o", batch_size=4, shard_size=6, quiet=True)).images)
+    assert not np.array_equal(want, x)
+    order = np.random.default_rng(2).permutation(11)
+    fn = PurifyBatches(**opts)
+    got = np.zeros_like(x)
+    for part in np.split(order, [3, 8, 9]):
+        keys = np.asarray([f"k{i}" for i in part], dtype=object)
+        out = fn({"image": x[part], "id": part.astype(np.int64), "key": keys})
+        assert set(out) == {"image", "id", "key"} and list(out["key"]) == list(keys)
+        got[part] = out["image"]
+    np.testing.assert_array_equal(got, want)
+
+
+def test_bad_columns_and_options_are_named(ebm):
+    fn = PurifyBatches(method="none", batch_size=2, device="cpu")
+    x = np.zeros((3, 8, 8, 3), np.uint8)
+    ids = np.arange(3)
+    cases = [
+        ({"id": ids}, "no 'image' column"),
+        ({"image": x}, "no 'id' column"),
+        ({"image": x.astype(np.float32), "id": ids}, "column 'image': expected uint8"),
+        ({"image": x[..., 0], "id": ids}, "column 'image'"),
+        ({"image": x, "id": ids[:2]}, "column 'id': expected integers of shape \\(3,\\)"),
+        ({"image": x, "id": ids.astype(float)}, "column 'id'"),
+        ({"image": x, "id": ids - 1}, "column 'id': global indices must be >= 0"),
+    ]
+    for batch, msg in cases:
+        with pytest.raises(ValueError, match=msg):
+            fn(batch)
+    with pytest.raises(TypeError, match="unknown option.*data_dir"):
+        PurifyBatches(method="none", data_dir="x")
+    with pytest.raises(ValueError, match="batch_size.*--batch-size"):
+        PurifyBatches(method="none", batch_size=0)
+    with pytest.raises(ValueError, match="filter_threshold"):
+        PurifyBatches(method="filt", ebm=str(ebm))
+
+
+def _example():
+    spec = importlib.util.spec_from_file_location("ray_purify", REPO / "examples/ray_purify.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["ray_purify"] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.slow
+def test_ray_actor_pool_equals_the_command(ebm, tmp_path, monkeypatch):
+    """Slow (a local Ray instance and two actors: about 20 s on 2 CPUs): an ImageFolder through
+    examples/ray_purify.py (ActorPoolStrategy(size=2), blocks of 3 images, smaller than the
+    batch size 4, so Ray hands batches of 4, 2, 4, 1 images that straddle the command's batches
+    0-3, 4-7, 8-10) and through ``puregen-fast purify``: the same bytes and labels for every
+    image."""
+    import ray
+
+    from puregen_fast.data.webdataset import read_tar
+
+    rng = np.random.default_rng(4)
+    x = rng.integers(0, 256, (11, 32, 32, 3), dtype=np.uint8)
+    for i in range(11):
+        p = tmp_path / "folder" / ["cat", "dog", "emu"][i * 3 // 11] / f"{i:02d}.png"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(x[i]).save(p)
+    monkeypatch.setenv("PUREGEN_FAST_CACHE", str(tmp_path / "cache"))
+    flags = ["--method", "ebm", "--ebm", str(ebm), "--ebm-steps", "2", "--seed", "3",
+             "--backend", "reference", "--device", "cpu", "--batch-size", "4"]  # fmt: skip
+    assert main(["purify", "--dataset", "imagefolder", "--data-dir", str(tmp_path / "folder"),
+                 "--quiet", "--out", str(tmp_path / "cli"), *flags]) == 0  # fmt: skip
+    want = pg.load_purified(tmp_path / "cli")
+    ex = _example()
+    ray.cloudpickle.register_pickle_by_value(ex)  # the workers cannot import it by name
+    ray.init(num_cpus=2, include_dashboard=False)
+    try:
+        assert ex.main(["--imagefolder", str(tmp_path / "folder"), "--out", str(tmp_path / "ray"),
+                        "--actors", "2", "--actor-cpus", "0.5", "--blocks", "4", *flags]) == 0
+    finally:
+        ray.shutdown()
+    got = {}
+    for t in sorted((tmp_path / "ray").glob("*.tar")):
+        for k, im, y in zip(*read_tar(t, (32, 32, 3))):
+            got[k] = (im, y)
+    assert sorted(got) == [f"{i:02d}" for i in range(11)]
+    for i in range(11):
+        np.testing.assert_array_equal(got[f"{i:02d}"][0], want.images[i])
+        assert got[f"{i:02d}"][1] == want.labels[i]
+    assert not np.array_equal(np.asarray(want.images), x)
