@@ -1,4 +1,5 @@
-"""pytest-benchmark suite for the elementwise kernels: achieved GB/s vs the device's copy bandwidth.
+"""pytest-benchmark suite for the fused kernels: the elementwise ones' achieved GB/s vs the
+device's copy bandwidth, and the EBM conv-block kernels' TFLOP/s vs cuDNN's.
 
     python -m pytest bench/bench_kernels.py --benchmark-columns=median,ops
 
@@ -7,6 +8,13 @@ GPU only (skips on CPU with a reason; importable anywhere). Each kernel is timed
 tensor, measured in the same run on the same device. Bytes per element: Langevin 12 (10 with a
 bf16 grad), DDPM forward noise 8, DDPM posterior step 12 (10 with bf16 eps). The table is printed
 at the end of the module and stored in each benchmark's ``extra_info``.
+
+Conv-block kernels (`puregen_fast.kernels.ebm_conv`): every convolution shape of the paper's
+folded EBM (nf 128, 32x32 images) at batch 512, forward (ReLU prologue, bias, residual) and input
+gradient (ReLU mask, residual), in bf16 and fp32 (IEEE), against ``F.conv2d`` and
+``torch.nn.grad.conv2d_input`` on the same channels-last tensors (cuDNN, ``cudnn.benchmark`` on;
+the unfused residual and mask added as torch ops, as the compiled torch path would do them at
+best). TFLOP/s count the convolution's 2 * MACs only, the same for both.
 """
 
 import statistics
@@ -24,6 +32,13 @@ pytestmark = [
 BATCH = 4096  # CIFAR-size images: 12.6M elements, ~50 MB per fp32 tensor (beyond H100's L2)
 IMAGE = (3, 32, 32)
 ROWS: list[tuple[str, float, float, float]] = []  # name, median us, GB/s, fraction of copy
+CONV_ROWS: list[tuple[str, float, float, float, float]] = []  # name, us, TFLOP/s, cuDNN's both
+# (kernel shape, input channels, input size) of the folded paper EBM at 32x32, nf 128
+CONV_LAYERS = [
+    ("3x3", 3, 32), ("2x2s2", 3, 32), ("4x4s2", 128, 32), ("2x2s2", 128, 16),
+    ("3x3", 128, 16), ("4x4s2", 128, 16), ("3x3", 128, 8),
+]  # fmt: skip
+NF, CONV_BATCH = 128, 512
 
 
 def _median_ms(fn: Callable[[], object], iters: int = 100, warmup: int = 10) -> float:
@@ -83,6 +98,17 @@ def _print_table(request: pytest.FixtureRequest):
         f"{'kernel':<34}{'median us':>12}{'GB/s':>10}{'of copy':>10}",
     ]
     lines += [f"{n:<34}{us:>12.1f}{gbs:>10.0f}{frac:>10.0%}" for n, us, gbs, frac in ROWS]
+    if CONV_ROWS:
+        lines += [
+            "",
+            f"EBM conv-block kernels on {name}, batch {CONV_BATCH}, nf {NF} (CUDA-event medians)",
+            f"{'convolution':<40}{'triton us':>11}{'TFLOP/s':>9}{'cuDNN us':>10}{'TFLOP/s':>9}"
+            f"{'speed-up':>10}",
+        ]
+        lines += [
+            f"{n:<40}{us:>11.1f}{tf:>9.1f}{cus:>10.1f}{ctf:>9.1f}{cus / us:>9.2f}x"
+            for n, us, tf, cus, ctf in CONV_ROWS
+        ]
     for line in lines:
         if tr is not None:
             tr.write_line(line)
@@ -146,3 +172,62 @@ def test_ddpm_step(benchmark, data, copy_gbs, eps_dtype):
         benchmark, f"ddpm_step_ (eps {eps_dtype})", lambda: ddpm_step_(x, e, data["t"], **kw),
         per_elem * x.numel(), copy_gbs,
     )  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+@pytest.mark.parametrize("direction", ["fwd", "dgrad"])
+@pytest.mark.parametrize("layer", CONV_LAYERS, ids=lambda v: f"{v[0]}-{v[1]}ch-{v[2]}px")
+def test_ebm_conv(benchmark, data, layer, direction, dtype):
+    import torch.nn.functional as F
+
+    from puregen_fast.kernels import ebm_conv as kc
+
+    shape, cin, hw = layer
+    k, stride, pad = kc.CONV_SHAPES[shape]
+    ho, wo = kc.conv_out_hw(hw, hw, (k, k), stride, pad)
+    dt = torch.bfloat16 if dtype == "bf16" else torch.float32
+    g = torch.Generator(device="cuda").manual_seed(0)
+
+    def rnd(*size):
+        return torch.randn(*size, device="cuda", generator=g).to(dt)
+
+    x, w = rnd(CONV_BATCH, hw, hw, cin), rnd(NF, cin, k, k) * (cin * k * k) ** -0.5
+    wp, bias = kc.pack_weight(w), torch.randn(NF, device="cuda")
+    y_res, dy = rnd(CONV_BATCH, ho, wo, NF), rnd(CONV_BATCH, ho, wo, NF)
+    xc = x.permute(0, 3, 1, 2)  # channels-last NCHW views: cuDNN's NHWC kernels
+    dyc, resc = dy.permute(0, 3, 1, 2), y_res.permute(0, 3, 1, 2)
+    b = torch.backends
+    old = b.cudnn.benchmark, b.cudnn.allow_tf32
+    b.cudnn.benchmark, b.cudnn.allow_tf32 = True, False
+    try:
+        if direction == "fwd":
+            def triton_fn():
+                return kc.conv2d_nhwc(x, wp, bias, stride=stride, padding=pad, relu_in=True,
+                                      residual=y_res)  # fmt: skip
+
+            def cudnn_fn():
+                return F.conv2d(F.relu(xc), w, bias.to(dt), stride=stride, padding=pad) + resc
+        else:
+            def triton_fn():
+                return kc.conv2d_input_grad_nhwc(dy, wp, (hw, hw), stride=stride, padding=pad,
+                                                 mask=x, residual=x)  # fmt: skip
+
+            def cudnn_fn():
+                gi = torch.nn.grad.conv2d_input(xc.shape, w, dyc, stride=stride, padding=pad)
+                return gi * (xc > 0) + xc
+        flop = 2 * CONV_BATCH * ho * wo * NF * cin * k * k
+        ms, cms = _median_ms(triton_fn, iters=50), _median_ms(cudnn_fn, iters=50)
+    finally:
+        b.cudnn.benchmark, b.cudnn.allow_tf32 = old
+    tf, ctf = flop / ms / 1e9, flop / cms / 1e9
+    CONV_ROWS.append((f"{direction} {shape} {cin}->{NF} @{hw}px {dtype}", ms * 1e3, tf,
+                      cms * 1e3, ctf))  # fmt: skip
+    benchmark.extra_info.update(
+        {"median_us": ms * 1e3, "tflops": tf, "cudnn_median_us": cms * 1e3, "cudnn_tflops": ctf}
+    )
+
+    def synced() -> None:
+        triton_fn()
+        torch.cuda.synchronize()
+
+    benchmark.pedantic(synced, rounds=10, iterations=1, warmup_rounds=2)

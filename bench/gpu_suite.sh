@@ -91,6 +91,9 @@ if want tests; then
     tests/kernels/test_ddpm.py
   # the samplers in a process of their own (a failed capture can poison the CUDA context)
   pytest_stage 240 sampler-tests -m gpu tests/sampling/test_fast_gpu.py
+  # the EBM conv-block kernels: the covering subset and bf16/tf32 by the 2x rule, then the
+  # energy gradient and the sampler with conv_impl triton, and auto's measurement
+  pytest_stage 180 conv-tests tests/kernels/test_ebm_conv.py tests/sampling/test_conv_grad.py
   pytest_stage 120 eval-tests -m gpu tests/eval/test_eval.py
   echo "GPU tests exit code: $test_rc" >> "$report"
 else
@@ -106,11 +109,11 @@ if want kernels; then
   capped 60 "$jsondir/kernel-asm.log" $PY bench/kernel_asm.py
   rc=$?
   [ "$rc" -eq 0 ] || [ "$test_rc" -ne 0 ] || test_rc=$rc  # kernels that do not build fail the run
-  grep -v -i warn "$jsondir/kernel-asm.log" | tail -n 14 >> "$report"
+  grep -v -i warn "$jsondir/kernel-asm.log" | tail -n 30 >> "$report"
   echo >> "$report"
-  capped 120 "$jsondir/bench-kernels.log" $PY -m pytest bench/bench_kernels.py -q \
+  capped 180 "$jsondir/bench-kernels.log" $PY -m pytest bench/bench_kernels.py -q \
     -p no:cacheprovider --benchmark-columns=median,ops
-  tail -n 30 "$jsondir/bench-kernels.log" >> "$report"
+  tail -n 50 "$jsondir/bench-kernels.log" >> "$report"
 else
   echo "(not run: STAGES=$STAGES)" >> "$report"
 fi
@@ -147,7 +150,13 @@ else
     --repeats 3 --profile 12; }
   ddpm() { bench 180 "ddpm75-$1" --method ddpm --model paper --batch-size 512 --steps 75 --precision "$1" \
     --repeats 2 --backends authors,fast --profile 12; }
-  ebm bf16; ddpm bf16; ebm fp32; ebm tf32; ddpm fp32; ddpm tf32
+  # the EBM's convolutions A/B (issue 13): the Triton conv-block kernels against compiled
+  # torch (cuDNN), same model, batch and steps; the plain ebm rows run --conv-impl auto, whose
+  # measured times are in their report
+  conv() { bench 90 "ebm150-$1-conv-$2" --method ebm --model paper --batch-size 512 --steps 150 \
+    --precision "$1" --repeats 3 --backends fast --conv-impl "$2" --profile 12; }
+  ebm bf16; conv bf16 triton; conv bf16 torch; ddpm bf16; conv fp32 triton; conv fp32 torch
+  ebm fp32; ebm tf32; ddpm fp32; ddpm tf32
   # other batch sizes, bf16 (each compiles and captures anew)
   bench 60 ebm150-bf16-b128 --method ebm --model paper --batch-size 128 --steps 150 \
     --precision bf16 --repeats 3

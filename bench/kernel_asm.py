@@ -1,5 +1,5 @@
 """The fused kernels built for Hopper (sm_90) ahead of time, without a GPU: compile, then read
-the machine code. ``python bench/kernel_asm.py [--arch 90]``
+the machine code. ``python bench/kernel_asm.py [--arch 90] [--only update|conv]``
 
 Each kernel is launched through its real launcher on CPU tensors shaped like a CIFAR batch, with
 Triton's launch intercepted: the arguments it would get (types, the JIT's divisibility-by-16
@@ -9,6 +9,12 @@ Triton), the shared memory per program and the byte widths of its global loads a
 32-bit words. Exit 1 when a kernel does not compile, uses local memory (spills), stores in
 accesses narrower than 16 bytes, or loads its fp32 state in accesses narrower than 16 bytes (a
 bf16 operand: 8 bytes, four values); the DDPM kernels' scalar coefficient loads are allowed.
+
+A second table covers the EBM conv-block kernels (`puregen_fast.kernels.ebm_conv`), launched as
+the paper's EBM (nf 128) runs them at batch 512: registers, local memory, shared memory, and the
+matrix instructions in the SASS (``HGMMA``: Hopper's warpgroup MMA, wgmma; ``HMMA``: the older
+warp-level MMA; ``FFMA`` when neither). Exit 1 also when a conv kernel spills (local memory) or
+has no matrix instruction in a bf16 or tf32 build.
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
-from puregen_fast.kernels import _noise, ddpm, langevin  # noqa: E402
+from puregen_fast.kernels import _noise, ddpm, ebm_conv, langevin  # noqa: E402
 from puregen_fast.models.schedule import ddpm_coefficients  # noqa: E402
 
 _TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.int64: "i64", torch.uint32: "u32"}
@@ -51,7 +57,7 @@ def _capture(call: Callable[[], Any]) -> tuple[JITFunction, tuple, dict]:
         raise _Captured
 
     saved = JITFunction.run
-    patched = [(m, "check_launchable") for m in (_noise, ddpm, langevin)]
+    patched = [(m, "check_launchable") for m in (_noise, ddpm, langevin, ebm_conv)]
     olds = [getattr(m, n) for m, n in patched]
     JITFunction.run = fake_run
     for m, n in patched:
@@ -167,15 +173,89 @@ def cases() -> dict[str, Callable[[], Any]]:
     }
 
 
+def conv_cases() -> dict[str, Callable[[], Any]]:
+    """The conv-block kernels at the paper's EBM shapes (nf 128, batch 512): each kernel shape,
+    forward with the ReLU prologue and residual epilogue, input gradient with mask and residual;
+    bf16 (what a bf16 run launches), fp32 with TF32 products, and IEEE fp32."""
+    b, nf = 512, 128
+    out: dict[str, Callable[[], Any]] = {}
+    for dt, tag, tf32 in ((torch.bfloat16, "bf16", False), (torch.float32, "tf32", True),
+                          (torch.float32, "fp32", False)):  # fmt: skip
+        for shape, hw, cin in (("3x3", 16, nf), ("4x4s2", 32, nf), ("2x2s2", 32, nf),
+                               ("3x3", 32, 3), ("1x1", 16, nf)):  # fmt: skip
+            if tag != "bf16" and (shape != "3x3" or cin != nf):
+                continue  # fp32/tf32: the main shape only
+            k, st, pad = ebm_conv.CONV_SHAPES[shape]
+            ho, wo = ebm_conv.conv_out_hw(hw, hw, (k, k), st, pad)
+            x = torch.empty(b, hw, hw, cin, dtype=dt)
+            wp = torch.empty(k, k, cin, nf, dtype=dt)
+            bias = torch.empty(nf)
+            res = torch.empty(b, ho, wo, nf, dtype=dt)
+            dy = torch.empty(b, ho, wo, nf, dtype=dt)
+            kw = {"stride": st, "padding": pad, "tf32": tf32}
+            name = f"{shape} {cin}->{nf} @{hw}x{hw} {tag}"
+            out[f"fwd {name}"] = lambda x=x, wp=wp, bias=bias, res=res, kw=kw: (
+                ebm_conv.conv2d_nhwc(x, wp, bias, relu_in=True, residual=res, **kw)
+            )
+            out[f"dgrad {name}"] = lambda dy=dy, wp=wp, x=x, kw=kw, hw=hw: (
+                ebm_conv.conv2d_input_grad_nhwc(dy, wp, (hw, hw), mask=x, residual=x, **kw)
+            )
+    return out
+
+
+def _mma_counts(cubin: bytes) -> dict[str, int]:
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        sass = subprocess.run(
+            [str(_cuobjdump()), "-sass", f.name], capture_output=True, text=True, check=True
+        ).stdout
+    ops = re.findall(r"\b(HGMMA|HMMA|FFMA)\b", sass)
+    return {op: ops.count(op) for op in ("HGMMA", "HMMA", "FFMA")}
+
+
+def _conv_table(target: GPUTarget) -> list[str]:
+    print("\n| conv kernel | warps | stages | REG | STACK | LOCAL | shared B | HGMMA | HMMA "
+          "| FFMA |\n|---|---|---|---|---|---|---|---|---|---|")  # fmt: skip
+    bad = []
+    for name, call in conv_cases().items():
+        try:
+            fn, a, kw = _capture(call)
+            src, options = _source(fn, a, kw)
+            k = triton.compile(src, target=target, options=options)
+        except Exception as e:
+            print(f"| {name} | compile failed: {type(e).__name__}: {str(e)[:200]} |||||||||")
+            bad.append(name)
+            continue
+        res = _resources(k.asm["cubin"])
+        mma = _mma_counts(k.asm["cubin"])
+        print(
+            f"| {name} | {options.get('num_warps', 4)} | {options.get('num_stages', 3)} | "
+            f"{res.get('REG', '?')} | {res.get('STACK', '?')} | {res.get('LOCAL', '?')} | "
+            f"{k.metadata.shared} | {mma['HGMMA']} | {mma['HMMA']} | {mma['FFMA']} |"
+        )
+        matrix = mma["HGMMA"] + mma["HMMA"]
+        if "REG" not in res or res.get("LOCAL", 1) != 0 or ("fp32" not in name and not matrix):
+            bad.append(name)
+    return bad
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--arch", type=int, default=90, help="compute capability x10 (default 90)")
+    p.add_argument("--only", choices=("update", "conv"), default=None,
+                   help="only the update kernels' table, or only the conv kernels'")  # fmt: skip
     args = p.parse_args(argv)
     target = GPUTarget("cuda", args.arch, 32)
     print(f"triton {triton.__version__}, torch {torch.__version__}, target sm_{args.arch}\n")
+    bad = [] if args.only == "update" else _conv_table(target)
+    if args.only == "conv":
+        if bad:
+            print(f"\nFAILED: {', '.join(bad)}")
+        return 1 if bad else 0
+    print()
     print("| kernel | warps | REG | STACK | LOCAL | shared B | loads B | stores B |")
     print("|---|---|---|---|---|---|---|---|")
-    bad = []
     for name, call in cases().items():
         try:
             fn, a, kw = _capture(call)

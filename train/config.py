@@ -13,7 +13,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from puregen_fast.config import DEFAULT_DIVERGENCE_MARGIN
+from puregen_fast.config import CONV_IMPLS, DEFAULT_DIVERGENCE_MARGIN
 from puregen_fast.models.unet import UNET_PRESETS
 
 __all__ = [
@@ -126,6 +126,13 @@ class EBMConfig(_Common):
         "Langevin sampler: auto (fast where it runs), fast, reference",
         run=True,
         choices=("auto", "fast", "reference"),
+    )
+    conv_impl: str = _f(
+        "auto",
+        "the fast sampler's EBM convolutions: torch (compiled), triton (the conv-block kernels), "
+        "auto (on CUDA the faster, timed at the batch shape; torch on CPU)",
+        run=True,
+        choices=CONV_IMPLS,
     )
 
 

@@ -93,6 +93,7 @@ class EBMTrainer(Loop):
             dev,
             cfg.precision,
             cfg.backend,
+            cfg.conv_impl,
         )
         self.bank = self._init_bank()
         # a fixed set of data images for the sample grids

@@ -34,16 +34,20 @@ class TrainSampler:
         device: torch.device,
         precision: str = "fp32",
         backend: str = "auto",
+        conv_impl: str = "auto",
     ) -> None:
         kw = dict(steps=steps, eps=eps, temp=temp, seed=seed, device=device, precision=precision)
         self._kw, self._ebm, self.backend = kw, ebm, backend
-        self._engine = LangevinSampler(ebm, backend=backend, **kw)
+        self._engine = LangevinSampler(ebm, backend=backend, conv_impl=conv_impl, **kw)
         self._used = False
         self.impl = self._describe()
 
     def _describe(self) -> str:
         e = self._engine
-        return f"LangevinSampler(backend={e.backend}, update: {e.update_impl})"
+        return (
+            f"LangevinSampler(backend={e.backend}, update: {e.update_impl}, convolutions: "
+            f"{e.conv_impl_reason})"
+        )
 
     def __call__(
         self, x: torch.Tensor, ids: torch.Tensor, stream: int, step_offset: int
