@@ -37,7 +37,7 @@ import numpy as np
 from puregen_fast.cli.argtypes import int_at_least, positive_float
 from puregen_fast.data.datasets import DATASETS, SPLITS, open_dataset
 from puregen_fast.errors import UsageError
-from puregen_fast.eval.classifier import ARCHS, default_config
+from puregen_fast.eval.classifier import ARCHS, default_config, undertrained_message
 from puregen_fast.eval.experiment import (
     Attack,
     EvalSet,
@@ -210,6 +210,19 @@ def _add_classifier_args(p: argparse.ArgumentParser) -> None:
         "(e.g. 0.05) when training data lacks the test set's high frequencies",
     )
     c.add_argument("--tta", choices=("auto", "none", "flip"), default="auto")
+    c.add_argument(
+        "--steps",
+        type=int_at_least(1),
+        default=None,
+        help="train for this many optimiser steps (instead of --epochs)",
+    )
+    c.add_argument(
+        "--crop-pad",
+        type=int_at_least(0),
+        default=None,
+        help="random-crop padding of the augmentation (airbench 2, resnet18 4; 0: no crops)",
+    )
+    c.add_argument("--no-flip", action="store_true", help="no random horizontal flips")
     c.add_argument("--seed", type=int_at_least(0), default=0)
     c.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     o = p.add_argument_group("output")
@@ -277,7 +290,7 @@ def _add_trigger_args(p: argparse.ArgumentParser) -> None:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``eval`` subcommands: poison, run, table, trigger."""
     sub = parser.add_subparsers(
-        dest="eval_command", metavar="{poison,run,table,trigger}", required=True
+        dest="eval_command", metavar="{poison,run,experiment,photos,table,trigger}", required=True
     )
     p = sub.add_parser(
         "poison",
@@ -295,6 +308,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     _add_data_args(r)
     _add_classifier_args(r)
+    from puregen_fast.cli.eval_experiment import add_experiment_arguments, add_photos_arguments
+
+    x = sub.add_parser(
+        "experiment",
+        help="the paper's protocol: poison, purify with each defense, train, the table",
+        description="Poison a training set, purify it with each defense (through the engine and "
+        "the shard writer), train each classifier with each seed, and write the table "
+        "(markdown, JSON, PNG chart). Rerunning reuses every finished step and cell.",
+    )
+    add_experiment_arguments(x)
+    add_photos_arguments(
+        sub.add_parser(
+            "photos",
+            help="write a small real-image set: scikit-image's photos cut into tiles",
+            description="Cut the sample photographs bundled with scikit-image into tiles, the "
+            "photograph as the class, and write train/test/heldout/pood .npz files.",
+        )
+    )
     t = sub.add_parser("table", help="print the table of several `eval run --json` results")
     t.add_argument("results", nargs="+", metavar="RESULT.json")
     g = sub.add_parser(
@@ -377,6 +408,9 @@ def _experiment(args: argparse.Namespace) -> Experiment:
         seed=args.seed,
         tta=None if args.tta == "auto" else args.tta,
         whiten_eps=args.whiten_eps,
+        steps=args.steps,
+        crop_pad=args.crop_pad,
+        flip=False if args.no_flip else None,
     )
     test = EvalSet(args.test_dataset, args.test_data_dir, args.test_split, args.limit_test)
     return Experiment(_train_source(args), test, cfg, attack, args.limit_train, args.name)
@@ -560,10 +594,15 @@ def _report_run(args: argparse.Namespace, res: Outcome) -> None:
             f"test set has). With --arch airbench, try --whiten-eps 0.05 or --arch resnet18.",
             file=sys.stderr,
         )
+    fit = rec["metrics"].get("fit_acc")
+    warn = undertrained_message(fit, clf) if fit is not None else None
+    if warn:
+        print(f"eval run: warning: {warn}", file=sys.stderr)
     if not args.quiet:
         print(
             f"eval run: {rec['train']['num_images']} training images, "
-            f"{clf.config['epochs']:g} epochs of {args.arch} in {clf.train_seconds:.1f}s "
+            f"{clf.config['total_steps']} steps (batch {clf.config['batch_size_used']}) of "
+            f"{args.arch} in {clf.train_seconds:.1f}s "
             f"({clf.train_images_per_s:.0f} img/s) on {rec['device']['name']} ({clf.device})"
             + (f"; results -> {args.json}" if args.json else ""),
             file=sys.stderr,
@@ -589,11 +628,25 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_photos(args: argparse.Namespace) -> int:
+    from puregen_fast.cli.eval_experiment import run_photos_command
+
+    return run_photos_command(args)
+
+
+def _cmd_experiment(args: argparse.Namespace) -> int:
+    from puregen_fast.cli.eval_experiment import run_experiment_command
+
+    return run_experiment_command(args)
+
+
 def run(args: argparse.Namespace) -> int:
     """The ``eval`` subcommand."""
     commands = {
         "poison": _cmd_poison,
         "run": _cmd_run,
+        "experiment": _cmd_experiment,
+        "photos": _cmd_photos,
         "table": _cmd_table,
         "trigger": _cmd_trigger,
     }

@@ -14,14 +14,23 @@ means, fractions here are over images.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from puregen_fast.eval.poison import apply_trigger
 
-__all__ = ["poison_metrics", "evaluate_predictions", "format_table"]
+__all__ = [
+    "poison_metrics",
+    "evaluate_predictions",
+    "format_table",
+    "summarize_cells",
+    "format_protocol_table",
+    "save_chart",
+]
 
 
 def poison_metrics(pred_triggered: np.ndarray, labels: np.ndarray, target: int) -> dict:
@@ -113,3 +122,196 @@ def format_table(results: Sequence[dict]) -> str:
         if k == 0:
             lines.append("  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- the protocol's table
+
+
+def _mean_std(values: Sequence[float]) -> dict[str, float]:
+    """Mean and sample standard deviation (ddof 1; 0 for a single value) of finite values."""
+    v = np.asarray([x for x in values if x == x], np.float64)
+    if v.size == 0:
+        return {"mean": float("nan"), "std": float("nan"), "n": 0}
+    std = float(v.std(ddof=1)) if v.size > 1 else 0.0
+    return {"mean": float(v.mean()), "std": std, "n": int(v.size)}
+
+
+def _per_seed(cells: Sequence[dict], seeds: Sequence[int], get: Callable) -> list[float]:
+    """Per seed: the mean over that seed's cells (its target classes) of ``get(metrics)``."""
+    out = []
+    for s in seeds:
+        vals = [get(x["metrics"]) for x in cells if x["key"]["seed"] == s]
+        vals = [v for v in vals if v is not None and v == v]
+        out.append(float(np.mean(vals)) if vals else float("nan"))
+    return out
+
+
+def _per_target(cells: Sequence[dict], targets: Sequence[int], get: Callable) -> dict[int, float]:
+    """Per target class: the mean over its cells (its seeds) of ``get(metrics)``."""
+    out = {}
+    for t in targets:
+        vals = [get(x["metrics"]) for x in cells if x["key"]["target"] == t]
+        vals = [v for v in vals if v is not None and v == v]
+        if vals:
+            out[t] = float(np.mean(vals))
+    return out
+
+
+def summarize_cells(
+    cells: Sequence[dict], defenses: Sequence[str], classifiers: Sequence[str]
+) -> list[dict]:
+    """One row per (defense, classifier) from `eval experiment` cell records.
+
+    Each seed's value is the mean over the target classes (trials) of that seed; the row gives
+    the mean and standard deviation of those over seeds (the seed spread). ``worst``: the target
+    class whose mean poison success over seeds is highest, and that mean."""
+    rows = []
+    for d in defenses:
+        for c in classifiers:
+            mine = [x for x in cells if x["key"]["defense"] == d and
+                    x["key"]["classifier"]["name"] == c]  # fmt: skip
+            if not mine:
+                continue
+            seeds = sorted({x["key"]["seed"] for x in mine})
+            targets = sorted({x["key"]["target"] for x in mine})
+            row: dict[str, Any] = {
+                "defense": d, "classifier": c, "seeds": seeds, "targets": targets,
+                "natural_acc": _mean_std(_per_seed(mine, seeds, lambda m: m.get("natural_acc"))),
+                "undertrained_cells": sum(1 for x in mine if x.get("warnings")),
+            }  # fmt: skip
+            scales = sorted({q["scale"] for x in mine for q in x["metrics"].get("poison", [])})
+            row["poison"] = {}
+            for sc in scales:
+
+                def get(m: dict, sc=sc) -> float | None:
+                    return next((q["poison_success"] for q in m.get("poison", [])
+                                 if q["scale"] == sc), None)  # fmt: skip
+
+                entry = _mean_std(_per_seed(mine, seeds, get))
+                by_t = _per_target(mine, targets, get)
+                if by_t:
+                    worst = max(by_t, key=lambda t: by_t[t])
+                    entry["worst"] = {"target": worst, "mean": by_t[worst]}
+                row["poison"][f"{sc:g}"] = entry
+            if any("target_misclassification" in x["metrics"] for x in mine):
+                row["target_misclassification"] = _mean_std(
+                    _per_seed(mine, seeds, lambda m: m.get("target_misclassification"))
+                )
+            rows.append(row)
+    return rows
+
+
+def _pm(e: dict | None) -> str:
+    if not e or e.get("mean") != e.get("mean"):
+        return "-"
+    return f"{100 * e['mean']:.1f} ± {100 * e['std']:.1f}"
+
+
+def format_protocol_table(rows: Sequence[dict], scales: Sequence[float] = (1.0, 3.0)) -> str:
+    """The rows of `summarize_cells` as a markdown table: natural accuracy and poison success
+    (each trigger scale) or target misclassification, in %, mean ± std over seeds; with several
+    target classes, the worst class's poison success at the first scale."""
+    several = any(len(r["targets"]) > 1 for r in rows)
+    triggered = any(r["poison"] for r in rows)
+    targeted = any("target_misclassification" in r for r in rows)
+    head = ["defense", "classifier", "seeds", "natural acc %"]
+    if triggered:
+        head += [f"poison success % (x{s:g})" for s in scales]
+        if several:
+            head.append(f"worst class: poison success % (x{scales[0]:g})")
+    if targeted:
+        head.append("target misclassification %")
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["defense"], r["classifier"], str(len(r["seeds"])), _pm(r["natural_acc"])]
+        if triggered:
+            cells += [_pm(r["poison"].get(f"{s:g}")) for s in scales]
+            if several:
+                w = (r["poison"].get(f"{scales[0]:g}") or {}).get("worst")
+                cells.append(f"{100 * w['mean']:.1f} (class {w['target']})" if w else "-")
+        if targeted:
+            cells.append(_pm(r.get("target_misclassification")))
+        lines.append("| " + " | ".join(cells) + " |")
+    if any(r.get("undertrained_cells") for r in rows):
+        lines.append("")
+        lines.append("Some classifiers did not fit their training set (undertrained): see the "
+                     "warnings in results.json.")  # fmt: skip
+    return "\n".join(lines)
+
+
+_COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
+            (140, 86, 75)]  # fmt: skip
+
+
+def save_chart(rows: Sequence[dict], path: str | os.PathLike[str], *, title: str = "") -> Path:
+    """A PNG bar chart of `summarize_cells` rows, drawn with Pillow: one panel for the poison
+    success at the first trigger scale (or the target misclassification), one for natural
+    accuracy; bars grouped by defense, one colour per classifier, whiskers at ± one std over
+    seeds. Written atomically."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    from puregen_fast.data.io import atomic_path
+
+    defenses = list(dict.fromkeys(r["defense"] for r in rows))
+    clfs = list(dict.fromkeys(r["classifier"] for r in rows))
+    by = {(r["defense"], r["classifier"]): r for r in rows}
+
+    def attack_entry(r: dict) -> tuple[str, dict | None]:
+        if r.get("poison"):
+            sc = sorted(r["poison"], key=float)[0]
+            return f"poison success % (trigger x{sc})", r["poison"][sc]
+        return "target misclassification %", r.get("target_misclassification")
+
+    label0 = next((attack_entry(r)[0] for r in rows), "poison success %")
+    panels = [(label0, lambda r: attack_entry(r)[1]), ("natural accuracy %", lambda r:
+              r["natural_acc"])]  # fmt: skip
+    try:
+        font = ImageFont.load_default(size=14)
+        small = ImageFont.load_default(size=11)
+    except TypeError:  # Pillow < 10.1: the fixed bitmap font
+        font = small = ImageFont.load_default()
+    pw = max(360, 45 * len(defenses) * max(1, len(clfs)))
+    ph, top, left, bottom = 300, 50, 50, 60
+    w = left + len(panels) * (pw + 30) + 10
+    h = top + ph + bottom + 18 * len(clfs)
+    im = Image.new("RGB", (w, h), "white")
+    dr = ImageDraw.Draw(im)
+    if title:
+        dr.text((left, 8), title, fill="black", font=font)
+    for pi, (label, get) in enumerate(panels):
+        x0 = left + pi * (pw + 30)
+        y0, y1 = top, top + ph
+        dr.text((x0, y0 - 22), label, fill="black", font=font)
+        dr.line([(x0, y0), (x0, y1), (x0 + pw, y1)], fill="black")
+        for v in (0, 25, 50, 75, 100):
+            yy = y1 - v / 100 * ph
+            dr.line([(x0 - 4, yy), (x0 + pw, yy)], fill=(225, 225, 225) if v else "black")
+            dr.text((x0 - 30, yy - 7), f"{v}", fill="black", font=small)
+        gw = pw / max(1, len(defenses))
+        bw = gw * 0.8 / max(1, len(clfs))
+        for di, d in enumerate(defenses):
+            gx = x0 + di * gw + gw * 0.1
+            dr.text((gx, y1 + 6), d, fill="black", font=small)
+            for ci, c in enumerate(clfs):
+                r = by.get((d, c))
+                e = get(r) if r else None
+                if not e or e.get("mean") != e.get("mean"):
+                    continue
+                m, s = 100 * e["mean"], 100 * e["std"]
+                bx = gx + ci * bw
+                dr.rectangle([bx, y1 - m / 100 * ph, bx + bw - 2, y1],
+                             fill=_COLOURS[ci % len(_COLOURS)])  # fmt: skip
+                cx = bx + (bw - 2) / 2
+                lo, hi = y1 - max(0, m - s) / 100 * ph, y1 - min(100, m + s) / 100 * ph
+                dr.line([(cx, lo), (cx, hi)], fill="black", width=1)
+                dr.line([(cx - 3, hi), (cx + 3, hi)], fill="black")
+                dr.line([(cx - 3, lo), (cx + 3, lo)], fill="black")
+                dr.text((bx, y1 - m / 100 * ph - 14), f"{m:.0f}", fill="black", font=small)
+    for ci, c in enumerate(clfs):
+        ly = top + ph + 30 + 18 * ci
+        dr.rectangle([left, ly, left + 12, ly + 12], fill=_COLOURS[ci % len(_COLOURS)])
+        dr.text((left + 18, ly - 1), c, fill="black", font=small)
+    p = Path(path)
+    with atomic_path(p) as tmp:
+        im.save(tmp, format="PNG")
+    return p

@@ -1,0 +1,218 @@
+"""``puregen-fast eval experiment``: the paper's protocol in one command (poison -> purify with
+each defense -> train each classifier per seed -> the table), `puregen_fast.eval.experiment`'s
+`run_protocol`. This module parses and checks the flags and prints the table."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from puregen_fast.cli.argtypes import int_at_least, positive_float
+from puregen_fast.data.datasets import DATASETS, SPLITS
+from puregen_fast.errors import UsageError
+from puregen_fast.eval.experiment import (
+    DEFENSES,
+    EvalSet,
+    Protocol,
+    parse_classifier_spec,
+    run_protocol,
+)
+from puregen_fast.eval.poison import QUANTIZE
+from puregen_fast.runtime import resolve_device
+
+__all__ = ["add_experiment_arguments", "run_experiment_command"]
+
+ATTACKS = ("narcissus", "gradient-matching", "bullseye-polytope")
+
+
+def _int_list(s: str) -> tuple[int, ...]:
+    try:
+        v = tuple(int(x) for x in s.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from None
+    if not v or min(v) < 0:
+        raise argparse.ArgumentTypeError(f"expected integers >= 0, got {s!r}")
+    return v
+
+
+def add_experiment_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags of ``eval experiment``."""
+    d = p.add_argument_group("data")
+    d.add_argument("--dataset", required=True, choices=DATASETS, help="the training set")
+    d.add_argument("--data-dir", metavar="DIR", default=None, help="as for purify")
+    d.add_argument("--split", default="train")
+    d.add_argument("--test-dataset", required=True, choices=DATASETS)
+    d.add_argument("--test-data-dir", metavar="DIR", default=None)
+    d.add_argument("--test-split", default=None, help="default: test (tinyimagenet: val)")
+    d.add_argument("--limit-test", metavar="N", type=int_at_least(1), default=None)
+    a = p.add_argument_group("attack")
+    a.add_argument("--attack", choices=ATTACKS, default="narcissus")
+    a.add_argument(
+        "--trigger",
+        metavar="FILE|DIR",
+        default=None,
+        help="narcissus: a trigger .npy (one target class) or a folder of best_noise_lab<k>.npy "
+        "(e.g. from `eval trigger --method narcissus`)",
+    )
+    a.add_argument(
+        "--poisons",
+        metavar="SRC",
+        default=None,
+        help="the authors' published poisons: a local copy or hf:SunayBhat1/puregen-poisons",
+    )
+    a.add_argument(
+        "--poisons-dataset", default=None, help="the data set the poisons were made for"
+    )
+    a.add_argument(
+        "--target-class",
+        metavar="K",
+        type=int_at_least(0),
+        nargs="+",
+        required=True,
+        help="one or more target classes (gradient-matching, bullseye-polytope: trial numbers);"
+        " several give the mean and the worst class",
+    )
+    a.add_argument("--count", metavar="N", type=int_at_least(1), default=500,
+                   help="narcissus: training images of the target class to poison")  # fmt: skip
+    a.add_argument("--random-select", action="store_true", help="as for eval poison")
+    a.add_argument("--quantize", choices=QUANTIZE, default="trunc", help="as for eval poison")
+    a.add_argument(
+        "--trigger-scale", metavar="M", type=positive_float, nargs="+", default=[1.0, 3.0],
+        help="test-time trigger multipliers (default 1 3)",
+    )  # fmt: skip
+    f = p.add_argument_group("defenses (the engine's settings, as for purify)")
+    f.add_argument(
+        "--defenses",
+        default="none,jpeg,ebm",
+        help=f"comma-separated, from {','.join(DEFENSES)} (default %(default)s)",
+    )
+    f.add_argument("--ebm", metavar="SRC", default=None,
+                   help="default: the authors' published EBM (as purify)")  # fmt: skip
+    f.add_argument("--ddpm", metavar="SRC", default=None,
+                   help="default: the authors' published DDPM (as purify)")  # fmt: skip
+    f.add_argument("--ebm-steps", type=int_at_least(1), default=None, help="default 150")
+    f.add_argument("--ebm-eps", type=positive_float, default=None, help="default 1.25e-2")
+    f.add_argument("--ebm-temp", type=positive_float, default=None, help="default 1e-4")
+    f.add_argument("--ddpm-steps", type=int_at_least(1), default=None, help="default 75")
+    f.add_argument("--reps", type=int_at_least(1), default=None)
+    f.add_argument("--filter-frac", type=positive_float, default=None)
+    f.add_argument("--jpeg-quality", type=int_at_least(1), default=None, help="default 75")
+    f.add_argument("--purify-seed", type=int_at_least(0), default=0)
+    f.add_argument("--purify-batch-size", type=int_at_least(1), default=64)
+    f.add_argument("--backend", choices=("auto", "reference", "fast"), default="auto")
+    f.add_argument("--precision", choices=("fp32", "tf32", "bf16"), default="fp32")
+    c = p.add_argument_group("classifiers")
+    c.add_argument(
+        "--classifier",
+        metavar="SPEC",
+        action="append",
+        default=None,
+        help="ARCH[:KEY=VALUE,...], repeatable (default: airbench and resnet18 presets), e.g. "
+        "airbench:widths=32/64/64,steps=300 or resnet18:widths=16,flip=off; keys: epochs, "
+        "steps, batch_size, lr, widths, crop_pad, flip, tta, whiten_eps, momentum, "
+        "weight_decay, label_smoothing, schedule (step|triangular), warmup_frac, name",
+    )
+    c.add_argument("--seeds", type=_int_list, default=(0, 1, 2), help="default 0,1,2")
+    c.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    o = p.add_argument_group("output")
+    o.add_argument(
+        "--out",
+        metavar="DIR",
+        required=True,
+        help="the experiment folder; rerunning reuses every finished step and cell",
+    )
+    o.add_argument("--quiet", action="store_true", help="no progress bars (cell lines stay)")
+
+
+def _protocol(args: argparse.Namespace) -> Protocol:
+    if args.test_split is None:
+        args.test_split = "val" if args.test_dataset == "tinyimagenet" else "test"
+    for flag, name, split in (("--split", args.dataset, args.split),
+                              ("--test-split", args.test_dataset, args.test_split)):  # fmt: skip
+        if name in SPLITS and split not in SPLITS[name]:
+            raise UsageError(f"{flag} {split!r} is not a split of {name}; choose one of "
+                             f"{', '.join(SPLITS[name])}")  # fmt: skip
+    for flag, name, d in (("--dataset", args.dataset, args.data_dir),
+                          ("--test-dataset", args.test_dataset, args.test_data_dir)):  # fmt: skip
+        if name in ("imagefolder", "npz") and not d:
+            dflag = "--data-dir" if flag == "--dataset" else "--test-data-dir"
+            raise UsageError(f"{flag} {name} needs {dflag}")
+    specs = tuple(parse_classifier_spec(s) for s in (args.classifier or ["airbench", "resnet18"]))
+    purify = {
+        "ebm": args.ebm, "ddpm": args.ddpm, "ebm_steps": args.ebm_steps,
+        "ebm_eps": args.ebm_eps, "ebm_temp": args.ebm_temp, "ddpm_steps": args.ddpm_steps,
+        "reps": args.reps, "filter_frac": args.filter_frac, "jpeg_quality": args.jpeg_quality,
+        "seed": args.purify_seed, "batch_size": args.purify_batch_size,
+        "backend": args.backend, "precision": args.precision,
+    }  # fmt: skip
+    return Protocol(
+        dataset=args.dataset,
+        data_dir=args.data_dir,
+        split=args.split,
+        test=EvalSet(args.test_dataset, args.test_data_dir, args.test_split, args.limit_test),
+        attack=args.attack,
+        targets=tuple(args.target_class),
+        defenses=tuple(d.strip() for d in args.defenses.split(",") if d.strip()),
+        classifiers=specs,
+        seeds=tuple(args.seeds),
+        trigger=args.trigger,
+        poisons=args.poisons,
+        poisons_dataset=args.poisons_dataset,
+        count=args.count,
+        last_n=not args.random_select,
+        quantize=args.quantize,
+        scales=tuple(args.trigger_scale),
+        purify=tuple(sorted((k, v) for k, v in purify.items() if v is not None)),
+    )
+
+
+def run_experiment_command(args: argparse.Namespace) -> int:
+    """``eval experiment``: run the protocol, print the markdown table on stdout."""
+    proto = _protocol(args)
+    try:
+        device = resolve_device(args.device)
+    except ValueError as e:
+        raise UsageError(f"--device: {e}") from e
+    out = Path(args.out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out}: is a file; give a folder")
+
+    def log(line: str) -> None:
+        print(f"eval experiment: {line}", file=sys.stderr, flush=True)
+
+    res = run_protocol(proto, out, device, quiet=args.quiet, log=log)
+    print((out / "table.md").read_text(), end="")
+    log(
+        f"{len(res['cells'])} cells ({res['cells_reused']} reused) in {res['seconds']:.0f}s on "
+        f"{res['device'].get('name', device)}; {out / 'results.json'}, {out / 'table.md'}, "
+        f"{out / 'chart.png'}"
+    )
+    return 0
+
+
+def add_photos_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags of ``eval photos``."""
+    p.add_argument("--out", metavar="DIR", required=True, help="folder for the .npz files")
+    p.add_argument("--size", type=int_at_least(8), default=32, help="tile side (default 32)")
+    p.add_argument("--train-per-class", type=int_at_least(1), default=100)
+    p.add_argument("--test-per-class", type=int_at_least(1), default=30)
+    p.add_argument("--heldout-per-class", type=int_at_least(0), default=20)
+    p.add_argument("--seed", type=int_at_least(0), default=0)
+
+
+def run_photos_command(args: argparse.Namespace) -> int:
+    """``eval photos``: write the real-image set (`puregen_fast.eval.photos`)."""
+    from puregen_fast.eval.photos import write_photo_sets
+
+    paths = write_photo_sets(
+        args.out,
+        size=args.size,
+        train_per_class=args.train_per_class,
+        test_per_class=args.test_per_class,
+        heldout_per_class=args.heldout_per_class,
+        seed=args.seed,
+    )
+    for split, path in paths.items():
+        print(f"eval photos: {split}: {path}", file=sys.stderr)
+    return 0
