@@ -29,8 +29,10 @@ from puregen_fast.runtime import PRECISIONS, check_mode, check_precision
 
 __all__ = [
     "BACKENDS",
+    "CONV_IMPLS",
     "FORMATS",
     "METHODS",
+    "PURIFY_DATASETS",
     "EngineConfig",
     "PurifyConfig",
     "SamplerConfig",
@@ -42,7 +44,12 @@ __all__ = [
 METHODS = ("ebm", "ddpm", "ebm+ddpm", "reps", "filt", "jpeg", "none")
 NO_MODEL = ("jpeg", "none")  # methods without a model: nothing for a sampler to do
 BACKENDS = ("auto", "reference", "fast")
-FORMATS = ("npy", "png")
+# the EBM's convolutions on the fast path: compiled torch (cuDNN), the Triton conv-block kernels,
+# or auto (on CUDA the faster of the two, measured once at the batch shape; torch on CPU)
+CONV_IMPLS = ("auto", "torch", "triton")
+FORMATS = ("npy", "png", "webdataset")
+# the readers of data/datasets.py, and WebDataset tar shards streamed in (data/webdataset.py)
+PURIFY_DATASETS = (*DATASETS, "webdataset")
 DEFAULT_BATCH_SIZE = 256
 DEFAULT_SHARD_SIZE = 10_000
 MAX_SEED = (1 << 63) - 1
@@ -209,6 +216,14 @@ class EngineConfig:
         "fp32", "model math: fp32, tf32 or bf16 (state always fp32)", group="run",
         choices=PRECISIONS,
     )  # fmt: skip
+    conv_impl: str = _opt(
+        "auto",
+        "the fast EBM's convolutions: torch (compiled, cuDNN), triton (the fused conv-block "
+        "kernels), or auto (on CUDA the faster of the two, timed once at the batch shape; torch "
+        "on CPU)",
+        group="run",
+        choices=CONV_IMPLS,
+    )
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -233,6 +248,7 @@ class EngineConfig:
             seed=self.seed,
             device=device,
             precision=self.precision,
+            conv_impl=self.conv_impl,
             **compile_kw,
         )
 
@@ -242,13 +258,14 @@ class PurifyConfig(EngineConfig):
     """`EngineConfig` plus the data and run options of ``puregen-fast purify`` (DESIGN 4)."""
 
     dataset: str | None = _opt(
-        None, "data set to purify", group="data", choices=DATASETS, required=True
+        None, "data set to purify", group="data", choices=PURIFY_DATASETS, required=True
     )
     data_dir: str | None = _opt(
         None,
         "where the data set is, extracted or as its official archive; never downloaded into "
         "(default: the cache, $PUREGEN_FAST_CACHE or ~/.cache/puregen-fast, where it is "
-        "downloaded once); imagefolder: the root folder; npz: the .npz file",
+        "downloaded once); imagefolder: the root folder; npz: the .npz file; webdataset: the tar "
+        "shards, e.g. 'shards/train-{000..099}.tar' (quoted: expanded here, in order)",
         group="data",
         metavar="DIR",
     )
@@ -285,7 +302,10 @@ class PurifyConfig(EngineConfig):
         check=int_in(1),
     )
     shard_size: int = _opt(
-        DEFAULT_SHARD_SIZE, "images per output shard", group="run", check=int_in(1)
+        DEFAULT_SHARD_SIZE,
+        "images per output shard (webdataset input: one output shard per input shard)",
+        group="run",
+        check=int_in(1),
     )
     format: str = _opt("npy", "output format", group="run", choices=FORMATS)
     out: str | None = _opt(None, "output folder", group="run", required=True, metavar="DIR")
@@ -306,7 +326,7 @@ class PurifyConfig(EngineConfig):
                 f"split (--split) {self.split!r} is not a split of {self.dataset}; choose one of "
                 f"{', '.join(SPLITS[self.dataset])}"
             )
-        if self.dataset in ("imagefolder", "npz") and not self.data_dir:
+        if self.dataset in ("imagefolder", "npz", "webdataset") and not self.data_dir:
             raise ValueError(f"--dataset {self.dataset} needs --data-dir")
 
     @property
@@ -325,7 +345,7 @@ class PurifyConfig(EngineConfig):
 class SamplerConfig:
     """What a sampler is built from. ``cuda_graph=None``: capture on CUDA only. ``compile=False``
     keeps the models eager (tests, debugging); ``compile_mode`` is one of
-    `runtime.COMPILE_MODES`."""
+    `runtime.COMPILE_MODES`; ``conv_impl`` one of `CONV_IMPLS` (the fast EBM's convolutions)."""
 
     ebm_steps: int = 150
     ebm_eps: float = 1.25e-2
@@ -337,6 +357,7 @@ class SamplerConfig:
     compile: bool = True
     cuda_graph: bool | None = None
     compile_mode: str = "default"
+    conv_impl: str = "auto"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "device", torch.device(self.device))
@@ -348,6 +369,10 @@ class SamplerConfig:
             raise ValueError(f"seed must lie in [0, 2**63); got {self.seed}")
         check_precision(self.precision)
         check_mode(self.compile_mode)
+        if self.conv_impl not in CONV_IMPLS:
+            raise ValueError(
+                f"conv_impl must be one of {', '.join(CONV_IMPLS)}; got {self.conv_impl!r}"
+            )
         if self.cuda_graph and self.device.type != "cuda":
             raise ValueError("cuda_graph needs a CUDA device")
 

@@ -1,15 +1,18 @@
 """``puregen-fast purify``: a data set through the `Purifier` into ``--out DIR`` (DESIGN 4, 5).
 
 The selected images are indices ``[0, N)`` of the data set (``N = min(len, --limit)``), cut into
-shards of ``--shard-size`` images. Each shard is processed in order in batches of
-``--batch-size``, the last partial batch padded (by repeating its last image, with the padding's
-results thrown away), so every batch has one shape. The noise is keyed by the global index, so an
-image's result depends on the seed, the batch size and its position in its batch only: two runs
-with the same flags write identical bytes, also when one was killed and resumed, or split over
-``torchrun`` ranks (each rank takes a contiguous run of whole shards, so it forms the same
-batches a single process would). The configuration recorded in the output folder (and compared
-by ``--resume``) holds the data set's source and a sha256 of the selected images besides the
-flags and the models' sha256s, so a resume against changed data is refused.
+shards of ``--shard-size`` images (WebDataset input: one output shard per input shard, so each
+rank streams whole input shards; the images' sha256 is the one the pass over the shards took,
+and the per-shard counts are part of the recorded configuration). Each shard is processed in
+order in batches of ``--batch-size``, the last partial batch padded (by repeating its last
+image, with the padding's results thrown away), so every batch has one shape. The noise is
+keyed by the global index, so an image's result depends on the seed, the batch size and its
+position in its batch only: two runs with the same flags write identical bytes, also when one
+was killed and resumed, or split over ``torchrun`` ranks (each rank takes a contiguous run of
+whole shards, so it forms the same batches a single process would). The configuration recorded
+in the output folder (and compared by ``--resume``) holds the data set's source and a sha256 of
+the selected images besides the flags and the models' sha256s, so a resume against changed data
+is refused.
 
 ``--method filt`` first computes the EBM energy of every selected image (in the same padded
 batches), takes the ``1 - --filter-frac`` quantile as the threshold, and then purifies the
@@ -48,6 +51,7 @@ from puregen_fast.data.datasets import Dataset
 from puregen_fast.data.io import atomic_write_json, read_json
 from puregen_fast.data.lock import out_lock
 from puregen_fast.data.manifest import MANIFEST, Manifest
+from puregen_fast.data.webdataset import WebDataset
 from puregen_fast.data.writer import ShardWriter, mark_diverged, prepare_out_dir, rank_shards
 from puregen_fast.dist import Dist
 from puregen_fast.errors import DivergenceError, UsageError
@@ -81,7 +85,7 @@ def _identity(purifier) -> dict:
     """The purifier settings that decide the output bytes (for the resume check): describe()
     without paths, reasons and the device index."""
     d = dict(purifier.describe())
-    for k in ("backend_reason", "backend_requested"):
+    for k in ("backend_reason", "backend_requested", "conv_impl", "conv_impl_reason"):
         d.pop(k, None)
     d["device"] = str(d.get("device", "")).split(":")[0]
     for k in ("ebm", "ddpm"):
@@ -209,8 +213,12 @@ def _plan(
     if n == 0:
         raise UsageError(f"data set {dataset.name}/{dataset.split} has no images")
     batch_size = min(batch_size, n)  # never pad past the data set (the bytes depend on it)
+    if hasattr(purifier, "plan"):  # backend auto on a CPU weighs the work (before the identity)
+        purifier.plan(n)
     labels = np.asarray(dataset.labels[:n], dtype=np.int64)
     shape = [int(v) for v in dataset.images.shape[1:]]
+    streamed = isinstance(dataset, WebDataset)
+    digest = dataset.images_sha256(n) if streamed else None  # no second decoding pass
     config = {
         "format": fmt,
         "dataset": dataset.name,
@@ -221,16 +229,20 @@ def _plan(
         "image_shape": shape,
         "class_names": list(dataset.class_names),
         "labels_sha256": hashlib.sha256(labels.tobytes()).hexdigest(),
-        "images_sha256": _images_sha256(dataset.images, n),
+        "images_sha256": digest or _images_sha256(dataset.images, n),
         "batch_size": batch_size,
         "shard_size": shard_size,
         "method": getattr(purifier, "method", "?"),
         "seed": getattr(purifier, "seed", None),
         "purifier": _identity(purifier),
     }
+    if streamed:
+        config["input_shards"] = dataset.shard_records()
     _check_same_config(dist, config)
     _check_model_sizes(purifier, shape)
-    writer = ShardWriter(out, fmt, n, shard_size, dataset.class_names)
+    writer = ShardWriter(out, fmt, n, shard_size, dataset.class_names,
+                         ranges=dataset.shard_ranges(n) if streamed else None,
+                         keys=dataset.keys if streamed else None)  # fmt: skip
     return _Run(dataset, purifier, out, n, labels, shape, config, writer,
                 rank_shards(writer.num_shards, dist.rank, dist.world), batch_size, dist,
                 show=not quiet and dist.is_main)  # fmt: skip
@@ -291,23 +303,38 @@ def _filter_threshold(run: _Run, reuse: bool) -> dict:
     return filt
 
 
-def _purify_shards(run: _Run, records: dict[int, dict], threshold: float | None) -> int:
+COMPILING = "compiling the fast path (first run; cached after)"
+
+
+def _purify_shards(
+    run: _Run, records: dict[int, dict], threshold: float | None
+) -> tuple[int, float | None, int]:
     """Purify and write this rank's unfinished shards, batch by batch; returns the images
-    purified. Each shard is written whole (files, then its completion record) before the next."""
+    purified, the first batch's seconds (the warm-up: compiling or loading the fast path) and
+    its images. Each shard is written whole (files, then its completion record) before the
+    next."""
     kw = {} if threshold is None else {"filter_threshold": threshold}
     todo = [k for k in run.mine if k not in records]
     desc = "purify" if run.dist.world == 1 else f"purify (rank 0 of {run.dist.world})"
-    purified = 0
+    purified, first_s, first_n = 0, None, 0
+    fast = getattr(run.purifier, "backend", None) == "fast"
     with run.bar(run.size(run.mine), desc, initial=run.size(records)) as bar:
         for k in todo:
             s0, e0 = run.writer.ranges[k]
             res = np.empty((e0 - s0, *run.shape), dtype=np.uint8)
             for s, e, x, ids in run.batches(k):
+                if first_s is None and fast:  # not a silent 0/N while inductor compiles
+                    bar.set_postfix_str(COMPILING)
+                t = time.perf_counter()
                 res[s - s0 : e - s0] = np.asarray(run.purifier(x, ids, **kw))[: e - s]
+                if first_s is None:
+                    first_s, first_n = time.perf_counter() - t, e - s
+                    if fast:
+                        bar.set_postfix_str("", refresh=False)
                 bar.update(e - s)
                 purified += e - s
             records[k] = _write_out(run.out, run.writer.write_shard, k, res, run.labels[s0:e0])
-    return purified
+    return purified, first_s, first_n
 
 
 def _write_manifest(
@@ -342,6 +369,10 @@ def _write_manifest(
             "purify_s": round(slowest, 4),
             "images_purified": n_purified,
             "images_per_s": round(n_purified / slowest, 3) if slowest > 0 else None,
+            # the first batch of each rank, apart (compiling the fast path, or loading it from
+            # the compile cache); ranks[i] has each rank's rate after it
+            "warmup_s": max((t["warmup_s"] for t in ranks if t.get("warmup_s") is not None),
+                            default=None),  # fmt: skip
             "ranks": ranks,
         },
         versions={
@@ -423,10 +454,12 @@ def _write(run: _Run, t0: float, *, resume: bool, overwrite: bool, extra: dict) 
     filt = _filter_threshold(run, reuse) if run.config["method"] == "filt" else None
     t_energy = time.perf_counter() - t1
     err: BaseException | None = None
-    purified = 0
+    purified, first_s, first_n = 0, None, 0
     t2 = time.perf_counter()
     try:
-        purified = _purify_shards(run, records, filt["threshold"] if filt else None)
+        purified, first_s, first_n = _purify_shards(
+            run, records, filt["threshold"] if filt else None
+        )
     except DivergenceError as e:  # the diverged batch is not written; say so in the run record
         _write_out(out, mark_diverged, out, {"sample_ids": e.sample_ids[:100], "error": str(e)})
         err = e
@@ -442,6 +475,12 @@ def _write(run: _Run, t0: float, *, resume: bool, overwrite: bool, extra: dict) 
         "energy_s": round(t_energy, 4),
         "purify_s": round(t_purify, 4),
         "images_per_s": round(purified / t_purify, 3) if t_purify > 0 and purified else None,
+        # the first batch apart: it compiles (or loads from the compile cache) the fast path
+        "warmup_s": None if first_s is None else round(first_s, 4),
+        "after_warmup_images_per_s": (
+            round((purified - first_n) / (t_purify - first_s), 3)
+            if first_s is not None and purified > first_n and t_purify > first_s else None
+        ),
     }
     # every rank's records and timings to rank 0, which writes the manifest
     gathered = dist.gather((records, timing))

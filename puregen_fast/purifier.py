@@ -68,12 +68,13 @@ class Purifier:
         jpeg_quality: int = 75,
         schedule: DDPMSchedule | None = None,
         divergence_margin: float = DEFAULT_DIVERGENCE_MARGIN,
+        conv_impl: str = "auto",
     ) -> None:
         cfg = EngineConfig(
             method=method, ebm_steps=ebm_steps, ebm_eps=ebm_eps, ebm_temp=ebm_temp,
             ddpm_steps=ddpm_steps, reps=reps, filter_frac=filter_frac, jpeg_quality=jpeg_quality,
             seed=seed, device=str(device), backend=backend, precision=precision,
-            divergence_margin=divergence_margin,
+            divergence_margin=divergence_margin, conv_impl=conv_impl,
         )  # fmt: skip
         needs_ebm, needs_ddpm = cfg.uses
         if needs_ebm and ebm is None:
@@ -100,6 +101,30 @@ class Purifier:
         self.backend_reason = self.sampler.reason
         if no_model and backend != "reference":
             self.backend_reason = f"method {method!r} has no model"
+
+    def plan(self, images: int) -> None:
+        """Before the first call: the number of images this engine will purify. With
+        ``backend="auto"`` on a CPU, too little work (`AUTO_CPU_MIN_IMAGE_STEPS` images x steps)
+        runs on the reference, which finishes before the fast path would have compiled."""
+        c = self.config
+        if c.backend != "auto" or self.method in NO_MODEL or self.device.type != "cpu":
+            return
+        per_image = c.reps * (c.ebm_steps * (self.ebm is not None)
+                              + c.ddpm_steps * (self.ddpm is not None))  # fmt: skip
+        self.sampler = make_sampler("auto", c.sampler(self.device), self.ebm, self.ddpm,
+                                    self.schedule, image_steps=images * per_image)  # fmt: skip
+        self.backend, self.backend_reason = self.sampler.name, self.sampler.reason
+
+    @property
+    def conv_impl_reason(self) -> str | None:
+        """What runs the EBM's convolutions and why (None without an EBM); with ``auto`` on CUDA
+        the times measured at the first batch."""
+        lang = getattr(self.sampler, "langevin", None)
+        if self.ebm is None:
+            return None
+        if lang is None:
+            return "reference backend: eager torch convolutions"
+        return f"{lang.conv_impl}: {lang.conv_impl_reason}"
 
     # -- conversion -------------------------------------------------------------------------
     def _to_x(self, images: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, bool]:
@@ -258,6 +283,8 @@ class Purifier:
             "backend": self.backend,
             "backend_requested": c.backend,
             "backend_reason": self.backend_reason,
+            "conv_impl": c.conv_impl,
+            "conv_impl_reason": self.conv_impl_reason,
             "device": str(self.device),
             "noise": "philox4x32-10 keyed (seed, stream, step, sample_id, element)",
         }

@@ -1,5 +1,17 @@
-"""Runtime: device resolution, the precision context, ``torch.compile`` helpers and a
-description of the device. A leaf: it imports nothing of ours.
+"""Runtime: device resolution, the precision context, ``torch.compile`` helpers, thread control,
+the CPU's bf16 matrix support and peak, and a description of the device. A leaf: it imports
+nothing of ours.
+
+Threads: `set_threads` sets torch's intra-op threads and the OpenMP count before work starts:
+``--threads N``, else ``$PUREGEN_FAST_THREADS``, else ``$OMP_NUM_THREADS`` (as launchers such as
+torchrun set it), else the cores this process may use (``os.sched_getaffinity``). On a machine
+other jobs share, fewer threads than cores is often faster: a thread that waits for a busy core
+stalls every parallel op at its barrier.
+
+Compile caches: `compile_static` keeps inductor's caches (compiled graphs, AOTAutograd results)
+in the project's cache folder (``$PUREGEN_FAST_CACHE/inductor``, the folder `data.download`
+downloads into), unless ``$TORCHINDUCTOR_CACHE_DIR`` names another, so a second process on the
+same model and shape loads the compiled code instead of compiling it again.
 
 ``torch.compile`` as the samplers use it: static shapes, and room for many shapes. Dynamo keeps
 at most ``recompile_limit`` (8 by default) compiled versions per code object, and every sampler's
@@ -11,8 +23,16 @@ hard error. We raise it once, for the whole process.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
+import os
 import platform
+import shutil
+import subprocess
+import tempfile
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
@@ -20,12 +40,22 @@ import torch
 __all__ = [
     "PRECISIONS",
     "COMPILE_MODES",
+    "THREADS_ENV",
+    "CPUMatrix",
+    "available_cores",
     "check_mode",
     "check_precision",
+    "compile_cache_dir",
     "compile_static",
+    "cpu_bf16",
+    "cpu_clock_ghz",
+    "cpu_matrix",
+    "cpu_peak_tflops",
     "describe_device",
     "precision_context",
     "resolve_device",
+    "resolve_threads",
+    "set_threads",
 ]
 
 PRECISIONS = ("fp32", "tf32", "bf16")
@@ -67,9 +97,235 @@ def describe_device(device: torch.device | None) -> dict[str, Any]:
         info["name"] = torch.cuda.get_device_name(device)
         info["cuda"] = torch.version.cuda
     else:
-        info["name"] = platform.processor() or platform.machine()
+        cpu = _cpuinfo()
+        info["name"] = cpu.get("model name") or platform.processor() or platform.machine()
         info["threads"] = torch.get_num_threads()
+        info["threads_from"] = _threads_from
+        info["cores_available"] = available_cores()
+        info["bf16"] = cpu_bf16()[1]
     return info
+
+
+# ----------------------------------------------------------------------------- threads
+
+THREADS_ENV = "PUREGEN_FAST_THREADS"
+_threads_from = "torch's default"  # what set the thread count, for describe_device
+
+
+def available_cores() -> int:
+    """The cores this process may run on (its CPU affinity), else the machine's count."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not on Linux
+        return os.cpu_count() or 1
+
+
+def resolve_threads(requested: int | None = None) -> tuple[int, str]:
+    """The thread count and where it came from: ``requested`` (``--threads``), else
+    ``$PUREGEN_FAST_THREADS``, else ``$OMP_NUM_THREADS``, else the cores this process may use.
+    ValueError naming the flag or variable for a count below 1 or a variable that is not an
+    integer."""
+    if requested is not None:
+        if isinstance(requested, bool) or not isinstance(requested, int) or requested < 1:
+            raise ValueError(f"--threads must be an integer >= 1; got {requested!r}")
+        return requested, "--threads"
+    for var in (THREADS_ENV, "OMP_NUM_THREADS"):
+        env = os.environ.get(var, "").strip()
+        if not env:
+            continue
+        try:
+            n = int(env)
+        except ValueError:
+            n = 0
+        if n < 1:
+            raise ValueError(
+                f"${var}={env!r} is not an integer >= 1; set it to a thread count or unset it "
+                "(default: the cores this process may use)"
+            )
+        return n, f"${var}"
+    return available_cores(), "cores this process may use"
+
+
+def set_threads(requested: int | None = None) -> int:
+    """Set torch's intra-op threads (and MKL's, through torch) and ``OMP_NUM_THREADS`` (read by
+    OpenMP in the processes we start, e.g. compile workers) before work starts; see the module
+    doc for the default. Returns the count."""
+    global _threads_from
+    n, _threads_from = resolve_threads(requested)
+    torch.set_num_threads(n)
+    os.environ["OMP_NUM_THREADS"] = str(n)
+    return n
+
+
+# ----------------------------------------------------------------------------- the CPU
+
+
+@functools.cache
+def _cpuinfo() -> dict[str, str]:
+    """The first processor's fields of /proc/cpuinfo ({} where there is none)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return {}
+    out: dict[str, str] = {}
+    for line in text.split("\n\n")[0].splitlines():
+        key, _, value = line.partition(":")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def _flags() -> set[str]:
+    return set(_cpuinfo().get("flags", "").split())
+
+
+@dataclass(frozen=True)
+class CPUMatrix:
+    """Dense FLOPs per cycle and core of this CPU's matrix units, and how they were found."""
+
+    fp32: int  # FMA lanes: 2 FLOPs per lane and FMA
+    bf16: int | None  # None: no bf16 matrix instructions
+    isa: str  # what runs bf16 matrix math: "AMX", "AVX512-BF16" or "none"
+    cpu: str  # vendor and family, as /proc/cpuinfo gives them
+    fp32_how: str
+    bf16_how: str
+
+
+def cpu_matrix() -> CPUMatrix:
+    """Per-core, per-cycle dense FLOP rates from the CPU's flags and family (/proc/cpuinfo).
+
+    * AMX (``amx_bf16``): one TDPBF16PS of 16x32 by 32x16 bf16 tiles every 16 cycles, i.e. 512
+      multiply-adds = 1024 FLOP/cycle (Intel's figure for Sapphire Rapids and later);
+    * AVX512-BF16 (``avx512_bf16``): VDPBF16PS does 32 bf16 multiply-adds per 512-bit register
+      (64 FLOP); two per cycle on cores with two full-width FMA pipes (AMD family 26, Zen 5;
+      Intel Xeons), one on AMD family 25 (Zen 4, 512-bit ops on 256-bit pipes);
+    * fp32: two FMA pipes of 16 (AVX-512) or 8 (AVX2) lanes, halved on Zen 4's AVX-512.
+    """
+    flags, info = _flags(), _cpuinfo()
+    vendor, family = info.get("vendor_id", "?"), info.get("cpu family", "?")
+    amd = vendor == "AuthenticAMD"
+    half_width = amd and family == "25"  # Zen 4 runs 512-bit ops on 256-bit pipes
+    where = f"{vendor} family {family}"
+    if "avx512f" in flags:
+        fp32, fp32_how = (32, "fp32 AVX-512 FMA on 256-bit pipes") if half_width else (
+            64, "fp32: 2 AVX-512 FMA pipes x 16 lanes x 2")
+    elif "fma" in flags:
+        fp32, fp32_how = 32, "fp32: 2 AVX2 FMA pipes x 8 lanes x 2"
+    else:
+        fp32, fp32_how = 8, "fp32: no FMA flag read; 8 assumed"
+    if {"amx_bf16", "amx_tile"} <= flags:
+        bf16, isa, how = 1024, "AMX", "AMX TDPBF16PS: 512 bf16 multiply-adds per cycle"
+    elif "avx512_bf16" in flags:
+        pipes = 1 if half_width else 2
+        bf16, isa = 64 * pipes, "AVX512-BF16"
+        how = f"AVX512-BF16 VDPBF16PS: {pipes} x 32 bf16 multiply-adds per cycle"
+    else:
+        bf16, isa, how = None, "none", "no amx_bf16 or avx512_bf16 flag"
+    return CPUMatrix(fp32, bf16, isa, where, fp32_how, how)
+
+
+def cpu_bf16() -> tuple[bool, str]:
+    """Whether this CPU runs bf16 model math natively (AMX or AVX512-BF16, and oneDNN built in),
+    and what was found: emulated bf16 (converting to fp32 and back) is slower than fp32."""
+    m = cpu_matrix()
+    if m.bf16 is None:
+        return False, f"no bf16 matrix support on this CPU ({m.cpu}: {m.bf16_how})"
+    if not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+        return False, f"{m.isa} found, but this torch build's oneDNN cannot run bf16"
+    return True, f"{m.isa} bf16 matrix units (oneDNN), {m.bf16} FLOP/cycle/core"
+
+
+_CLOCK_C = r"""
+#include <stdint.h>
+#include <time.h>
+/* seconds for 4 * n dependent integer adds: one add per cycle on every core we know */
+double run(uint64_t n) {
+  struct timespec a, b;
+  uint64_t x = 0;
+  clock_gettime(CLOCK_MONOTONIC, &a);
+  for (uint64_t i = 0; i < n; i++) {
+#if defined(__x86_64__)
+    __asm__ volatile("add $1, %0; add $1, %0; add $1, %0; add $1, %0" : "+r"(x));
+#elif defined(__aarch64__)
+    __asm__ volatile("add %0, %0, #1; add %0, %0, #1; add %0, %0, #1; add %0, %0, #1"
+                     : "+r"(x));
+#else
+    return -1.0;
+#endif
+  }
+  clock_gettime(CLOCK_MONOTONIC, &b);
+  return (double)(b.tv_sec - a.tv_sec) + 1e-9 * (double)(b.tv_nsec - a.tv_nsec);
+}
+"""
+
+
+@functools.cache
+def cpu_clock_ghz() -> tuple[float | None, str]:
+    """The clock a busy core runs at, and how it was found: measured as the rate of a chain of
+    dependent integer adds (one per cycle), compiled with the C compiler inductor uses; the
+    fastest of 21 short runs (another job taking the core only slows a run). Virtual machines
+    often report only the base clock in /proc/cpuinfo, below what the cores run at; that is
+    the fallback where nothing can be compiled."""
+    cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+    if cc is not None:
+        try:
+            with tempfile.TemporaryDirectory() as d:
+                src, lib = Path(d, "clock.c"), Path(d, "clock.so")
+                src.write_text(_CLOCK_C)
+                subprocess.run([cc, "-O1", "-shared", "-fPIC", str(src), "-o", str(lib)],
+                               check=True, capture_output=True, timeout=60)  # fmt: skip
+                fn = ctypes.CDLL(str(lib)).run
+            fn.restype, fn.argtypes = ctypes.c_double, [ctypes.c_uint64]
+            n = 2_000_000  # about 2 ms a run: short enough to fall between other jobs' slices
+            best = min(fn(n) for _ in range(21))
+            if best > 0:
+                return 4 * n / best / 1e9, "measured (dependent integer adds)"
+        except (OSError, subprocess.SubprocessError):
+            pass
+    mhz = _cpuinfo().get("cpu MHz")
+    if mhz:
+        return float(mhz) / 1e3, "/proc/cpuinfo cpu MHz (may be the base clock)"
+    return None, "unknown"
+
+
+def cpu_peak_tflops(precision: str, threads: int | None = None) -> tuple[float | None, str]:
+    """Dense peak TFLOP/s of ``threads`` cores (default: torch's intra-op threads, at most the
+    cores available) for the model math of ``precision`` (tf32 is fp32 on a CPU), and how it is
+    derived: cores x clock x FLOP per cycle and core (`cpu_matrix`)."""
+    check_precision(precision)
+    cores = min(threads or torch.get_num_threads(), available_cores())
+    m = cpu_matrix()
+    bf16 = precision == "bf16"
+    rate, rate_how = (m.bf16, m.bf16_how) if bf16 else (m.fp32, m.fp32_how)
+    ghz, clock_how = cpu_clock_ghz()
+    if rate is None or ghz is None:
+        return None, f"no {precision} peak: {m.cpu}: {rate_how}; clock {clock_how}"
+    peak = cores * ghz * rate / 1e3
+    how = (f"{cores} core(s) x {ghz:.2f} GHz ({clock_how}) x {rate} FLOP/cycle ({m.cpu}, "
+           f"{rate_how}) = {peak:.3f} TFLOP/s")  # fmt: skip
+    return peak, how
+
+
+# ----------------------------------------------------------------------------- compile caches
+
+
+def compile_cache_dir() -> Path:
+    """Where inductor's caches persist: ``$TORCHINDUCTOR_CACHE_DIR`` if set, else the project's
+    cache folder (``$PUREGEN_FAST_CACHE``, else ``$XDG_CACHE_HOME/puregen-fast``, else
+    ``~/.cache/puregen-fast``: the rule of `data.download.cache_root`) + ``/inductor``."""
+    env = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if env:
+        return Path(env)
+    root = os.environ.get("PUREGEN_FAST_CACHE")
+    if root:
+        return Path(root).expanduser() / "inductor"
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+    return base / "puregen-fast" / "inductor"
+
+
+def _use_compile_cache() -> None:
+    # inductor reads the variable when it first compiles and then fixes it for the process
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(compile_cache_dir())
 
 
 def check_precision(precision: str) -> str:
@@ -110,6 +366,7 @@ def check_mode(mode: str) -> str:
 def compile_static(fn: F, fullgraph: bool = True, mode: str = "default") -> F:
     """``torch.compile`` with static shapes, after raising dynamo's recompile limits."""
     check_mode(mode)
+    _use_compile_cache()
     cfg = torch._dynamo.config
     for name, value in _LIMITS.items():
         if hasattr(cfg, name):

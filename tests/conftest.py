@@ -20,7 +20,12 @@ if not torch.cuda.is_available():
 def one_thread():
     """One intra-op thread for a module (``pytestmark = pytest.mark.usefixtures("one_thread")``):
     its nets are tiny, so extra threads only contend, and it matches the subprocess runs."""
-    threads = torch.get_num_threads()
+    threads, omp = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
     torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"  # what the command line, run in-process, then keeps
     yield
     torch.set_num_threads(threads)
+    if omp is None:
+        os.environ.pop("OMP_NUM_THREADS", None)
+    else:
+        os.environ["OMP_NUM_THREADS"] = omp

@@ -5,16 +5,23 @@ Columns (each a backend timed on the same weights, batch and device):
 * ``authors``: the paper's loop as its authors run it: `reference.ebm_purify` /
   `reference.ddpm_purify` with ``noise=None`` (autograd and ``torch.randn``);
 * ``fast``: `LangevinSampler` / `DDPMSampler` (compiled, fused kernels, CUDA graph on CUDA);
+* ``engine``: the same fast path through the `Purifier`, uint8 NHWC images in and out (what
+  ``purify`` runs per batch: conversion, the sampler, the divergence check, rounding);
 * ``diffusers`` (DDPM only, where diffusers is installed): its ``UNet2DModel`` and
   ``DDPMScheduler`` loop with the same weights.
 
 Warm-up (compile, capture, autotune) is timed apart from the repeats; the figure is the median of
-the repeats (CUDA events on GPU). Achieved TFLOP/s counts the model FLOPs of one image-step with
-torch's FLOP counter (EBM: forward plus input gradient; DDPM: one UNet forward) and compares them
-with the device's dense peak for the precision. Every backend is credited with the plain model's
-FLOPs (1.088 GFLOP per image-step for the paper's EBM), so the column compares like with like;
-the fast EBM does 0.670 of them, pooling being folded into its convolutions. Where NVML
-answers: mean GPU utilisation, power and joules per image over the repeats.
+the repeats (CUDA events on GPU; on a CPU the backends' repeats are taken in turn, so load from
+other jobs falls on every row alike). Achieved TFLOP/s counts the model FLOPs of one image-step
+with torch's FLOP counter (EBM: forward plus input gradient; DDPM: one UNet forward); every
+backend is credited with the plain model's FLOPs (1.088 GFLOP per image-step for the paper's
+EBM), so the column compares like with like. "% of peak" counts the FLOPs a row executes (the
+fast EBM does 0.670 of them, pooling being folded into its convolutions) against the device's
+dense peak for the row's precision: a datasheet figure on a GPU, on a CPU cores x clock x FLOP
+per cycle of its matrix units (AMX or AVX512-BF16 for bf16; `runtime.cpu_peak_tflops`), printed
+with the table. ``--baseline-precision`` runs the ``authors`` row in another precision than the
+others (e.g. the authors' fp32 loop beside a bf16 fast path). Where NVML answers: mean GPU
+utilisation, power and joules per image over the repeats.
 """
 
 from __future__ import annotations
@@ -28,18 +35,31 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from torch.autograd.profiler import profile as _legacy_profile
 
 from puregen_fast import reference
+from puregen_fast.config import CONV_IMPLS
 from puregen_fast.errors import UsageError
 from puregen_fast.models.checkpoints import load_ddpm, load_ebm
 from puregen_fast.models.ebm import EBMSNGAN32
+from puregen_fast.models.ebm_folded import FoldedEBM
 from puregen_fast.models.schedule import DDPMSchedule
 from puregen_fast.models.unet import UNET_PRESETS, UNet2D
-from puregen_fast.runtime import COMPILE_MODES, PRECISIONS, precision_context, resolve_device
-from puregen_fast.sampling.backends import DDPMSampler, LangevinSampler
+from puregen_fast.purifier import Purifier
+from puregen_fast.runtime import (
+    COMPILE_MODES,
+    PRECISIONS,
+    cpu_peak_tflops,
+    describe_device,
+    precision_context,
+    resolve_device,
+)
+from puregen_fast.sampling.backends import DDPMSampler, LangevinSampler, fast_available
+
+BACKENDS = ("authors", "fast", "engine", "diffusers")
 
 # dense peak TFLOP/s by (device-name fragment, precision); SXM parts, no sparsity
 PEAK_TFLOPS: dict[str, dict[str, float]] = {
@@ -64,16 +84,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--ebm", default=None, help="an EBM checkpoint instead of random weights")
     p.add_argument("--ddpm", default=None, help="a DDPM checkpoint instead of random weights")
+    p.add_argument("--unet-preset", choices=sorted(UNET_PRESETS), default=None,
+                   help="DDPM: this UNet preset (random weights) instead of --model's")  # fmt: skip
     p.add_argument("--batch-size", type=int, default=512)
     p.add_argument("--steps", type=int, default=None, help="default: 150 (EBM), 75 (DDPM)")
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--device", default="auto")
-    p.add_argument("--precision", choices=PRECISIONS, default="fp32")
-    p.add_argument("--backends", default="authors,fast,diffusers",
-                   help="comma-separated subset of authors,fast,diffusers")  # fmt: skip
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                   help="model math of the fast and engine rows (and of authors, unless "
+                   "--baseline-precision says otherwise)")  # fmt: skip
+    p.add_argument("--baseline-precision", choices=PRECISIONS, default=None,
+                   help="model math of the authors row (default: --precision), e.g. fp32 "
+                   "beside a bf16 fast path")  # fmt: skip
+    p.add_argument("--backends", default="authors,fast,engine,diffusers",
+                   help="comma-separated subset of " + ",".join(BACKENDS))  # fmt: skip
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--compile-mode", choices=COMPILE_MODES, default="default",
                    help="torch.compile mode of the fast backend's model")  # fmt: skip
+    p.add_argument("--conv-impl", choices=CONV_IMPLS, default="auto",
+                   help="the fast EBM's convolutions: torch (compiled, cuDNN), triton (the "
+                   "conv-block kernels) or auto (on CUDA the faster, timed at the batch shape; "
+                   "the report gives both times)")  # fmt: skip
     p.add_argument("--profile", type=int, default=0, metavar="N",
                    help="after timing, profile one more run of each backend and list its N "
                    "costliest kernels (GPU) or ops (CPU)")  # fmt: skip
@@ -190,14 +221,27 @@ def flops_per_image_step(method: str, model: nn.Module, hw: int, device: torch.d
     return counter.get_total_flops() / 2
 
 
-def peak_tflops(device: torch.device, precision: str) -> tuple[str, float | None]:
+def executed_share(
+    method: str, model: nn.Module, hw: int, device: torch.device, flops: float
+) -> float:
+    """The share of the model's FLOPs the fast path executes: the EBM with pooling folded into
+    its convolutions (`FoldedEBM`) does fewer; everything else does all of them."""
+    if method != "ebm" or not isinstance(model, EBMSNGAN32):
+        return 1.0
+    return flops_per_image_step(method, FoldedEBM(model), hw, device) / flops
+
+
+def peak_tflops(device: torch.device, precision: str) -> tuple[str, float | None, str]:
+    """The device's name, its dense peak TFLOP/s for ``precision`` (None where unknown), and
+    where the figure comes from."""
     if device.type != "cuda":
-        return "cpu", None
+        peak, how = cpu_peak_tflops(precision)
+        return str(describe_device(device)["name"]), peak, how
     name = torch.cuda.get_device_name(device)
     for frag, peaks in PEAK_TFLOPS.items():
         if frag in name:
-            return name, peaks[precision]
-    return name, None
+            return name, peaks[precision], f"{frag} datasheet, dense"
+    return name, None, f"{name}: not in the table of peaks"
 
 
 def _models(args: argparse.Namespace, device: torch.device) -> nn.Module:
@@ -208,7 +252,7 @@ def _models(args: argparse.Namespace, device: torch.device) -> nn.Module:
         return EBMSNGAN32(nf=EBM_WIDTHS[args.model]).to(device).eval().requires_grad_(False)
     if args.ddpm:
         return load_ddpm(args.ddpm, device)
-    unet = UNet2D.from_config(UNET_PRESETS[UNET_MODELS[args.model]])
+    unet = UNet2D.from_config(UNET_PRESETS[args.unet_preset or UNET_MODELS[args.model]])
     return unet.to(device).eval().requires_grad_(False)
 
 
@@ -216,9 +260,9 @@ def _runners(
     args: argparse.Namespace, model: nn.Module, device: torch.device, steps: int
 ) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
     wanted = [b.strip() for b in args.backends.split(",") if b.strip()]
-    bad = set(wanted) - {"authors", "fast", "diffusers"}
+    bad = set(wanted) - set(BACKENDS)
     if bad:
-        raise UsageError(f"--backends: unknown {sorted(bad)}; choose from authors,fast,diffusers")
+        raise UsageError(f"--backends: unknown {sorted(bad)}; choose from {','.join(BACKENDS)}")
     ids = torch.arange(args.batch_size, device=device)
     sched = DDPMSchedule()
     out: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
@@ -232,22 +276,55 @@ def _runners(
                 )
         elif name == "fast":
             if args.method == "ebm":
-                s = LangevinSampler(
-                    model, steps, seed=0, device=device, precision=args.precision,
-                    compile_mode=args.compile_mode,
-                )  # fmt: skip
+                try:
+                    s = LangevinSampler(
+                        model, steps, seed=0, device=device, precision=args.precision,
+                        compile_mode=args.compile_mode, conv_impl=args.conv_impl,
+                    )  # fmt: skip
+                except ValueError as e:
+                    raise UsageError(f"--conv-impl {args.conv_impl}: {e}") from e
             else:
                 s = DDPMSampler(
                     model, sched, steps, seed=0, device=device, precision=args.precision,
                     compile_mode=args.compile_mode,
                 )  # fmt: skip
             out[name] = lambda x, s=s: s(x, ids)
+            out[name].sampler = s  # type: ignore[attr-defined]  # its conv_impl, after the runs
+        elif name == "engine":
+            out[name] = _engine_runner(args, model, device, steps)
         elif name == "diffusers" and args.method == "ddpm":
             try:
                 out[name] = _diffusers_runner(model, steps, device)
             except ImportError:
                 continue  # diffusers not installed: no third column
     return out
+
+
+def _engine_runner(
+    args: argparse.Namespace, model: nn.Module, device: torch.device, steps: int
+) -> Callable[[torch.Tensor], Any]:
+    """The fast path through the `Purifier`: the batch as uint8 NHWC (numpy, as ``purify``
+    reads it) in, uint8 out; the float batch it is given is quantised once, outside the timing."""
+    kw = ({"ebm": model, "ebm_steps": steps} if args.method == "ebm"
+          else {"ddpm": model, "ddpm_steps": steps})  # fmt: skip
+    try:
+        p = Purifier(args.method, seed=0, device=device, backend="fast",
+                     precision=args.precision, conv_impl=args.conv_impl, **kw)  # fmt: skip
+    except ValueError as e:
+        raise UsageError(f"--backends engine: {e}") from e
+    ids = np.arange(args.batch_size)
+    cache: dict[int, np.ndarray] = {}
+
+    def run(x: torch.Tensor) -> Any:
+        u8 = cache.get(id(x))
+        if u8 is None:
+            u8 = cache[id(x)] = (
+                ((x + 1) / 2 * 255).round().clamp(0, 255).to(torch.uint8)
+                .permute(0, 2, 3, 1).cpu().numpy()
+            )  # fmt: skip
+        return p(u8, ids)
+
+    return run
 
 
 def _diffusers_runner(model: nn.Module, steps: int, device: torch.device):
@@ -280,8 +357,10 @@ def _check(args: argparse.Namespace) -> tuple[torch.device, int]:
         device = resolve_device(args.device)
     except ValueError as e:
         raise UsageError(f"--device: {e}") from e
-    if args.precision == "bf16" and device.type != "cuda":
-        raise UsageError("--precision bf16 needs a CUDA device; use fp32 on CPU")
+    if args.precision == "bf16":  # the fast rows' bf16 needs bf16 matrix units on a CPU
+        ok, why = fast_available(device, "bf16")
+        if not ok:
+            raise UsageError(f"--precision bf16: the fast path cannot run it here ({why})")
     steps = (150 if args.method == "ebm" else 75) if args.steps is None else args.steps
     if not 1 <= steps < (10**9 if args.method == "ebm" else DDPMSchedule().num_train_timesteps):
         raise UsageError(f"--steps {steps}: need >= 1 (and < 1000 for ddpm)")
@@ -290,21 +369,62 @@ def _check(args: argparse.Namespace) -> tuple[torch.device, int]:
 
 def _time(
     args: argparse.Namespace, name: str, fn: Callable[[], Any], device: torch.device,
-    work: float, peak: float | None,
+    work: float, peak: float | None, precision: str,
 ) -> dict[str, Any]:  # fmt: skip
     """One backend's row: warm-up apart, the median of the repeats, FLOP/s, memory, NVML."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    with precision_context(args.precision, device):
+    with precision_context(precision, device):
         warm = _timer(device, fn)
         nv = _NvmlSampler(device.index or 0) if device.type == "cuda" else None
         with nv if nv is not None else _Null():
             times = [_timer(device, fn) for _ in range(args.repeats)]
         prof = profile_top(device, fn, args.profile) if args.profile else None
+    row = _row(args, name, precision, warm, times, work, peak, device)
+    if prof is not None:
+        row["profile"] = prof
+    nvs = nv.summary() if nv is not None else None
+    if nvs:
+        row.update(nvs)
+        row["joules_per_image"] = nvs["power_w"] * row["median_s"] / args.batch_size
+    return row
+
+
+def _time_in_turn(
+    args: argparse.Namespace, fns: dict[str, tuple[Callable[[], Any], str]],
+    device: torch.device, work: float, peaks: dict[str, tuple[float | None, str]],
+) -> list[dict[str, Any]]:  # fmt: skip
+    """CPU rows: every backend warmed up first, then the repeats taken in turn (authors, fast,
+    engine, authors, ...), so load from other jobs on a shared machine, which comes and goes,
+    falls on every row alike and the ratios stay fair."""
+    warm: dict[str, float] = {}
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for name, (fn, prec) in fns.items():
+        with precision_context(prec, device):
+            warm[name] = _timer(device, fn)
+    for _ in range(args.repeats):
+        for name, (fn, prec) in fns.items():
+            with precision_context(prec, device):
+                times[name].append(_timer(device, fn))
+    rows = []
+    for name, (fn, prec) in fns.items():
+        row = _row(args, name, prec, warm[name], times[name], work, peaks[prec][0], device)
+        if args.profile:
+            with precision_context(prec, device):
+                row["profile"] = profile_top(device, fn, args.profile)
+        rows.append(row)
+    return rows
+
+
+def _row(
+    args: argparse.Namespace, name: str, precision: str, warm: float, times: list[float],
+    work: float, peak: float | None, device: torch.device,
+) -> dict[str, Any]:  # fmt: skip
     med = statistics.median(times)
     achieved = work / med / 1e12
-    row: dict[str, Any] = {
+    return {
         "backend": name,
+        "precision": precision,
         "warmup_s": warm,
         "median_s": med,
         "times_s": times,
@@ -315,13 +435,6 @@ def _time(
         if device.type == "cuda"
         else None,
     }
-    if prof is not None:
-        row["profile"] = prof
-    nvs = nv.summary() if nv is not None else None
-    if nvs:
-        row.update(nvs)
-        row["joules_per_image"] = nvs["power_w"] * med / args.batch_size
-    return row
 
 
 def benchmark(args: argparse.Namespace) -> dict[str, Any]:
@@ -333,7 +446,11 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
             pass
     model = _models(args, device)
     flops = flops_per_image_step(args.method, model, args.image_size, device)
-    dev_name, peak = peak_tflops(device, args.precision)
+    base_prec = args.baseline_precision or args.precision
+    dev_name, peak, peak_how = peak_tflops(device, args.precision)
+    peaks = {args.precision: (peak, peak_how)}
+    if base_prec != args.precision:
+        peaks[base_prec] = peak_tflops(device, base_prec)[1:]
     torch.manual_seed(1)
     x0 = torch.rand(args.batch_size, 3, args.image_size, args.image_size, device=device) * 2 - 1
     runners = _runners(args, model, device, steps)
@@ -343,23 +460,45 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
             "(diffusers is a DDPM column and needs the diffusers package)"
         )
     work = flops * steps * args.batch_size
-    rows = [_time(args, name, lambda fn=fn: fn(x0), device, work, peak)
-            for name, fn in runners.items()]  # fmt: skip
+    fns = {name: (lambda fn=fn: fn(x0), base_prec if name == "authors" else args.precision)
+           for name, fn in runners.items()}  # fmt: skip
+    if device.type == "cpu":
+        rows = _time_in_turn(args, fns, device, work, peaks)
+    else:
+        rows = [_time(args, name, fn, device, work, peaks[prec][0], prec)
+                for name, (fn, prec) in fns.items()]  # fmt: skip
+    for r, fn in zip(rows, runners.values()):
+        s = getattr(fn, "sampler", None)
+        if isinstance(s, LangevinSampler):  # measured (auto) or requested, after the warm-up
+            r["conv_impl"], r["conv_impl_reason"] = s.conv_impl, s.conv_impl_reason
+    # % of peak counts the FLOPs a row executes: the fast EBM's folded convolutions do fewer
+    folded = executed_share(args.method, model, args.image_size, device, flops)
+    for r in rows:
+        share = folded if r["backend"] in ("fast", "engine") else 1.0
+        r["executed_share"] = share
+        peak_r = peaks[r["precision"]][0]
+        r["pct_of_peak"] = 100 * r["tflops"] * share / peak_r if peak_r else None
     base = next((r for r in rows if r["backend"] == "authors"), None)
     for r in rows:
         r["speedup_vs_authors"] = r["images_per_s"] / base["images_per_s"] if base else None
     return {
         "method": args.method,
-        "model": args.model if not (args.ebm or args.ddpm) else (args.ebm or args.ddpm),
+        "model": (args.ebm or args.ddpm) or (
+            f"unet {args.unet_preset}" if args.unet_preset and args.method == "ddpm"
+            else args.model),  # fmt: skip
         "batch_size": args.batch_size,
         "steps": steps,
         "image_size": args.image_size,
         "precision": args.precision,
+        "baseline_precision": base_prec,
         "compile_mode": args.compile_mode,
+        "conv_impl": args.conv_impl if args.method == "ebm" else None,
         "device": dev_name,
         "torch": torch.__version__,
         "flops_per_image_step": flops,
         "peak_tflops": peak,
+        "peaks": {k: {"tflops": v[0], "how": v[1]} for k, v in peaks.items()},
+        "threads": torch.get_num_threads() if device.type == "cpu" else None,
         "rows": rows,
     }
 
@@ -376,24 +515,40 @@ def markdown(res: dict[str, Any]) -> str:
     def f(v: Any, fmt: str) -> str:
         return "-" if v is None else format(v, fmt)
 
+    same = res.get("baseline_precision", res["precision"]) == res["precision"]
+
     head = (
         f"**{res['method'].upper()}-{res['steps']}**, model {res['model']}, batch "
-        f"{res['batch_size']}, {res['precision']}, {res['device']} (torch {res['torch']}; "
+        f"{res['batch_size']}, {res['precision']}"
+        f"{'' if same else ' (authors ' + res['baseline_precision'] + ')'}, {res['device']}"
+        f"{'' if not res.get('threads') else ', ' + str(res['threads']) + ' thread(s)'}"
+        f" (torch {res['torch']}; "
         f"{'' if res['compile_mode'] == 'default' else 'compile ' + res['compile_mode'] + '; '}"
         f"{res['flops_per_image_step'] / 1e9:.3f} GFLOP per image-step)\n\n"
-        "| backend | images/s | speed-up vs authors | median s | warm-up s | TFLOP/s | % of peak "
+        "| backend | images/s | speed-up vs authors | median s (min-max) | warm-up s | TFLOP/s "
+        "| % of peak "
         "| peak GiB | GPU util % | W | J/image |\n|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
     lines = [
-        f"| {r['backend']} | {r['images_per_s']:.1f} | {f(r['speedup_vs_authors'], '.2f')}"
+        f"| {r['backend']}{'' if same else ' (' + r['precision'] + ')'} | "
+        f"{r['images_per_s']:.1f} | {f(r['speedup_vs_authors'], '.2f')}"
         f"{'x' if r['speedup_vs_authors'] is not None else ''} | "
-        f"{r['median_s']:.3f} | {r['warmup_s']:.2f} | {r['tflops']:.3f} | "
+        f"{r['median_s']:.3f} ({min(r['times_s']):.3f}-{max(r['times_s']):.3f}) | "
+        f"{r['warmup_s']:.2f} | {r['tflops']:.3f} | "
         f"{f(r['pct_of_peak'], '.1f')} | {f(r['peak_mem_gib'], '.2f')} | "
         f"{f(r.get('gpu_util_pct'), '.0f')} | {f(r.get('power_w'), '.0f')} | "
         f"{f(r.get('joules_per_image'), '.3f')} |"
         for r in res["rows"]
     ]
     out = head + "\n".join(lines) + "\n"
+    for prec, pk in res.get("peaks", {}).items():
+        out += f"\nPeak {prec}: {pk['how']}\n"
+    for r in res["rows"]:
+        if r.get("conv_impl_reason"):
+            out += (
+                f"\n`{r['backend']}` EBM convolutions (--conv-impl {res.get('conv_impl')}): "
+                f"{r['conv_impl']}, {r['conv_impl_reason']}\n"
+            )
     for r in res["rows"]:
         prof = r.get("profile")
         if not prof:

@@ -1,4 +1,5 @@
-"""`puregen-fast info`: versions, devices, NVML readings, and which code paths run here."""
+"""`puregen-fast info`: versions, devices, NVML readings, which code paths run here, and the CPU
+as the fast path sees it (bf16 matrix units, threads, peaks, the compile cache)."""
 
 from __future__ import annotations
 
@@ -10,12 +11,25 @@ from typing import Any
 import torch
 
 from puregen_fast.kernels.availability import triton_available
+from puregen_fast.runtime import (
+    compile_cache_dir,
+    cpu_bf16,
+    cpu_matrix,
+    cpu_peak_tflops,
+    describe_device,
+)
 from puregen_fast.sampling.backends import fast_available
 from puregen_fast.version import __version__
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print JSON instead of text")
+    parser.add_argument(
+        "--conv-probe", type=int, default=0, metavar="BATCH",
+        help="on CUDA: time the EBM gradient with torch and with the Triton conv-block kernels "
+        "at this batch (the paper's EBM, 32x32, fp32 and bf16) and say which --conv-impl auto "
+        "picks (compiles both: about a minute)",
+    )  # fmt: skip
 
 
 def nvml_readings() -> list[dict[str, Any]] | str:
@@ -50,7 +64,29 @@ def nvml_readings() -> list[dict[str, Any]] | str:
         pynvml.nvmlShutdown()
 
 
-def collect() -> dict[str, Any]:
+def conv_impl_info(device: torch.device, probe_batch: int = 0) -> dict[str, Any]:
+    """What ``--conv-impl auto`` does on ``device``; with ``probe_batch`` on CUDA, both times."""
+    from puregen_fast.models.ebm import EBMSNGAN32
+    from puregen_fast.sampling.backends import LangevinSampler
+    from puregen_fast.sampling.conv_grad import conv_kernels_usable
+
+    ebm = EBMSNGAN32(nf=128).to(device).requires_grad_(False)
+    ok, why = conv_kernels_usable(ebm, device, "fp32")
+    out: dict[str, Any] = {"triton_kernels": ok, "why": why}
+    if device.type != "cuda":
+        out["auto"] = "torch (auto on CPU; the Triton interpreter is for tests)"
+        return out
+    out["auto"] = "the faster of torch and triton, timed once at each sampler's first batch shape"
+    if probe_batch > 0 and ok:
+        x = torch.rand(probe_batch, 3, 32, 32, device=device) * 2 - 1
+        for prec in ("fp32", "bf16"):
+            s = LangevinSampler(ebm, 1, device=device, precision=prec, cuda_graph=False)
+            s.fast.grad(x)  # auto: measures both
+            out[f"probe_{prec}"] = s.conv_impl_reason
+    return out
+
+
+def collect(conv_probe: int = 0) -> dict[str, Any]:
     info: dict[str, Any] = {
         "puregen_fast": __version__,
         "python": platform.python_version(),
@@ -76,11 +112,36 @@ def collect() -> dict[str, Any]:
     ok, why = fast_available(device, "fp32")
     info["backend_auto"] = {"device": str(device), "fast": ok, "why": why,
                             "picks": "fast" if ok else "reference"}  # fmt: skip
+    ok16, why16 = fast_available(device, "bf16")
+    info["backend_auto"]["bf16"] = {"fast": ok16, "why": why16}
+    info["conv_impl"] = conv_impl_info(device, conv_probe)
+    info["cpu"] = cpu_info()
     return info
 
 
+def cpu_info() -> dict[str, Any]:
+    """The CPU as the fast path sees it: bf16 matrix units (AMX / AVX512-BF16, from the CPU's
+    flags), threads and where their count came from, and the dense peaks `bench` compares with."""
+    dev = describe_device(torch.device("cpu"))
+    ok, why = cpu_bf16()
+    m = cpu_matrix()
+    return {
+        "name": dev["name"],
+        "family": m.cpu,
+        "cores_available": dev["cores_available"],
+        "threads": dev["threads"],
+        "threads_from": dev["threads_from"],
+        "bf16_matrix": m.isa,
+        "bf16": ok,
+        "bf16_why": why,
+        "peak_fp32": cpu_peak_tflops("fp32")[1],
+        "peak_bf16": cpu_peak_tflops("bf16")[1],
+        "compile_cache": str(compile_cache_dir()),
+    }
+
+
 def run(args: argparse.Namespace) -> int:
-    info = collect()
+    info = collect(getattr(args, "conv_probe", 0))
     if args.json:
         print(json.dumps(info, indent=2))
         return 0

@@ -7,10 +7,14 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 
+import torch
+
 from puregen_fast.errors import DivergenceError, UsageError
+from puregen_fast.runtime import THREADS_ENV, set_threads
 from puregen_fast.version import __version__
 
 # subcommand -> (module, one-line help)
@@ -29,12 +33,33 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+def _threads(s: str) -> int:
+    try:
+        n = int(s)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a thread count >= 1, got {s!r}")
+    return n
+
+
+THREADS_HELP = (
+    "CPU threads for torch's intra-op pool and OpenMP (default: $" + THREADS_ENV + ", else "
+    "$OMP_NUM_THREADS, else the cores this process may use); on a machine other jobs share, "
+    "fewer threads is often faster"
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="puregen-fast", description="PureGen data purification at GPU speed.")
     parser.add_argument("--version", action="version", version=f"puregen-fast {__version__}")
+    parser.add_argument("--threads", type=_threads, default=None, metavar="N", help=THREADS_HELP)
     sub = parser.add_subparsers(dest="command", metavar="{" + ",".join(SUBCOMMANDS) + "}")
     for name, (module, help_) in SUBCOMMANDS.items():
         p = sub.add_parser(name, help=help_, description=help_)
+        # also after the subcommand; SUPPRESS keeps a value given before it
+        p.add_argument("--threads", type=_threads, default=argparse.SUPPRESS, metavar="N",
+                       help=THREADS_HELP)  # fmt: skip
         try:
             mod = importlib.import_module(module)
         except ModuleNotFoundError as e:  # a subcommand not built in this install
@@ -56,6 +81,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "_unavailable", None):
         print(f"puregen-fast: error: {args._unavailable}", file=sys.stderr)
         return 1
+    # restored on return, so a caller in the same process (a notebook, a test) keeps its own
+    threads, omp = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
+    try:
+        set_threads(args.threads)  # before any work: the pools size themselves at first use
+    except ValueError as e:
+        print(f"puregen-fast {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    try:
+        return _run(args)
+    finally:
+        torch.set_num_threads(threads)
+        if omp is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+        else:
+            os.environ["OMP_NUM_THREADS"] = omp
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         return int(args._run(args) or 0)
     except UsageError as e:

@@ -1,6 +1,7 @@
 """``puregen-fast purify``: the flags (from `PurifyConfig`), the models and the data set, then
 `pipeline.purify_dataset` (DESIGN 4). Under torchrun rank 0 loads models and data first (the
-others then read the caches) and checks ``--out``."""
+others then read the caches) and checks ``--out``; WebDataset shards are counted once, on rank 0,
+and the count sent to the other ranks."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import torch
 
 from puregen_fast.config import NO_MODEL, PurifyConfig, add_arguments
 from puregen_fast.data.datasets import open_dataset
+from puregen_fast.data.webdataset import index_webdataset, open_webdataset
 from puregen_fast.data.writer import check_out_dir
 from puregen_fast.dist import Dist
 from puregen_fast.errors import UsageError
@@ -63,6 +65,14 @@ class _Inputs:
             self.problems.append(str(e))
             return None
 
+    def load_once(self, fn: Callable[[], T]) -> T | None:
+        """``fn()`` on rank 0 only, its result sent to every rank."""
+        try:
+            return self.dist.broadcast(self.dist.on_rank0(fn))
+        except UsageError as e:
+            self.problems.append(str(e))
+            return None
+
     def check(self) -> None:
         if len(self.problems) == 1:
             raise UsageError(self.problems[0])
@@ -78,6 +88,7 @@ def _purifier(cfg: PurifyConfig, device: torch.device, ebm, ddpm) -> Purifier:
     except ValueError as e:
         msg = str(e)
         flag = "--backend" if "backend" in msg else "--device" if "device" in msg else None
+        flag = "--conv-impl" if "conv_impl" in msg else flag
         raise UsageError(f"{flag + ': ' if flag else ''}{msg}") from e
 
 
@@ -94,10 +105,18 @@ def run(args: argparse.Namespace) -> int:
         ebm = inputs.load(lambda: load_ebm(cfg.ebm or DEFAULT_EBM)) if needs_ebm else None
         ddpm = inputs.load(lambda: load_ddpm(cfg.ddpm or DEFAULT_DDPM)) if needs_ddpm else None
         t_models = time.perf_counter() - t0
-        dataset = inputs.load(
-            lambda: open_dataset(cfg.dataset, cfg.data_dir, cfg.split, quiet=cfg.quiet,
-                                 limit=cfg.limit, max_pixels=cfg.max_image_pixels)  # fmt: skip
-        )
+        if cfg.dataset == "webdataset":
+            index = inputs.load_once(
+                lambda: index_webdataset(cfg.data_dir, limit=cfg.limit,
+                                         max_pixels=cfg.max_image_pixels)  # fmt: skip
+            )
+            dataset = index and open_webdataset(cfg.data_dir, cfg.split, index=index,
+                                                max_pixels=cfg.max_image_pixels)  # fmt: skip
+        else:
+            dataset = inputs.load(
+                lambda: open_dataset(cfg.dataset, cfg.data_dir, cfg.split, quiet=cfg.quiet,
+                                     limit=cfg.limit, max_pixels=cfg.max_image_pixels)  # fmt: skip
+            )
         inputs.check()
         purifier = _purifier(cfg, dist.device, ebm, ddpm)
         t_data = time.perf_counter() - t0 - t_models

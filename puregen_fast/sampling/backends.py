@@ -29,7 +29,7 @@ from puregen_fast import reference
 from puregen_fast.config import BACKENDS, SamplerConfig
 from puregen_fast.kernels.availability import triton_available
 from puregen_fast.models.schedule import DDPMSchedule
-from puregen_fast.runtime import precision_context
+from puregen_fast.runtime import cpu_bf16, precision_context
 from puregen_fast.sampling.ddpm import FastDDPM
 from puregen_fast.sampling.langevin import FastLangevin
 
@@ -178,10 +178,20 @@ def fast_available(device: torch.device, precision: str) -> tuple[bool, str]:
             return False, "this GPU has no bf16 support"
         return True, f"CUDA: torch.compile + CUDA graphs + {impl}"
     if device.type == "cpu":
+        what = "CPU: torch.compile'd models with the update twins compiled in (no CUDA graphs)"
         if precision == "bf16":
-            return False, "bf16 model math is GPU-only; use fp32 on CPU"
-        return True, "CPU: torch.compile'd models and update twins (no CUDA graphs)"
+            ok, why = cpu_bf16()  # AMX or AVX512-BF16; emulated bf16 would be slower than fp32
+            if not ok:
+                return False, f"bf16 needs bf16 matrix units on a CPU: {why}; use fp32"
+            return True, f"{what}; bf16 on {why}"
+        return True, what
     return False, f"no fast path for device type {device.type!r}"
+
+
+# backend "auto" on a CPU: below this much work (images x steps) the eager reference finishes
+# first, as compiling the fast path (20-80 s cold, 2-5 s from the compile cache on a 2-core
+# CPU) costs more than it saves; the measurement behind it is in the README ("The CPU path")
+AUTO_CPU_MIN_IMAGE_STEPS = 20_000
 
 
 def make_sampler(
@@ -190,14 +200,21 @@ def make_sampler(
     ebm: nn.Module | None = None,
     ddpm: nn.Module | None = None,
     schedule: DDPMSchedule | None = None,
+    image_steps: int | None = None,
 ) -> ReferenceSampler | FastSampler:
     """The sampler ``backend`` names (see the module doc); ValueError for an unknown backend or
-    for ``fast`` where it cannot run."""
+    for ``fast`` where it cannot run. ``image_steps``: the work ahead (images x steps) where
+    known; ``auto`` on a CPU takes the reference below `AUTO_CPU_MIN_IMAGE_STEPS`."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
     if backend == "reference":
         return ReferenceSampler(cfg, ebm, ddpm, schedule, reason="requested")
     ok, why = fast_available(cfg.device, cfg.precision)
+    small = image_steps is not None and image_steps < AUTO_CPU_MIN_IMAGE_STEPS
+    if ok and backend == "auto" and cfg.device.type == "cpu" and small:
+        return ReferenceSampler(cfg, ebm, ddpm, schedule, reason=(
+            f"auto on CPU: {image_steps} image-steps < {AUTO_CPU_MIN_IMAGE_STEPS}, too little work "
+            "to repay compiling the fast path"))  # fmt: skip
     if ok:
         return FastSampler(cfg, ebm, ddpm, schedule, reason=why)
     if backend == "fast":
@@ -237,8 +254,9 @@ class LangevinSampler(_Stage):
     new tensor. ``backend``: "fast" (compiled gradient, fused update, CUDA graph on CUDA),
     "reference" (`reference.ebm_purify` on the same noise) or "auto" (fast where it runs).
     ``cuda_graph=None`` captures on CUDA only; ``compile=False`` keeps the gradient eager;
-    ``compile_mode`` is one of `runtime.COMPILE_MODES`. ``fast`` is the `FastLangevin` (None on
-    the reference backend)."""
+    ``compile_mode`` is one of `runtime.COMPILE_MODES`. ``conv_impl``: "torch", "triton" (the
+    fused conv-block kernels; an `EBMSNGAN32` only) or "auto" (see `conv_impl_reason`).
+    ``fast`` is the `FastLangevin` (None on the reference backend)."""
 
     def __init__(
         self,
@@ -253,11 +271,12 @@ class LangevinSampler(_Stage):
         compile: bool = True,
         cuda_graph: bool | None = None,
         compile_mode: str = "default",
+        conv_impl: str = "auto",
     ) -> None:
         cfg = SamplerConfig(
             ebm_steps=steps, ebm_eps=eps, ebm_temp=temp, seed=seed, device=torch.device(device),
             precision=precision, compile=compile, cuda_graph=cuda_graph,
-            compile_mode=compile_mode,
+            compile_mode=compile_mode, conv_impl=conv_impl,
         )  # fmt: skip
         self.sampler = make_sampler(backend, cfg, ebm=ebm)
         self.fast = getattr(self.sampler, "langevin", None)
@@ -272,6 +291,21 @@ class LangevinSampler(_Stage):
     ) -> torch.Tensor:
         """``pad_to``: the largest batch to expect, where sizes vary (`LoopGraphs`)."""
         return self.sampler.ebm(x, sample_ids, stream, step_offset, pad_to)
+
+    @property
+    def conv_impl(self) -> str:
+        """What computes the EBM's convolutions: "torch", "triton", "auto" until measured (at the
+        first batch), or "reference" on the reference backend."""
+        lang = getattr(self.sampler, "langevin", None)
+        return lang.conv_impl if lang is not None else "reference"
+
+    @property
+    def conv_impl_reason(self) -> str:
+        """Why `conv_impl` runs here (with ``auto`` on CUDA: both measured times)."""
+        lang = getattr(self.sampler, "langevin", None)
+        if lang is None:
+            return "reference backend: eager torch convolutions"
+        return lang.conv_impl_reason
 
 
 class DDPMSampler(_Stage):

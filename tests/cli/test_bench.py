@@ -17,14 +17,20 @@ def test_ebm_bench_prints_both_backends_and_the_ratio(tmp_path, capsys):
             "4", "--steps", "3", "--repeats", "2", "--json", str(js), "--md", str(md)]  # fmt: skip
     assert main(args) == 0
     out = capsys.readouterr().out
-    assert "**EBM-3**, model small, batch 4, fp32, cpu" in out
-    assert "| authors |" in out and "| fast |" in out and "1.00x" in out
     res = json.loads(js.read_text())
+    assert f"**EBM-3**, model small, batch 4, fp32, {res['device']}" in out
+    assert "| authors |" in out and "| fast |" in out and "| engine |" in out and "1.00x" in out
     rows = {r["backend"]: r for r in res["rows"]}
-    assert set(rows) == {"authors", "fast"}
+    assert set(rows) == {"authors", "fast", "engine"}  # engine: the Purifier, uint8 in and out
+    # on a CPU the peak is cores x clock x FLOP/cycle, printed with the table
+    peak = res["peaks"]["fp32"]
+    assert f"Peak fp32: {peak['how']}" in out and "FLOP/cycle" in peak["how"]
     for r in rows.values():
         assert len(r["times_s"]) == 2 and r["images_per_s"] == pytest.approx(4 / r["median_s"])
-        assert r["tflops"] > 0 and r["pct_of_peak"] is None and r["peak_mem_gib"] is None
+        assert r["tflops"] > 0 and r["peak_mem_gib"] is None
+        share = r["executed_share"]  # the fast EBM's folded convolutions execute fewer FLOPs
+        assert (share == 1.0) == (r["backend"] == "authors") and 0.5 < share <= 1.0
+        assert r["pct_of_peak"] == pytest.approx(100 * r["tflops"] * share / peak["tflops"])
     assert rows["authors"]["speedup_vs_authors"] == 1.0
     ratio = rows["fast"]["images_per_s"] / rows["authors"]["images_per_s"]
     assert rows["fast"]["speedup_vs_authors"] == pytest.approx(ratio)
@@ -32,6 +38,20 @@ def test_ebm_bench_prints_both_backends_and_the_ratio(tmp_path, capsys):
     assert md.read_text().strip() == out.strip()
     assert main(args) == 0  # --md appends
     assert md.read_text().count("**EBM-3**") == 2
+
+
+def test_baseline_precision_runs_the_authors_row_in_its_own(tmp_path, capsys):
+    """--baseline-precision: the authors' row in its precision, beside the others in
+    --precision, each against its own precision's peak."""
+    js = tmp_path / "r.json"
+    args = ["bench", "--device", "cpu", "--method", "ebm", "--model", "small", "--batch-size",
+            "2", "--steps", "1", "--repeats", "1", "--backends", "authors",
+            "--baseline-precision", "bf16", "--json", str(js)]  # fmt: skip
+    assert main(args) == 0
+    res = json.loads(js.read_text())
+    assert res["baseline_precision"] == "bf16" and res["rows"][0]["precision"] == "bf16"
+    assert set(res["peaks"]) == {"fp32", "bf16"}
+    assert "| authors (bf16) |" in capsys.readouterr().out
 
 
 def test_ddpm_bench_has_a_diffusers_column_where_installed(tmp_path, capsys):
@@ -76,7 +96,10 @@ def test_profile_lists_where_the_time_goes(tmp_path, capsys):
         (["--profile", "-1"], "--profile"),
     ],
 )
-def test_bad_flags_exit_2(extra, says, capsys):
+def test_bad_flags_exit_2(extra, says, capsys, monkeypatch):
+    from puregen_fast import runtime
+
+    monkeypatch.setattr(runtime, "_cpuinfo", lambda: {"flags": "avx2 fma"})  # no bf16 units
     base = ["bench", "--device", "cpu", "--model", "small", "--batch-size", "2", "--steps", "2"]
     assert main(base + extra) == 2
     err = capsys.readouterr().err

@@ -420,9 +420,12 @@ def test_batch_size_is_capped_at_the_number_of_images(env, tmp_path):
     assert _shard_bytes(a) == _shard_bytes(b)
 
 
-def test_bf16_where_the_fast_path_cannot_run_it_is_refused(env, tmp_path, capsys):
+def test_bf16_where_the_fast_path_cannot_run_it_is_refused(env, tmp_path, capsys, monkeypatch):
     """No silent fall-back to other numbers: bf16 on a CPU without the fast path's bf16 exits 2,
     unless the reference backend was asked for."""
+    from puregen_fast import runtime
+
+    monkeypatch.setattr(runtime, "_cpuinfo", lambda: {"flags": "avx2 fma"})  # no bf16 units
     argv = _argv(env, tmp_path / "a", "--precision", "bf16", "--limit", "4")
     argv[argv.index("--backend") + 1] = "auto"
     assert main(argv) == 2

@@ -7,6 +7,7 @@ import torch
 from helpers import rel_l2
 
 import puregen_fast as pg
+from puregen_fast import runtime
 from puregen_fast.models.unet import UNET_PRESETS
 from puregen_fast.sampling.backends import DDPMSampler, LangevinSampler
 
@@ -142,11 +143,13 @@ def test_purifier_fast_backend_matches_reference_end_to_end(ebm, unet):
     assert diff.max() <= 1 and (diff > 0).mean() < 0.01
 
 
-def test_auto_backend_says_what_it_picked(ebm):
+def test_auto_backend_says_what_it_picked(ebm, monkeypatch):
     p = pg.Purifier("ebm", ebm=ebm, device="cpu", backend="auto")
     assert p.backend == "fast" and p.backend_reason
     d = p.describe()
     assert d["backend"] == "fast" and d["backend_requested"] == "auto"
+    # a CPU without bf16 matrix units (tests/sampling/test_cpu_path.py has those that have them)
+    monkeypatch.setattr(runtime, "_cpuinfo", lambda: {"flags": "avx2 fma"})
     with pytest.raises(ValueError, match="bf16"):
         pg.Purifier("ebm", ebm=ebm, device="cpu", backend="fast", precision="bf16")
     r = pg.Purifier("ebm", ebm=ebm, device="cpu", backend="auto", precision="bf16")
