@@ -52,12 +52,7 @@ def test_torchrun_two_ranks_equal_one_process(tmp_path, monkeypatch, method):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
     # torchrun runs each rank with OMP_NUM_THREADS=1; the thread count can change CPU float
     # summation order, so the single-process run uses one thread too
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        assert main(argv(tmp_path / "single") + ["--quiet"]) == 0
-    finally:
-        torch.set_num_threads(threads)
+    assert main(argv(tmp_path / "single") + ["--threads", "1", "--quiet"]) == 0
 
     multi, single = tmp_path / "multi", tmp_path / "single"
     names = sorted(p.name for p in single.glob("*.npy"))
@@ -129,12 +124,8 @@ def test_torchrun_over_webdataset_shards_equals_one_process(tmp_path, monkeypatc
     env.pop("WORLD_SIZE", None)
     r = _run_torchrun(argv(tmp_path / "multi"), env)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as each torchrun rank runs
-    try:
-        assert main(argv(tmp_path / "single") + ["--quiet"]) == 0
-    finally:
-        torch.set_num_threads(threads)
+    # one thread, as each torchrun rank runs
+    assert main(argv(tmp_path / "single") + ["--threads", "1", "--quiet"]) == 0
     multi, single = tmp_path / "multi", tmp_path / "single"
     names = [f"shard-{k:05d}.tar" for k in range(4)]
     assert sorted(p.name for p in single.glob("*.tar")) == names
