@@ -15,6 +15,12 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from puregen_fast import runtime  # noqa: E402  (after TRITON_INTERPRET: it imports the kernels)
+
+# inductor fixes its cache folder at the first compile; pin it now to the user's compile cache,
+# before tests point $PUREGEN_FAST_CACHE at temporary folders, so compiled code outlives a run
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(runtime.compile_cache_dir()))
+
 
 @pytest.fixture(scope="module")
 def one_thread():
