@@ -234,8 +234,8 @@ def test_real_image_experiment_ebm_defends(tmp_path, monkeypatch):
     assert main(["eval", "photos", "--out", "photos"]) == 0
     assert main(["eval", "trigger", "--method", "narcissus", "--dataset", "npz", "--data-dir",
                  "photos/train.npz", "--target-class", "0", "--ood-dataset", "npz",
-                 "--ood-data-dir", "photos/pood.npz", "--rounds", "100", "--surrogate-widths",
-                 "32,64,64", "--device", "cpu", "--quiet", "--out",
+                 "--ood-data-dir", "photos/pood.npz", "--rounds", "100", "--surrogate-arch",
+                 "resnet18", "--surrogate-widths", "8", "--device", "cpu", "--quiet", "--out",
                  "triggers/best_noise_lab0.npy"]) == 0  # fmt: skip
     assert main(["train", "ebm", "--dataset", "npz", "--data-dir", "photos/heldout.npz", "--out",
                  "ebm", "--nf", "16", "--batch-size", "64", "--mcmc-steps", "15", "--bank-size",
@@ -246,7 +246,8 @@ def test_real_image_experiment_ebm_defends(tmp_path, monkeypatch):
                  "photos/train.npz", "--test-dataset", "npz", "--test-data-dir",
                  "photos/test.npz", "--attack",
                  "narcissus", "--trigger", "triggers", "--target-class", "0", "--count", "50",
-                 "--defenses", "none,jpeg,ebm", "--ebm", "ebm", "--purify-batch-size", "100",
+                 "--defenses", "none,jpeg,ebm", "--ebm", "ebm", "--ebm-steps", "80",
+                 "--purify-batch-size", "100",
                  "--classifier", "airbench:widths=32/64/64,steps=200,batch_size=64",
                  "--classifier", "resnet18:widths=8,steps=1000,batch_size=64,"
                  "schedule=triangular,warmup_frac=0.2,lr=0.2",
@@ -261,11 +262,12 @@ def test_real_image_experiment_ebm_defends(tmp_path, monkeypatch):
         nat = none["natural_acc"]["mean"] - ebm["natural_acc"]["mean"]
         return p_none["mean"] - p_ebm["mean"], max(p_none["std"], p_ebm["std"]), nat
 
-    # what the README's run shows: the EBM removes the backdoor airbench learns
-    drop, spread, _ = gap("airbench")
-    assert drop > spread, rows
-    # the full acceptance; not met yet by this small EBM (README: natural accuracy falls by far
-    # more than 3 points, and the ResNet-18 does not learn the airbench-made trigger)
+    # what the README's run shows: for both nets the EBM removes much of the backdoor
+    for arch in ("airbench", "resnet18"):
+        drop, spread, _ = gap(arch)
+        assert drop > spread, (arch, rows)
+    # the full acceptance; not met yet by this small EBM (README: its purified tiles keep pixel
+    # noise, and natural accuracy falls by more than 3 points, airbench by far)
     unmet = [arch for arch in ("airbench", "resnet18")
              if not (gap(arch)[0] > gap(arch)[1] and abs(gap(arch)[2]) <= 0.03)]  # fmt: skip
     if unmet:
