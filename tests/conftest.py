@@ -15,6 +15,11 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `pytest -n 2` on a 2-core machine: one core per worker, not two threads each contending
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+
 from puregen_fast import runtime  # noqa: E402  (after TRITON_INTERPRET: it imports the kernels)
 
 # inductor fixes its cache folder at the first compile; pin it now to the user's compile cache,
