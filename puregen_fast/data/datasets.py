@@ -835,11 +835,22 @@ def _open_imagefolder(data_dir, split: str, quiet: bool, cache: bool, limit, max
 # ----------------------------------------------------------------------------- npz
 
 
+def read_npy_header(f, what: str) -> tuple[tuple, bool, np.dtype]:
+    """(shape, fortran_order, dtype) of the .npy stream ``f``, left at the start of its data;
+    a version other than 1.0 or 2.0 is a `UsageError` naming ``what``."""
+    fmt = np.lib.format
+    version = fmt.read_magic(f)
+    if version == (1, 0):
+        return fmt.read_array_header_1_0(f)
+    if version == (2, 0):
+        return fmt.read_array_header_2_0(f)
+    raise UsageError(f"{what} has .npy version {version}; save it again with numpy")
+
+
 def _npy_open(zf: zipfile.ZipFile, path: Path, key: str, stack: contextlib.ExitStack):
     """(stream, shape, fortran_order, dtype) of array ``key`` of the npz (None if absent), its
     header checked against the member's size, so no declared shape makes us allocate what is
     not there. The stream closes with ``stack``."""
-    fmt = np.lib.format
     for member in (f"{key}.npy", key):
         try:
             info = zf.getinfo(member)
@@ -849,13 +860,7 @@ def _npy_open(zf: zipfile.ZipFile, path: Path, key: str, stack: contextlib.ExitS
     else:
         return None
     f = stack.enter_context(zf.open(info))
-    version = fmt.read_magic(f)
-    if version == (1, 0):
-        shape, fortran, dtype = fmt.read_array_header_1_0(f)
-    elif version == (2, 0):
-        shape, fortran, dtype = fmt.read_array_header_2_0(f)
-    else:
-        raise UsageError(f"{_show(path)}: array '{key}' has .npy version {version}; save it again")
+    shape, fortran, dtype = read_npy_header(f, f"{_show(path)}: array '{key}'")
     if dtype.hasobject or dtype.fields is not None or dtype.itemsize == 0:
         raise UsageError(f"{_show(path)}: array '{key}' has dtype {dtype}; save plain arrays")
     if any(not isinstance(s, int) or s < 0 for s in shape):

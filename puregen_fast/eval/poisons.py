@@ -52,6 +52,7 @@ from typing import Any
 
 import numpy as np
 
+from puregen_fast.data.datasets import read_npy_header
 from puregen_fast.errors import UsageError
 from puregen_fast.eval.poison import PoisonedSet, check_trigger, poison_dataset
 
@@ -730,13 +731,7 @@ def load_narcissus(
         if p.stat().st_size > MAX_FILE_BYTES:
             raise UsageError(f"{p}: over the cap of {MAX_FILE_BYTES} bytes for a trigger")
         with open(p, "rb") as f:
-            version = fmt.read_magic(f)
-            if version == (1, 0):
-                shape, fortran, dtype = fmt.read_array_header_1_0(f)
-            elif version == (2, 0):
-                shape, fortran, dtype = fmt.read_array_header_2_0(f)
-            else:
-                raise UsageError(f"{p}: .npy version {version}; the authors' triggers are 1.0")
+            shape, fortran, dtype = read_npy_header(f, str(p))
             ok = (
                 dtype.kind == "f"
                 and not dtype.hasobject
