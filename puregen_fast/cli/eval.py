@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from puregen_fast.cli.argtypes import int_at_least, positive_float
+from puregen_fast.cli.argtypes import int_at_least, int_list, positive_float
 from puregen_fast.data.datasets import DATASETS, SPLITS, open_dataset
 from puregen_fast.errors import UsageError
 from puregen_fast.eval.classifier import ARCHS, default_config, undertrained_message
@@ -67,14 +67,7 @@ __all__ = ["add_arguments", "run"]
 # ----------------------------------------------------------------------------- arguments
 
 
-def _widths(s: str) -> tuple[int, ...]:
-    try:
-        w = tuple(int(v) for v in s.replace("x", ",").split(",") if v.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from None
-    if not w or min(w) < 1:
-        raise argparse.ArgumentTypeError(f"widths must be positive integers, got {s!r}")
-    return w
+_widths = int_list(1)
 
 
 def _add_poison_args(p: argparse.ArgumentParser) -> None:

@@ -8,7 +8,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from puregen_fast.cli.argtypes import int_at_least, positive_float
+from puregen_fast.cli.argtypes import int_at_least, int_list, positive_float
 from puregen_fast.data.datasets import DATASETS, SPLITS
 from puregen_fast.errors import UsageError
 from puregen_fast.eval.experiment import (
@@ -24,16 +24,6 @@ from puregen_fast.runtime import resolve_device
 __all__ = ["add_experiment_arguments", "run_experiment_command"]
 
 ATTACKS = ("narcissus", "gradient-matching", "bullseye-polytope")
-
-
-def _int_list(s: str) -> tuple[int, ...]:
-    try:
-        v = tuple(int(x) for x in s.split(",") if x.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from None
-    if not v or min(v) < 0:
-        raise argparse.ArgumentTypeError(f"expected integers >= 0, got {s!r}")
-    return v
 
 
 def add_experiment_arguments(p: argparse.ArgumentParser) -> None:
@@ -113,7 +103,7 @@ def add_experiment_arguments(p: argparse.ArgumentParser) -> None:
         "steps, batch_size, lr, widths, crop_pad, flip, tta, whiten_eps, momentum, "
         "weight_decay, label_smoothing, schedule (step|triangular), warmup_frac, name",
     )
-    c.add_argument("--seeds", type=_int_list, default=(0, 1, 2), help="default 0,1,2")
+    c.add_argument("--seeds", type=int_list(0), default=(0, 1, 2), help="default 0,1,2")
     c.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     o = p.add_argument_group("output")
     o.add_argument(
