@@ -226,6 +226,7 @@ def test_experiment_bad_input_exits_2(photos, tmp_path, capsys, extra, needle):
 
 
 @pytest.mark.slow
+@pytest.mark.experiment
 def test_real_image_experiment_ebm_defends(tmp_path, monkeypatch):
     """Slow (about half an hour on 2 shared CPU cores): the README's real-image experiment,
     command for command. Acceptance: for both architectures the EBM defense's poison success is
