@@ -51,7 +51,6 @@ from puregen_fast.data.datasets import Dataset
 from puregen_fast.data.io import atomic_write_json, read_json
 from puregen_fast.data.lock import out_lock
 from puregen_fast.data.manifest import MANIFEST, Manifest
-from puregen_fast.data.webdataset import WebDataset
 from puregen_fast.data.writer import ShardWriter, mark_diverged, prepare_out_dir, rank_shards
 from puregen_fast.dist import Dist
 from puregen_fast.errors import DivergenceError, UsageError
@@ -92,17 +91,6 @@ def _identity(purifier) -> dict:
         if isinstance(d.get(k), dict):
             d[k] = {kk: vv for kk, vv in d[k].items() if kk != "source"}
     return d
-
-
-def _images_sha256(images, n: int, chunk_bytes: int = 64 << 20) -> str:
-    """sha256 of the bytes of ``images[:n]`` (C order), read in chunks of about ``chunk_bytes``
-    so a memory-mapped data set is never loaded whole."""
-    h = hashlib.sha256()
-    row = max(1, int(np.prod(images.shape[1:], dtype=np.int64)) * np.dtype(images.dtype).itemsize)
-    step = max(1, chunk_bytes // row)
-    for s in range(0, n, step):
-        h.update(np.ascontiguousarray(images[s : min(s + step, n)]).tobytes())
-    return h.hexdigest()
 
 
 def _check_model_sizes(purifier, shape: list[int]) -> None:
@@ -217,8 +205,6 @@ def _plan(
         purifier.plan(n)
     labels = np.asarray(dataset.labels[:n], dtype=np.int64)
     shape = [int(v) for v in dataset.images.shape[1:]]
-    streamed = isinstance(dataset, WebDataset)
-    digest = dataset.images_sha256(n) if streamed else None  # no second decoding pass
     config = {
         "format": fmt,
         "dataset": dataset.name,
@@ -229,20 +215,19 @@ def _plan(
         "image_shape": shape,
         "class_names": list(dataset.class_names),
         "labels_sha256": hashlib.sha256(labels.tobytes()).hexdigest(),
-        "images_sha256": digest or _images_sha256(dataset.images, n),
+        "images_sha256": dataset.images_sha256(n),
         "batch_size": batch_size,
         "shard_size": shard_size,
         "method": getattr(purifier, "method", "?"),
         "seed": getattr(purifier, "seed", None),
         "purifier": _identity(purifier),
     }
-    if streamed:
-        config["input_shards"] = dataset.shard_records()
+    if (input_shards := dataset.shard_records()) is not None:
+        config["input_shards"] = input_shards
     _check_same_config(dist, config)
     _check_model_sizes(purifier, shape)
     writer = ShardWriter(out, fmt, n, shard_size, dataset.class_names,
-                         ranges=dataset.shard_ranges(n) if streamed else None,
-                         keys=dataset.keys if streamed else None)  # fmt: skip
+                         ranges=dataset.shard_ranges(n), keys=dataset.keys)  # fmt: skip
     return _Run(dataset, purifier, out, n, labels, shape, config, writer,
                 rank_shards(writer.num_shards, dist.rank, dist.world), batch_size, dist,
                 show=not quiet and dist.is_main)  # fmt: skip

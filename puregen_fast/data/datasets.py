@@ -125,6 +125,33 @@ class Dataset:
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
+    # what an output folder takes from its input: the content hash of the selection, and, for
+    # inputs that come in shards of their own, those shards (None: cut by --shard-size)
+    @property
+    def keys(self) -> list[str] | None:
+        """The input's own sample keys, kept by output formats that have keys."""
+        return None
+
+    def images_sha256(self, n: int, chunk_bytes: int = 64 << 20) -> str:
+        """sha256 of the bytes of ``images[:n]`` (C order), read in chunks of about
+        ``chunk_bytes`` so a memory-mapped data set is never loaded whole."""
+        images = self.images
+        h = hashlib.sha256()
+        per_image = int(np.prod(images.shape[1:], dtype=np.int64))
+        row = max(1, per_image * np.dtype(images.dtype).itemsize)
+        step = max(1, chunk_bytes // row)
+        for s in range(0, n, step):
+            h.update(np.ascontiguousarray(images[s : min(s + step, n)]).tobytes())
+        return h.hexdigest()
+
+    def shard_ranges(self, n: int) -> list[tuple[int, int]] | None:
+        """The input's own shards among the first ``n`` images as [start, stop) ranges."""
+        return None
+
+    def shard_records(self) -> list[dict] | None:
+        """The input's own shards (path, image count), recorded in the configuration."""
+        return None
+
     def describe(self) -> dict:
         n, h, w, c = self.images.shape
         return {

@@ -386,9 +386,12 @@ class WebDataset(Dataset):
         st = [int(v) for v in self.index.starts]
         return [(a, min(b, n)) for a, b in zip(st[:-1], st[1:]) if a < n]
 
-    def images_sha256(self, n: int) -> str | None:
-        """The index's content hash when it covers exactly the first ``n`` images."""
-        return self.index.sha256 if n == len(self) else None
+    def images_sha256(self, n: int, chunk_bytes: int = 64 << 20) -> str:
+        """The index's content hash when it covers exactly the first ``n`` images (no second
+        decoding pass), else the decoded images' hash."""
+        if n == len(self):
+            return self.index.sha256
+        return super().images_sha256(n, chunk_bytes)
 
     def shard_records(self) -> list[dict]:
         return [{"path": p, "count": c} for p, c in zip(self.index.shards, self.index.counts)]
