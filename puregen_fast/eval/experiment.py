@@ -34,7 +34,7 @@ from puregen_fast.data.datasets import Dataset, open_dataset
 from puregen_fast.data.io import atomic_write_json
 from puregen_fast.errors import UsageError
 from puregen_fast.eval.classifier import Classifier, TrainConfig, train_classifier
-from puregen_fast.eval.metrics import evaluate_predictions
+from puregen_fast.eval.metrics import evaluate_predictions, image_change
 from puregen_fast.eval.poison import PoisonedSet, load_trigger, poison_dataset, save_poisoned_npz
 from puregen_fast.runtime import describe_device
 from puregen_fast.version import __version__
@@ -877,6 +877,7 @@ def run_protocol(
 
     total = len(p.targets) * len(p.defenses) * len(p.classifiers) * len(p.seeds)
     cells: list[dict[str, Any]] = []
+    changes: dict[str, list[dict]] = {}  # defense -> image_change per target
     done = reused = 0
     t_start = time.perf_counter()
     for target in p.targets:
@@ -889,6 +890,12 @@ def run_protocol(
 
             data = load_purified(folder)
             x_tr, y_tr = np.asarray(data.images), np.asarray(data.labels, np.int64)
+            with np.load(poisoned, allow_pickle=False) as z:
+                ch = image_change(z["x"], x_tr)
+            changes.setdefault(defense, []).append(ch)
+            if defense != "none":
+                psnr = "identical" if ch["psnr_db"] is None else f"PSNR {ch['psnr_db']:.1f} dB"
+                say(f"{defense} changed the images by {ch['rms']:.2f} levels RMS ({psnr})")
             for spec in p.classifiers:
                 for seed in p.seeds:
                     key = {
@@ -919,7 +926,8 @@ def run_protocol(
                         + (" (reused)" if was else f" ({secs:.0f}s)"))  # fmt: skip
                     for w in rec.get("warnings", []):
                         say(f"warning: {defense} | {spec.label} | seed {seed}: {w}")
-    summary = summarize_cells(cells, p.defenses, [c.label for c in p.classifiers])
+    change = {d: _mean_change(v) for d, v in changes.items()}
+    summary = summarize_cells(cells, p.defenses, [c.label for c in p.classifiers], change)
     result = {
         "format": EXPERIMENT_FORMAT,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -938,6 +946,12 @@ def run_protocol(
     atomic_write(root / "table.md", table + "\n")
     save_chart(summary, root / "chart.png", title=_chart_title(p, train))
     return result
+
+
+def _mean_change(per_target: Sequence[dict]) -> dict[str, Any]:
+    """`image_change` over target classes: the RMS of the RMSs (the change over all images)."""
+    rms = float(np.sqrt(np.mean([c["rms"] ** 2 for c in per_target])))
+    return {"rms": rms, "psnr_db": None if rms == 0 else float(20 * np.log10(255.0 / rms))}
 
 
 def _chart_title(p: Protocol, train: Dataset) -> str:

@@ -25,6 +25,7 @@ from puregen_fast.eval.poison import apply_trigger
 
 __all__ = [
     "poison_metrics",
+    "image_change",
     "evaluate_predictions",
     "format_table",
     "summarize_cells",
@@ -127,6 +128,23 @@ def format_table(results: Sequence[dict]) -> str:
 # ----------------------------------------------------------------------------- the protocol's table
 
 
+def image_change(before: np.ndarray, after: np.ndarray, chunk: int = 4096) -> dict[str, Any]:
+    """How far a defense moved the images: the root-mean-square pixel difference in levels
+    (0..255) and the PSNR in dB (None when nothing changed). A defense that changes images more
+    than the noise a classifier tolerates costs natural accuracy however well it removes poisons.
+    """
+    a, b = np.asarray(before), np.asarray(after)
+    if a.shape != b.shape:
+        raise ValueError(f"image_change: shapes differ, {a.shape} vs {b.shape}")
+    sq = 0.0
+    for s in range(0, a.shape[0], chunk):  # float64 sums in chunks: no full float copy
+        d = a[s : s + chunk].astype(np.float64) - b[s : s + chunk].astype(np.float64)
+        sq += float(np.square(d).sum())
+    rms = float(np.sqrt(sq / max(1, a.size)))
+    psnr = None if rms == 0 else float(20 * np.log10(255.0 / rms))
+    return {"rms": rms, "psnr_db": psnr}
+
+
 def _mean_std(values: Sequence[float]) -> dict[str, float]:
     """Mean and sample standard deviation (ddof 1; 0 for a single value) of finite values."""
     v = np.asarray([x for x in values if x == x], np.float64)
@@ -158,9 +176,13 @@ def _per_target(cells: Sequence[dict], targets: Sequence[int], get: Callable) ->
 
 
 def summarize_cells(
-    cells: Sequence[dict], defenses: Sequence[str], classifiers: Sequence[str]
+    cells: Sequence[dict],
+    defenses: Sequence[str],
+    classifiers: Sequence[str],
+    changes: dict[str, dict] | None = None,
 ) -> list[dict]:
-    """One row per (defense, classifier) from `eval experiment` cell records.
+    """One row per (defense, classifier) from `eval experiment` cell records; ``changes``
+    (defense -> `image_change` of its purified copy, averaged over target classes) rides along.
 
     Each seed's value is the mean over the target classes (trials) of that seed; the row gives
     the mean and standard deviation of those over seeds (the seed spread). ``worst``: the target
@@ -179,6 +201,8 @@ def summarize_cells(
                 "natural_acc": _mean_std(_per_seed(mine, seeds, lambda m: m.get("natural_acc"))),
                 "undertrained_cells": sum(1 for x in mine if x.get("warnings")),
             }  # fmt: skip
+            if changes and d in changes:
+                row["image_change"] = changes[d]
             scales = sorted({q["scale"] for x in mine for q in x["metrics"].get("poison", [])})
             row["poison"] = {}
             for sc in scales:
@@ -214,6 +238,7 @@ def format_protocol_table(rows: Sequence[dict], scales: Sequence[float] = (1.0, 
     several = any(len(r["targets"]) > 1 for r in rows)
     triggered = any(r["poison"] for r in rows)
     targeted = any("target_misclassification" in r for r in rows)
+    changed = any("image_change" in r for r in rows)
     head = ["defense", "classifier", "seeds", "natural acc %"]
     if triggered:
         head += [f"poison success % (x{s:g})" for s in scales]
@@ -221,6 +246,8 @@ def format_protocol_table(rows: Sequence[dict], scales: Sequence[float] = (1.0, 
             head.append(f"worst class: poison success % (x{scales[0]:g})")
     if targeted:
         head.append("target misclassification %")
+    if changed:
+        head.append("image change (RMS levels)")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["defense"], r["classifier"], str(len(r["seeds"])), _pm(r["natural_acc"])]
@@ -231,6 +258,9 @@ def format_protocol_table(rows: Sequence[dict], scales: Sequence[float] = (1.0, 
                 cells.append(f"{100 * w['mean']:.1f} (class {w['target']})" if w else "-")
         if targeted:
             cells.append(_pm(r.get("target_misclassification")))
+        if changed:
+            ch = r.get("image_change")
+            cells.append(f"{ch['rms']:.1f}" if ch else "-")
         lines.append("| " + " | ".join(cells) + " |")
     if any(r.get("undertrained_cells") for r in rows):
         lines.append("")

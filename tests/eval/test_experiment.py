@@ -26,7 +26,7 @@ from puregen_fast.eval.classifier import (
     undertrained_message,
 )
 from puregen_fast.eval.experiment import parse_classifier_spec
-from puregen_fast.eval.metrics import format_protocol_table, summarize_cells
+from puregen_fast.eval.metrics import format_protocol_table, image_change, summarize_cells
 from puregen_fast.eval.photos import CLASS_PHOTOS, make_photo_sets, write_photo_sets
 
 pytest.importorskip("skimage")
@@ -99,6 +99,11 @@ def test_experiment_end_to_end_and_resumes_cell_by_cell(photos, tmp_path, capsys
     for c in res["cells"]:  # the undertrained check ran on every cell
         assert bool(c["warnings"]) == (c["fit_acc"] < 0.9)
     assert cell["classifier_config"]["total_steps"] == 60
+    # how far each defense moved the images, against the poisoned set it was given
+    assert rows["none"]["image_change"] == {"rms": 0.0, "psnr_db": None}
+    assert 1 < rows["jpeg"]["image_change"]["rms"] < 40, rows["jpeg"]
+    assert rows["ebm"]["image_change"]["rms"] > 0
+    assert "ebm changed the images by" in cap.err and "none changed" not in cap.err
     # purification went through the engine and the shard writer (manifests per defense)
     manifests = sorted(out.glob("poison-*/*/manifest.json"))
     assert [json.loads(m.read_text())["config"]["method"] for m in manifests] == [
@@ -143,6 +148,9 @@ def test_summary_arithmetic_by_hand():
                 "metrics": {"natural_acc": nat, "poison": [{"scale": 1.0,
                                                             "poison_success": ps1}]}}  # fmt: skip
 
+    a = np.zeros((1, 2, 2, 3), np.uint8)
+    b = a.copy()
+    b[0, 0, :2] = (1, 0, 1)  # 4 of 12 values moved by one level
     cells = [cell("none", 0, 0, 0.9, 0.8), cell("none", 0, 1, 0.8, 0.4),
              cell("none", 1, 0, 1.0, 0.6), cell("none", 1, 1, 0.9, 0.2)]  # fmt: skip
     (row,) = summarize_cells(cells, ["none"], ["net"])
@@ -155,6 +163,23 @@ def test_summary_arithmetic_by_hand():
     assert row["poison"]["1"]["worst"] == {"target": 0, "mean": pytest.approx(0.7)}
     table = format_protocol_table([row], (1.0,))
     assert "| none | net | 2 | 90.0 ± 7.1 | 50.0 ± 14.1 | 70.0 (class 0) |" in table
+    assert "image change" not in table
+    (row,) = summarize_cells(cells, ["none"], ["net"], {"none": image_change(a, b)})
+    assert row["image_change"]["rms"] == pytest.approx(np.sqrt(4 / 12))
+    table = format_protocol_table([row], (1.0,))
+    assert "image change (RMS levels) |" in table and "| 70.0 (class 0) | 0.6 |" in table
+
+
+def test_image_change_rms_and_psnr():
+    a = np.zeros((3, 4, 4, 3), np.uint8)
+    assert image_change(a, a) == {"rms": 0.0, "psnr_db": None}
+    b = a.copy()
+    b[0] = 255  # a third of the pixels moved by 255 levels: RMS 255 / sqrt(3)
+    ch = image_change(a, b, chunk=2)  # across chunks
+    assert ch["rms"] == pytest.approx(255 / np.sqrt(3))
+    assert ch["psnr_db"] == pytest.approx(10 * np.log10(3))
+    with pytest.raises(ValueError, match="shapes differ"):
+        image_change(a, b[:2])
 
 
 def test_presets_size_themselves_to_small_sets():
