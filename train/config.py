@@ -17,6 +17,7 @@ from puregen_fast.config import CONV_IMPLS, DEFAULT_DIVERGENCE_MARGIN
 from puregen_fast.models.unet import UNET_PRESETS
 
 __all__ = [
+    "OBJECTIVES",
     "EBMConfig",
     "DDPMConfig",
     "add_config_arguments",
@@ -24,6 +25,11 @@ __all__ = [
     "recipe_of",
     "UNET_PRESETS",
 ]
+
+
+OBJECTIVES = ("pcd", "dsm")
+# recipe fields added after runs were written: a checkpoint without one ran with this value
+RECIPE_DEFAULTS = {"objective": "pcd", "dsm_sigma_min": 1e-2, "dsm_sigma_max": 0.2}
 
 
 def _f(default: Any, help: str, *, run: bool = False, **argparse_kw: Any) -> Any:
@@ -96,6 +102,14 @@ class _Common:
 class EBMConfig(_Common):
     """The paper's EBM recipe (persistent contrastive divergence), as its authors ran it."""
 
+    objective: str = _f(
+        "pcd",
+        "pcd: the paper's persistent contrastive divergence; dsm: denoising score matching "
+        "(no chains: fast and stable on a CPU, see the module docstring of train.ebm)",
+        choices=OBJECTIVES,
+    )
+    dsm_sigma_min: float = _f(1e-2, "dsm: smallest noise std, in the [-1, 1] space")
+    dsm_sigma_max: float = _f(0.2, "dsm: largest noise std (drawn log-uniformly in between)")
     nf: int = _f(128, "EBM width (EBMSNGAN32 nf)")
     patch_size: int = _f(1, "EBM pixel-unshuffle patch size")
     bank_size: int = _f(10000, "persistent MCMC bank size, in total over all ranks")

@@ -15,6 +15,19 @@ One update (index k):
 Batch selection, rejuvenation and the data noise come from one seeded ``torch.Generator`` whose
 state is checkpointed with the bank, so ``--resume`` continues exactly. Every rank draws the
 global batch's numbers and keeps its slice, and the bank is the same on every rank.
+
+``--objective dsm`` trains the same network by denoising score matching instead (Vincent 2011;
+for EBMs, Saremi et al. 2018): each data image gets noise ``sigma * z`` with ``sigma`` drawn
+log-uniformly from ``[dsm_sigma_min, dsm_sigma_max]``, and the score the sampler follows,
+``-grad_x E / mcmc_temp``, is regressed on the denoising direction ``-z / sigma``; loss
+``mean over images of |sigma * score + z|^2 / pixels`` (1 for an EBM that knows nothing). No
+chains run, so an update costs one double backward instead of ``mcmc_steps`` sampler steps and
+the energy cannot learn a drift the chains then follow. Why it exists: a small EBM trained
+briefly by contrastive divergence on a CPU learns almost no pull back toward the images, so
+Langevin purification with it is close to a random walk (about 11 levels of noise after 80
+steps) plus a colour drift; the same network trained by DSM for a few minutes pulls noise back
+and keeps colours (README, "A real-image experiment on a CPU"). No bank: the checkpoint's is
+empty.
 """
 
 from __future__ import annotations
@@ -63,13 +76,17 @@ class EBMTrainer(Loop):
             (cfg.mcmc_eps > 0 and cfg.mcmc_temp > 0, "--mcmc-eps and --mcmc-temp must be > 0"),
             (0 <= cfg.rejuvenation <= 1, "--rejuvenation must lie in [0, 1]"),
             (cfg.data_noise >= 0, "--data-noise must be >= 0"),
+            (
+                0 < cfg.dsm_sigma_min <= cfg.dsm_sigma_max,
+                "--dsm-sigma-min and --dsm-sigma-max must satisfy 0 < min <= max",
+            ),
             (cfg.lr > 0, "--lr must be > 0"),
             (
                 cfg.grad_clip >= 0 and cfg.energy_reg >= 0 and cfg.warmup_steps >= 0,
                 "--grad-clip, --energy-reg and --warmup-steps must be >= 0",
             ),
             (
-                cfg.bank_size >= cfg.batch_size,
+                cfg.objective == "dsm" or cfg.bank_size >= cfg.batch_size,
                 f"--bank-size {cfg.bank_size} must be >= --batch-size {cfg.batch_size}",
             ),
         ]
@@ -107,6 +124,8 @@ class EBMTrainer(Loop):
     def _init_bank(self) -> torch.Tensor:
         cfg = self.cfg
         h, w = self.data.hw
+        if cfg.objective == "dsm":  # no chains
+            return torch.empty((0, 3, h, w), device=self.device)
         bank = torch.empty((cfg.bank_size, 3, h, w), device=self.device)
         for lo in range(0, cfg.bank_size, 1024):  # chunks keep the host copy small
             n = min(1024, cfg.bank_size - lo)
@@ -120,12 +139,13 @@ class EBMTrainer(Loop):
         return bank
 
     def describe(self) -> dict[str, Any]:
-        return {
-            **super().describe(),
-            "sampler": self.sampler.impl,
-            "loss": "((E(data) - E(samples)).mean() "
-            "+ energy_reg * (E(data)^2 + E(samples)^2).mean()) / mcmc_temp",
-        }
+        if self.cfg.objective == "dsm":
+            loss = ("(|sigma * (-grad_x E(x + sigma z) / mcmc_temp) + z|^2).mean over images "
+                    "/ pixels, log sigma ~ U[log dsm_sigma_min, log dsm_sigma_max]")  # fmt: skip
+        else:
+            loss = ("((E(data) - E(samples)).mean() "
+                    "+ energy_reg * (E(data)^2 + E(samples)^2).mean()) / mcmc_temp")  # fmt: skip
+        return {**super().describe(), "sampler": self.sampler.impl, "loss": loss}
 
     def optimizer_hparams(self) -> dict[str, Any]:
         c = self.cfg
@@ -162,14 +182,19 @@ class EBMTrainer(Loop):
         self.bank[slots_dev] = self.dist.all_gather_cat(x_neg.detach())
         return x_neg, rejuv
 
+    def _flipped(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.cfg.hflip:
+            return x
+        flip = (torch.rand(x.shape[0], generator=self.gen) < 0.5).to(x.device)
+        return torch.where(flip[:, None, None, None], x.flip(-1), x)
+
     def forward_backward(self, step: int) -> dict[str, float]:
-        cfg, dev, g = self.cfg, self.device, self.gen
+        if self.cfg.objective == "dsm":
+            return self._dsm(step)
+        cfg, dev = self.cfg, self.device
         B = cfg.batch_size
         # global draws, in a fixed order, on every rank
-        x_data = self._noised_data(self.batch_indices(step))
-        if cfg.hflip:
-            flip = (torch.rand(B, generator=g) < 0.5).to(dev)
-            x_data = torch.where(flip[:, None, None, None], x_data.flip(-1), x_data)
+        x_data = self._flipped(self._noised_data(self.batch_indices(step)))
         x_neg, rejuv = self._negatives(step, B)
 
         e = self.energies(torch.cat([x_data[self.dist.shard(B)], x_neg.detach()]))
@@ -206,6 +231,39 @@ class EBMTrainer(Loop):
             "rejuvenated": nrej,
         }
 
+    def _dsm(self, step: int) -> dict[str, float]:
+        """One denoising-score-matching update (module docstring)."""
+        cfg, dev, g = self.cfg, self.device, self.gen
+        B = cfg.batch_size
+        # global draws, in a fixed order, on every rank; this rank keeps its slice
+        x = self._flipped(to_x(self.images[self.batch_indices(step)], dev))
+        lo, hi = math.log(cfg.dsm_sigma_min), math.log(cfg.dsm_sigma_max)
+        sigma = torch.exp(torch.rand(B, generator=g) * (hi - lo) + lo).to(dev)[:, None, None, None]
+        z = torch.randn(x.shape, generator=g).to(dev)
+        mine = self.dist.shard(B)
+        x, sigma, z = x[mine], sigma[mine], z[mine]
+        xn = (x + sigma * z).requires_grad_(True)
+        # clean and noised images in one forward; the score is taken at the noised ones only
+        e = self.energies(torch.cat([x, xn]))
+        e_d, e_n = e[: x.shape[0]], e[x.shape[0] :]
+        (grad,) = torch.autograd.grad(e_n.sum(), xn, create_graph=True)
+        score = -grad / cfg.mcmc_temp
+        loss = (sigma * score + z).square().flatten(1).sum(1).mean() / x[0].numel()
+        gn = self.backward(loss)
+        m = torch.stack([loss.detach(), e_d.mean().detach(), e_n.mean().detach(), gn.to(dev)])
+        loss_v, ed, es, gn_v = self.dist.all_reduce_mean(m).tolist()
+        return {
+            "loss": loss_v,
+            "e_data": ed,
+            "e_samples": es,  # the noised images
+            "gap": ed - es,
+            "energy_abs": max(abs(ed), abs(es)),
+            "gap_abs": abs(ed - es),
+            "grad_norm": gn_v,
+            "sample_abs_max": float(self.dist.all_reduce_max(xn.detach().abs().amax())),
+            "rejuvenated": 0.0,
+        }
+
     # -- checkpoints ---------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
         return {"bank": self.bank.detach().cpu()}
@@ -228,10 +286,13 @@ class EBMTrainer(Loop):
     # -- plots ---------------------------------------------------------------------------------
     @torch.no_grad()
     def sample_rows(self) -> list[torch.Tensor]:
-        """Data; bank chains (the negatives); data after one sampler run (a purification)."""
+        """Data; bank chains (the negatives; not for dsm); data after one sampler run (a
+        purification)."""
         x = to_x(self.images[self.show_idx], self.device)
         ids = self.show_idx.to(self.device)
         purified = self.sampler(x, ids, pgnoise.STREAM_EBM, 0)
+        if self.cfg.objective == "dsm":
+            return [x, purified]
         return [x, self.bank[: len(self.show_idx)], purified]
 
 

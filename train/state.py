@@ -31,6 +31,7 @@ import torch
 
 from puregen_fast.data.io import atomic_path, atomic_write, atomic_write_json
 from puregen_fast.errors import UsageError
+from puregen_fast.train.config import RECIPE_DEFAULTS
 
 __all__ = ["FORMAT", "RunDir", "capture_rng", "restore_rng"]
 
@@ -145,7 +146,8 @@ class RunDir:
                 f"--resume {str(where)!r}: checkpoint format {found.get('format')} "
                 f"(this build reads {FORMAT})"
             )
-        old = found.get("hparams", {})
+        old = {**{k: v for k, v in RECIPE_DEFAULTS.items() if k in hparams},
+               **found.get("hparams", {})}  # fmt: skip
         diff = sorted(k for k in set(old) | set(hparams) if old.get(k) != hparams.get(k))
         if diff:
             shown = ", ".join(

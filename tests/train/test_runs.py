@@ -82,7 +82,7 @@ def _max_diff(a: Path, b: Path, name: str) -> float:
     return max(float((wa[k] - wb[k]).abs().max()) for k in wa)
 
 
-@pytest.mark.slow  # three training runs under torchrun, ~20 s
+@pytest.mark.slow  # four training runs under torchrun, ~30 s
 def test_torchrun_two_ranks_match_one_process(data, tmp_path):
     ebm = [*EBM, "--mcmc-steps", "3", "--steps", "5"]
     _run(_cmd("ebm", data, tmp_path / "e1", *ebm))
@@ -92,6 +92,12 @@ def test_torchrun_two_ranks_match_one_process(data, tmp_path):
     s1 = torch.load(tmp_path / "e1/checkpoints/step_00000005/state.pt", weights_only=True)
     s2 = torch.load(tmp_path / "e2/checkpoints/step_00000005/state.pt", weights_only=True)
     assert torch.allclose(s1["bank"], s2["bank"], atol=1e-5)
+    # --objective dsm: a double backward through DDP
+    dsm = [*EBM, "--objective", "dsm", "--steps", "5", "--lr", "1e-3"]
+    _run(_cmd("ebm", data, tmp_path / "s1", *dsm))
+    _run(_cmd("ebm", data, tmp_path / "s2", *dsm, ranks=2))
+    assert _max_diff(tmp_path / "s1", tmp_path / "s2", "model.safetensors") < 1e-5
+    assert _max_diff(tmp_path / "s1", tmp_path / "e1", "model.safetensors") > 1e-3  # not pcd
 
     ddpm = ["--unet", "tiny", "--batch-size", "16", "--steps", "3", "--warmup-steps", "1"]
     _run(_cmd("ddpm", data, tmp_path / "d1", *ddpm))
