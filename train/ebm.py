@@ -24,10 +24,9 @@ log-uniformly from ``[dsm_sigma_min, dsm_sigma_max]``, and the score the sampler
 chains run, so an update costs one double backward instead of ``mcmc_steps`` sampler steps and
 the energy cannot learn a drift the chains then follow. Why it exists: a small EBM trained
 briefly by contrastive divergence on a CPU learns almost no pull back toward the images, so
-Langevin purification with it is close to a random walk (about 11 levels of noise after 80
-steps) plus a colour drift; the same network trained by DSM for a few minutes pulls noise back
-and keeps colours (README, "A real-image experiment on a CPU"). No bank: the checkpoint's is
-empty.
+Langevin purification with it is close to a random walk (12.3 levels RMS after 80 steps); the
+same network trained by DSM pulls noise back (README, "A real-image experiment on a CPU"). No
+bank: the checkpoint's is empty.
 """
 
 from __future__ import annotations

@@ -253,30 +253,33 @@ def test_experiment_bad_input_exits_2(photos, tmp_path, capsys, extra, needle):
 @pytest.mark.slow
 @pytest.mark.experiment
 def test_real_image_experiment_ebm_defends(tmp_path, monkeypatch):
-    """Slow (about half an hour on 2 shared CPU cores): the README's real-image experiment,
-    command for command. Acceptance: for both architectures the EBM defense's poison success is
-    below no defense's by more than the seed spread, at natural accuracy within 3 points."""
+    """Slow (about an hour on 2 CPU cores): the README's real-image experiment, command for
+    command. Acceptance: for both architectures the EBM defense's poison success is below no
+    defense's by more than the seed spread, at natural accuracy within 3 points."""
     monkeypatch.chdir(tmp_path)
     assert main(["eval", "photos", "--out", "photos"]) == 0
-    assert main(["eval", "trigger", "--method", "narcissus", "--dataset", "npz", "--data-dir",
-                 "photos/train.npz", "--target-class", "0", "--ood-dataset", "npz",
+    assert main(["--threads", "1", "eval", "trigger", "--method", "narcissus", "--dataset", "npz",
+                 "--data-dir", "photos/train.npz", "--target-class", "0", "--ood-dataset", "npz",
                  "--ood-data-dir", "photos/pood.npz", "--rounds", "100", "--surrogate-arch",
                  "resnet18", "--surrogate-widths", "8", "--device", "cpu", "--quiet", "--out",
                  "triggers/best_noise_lab0.npy"]) == 0  # fmt: skip
-    assert main(["train", "ebm", "--dataset", "npz", "--data-dir", "photos/heldout.npz", "--out",
-                 "ebm", "--nf", "16", "--batch-size", "64", "--mcmc-steps", "15", "--bank-size",
-                 "641", "--epochs", "50", "--lr", "2e-4", "--lr-milestones", "40,45", "--steps",
-                 "202", "--device", "cpu", "--backend", "reference", "--sample-every",
-                 "10", "--log-every", "20", "--no-progress"]) == 0  # fmt: skip
+    assert main(["--threads", "1", "train", "ebm", "--objective", "dsm", "--dataset", "npz",
+                 "--data-dir", "photos/heldout.npz", "--out", "ebm", "--nf", "32",
+                 "--batch-size", "64", "--hflip", "--lr", "1e-3", "--epochs", "400",
+                 "--lr-milestones", "1000", "--sample-every", "1000", "--log-every", "100",
+                 "--steps", "4000", "--device", "cpu", "--backend", "reference",
+                 "--no-progress"]) == 0  # fmt: skip
     assert main(["--threads", "1", "eval", "experiment", "--dataset", "npz", "--data-dir",
                  "photos/train.npz", "--test-dataset", "npz", "--test-data-dir",
-                 "photos/test.npz", "--attack",
-                 "narcissus", "--trigger", "triggers", "--target-class", "0", "--count", "50",
-                 "--defenses", "none,jpeg,ebm", "--ebm", "ebm", "--ebm-steps", "80",
+                 "photos/test.npz", "--attack", "narcissus", "--trigger", "triggers",
+                 "--target-class", "0", "--count", "50", "--defenses", "none,jpeg,ebm",
+                 "--ebm", "ebm", "--ebm-steps", "80", "--ebm-eps", "5e-3", "--ebm-temp", "1e-5",
                  "--purify-batch-size", "100",
-                 "--classifier", "airbench:widths=32/64/64,steps=200,batch_size=64",
+                 "--classifier", "airbench:widths=32/64/64,steps=600,batch_size=64,whiten_eps=1",
                  "--classifier", "resnet18:widths=8,steps=1000,batch_size=64,"
                  "schedule=triangular,warmup_frac=0.2,lr=0.2",
+                 "--classifier", "airbench:widths=32/64/64,steps=600,batch_size=64,"
+                 "name=airbench-eps5e-4",
                  "--seeds", "0,1,2", "--device", "cpu", "--quiet",
                  "--out", "exp"]) == 0  # fmt: skip
     res = json.loads(Path("exp/results.json").read_text())
@@ -288,43 +291,10 @@ def test_real_image_experiment_ebm_defends(tmp_path, monkeypatch):
         nat = none["natural_acc"]["mean"] - ebm["natural_acc"]["mean"]
         return p_none["mean"] - p_ebm["mean"], max(p_none["std"], p_ebm["std"]), nat
 
-    # what the README's run shows: for both nets the EBM removes much of the backdoor
     for arch in ("airbench", "resnet18"):
-        drop, spread, _ = gap(arch)
-        assert drop > spread, (arch, rows)
-    # the full acceptance; not met yet by this small EBM (README: its purified tiles keep pixel
-    # noise, and natural accuracy falls by more than 3 points, airbench by far)
-    unmet = [arch for arch in ("airbench", "resnet18")
-             if not (gap(arch)[0] > gap(arch)[1] and abs(gap(arch)[2]) <= 0.03)]  # fmt: skip
-    if unmet:
-        pytest.xfail(f"acceptance not met for {unmet}: {[gap(a) for a in unmet]}")
-
-
-def test_gradient_matching_cells_measure_the_target_image(photos, tmp_path, capsys):
-    # the authors' Gradient Matching layout for trial 3 (poison class 2), built by hand
-    import pickle
-
-    d, paths, sets = photos
-    root = tmp_path / "poisons"
-    g = root / "GradientMatching" / "cifar10" / "3"
-    g.mkdir(parents=True)
-    idx = np.flatnonzero(sets.y_train == 2)[:6]
-    pois = np.clip(sets.x_train[idx].astype(int) + 6, 0, 255).astype(np.uint8)
-    with open(g / "poisons.pickle", "wb") as f:
-        pickle.dump([(Image.fromarray(a), 2) for a in pois], f)
-    with open(g / "base_indices.pickle", "wb") as f:
-        pickle.dump(np.asarray(idx, np.int64), f)
-    with open(g / "target.pickle", "wb") as f:
-        pickle.dump((Image.fromarray(sets.x_test[0]), int(sets.y_test[0])), f)
-    out = tmp_path / "exp"
-    assert main(["eval", "experiment", "--dataset", "npz", "--data-dir", str(paths["train"]),
-                 "--test-dataset", "npz", "--test-data-dir", str(paths["test"]),
-                 "--attack", "gradient-matching", "--poisons", str(root), "--poisons-dataset",
-                 "cifar10", "--target-class", "3", "--defenses", "none",
-                 "--classifier", "airbench:widths=8/8/8,steps=5,batch_size=32", "--seeds", "0",
-                 "--device", "cpu", "--quiet", "--out", str(out)]) == 0  # fmt: skip
-    res = json.loads((out / "results.json").read_text())
-    (cell,) = res["cells"]
-    pred = cell["metrics"]["target_predictions"]
-    assert len(pred) == 1 and cell["metrics"]["target_misclassification"] == float(pred[0] == 2)
-    assert "target misclassification %" in capsys.readouterr().out
+        drop, spread, nat = gap(arch)
+        assert drop > spread and nat <= 0.03, (arch, gap(arch), rows)
+    # the EBM moved the images by a few levels, not by the random walk of its noise
+    assert rows[("ebm", "airbench")]["image_change"]["rms"] < 8
+    # airbench with CIFAR-10's whitening eps is the fragile victim the README describes
+    assert gap("airbench-eps5e-4")[2] > 0.05
