@@ -344,8 +344,11 @@ def _check_out(out: Path, suffix: str) -> None:
 
 
 def _check_out_folder(out: Path) -> None:
-    if not out.parent.is_dir():
-        raise UsageError(f"--out {out}: folder {out.parent} does not exist")
+    """Create ``out``'s folder (as ``purify --out`` does); a path through a file is an error."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"--out {out}: cannot create its folder {out.parent} ({e})") from e
 
 
 def _validate_run(args: argparse.Namespace) -> None:

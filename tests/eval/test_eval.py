@@ -387,3 +387,14 @@ def test_cli_errors_exit_2(files, capsys, case, argv, needle):
         rc = e.code
     assert rc == 2
     assert needle in capsys.readouterr().err
+
+
+def test_out_folders_are_created_and_a_file_in_the_way_is_named(tmp_path, capsys):
+    # as the README writes it: --out triggers/best_noise_lab0.npy with no triggers/ yet
+    out = tmp_path / "new" / "triggers" / "best_noise_lab0.npy"
+    assert main(["eval", "trigger", "--size", "4", "4", "--eps", "0.1", "--out", str(out)]) == 0
+    assert np.load(out).shape == (1, 3, 4, 4)
+    (tmp_path / "afile").write_text("x")
+    bad = tmp_path / "afile" / "t.npy"
+    assert main(["eval", "trigger", "--size", "4", "4", "--out", str(bad)]) == 2
+    assert "cannot create its folder" in capsys.readouterr().err and not bad.exists()
