@@ -34,7 +34,7 @@ from puregen_fast.data.datasets import Dataset, open_dataset
 from puregen_fast.data.io import atomic_write_json
 from puregen_fast.errors import UsageError
 from puregen_fast.eval.classifier import Classifier, TrainConfig, train_classifier
-from puregen_fast.eval.metrics import evaluate_predictions, image_change
+from puregen_fast.eval.metrics import evaluate_predictions, image_change, mean_image_change
 from puregen_fast.eval.poison import PoisonedSet, load_trigger, poison_dataset, save_poisoned_npz
 from puregen_fast.runtime import describe_device
 from puregen_fast.version import __version__
@@ -883,6 +883,8 @@ def run_protocol(
     for target in p.targets:
         poisoned = _poison(p, train, target, root, say)
         att = _attack_eval(poisoned)
+        with np.load(poisoned, allow_pickle=False) as z:
+            x_poisoned = z["x"]  # what each defense is measured against
         for defense in p.defenses:
             purifier = _purifier(defense, pur, models, device)
             folder, ident = _purify(poisoned, defense, purifier, pur, quiet, say)
@@ -890,8 +892,7 @@ def run_protocol(
 
             data = load_purified(folder)
             x_tr, y_tr = np.asarray(data.images), np.asarray(data.labels, np.int64)
-            with np.load(poisoned, allow_pickle=False) as z:
-                ch = image_change(z["x"], x_tr)
+            ch = image_change(x_poisoned, x_tr)
             changes.setdefault(defense, []).append(ch)
             if defense != "none":
                 psnr = "identical" if ch["psnr_db"] is None else f"PSNR {ch['psnr_db']:.1f} dB"
@@ -926,7 +927,7 @@ def run_protocol(
                         + (" (reused)" if was else f" ({secs:.0f}s)"))  # fmt: skip
                     for w in rec.get("warnings", []):
                         say(f"warning: {defense} | {spec.label} | seed {seed}: {w}")
-    change = {d: _mean_change(v) for d, v in changes.items()}
+    change = {d: mean_image_change(v) for d, v in changes.items()}
     summary = summarize_cells(cells, p.defenses, [c.label for c in p.classifiers], change)
     result = {
         "format": EXPERIMENT_FORMAT,
@@ -946,12 +947,6 @@ def run_protocol(
     atomic_write(root / "table.md", table + "\n")
     save_chart(summary, root / "chart.png", title=_chart_title(p, train))
     return result
-
-
-def _mean_change(per_target: Sequence[dict]) -> dict[str, Any]:
-    """`image_change` over target classes: the RMS of the RMSs (the change over all images)."""
-    rms = float(np.sqrt(np.mean([c["rms"] ** 2 for c in per_target])))
-    return {"rms": rms, "psnr_db": None if rms == 0 else float(20 * np.log10(255.0 / rms))}
 
 
 def _chart_title(p: Protocol, train: Dataset) -> str:

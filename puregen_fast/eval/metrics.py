@@ -26,6 +26,7 @@ from puregen_fast.eval.poison import apply_trigger
 __all__ = [
     "poison_metrics",
     "image_change",
+    "mean_image_change",
     "evaluate_predictions",
     "format_table",
     "summarize_cells",
@@ -140,9 +141,16 @@ def image_change(before: np.ndarray, after: np.ndarray, chunk: int = 4096) -> di
     for s in range(0, a.shape[0], chunk):  # float64 sums in chunks: no full float copy
         d = a[s : s + chunk].astype(np.float64) - b[s : s + chunk].astype(np.float64)
         sq += float(np.square(d).sum())
-    rms = float(np.sqrt(sq / max(1, a.size)))
-    psnr = None if rms == 0 else float(20 * np.log10(255.0 / rms))
-    return {"rms": rms, "psnr_db": psnr}
+    return _change(float(np.sqrt(sq / max(1, a.size))))
+
+
+def mean_image_change(changes: Sequence[dict]) -> dict[str, Any]:
+    """`image_change` results of equal-sized sets combined: the RMS of their RMSs."""
+    return _change(float(np.sqrt(np.mean([c["rms"] ** 2 for c in changes]))))
+
+
+def _change(rms: float) -> dict[str, Any]:
+    return {"rms": rms, "psnr_db": None if rms == 0 else float(20 * np.log10(255.0 / rms))}
 
 
 def _mean_std(values: Sequence[float]) -> dict[str, float]:
