@@ -51,6 +51,7 @@ __all__ = [
     "cpu_clock_ghz",
     "cpu_matrix",
     "cpu_peak_tflops",
+    "plausible_clock",
     "describe_device",
     "precision_context",
     "resolve_device",
@@ -237,14 +238,16 @@ def cpu_bf16() -> tuple[bool, str]:
 _CLOCK_C = r"""
 #include <stdint.h>
 #include <time.h>
-/* seconds for 4 * n dependent integer adds: one add per cycle on every core we know */
+/* seconds for 4 * n dependent operations. x86-64: 64-bit multiplies, 3 cycles each on every
+   Intel core since Nehalem and every AMD core since Zen; a chain of adds is not used, since
+   recent Intel cores fold immediate adds in the renamer and run several per cycle. */
 double run(uint64_t n) {
   struct timespec a, b;
-  uint64_t x = 0;
+  uint64_t x = 3;
   clock_gettime(CLOCK_MONOTONIC, &a);
   for (uint64_t i = 0; i < n; i++) {
 #if defined(__x86_64__)
-    __asm__ volatile("add $1, %0; add $1, %0; add $1, %0; add $1, %0" : "+r"(x));
+    __asm__ volatile("imul %0, %0; imul %0, %0; imul %0, %0; imul %0, %0" : "+r"(x));
 #elif defined(__aarch64__)
     __asm__ volatile("add %0, %0, #1; add %0, %0, #1; add %0, %0, #1; add %0, %0, #1"
                      : "+r"(x));
@@ -256,35 +259,94 @@ double run(uint64_t n) {
   return (double)(b.tv_sec - a.tv_sec) + 1e-9 * (double)(b.tv_nsec - a.tv_nsec);
 }
 """
+# cycles per chained operation in _CLOCK_C, and what the chain is, per machine architecture
+_CLOCK_CHAIN = {"x86_64": (3, "dependent 64-bit multiplies, 3 cycles each"),
+                "aarch64": (1, "dependent integer adds, 1 cycle each")}  # fmt: skip
+# The highest clock any shipping part of the vendor reaches (GHz): Intel Core i9-14900KS 6.2,
+# AMD Ryzen 9 7950X/9950X 5.7. A measurement above it is wrong, whatever else the system says.
+VENDOR_MAX_GHZ = {"GenuineIntel": 6.2, "AuthenticAMD": 5.7}
+_ANY_VENDOR_MAX_GHZ = 6.2
+
+
+def _measure_clock_ghz() -> tuple[float | None, str]:
+    """One measurement of a busy core's clock: the rate of `_CLOCK_C`'s dependent chain, compiled
+    with the C compiler inductor uses; the fastest of 31 short runs (another job taking the core
+    only slows a run). (None, why) where nothing can be compiled or run."""
+    chain = _CLOCK_CHAIN.get(platform.machine())
+    cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+    if chain is None:
+        return None, f"no clock probe for {platform.machine()}"
+    if cc is None:
+        return None, "no C compiler"
+    try:
+        with tempfile.TemporaryDirectory() as d:
+            src, lib = Path(d, "clock.c"), Path(d, "clock.so")
+            src.write_text(_CLOCK_C)
+            subprocess.run([cc, "-O1", "-shared", "-fPIC", str(src), "-o", str(lib)],
+                           check=True, capture_output=True, timeout=60)  # fmt: skip
+            fn = ctypes.CDLL(str(lib)).run
+        fn.restype, fn.argtypes = ctypes.c_double, [ctypes.c_uint64]
+        n = 1_000_000  # about 4 ms a run: short enough to fall between other jobs' slices
+        best = min(fn(n) for _ in range(31))
+    except (OSError, subprocess.SubprocessError) as e:
+        return None, f"the clock probe failed ({type(e).__name__})"
+    if best <= 0:
+        return None, "the clock probe returned no time"
+    return 4 * n * chain[0] / best / 1e9, f"measured ({chain[1]})"
+
+
+def _reported_clock() -> tuple[float | None, float | None, str]:
+    """What the system says: the highest ``cpu MHz`` in /proc/cpuinfo (GHz; often the base
+    clock on a virtual machine, the current one elsewhere), cpufreq's ``cpuinfo_max_freq`` (GHz)
+    where the kernel exposes it, and the vendor's id."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        text = ""
+    mhz = []
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "cpu MHz":
+            with contextlib.suppress(ValueError):
+                mhz.append(float(value))
+    top = None
+    with contextlib.suppress(OSError, ValueError):
+        top = int(Path("/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq").read_text()) / 1e6
+    return (max(mhz) / 1e3 if mhz else None), top, _cpuinfo().get("vendor_id", "?")
+
+
+def plausible_clock(measured: float | None, how: str, reported: float | None,
+                    max_freq: float | None, vendor: str) -> tuple[float | None, str]:  # fmt: skip
+    """The clock to use, given a measurement and what the system reports (all GHz): the
+    measurement where it lies between the reported clock and the ceiling, else the reported
+    clock with the reason. The ceiling is the lowest of twice the reported clock, cpufreq's
+    maximum (+5%) and the fastest part the vendor ships (`VENDOR_MAX_GHZ`)."""
+    cap = VENDOR_MAX_GHZ.get(vendor, _ANY_VENDOR_MAX_GHZ)
+    ceiling = min(x for x in (cap, 2 * reported if reported else None,
+                              1.05 * max_freq if max_freq else None) if x)  # fmt: skip
+    fallback = max_freq or reported
+    src = ("cpufreq cpuinfo_max_freq" if max_freq
+           else "/proc/cpuinfo cpu MHz (may be the base clock)")  # fmt: skip
+    if measured is None:
+        return fallback, (src if fallback else "unknown") + f"; {how}"
+    if measured > ceiling:
+        return (fallback or None), (
+            f"{src if fallback else 'unknown'}; the measured {measured:.2f} GHz is above the "
+            f"plausible ceiling of {ceiling:.2f} GHz, refused")
+    if reported and measured < reported:
+        return reported, (f"/proc/cpuinfo cpu MHz; the measured {measured:.2f} GHz was below "
+                          "it (a busy core), refused")  # fmt: skip
+    return measured, how
 
 
 @functools.cache
 def cpu_clock_ghz() -> tuple[float | None, str]:
-    """The clock a busy core runs at, and how it was found: measured as the rate of a chain of
-    dependent integer adds (one per cycle), compiled with the C compiler inductor uses; the
-    fastest of 21 short runs (another job taking the core only slows a run). Virtual machines
-    often report only the base clock in /proc/cpuinfo, below what the cores run at; that is
-    the fallback where nothing can be compiled."""
-    cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
-    if cc is not None:
-        try:
-            with tempfile.TemporaryDirectory() as d:
-                src, lib = Path(d, "clock.c"), Path(d, "clock.so")
-                src.write_text(_CLOCK_C)
-                subprocess.run([cc, "-O1", "-shared", "-fPIC", str(src), "-o", str(lib)],
-                               check=True, capture_output=True, timeout=60)  # fmt: skip
-                fn = ctypes.CDLL(str(lib)).run
-            fn.restype, fn.argtypes = ctypes.c_double, [ctypes.c_uint64]
-            n = 2_000_000  # about 2 ms a run: short enough to fall between other jobs' slices
-            best = min(fn(n) for _ in range(21))
-            if best > 0:
-                return 4 * n / best / 1e9, "measured (dependent integer adds)"
-        except (OSError, subprocess.SubprocessError):
-            pass
-    mhz = _cpuinfo().get("cpu MHz")
-    if mhz:
-        return float(mhz) / 1e3, "/proc/cpuinfo cpu MHz (may be the base clock)"
-    return None, "unknown"
+    """The clock a busy core runs at, and how it was found: measured (`_measure_clock_ghz`),
+    then checked against what the system reports (`plausible_clock`). Virtual machines often
+    report only the base clock in /proc/cpuinfo, below what the cores run at; it is the floor
+    and the fallback."""
+    reported, top, vendor = _reported_clock()
+    return plausible_clock(*_measure_clock_ghz(), reported, top, vendor)
 
 
 def cpu_peak_tflops(precision: str, threads: int | None = None) -> tuple[float | None, str]:

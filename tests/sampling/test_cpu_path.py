@@ -80,9 +80,42 @@ def test_peak_is_cores_times_clock_times_rate(cpu_as, monkeypatch):
     assert runtime.cpu_peak_tflops("bf16")[0] is None
 
 
-def test_the_clock_is_measured_or_read():
+def test_the_clock_lies_between_the_reported_clock_and_the_ceiling():
+    # on any vendor: at or above /proc/cpuinfo's MHz, at most twice it and the vendor's fastest
     ghz, how = runtime.cpu_clock_ghz()
-    assert ghz is None or 0.3 < ghz < 8.0, (ghz, how)
+    reported, top, vendor = runtime._reported_clock()
+    if reported is None:
+        pytest.skip("this system reports no cpu MHz to check the clock against")
+    cap = runtime.VENDOR_MAX_GHZ.get(vendor, runtime._ANY_VENDOR_MAX_GHZ)
+    assert ghz is not None and reported <= ghz <= min(2 * reported, cap), (ghz, how, reported)
+    if top is not None:
+        assert ghz <= 1.05 * top, (ghz, how, top)
+
+
+def test_the_clock_measurement_is_stable():
+    got = [runtime._measure_clock_ghz() for _ in range(3)]
+    if got[0][0] is None:
+        pytest.skip(f"no clock measurement here: {got[0][1]}")
+    ghz = [g for g, _ in got]
+    assert max(ghz) <= 1.10 * min(ghz), got
+
+
+@pytest.mark.parametrize("measured, reported, top, vendor, want, says", [
+    (2.97, 2.3, None, "GenuineIntel", 2.97, "measured"),
+    (11.96, 2.3, None, "GenuineIntel", 2.3, "above the plausible ceiling of 4.60"),  # folded adds
+    (6.0, 3.5, None, "AuthenticAMD", 3.5, "above the plausible ceiling of 5.70"),
+    (4.0, 2.0, 3.5, "GenuineIntel", 3.5, "cpufreq"),  # above cpufreq's maximum
+    (1.1, 2.3, None, "GenuineIntel", 2.3, "below it"),  # a busy core
+    (None, 2.3, None, "GenuineIntel", 2.3, "no C compiler"),
+    (None, None, None, "?", None, "unknown"),
+    (3.0, None, None, "?", 3.0, "measured"),
+    (7.0, None, None, "?", None, "above the plausible ceiling of 6.20"),
+])  # fmt: skip
+def test_an_implausible_clock_is_refused_with_the_reason(measured, reported, top, vendor, want,
+                                                         says):  # fmt: skip
+    how = "measured (test)" if measured is not None else "no C compiler"
+    ghz, why = runtime.plausible_clock(measured, how, reported, top, vendor)
+    assert ghz == want and says in why, (ghz, why)
 
 
 def test_threads_flag_then_variables_then_the_cores(monkeypatch):
