@@ -22,7 +22,7 @@ Subcommands::
         --ood-dataset NAME [--ood-data-dir D] [--size 32 32] [--eps 2*16/255] [--rounds R]
         [--surrogate-arch airbench|resnet18] [--surrogate-epochs E] ... --out T.npy
 
-The experiment itself is `puregen_fast.eval.experiment`, the metrics and the table
+The experiment itself is `puregen_fast.eval.run`, the metrics and the table
 `puregen_fast.eval.metrics`; this module parses and checks the flags and prints.
 """
 
@@ -38,7 +38,7 @@ from puregen_fast.cli.argtypes import int_at_least, int_list, positive_float
 from puregen_fast.data.datasets import DATASETS, SPLITS, open_dataset
 from puregen_fast.errors import UsageError
 from puregen_fast.eval.classifier import ARCHS, default_config, undertrained_message
-from puregen_fast.eval.experiment import (
+from puregen_fast.eval.run import (
     Attack,
     EvalSet,
     Experiment,

@@ -25,6 +25,7 @@ from puregen_fast.eval.poison import apply_trigger
 
 __all__ = [
     "poison_metrics",
+    "class_accuracy",
     "image_change",
     "mean_image_change",
     "evaluate_predictions",
@@ -78,6 +79,7 @@ def evaluate_predictions(
     res: dict[str, Any] = {
         "natural_acc": float((preds == y).mean()) if n else float("nan"),
         "num_test_images": int(n),
+        "class_acc": class_accuracy(preds, y),
     }
     if trigger is None or target_class is None:
         return res
@@ -91,6 +93,17 @@ def evaluate_predictions(
             pt[s : s + batch_size] = predict(xt)
         res["poison"].append({"scale": float(m), **poison_metrics(pt, y[others], target_class)})
     return res
+
+
+def class_accuracy(pred: np.ndarray, labels: np.ndarray) -> list[float | None]:
+    """Accuracy per class (index = class), None for a class with no image."""
+    y = np.asarray(labels, np.int64).reshape(-1)
+    if y.size == 0:
+        return []
+    k = int(y.max()) + 1
+    total = np.bincount(y, minlength=k)
+    right = np.bincount(y[np.asarray(pred).reshape(-1) == y], minlength=k)
+    return [float(r / t) if t else None for r, t in zip(right, total)]
 
 
 def _pct(v: float | None) -> str:
@@ -225,6 +238,10 @@ def summarize_cells(
                     worst = max(by_t, key=lambda t: by_t[t])
                     entry["worst"] = {"target": worst, "mean": by_t[worst]}
                 row["poison"][f"{sc:g}"] = entry
+            row["target_class_acc"] = _mean_std(
+                _per_seed(mine, seeds, lambda m: m.get("target_class_acc"))
+            )
+            row["shortcut_cells"] = sum(1 for x in mine if x.get("shortcut"))
             if any("target_misclassification" in x["metrics"] for x in mine):
                 row["target_misclassification"] = _mean_std(
                     _per_seed(mine, seeds, lambda m: m.get("target_misclassification"))
@@ -247,7 +264,10 @@ def format_protocol_table(rows: Sequence[dict], scales: Sequence[float] = (1.0, 
     triggered = any(r["poison"] for r in rows)
     targeted = any("target_misclassification" in r for r in rows)
     changed = any("image_change" in r for r in rows)
+    by_class = any("target_class_acc" in r for r in rows)
     head = ["defense", "classifier", "seeds", "natural acc %"]
+    if by_class:
+        head.append("target class acc %")
     if triggered:
         head += [f"poison success % (x{s:g})" for s in scales]
         if several:
@@ -259,6 +279,9 @@ def format_protocol_table(rows: Sequence[dict], scales: Sequence[float] = (1.0, 
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["defense"], r["classifier"], str(len(r["seeds"])), _pm(r["natural_acc"])]
+        if by_class:
+            cells.append(_pm(r.get("target_class_acc")) + (" (shortcut)" if
+                                                          r.get("shortcut_cells") else ""))
         if triggered:
             cells += [_pm(r["poison"].get(f"{s:g}")) for s in scales]
             if several:
@@ -274,6 +297,13 @@ def format_protocol_table(rows: Sequence[dict], scales: Sequence[float] = (1.0, 
         lines.append("")
         lines.append("Some classifiers did not fit their training set (undertrained): see the "
                      "warnings in results.json.")  # fmt: skip
+    short = [f"{r['defense']} | {r['classifier']}" for r in rows if r.get("shortcut_cells")]
+    if short:
+        lines.append("")
+        lines.append(f"Shortcut learning ({', '.join(short)}): the victim classifies the clean "
+                     "images of the target class far worse than the others; it learnt the "
+                     "trigger as the class's feature, so its poison success measures that "
+                     "feature, not the poison. Trust another victim's numbers.")  # fmt: skip
     return "\n".join(lines)
 
 

@@ -84,9 +84,9 @@ def test_experiment_end_to_end_and_resumes_cell_by_cell(photos, tmp_path, capsys
     assert main(_argv(d, paths, out)) == 0
     cap = capsys.readouterr()
     res = json.loads((out / "results.json").read_text())
-    assert len(res["cells"]) == 6 and res["cells_reused"] == 0
+    assert len(res["cells"]) == 8 and res["cells_reused"] == 0
     rows = {r["defense"]: r for r in res["summary"]}
-    assert list(rows) == ["none", "jpeg", "ebm"]
+    assert list(rows) == ["clean", "none", "jpeg", "ebm"]  # the clean row without being asked
     for r in rows.values():
         assert r["classifier"] == "airbench" and r["seeds"] == [0, 1]
         assert set(r["poison"]) == {"1", "3"}
@@ -94,6 +94,21 @@ def test_experiment_end_to_end_and_resumes_cell_by_cell(photos, tmp_path, capsys
     # the backdoor is learnt without a defense (poison success measured on the 45 test tiles
     # of the other classes), and each cell says what it trained and measured
     assert rows["none"]["poison"]["3"]["mean"] >= 0.3, rows["none"]
+    # the floor: a victim trained on the unpoisoned set, measured with the same trigger
+    assert rows["clean"]["poison"]["3"]["mean"] < rows["none"]["poison"]["3"]["mean"]
+    assert "image_change" not in rows["clean"]
+    # the target class's clean accuracy, per cell and per row
+    for c in res["cells"]:
+        acc = c["metrics"]["class_acc"]
+        assert len(acc) == 4 and c["metrics"]["target_class_acc"] == acc[1]
+    assert 0 <= rows["none"]["target_class_acc"]["mean"] <= 1
+    # a verdict per defense, with the rule printed under the table
+    assert [v["defense"] for v in res["verdicts"]] == ["jpeg", "ebm"]
+    for v in res["verdicts"]:
+        assert v["verdict"] in ("removes the backdoor", "does not remove the backdoor",
+                                "victim-dependent", "no backdoor to remove")  # fmt: skip
+        assert f"**{v['defense']}: {v['verdict']}**" in cap.out
+    assert "sample standard deviation (ddof 1)" in cap.out
     cell = res["cells"][0]
     assert cell["metrics"]["poison"][0]["num_images"] == 45
     for c in res["cells"]:  # the undertrained check ran on every cell
@@ -110,18 +125,18 @@ def test_experiment_end_to_end_and_resumes_cell_by_cell(photos, tmp_path, capsys
         "ebm", "jpeg", "none"]  # fmt: skip
     # the table: printed, in markdown, and as a PNG chart; a progress line per cell
     assert "| none | airbench | 2 |" in cap.out and cap.out == (out / "table.md").read_text()
-    assert "[6/6] ebm | airbench | target 1 | seed 1" in cap.err
+    assert "[8/8] ebm | airbench | target 1 | seed 1" in cap.err
     with Image.open(out / "chart.png") as im:
         assert im.format == "PNG" and im.size[0] > 400
 
     # a rerun reuses every cell; a damaged cell record is computed again, to the same result
     # (the same seed trains the same net)
     assert main(_argv(d, paths, out)) == 0
-    assert json.loads((out / "results.json").read_text())["cells_reused"] == 6
+    assert json.loads((out / "results.json").read_text())["cells_reused"] == 8
     victim = sorted((out / "cells").glob("jpeg__airbench__t1__s0__*.json"))[0]
     victim.write_text("{not json")
     assert main(_argv(d, paths, out)) == 0
-    assert json.loads((out / "results.json").read_text())["cells_reused"] == 5
+    assert json.loads((out / "results.json").read_text())["cells_reused"] == 7
     first = next(c for c in res["cells"] if c["key"]["defense"] == "jpeg"
                  and c["key"]["seed"] == 0)  # fmt: skip
     assert json.loads(victim.read_text())["metrics"] == first["metrics"]
@@ -136,9 +151,10 @@ def test_experiment_grows_by_seeds_and_classifiers(photos, tmp_path):
     # a second classifier and a third seed: only the new cells are computed
     assert main(_argv(d, paths, out, seeds="0,1,2", resnet=True)) == 0
     res = json.loads((out / "results.json").read_text())
-    assert len(res["cells"]) == 18 and res["cells_reused"] == 6
+    assert len(res["cells"]) == 24 and res["cells_reused"] == 8
     assert {(r["defense"], r["classifier"]) for r in res["summary"]} == {
-        (a, b) for a in ("none", "jpeg", "ebm") for b in ("airbench", "resnet18")}  # fmt: skip
+        (a, b) for a in ("clean", "none", "jpeg", "ebm")
+        for b in ("airbench", "resnet18")}  # fmt: skip
 
 
 def test_summary_arithmetic_by_hand():
@@ -162,7 +178,7 @@ def test_summary_arithmetic_by_hand():
     # the worst target class: class 0, mean 0.7 over its seeds
     assert row["poison"]["1"]["worst"] == {"target": 0, "mean": pytest.approx(0.7)}
     table = format_protocol_table([row], (1.0,))
-    assert "| none | net | 2 | 90.0 ± 7.1 | 50.0 ± 14.1 | 70.0 (class 0) |" in table
+    assert "| none | net | 2 | 90.0 ± 7.1 | - | 50.0 ± 14.1 | 70.0 (class 0) |" in table
     assert "image change" not in table
     (row,) = summarize_cells(cells, ["none"], ["net"], {"none": image_change(a, b)})
     assert row["image_change"]["rms"] == pytest.approx(np.sqrt(4 / 12))

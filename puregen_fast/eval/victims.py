@@ -1,0 +1,91 @@
+"""The victims of `eval experiment`: a classifier architecture and its options, parsed from
+``--classifier ARCH[:KEY=VALUE,...]`` (`parse_classifier_spec`)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from puregen_fast.errors import UsageError
+from puregen_fast.eval.classifier import ARCHS, TrainConfig, default_config
+
+__all__ = ["ClassifierSpec", "parse_classifier_spec", "SPEC_KEYS"]
+
+
+def _on_off(v: str) -> bool:
+    return {"1": True, "true": True, "on": True, "0": False, "false": False, "off": False}[
+        v.lower()
+    ]
+
+
+# classifier options a --classifier spec may set (TrainConfig fields), with their parsers
+SPEC_KEYS: dict[str, Callable[[str], Any]] = {
+    "epochs": float,
+    "steps": int,
+    "batch_size": int,
+    "lr": float,
+    "widths": lambda v: tuple(int(w) for w in v.replace("x", "/").split("/") if w),
+    "crop_pad": int,
+    "flip": _on_off,
+    "tta": str,
+    "whiten_eps": float,
+    "momentum": float,
+    "weight_decay": float,
+    "label_smoothing": float,
+    "schedule": str,
+    "warmup_frac": float,
+}
+
+
+@dataclass(frozen=True)
+class ClassifierSpec:
+    """One victim of the protocol: ``arch`` (`ARCHS`) with ``options`` (TrainConfig fields set
+    over the preset's defaults), shown in the table as ``name``."""
+
+    arch: str
+    options: tuple[tuple[str, Any], ...] = ()
+    name: str = ""
+
+    @property
+    def label(self) -> str:
+        return self.name or self.arch
+
+    def config(self, seed: int) -> TrainConfig:
+        return default_config(self.arch, seed=seed, **dict(self.options))
+
+    def to_dict(self) -> dict[str, Any]:
+        opts = {k: list(v) if isinstance(v, tuple) else v for k, v in self.options}
+        return {"arch": self.arch, "options": opts, "name": self.label}
+
+
+def parse_classifier_spec(text: str) -> ClassifierSpec:
+    """``ARCH[:KEY=VALUE,...]``, e.g. ``airbench:widths=32/64/64,steps=300`` or
+    ``resnet18:widths=16,batch_size=64,flip=off``; ``name=...`` sets the table label.
+    UsageError naming ``--classifier`` for an unknown architecture, key or value."""
+    arch, _, rest = text.strip().partition(":")
+    if arch not in ARCHS:
+        raise UsageError(f"--classifier {text!r}: unknown architecture {arch!r}; "
+                         f"choose one of {', '.join(ARCHS)}")  # fmt: skip
+    opts: dict[str, Any] = {}
+    name = ""
+    for item in filter(None, (p.strip() for p in rest.split(","))):
+        key, eq, val = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not eq:
+            raise UsageError(f"--classifier {text!r}: {item!r} is not KEY=VALUE")
+        if key == "name":
+            name = val.strip()
+            continue
+        if key not in SPEC_KEYS:
+            raise UsageError(f"--classifier {text!r}: unknown option {key!r}; choose from "
+                             f"{', '.join(['name', *SPEC_KEYS])}")  # fmt: skip
+        try:
+            opts[key] = SPEC_KEYS[key](val.strip())
+        except (ValueError, KeyError):
+            raise UsageError(f"--classifier {text!r}: bad value {val!r} for {key}") from None
+    if arch == "airbench" and "widths" in opts and len(opts["widths"]) != 3:
+        raise UsageError(f"--classifier {text!r}: airbench takes three widths, e.g. 32/64/64")
+    if arch == "resnet18" and "widths" in opts and len(opts["widths"]) != 1:
+        raise UsageError(f"--classifier {text!r}: resnet18 takes one base width, e.g. 16")
+    return ClassifierSpec(arch, tuple(sorted(opts.items())), name)
