@@ -6,6 +6,12 @@ writers such as PIL and ``np.savez`` go by), flushed to disk, renamed over the f
 the folder is flushed too, so after a crash a reader finds either the old file or the whole new
 one, never a torn one. A failed write removes its temporary file.
 
+Nothing is written through a link: whatever sits at the temporary name (a link planted there, a
+file a killed run left) is removed, and the temporary file is created anew with ``O_EXCL |
+O_NOFOLLOW`` before the writer opens it; the rename then replaces a link at the final name
+itself, never the file it points at. Reads (`read_json`, `file_digest`) take regular files only,
+so a FIFO or a device where a file should be is an error, not a hang.
+
 `read_json` and `file_digest` (the sha256 of shards and weights, an archive's published
 checksum) read back what is written.
 """
@@ -13,9 +19,11 @@ checksum) read back what is written.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,11 +34,14 @@ __all__ = [
     "atomic_write_json",
     "file_digest",
     "fsync_dir",
+    "open_regular",
     "read_json",
     "tmp_name",
 ]
 
 _CHUNK = 1 << 20
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
 
 
 def tmp_name(path: str | os.PathLike[str]) -> Path:
@@ -54,11 +65,33 @@ def fsync_dir(folder: str | os.PathLike[str]) -> None:
 
 
 def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
+    fd = os.open(path, os.O_RDONLY | _NOFOLLOW)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _fresh_file(path: Path) -> None:
+    """An empty regular file of our own at ``path``: a link (or a killed run's file) there is
+    removed, not written through; O_EXCL | O_NOFOLLOW refuse anything that appears meanwhile."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, 0o666))
+
+
+def open_regular(path: str | os.PathLike[str]) -> int:
+    """A read-only descriptor of ``path``, which must be a regular file (links to one are
+    followed): a FIFO or device is OSError(EINVAL) at once, instead of a read that never ends."""
+    fd = os.open(path, os.O_RDONLY | _NONBLOCK)  # a FIFO opens without waiting for a writer
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", os.fspath(path))
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 @contextlib.contextmanager
@@ -75,6 +108,7 @@ def atomic_path(
     final = Path(path)
     tmp_path = Path(tmp) if tmp is not None else tmp_name(final)
     try:
+        _fresh_file(tmp_path)
         yield tmp_path
         _fsync_file(tmp_path)
         os.replace(tmp_path, final)
@@ -101,7 +135,8 @@ def atomic_write_json(path: str | os.PathLike[str], obj: Any, *, sort_keys: bool
 def read_json(path: str | os.PathLike[str]) -> dict | None:
     """The JSON object in ``path``; None when it is missing, unreadable or not an object."""
     try:
-        obj = json.loads(Path(path).read_text())
+        with os.fdopen(open_regular(path), "rb") as f:
+            obj = json.loads(f.read())
     except (OSError, ValueError):
         return None
     return obj if isinstance(obj, dict) else None
@@ -110,7 +145,7 @@ def read_json(path: str | os.PathLike[str]) -> dict | None:
 def file_digest(path: str | os.PathLike[str], algo: str = "sha256") -> str:
     """The hex digest (``algo``, a `hashlib` name) of a file, read in chunks."""
     h = hashlib.new(algo)
-    with open(path, "rb") as f:
+    with os.fdopen(open_regular(path), "rb") as f:
         while chunk := f.read(_CHUNK):
             h.update(chunk)
     return h.hexdigest()

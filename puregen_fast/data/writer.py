@@ -24,7 +24,10 @@ also for classes a ``--limit`` leaves empty (pass ``allow_empty=True`` to ``Imag
 
 Every file is written through `puregen_fast.data.io` (a temporary name, renamed when whole), and
 a shard counts as finished only through its completion record, so a killed run never leaves a
-shard or a manifest that looks complete.
+shard or a manifest that looks complete. Nothing is written through a link: `io` never opens a
+file through one, and every class folder, created or reused, must be a real folder directly in
+``--out`` (checked when the folders are made and again before each shard is written); a link
+there is a UsageError naming it, since writing through it would change files outside ``--out``.
 
 A folder is purify output only when it holds this tool's run record or manifest; a non-empty
 folder with neither is refused whatever the flags. ``--overwrite`` deletes only what this tool
@@ -40,6 +43,7 @@ import hashlib
 import io
 import os
 import re
+import stat
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -68,6 +72,7 @@ __all__ = [
     "rank_shards",
     "png_class_dirs",
     "png_digest_line",
+    "real_dir",
     "check_out_dir",
     "prepare_out_dir",
     "clear_out_dir",
@@ -144,6 +149,25 @@ def png_digest_line(name: str, sha256: str) -> bytes:
     return f"{name}\0{sha256}\n".encode()
 
 
+def real_dir(out: Path, name: str) -> Path:
+    """``out/name`` as a real folder directly in ``out`` (created when missing); UsageError when
+    a link, a file or anything else stands there: what is written into it must stay in ``out``."""
+    path = out / name
+    try:
+        path.mkdir()
+    except FileExistsError:
+        pass
+    st = os.lstat(path)
+    if stat.S_ISDIR(st.st_mode):
+        return path
+    what = "a symbolic link" if stat.S_ISLNK(st.st_mode) else "not a folder"
+    raise UsageError(
+        f"--out {out}: the class folder {name!r} is {what}; output is never written through "
+        f"links or into anything but real folders in --out (it could change files elsewhere): "
+        f"remove or rename {path} and run again"
+    )
+
+
 # ----------------------------------------------------------------------------- the writer
 
 
@@ -200,7 +224,7 @@ class ShardWriter:
     def make_class_dirs(self) -> None:
         if self.fmt == "png":
             for d in self.class_dirs:
-                (self.out / d).mkdir(parents=True, exist_ok=True)
+                real_dir(self.out, d)
 
     # -- write --------------------------------------------------------------------------------
     def write_shard(self, k: int, images: np.ndarray, labels: np.ndarray) -> dict:
@@ -230,6 +254,8 @@ class ShardWriter:
 
             h = hashlib.sha256()
             dirs = set()
+            for label in sorted({int(v) for v in labels}):  # again: it may have been replaced
+                real_dir(self.out, self.class_dirs[label])
             for j in range(stop - start):
                 name = self.png_name(start + j, int(labels[j]))
                 buf = io.BytesIO()

@@ -102,3 +102,41 @@ def test_the_folder_is_flushed_unless_the_caller_does_it(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         atomic_write(tmp_path / "missing" / "c", b"1")
     assert flushed == [tmp_path]
+
+
+@pytest.mark.parametrize("where", ["tmp", "final"])
+def test_a_link_planted_at_the_temporary_or_final_name_is_not_written_through(tmp_path, where):
+    """Issue 22: nothing the project writes follows a link. A link at the temporary name (its
+    pid is guessable) or at the final name is replaced, the file it points at is unchanged."""
+    victim = tmp_path / "victim"
+    victim.write_text("keep me")
+    p = tmp_path / "out" / "images-00000.npy"
+    p.parent.mkdir()
+    (tmp_name(p) if where == "tmp" else p).symlink_to(victim)
+    with atomic_path(p) as tmp, open(tmp, "wb") as f:
+        f.write(b"new")
+    assert victim.read_text() == "keep me"
+    assert not p.is_symlink() and p.read_bytes() == b"new"
+    assert sorted(q.name for q in p.parent.iterdir()) == [p.name]
+
+
+def test_reads_refuse_a_fifo_instead_of_waiting_forever(tmp_path):
+    """A FIFO where a run record or a shard should be (planted in --out): read_json says
+    'unreadable' and file_digest raises OSError at once; before, both waited for a writer."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    code = (
+        "import sys\n"
+        "from puregen_fast.data import io\n"
+        f"assert io.read_json({str(fifo)!r}) is None\n"
+        "try:\n"
+        f"    io.file_digest({str(fifo)!r})\n"
+        "except OSError:\n"
+        "    sys.exit(0)\n"
+        "sys.exit(3)\n"
+    )
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", code], timeout=20, capture_output=True)
+    assert r.returncode == 0, r.stderr.decode()[-2000:]

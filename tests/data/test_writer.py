@@ -258,3 +258,48 @@ def test_png_shard_flushes_its_class_folders_before_its_record(tmp_path, monkeyp
     w.make_class_dirs()
     w.write_shard(0, _data(4)[0], np.array([2, 0, 2, 0]))
     assert events == [("folder", "a"), ("folder", "c"), ("record", ".puregen-shard-00000.json")]
+
+
+@pytest.mark.parametrize("flags", [{"overwrite": True}, {"resume": True}])
+def test_a_png_class_folder_replaced_by_a_link_is_not_written_through(tmp_path, flags):
+    """Issue 22: with --format png, a class folder in --out replaced by a link to a folder
+    elsewhere was written through on --overwrite and --resume. It is refused (exit 2) naming the
+    folder, and nothing outside --out changes."""
+    from puregen_fast.data.datasets import Dataset
+    from puregen_fast.pipeline import purify_dataset
+    from puregen_fast.purifier import Purifier
+
+    x, y = _data(6)
+    ds = Dataset("npz", "train", x, y, ["a", "b", "c"], "memory")
+    out = tmp_path / "o"
+    purify_dataset(ds, Purifier(method="none", device="cpu"), out, fmt="png", shard_size=2,
+                   quiet=True)  # fmt: skip
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "0.png").write_bytes(b"not ours")  # a numbered name, as the writer uses
+    before = sorted((p.name, p.read_bytes()) for p in elsewhere.iterdir())
+    for f in (out / "b").iterdir():
+        f.unlink()
+    (out / "b").rmdir()
+    (out / "b").symlink_to(elsewhere, target_is_directory=True)
+    (out / ".puregen-shard-00000.json").unlink()  # --resume has a shard to write again
+    with pytest.raises(UsageError, match="class folder 'b' is a symbolic link"):
+        purify_dataset(ds, Purifier(method="none", device="cpu"), out, fmt="png", shard_size=2,
+                       quiet=True, **flags)  # fmt: skip
+    assert sorted((p.name, p.read_bytes()) for p in elsewhere.iterdir()) == before
+
+
+def test_a_class_folder_replaced_between_shards_is_refused_before_writing(tmp_path):
+    x, y = _data(6)
+    w = ShardWriter(tmp_path, "png", 6, 3, ["a", "b", "c"])
+    w.make_class_dirs()
+    w.write_shard(0, x[:3], y[:3])
+    elsewhere = tmp_path.parent / f"{tmp_path.name}-elsewhere"
+    elsewhere.mkdir()
+    for f in (tmp_path / "a").iterdir():
+        f.unlink()
+    (tmp_path / "a").rmdir()
+    (tmp_path / "a").symlink_to(elsewhere, target_is_directory=True)
+    with pytest.raises(UsageError, match="'a' is a symbolic link"):
+        w.write_shard(1, x[3:], y[3:])
+    assert list(elsewhere.iterdir()) == []
