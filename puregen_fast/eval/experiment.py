@@ -39,6 +39,7 @@ from puregen_fast.data.manifest import MANIFEST
 from puregen_fast.data.reader import load_purified
 from puregen_fast.errors import UsageError
 from puregen_fast.eval.cells import CellStore, array_digest, digest, held, slug
+from puregen_fast.eval.charts import save_chart, save_curve
 from puregen_fast.eval.classifier import (
     ARCHS,
     Classifier,
@@ -52,7 +53,6 @@ from puregen_fast.eval.metrics import (
     format_protocol_table,
     image_change,
     mean_image_change,
-    save_chart,
     summarize_cells,
 )
 from puregen_fast.eval.poison import load_trigger, poison_dataset, save_poisoned_npz
@@ -71,9 +71,12 @@ __all__ = [
     "EXPERIMENT_FORMAT",
     "ClassifierSpec",
     "Protocol",
+    "SWEEPABLE",
     "check_protocol",
     "parse_classifier_spec",
+    "parse_sweep",
     "run_protocol",
+    "variants",
 ]
 
 DEFENSES = ("none", "jpeg", "ebm", "ddpm", "ebm+ddpm", "reps", "filt")
@@ -82,6 +85,16 @@ ATTACKS = ("narcissus", "gradient-matching", "bullseye-polytope")
 # the defenses that need each model
 _EBM_DEFENSES = ("ebm", "ebm+ddpm", "reps", "filt")
 _DDPM_DEFENSES = ("ddpm", "ebm+ddpm", "reps")
+# the engine settings --sweep may vary, their parsers, and the defenses each one changes
+SWEEPABLE: dict[str, tuple[Callable[[str], Any], tuple[str, ...]]] = {
+    "ebm_steps": (int, ("ebm", "ebm+ddpm", "reps", "filt")),
+    "ebm_eps": (float, ("ebm", "ebm+ddpm", "reps", "filt")),
+    "ebm_temp": (float, ("ebm", "ebm+ddpm", "reps", "filt")),
+    "ddpm_steps": (int, ("ddpm", "ebm+ddpm", "reps")),
+    "jpeg_quality": (int, ("jpeg",)),
+    "reps": (int, ("reps",)),
+    "filter_frac": (float, ("filt",)),
+}
 
 Log = Callable[[str], None]
 
@@ -95,7 +108,9 @@ class Protocol:
     ``gradient-matching`` or ``bullseye-polytope`` (the authors' poisons from ``poisons``;
     ``targets`` are then their trial numbers). ``count``: images of the target class to poison
     (None: all of them). ``purify``: the engine's settings for every defense (``ebm``/``ddpm``
-    sources, steps, ``jpeg_quality``, ``seed``, ``batch_size``, ...).
+    sources, steps, ``jpeg_quality``, ``seed``, ``batch_size``, ...). ``sweep``: settings to vary
+    (`SWEEPABLE` names, each with its values): every defense that a swept setting changes runs
+    once per combination, as its own row (`variants`).
     """
 
     dataset: str
@@ -115,15 +130,53 @@ class Protocol:
     quantize: str = "trunc"
     scales: tuple[float, ...] = (1.0, 3.0)
     purify: tuple[tuple[str, Any], ...] = ()
+    sweep: tuple[tuple[str, tuple[Any, ...]], ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         d = {k: getattr(self, k) for k in self.__dataclass_fields__}
         d["test"] = {k: getattr(self.test, k) for k in self.test.__dataclass_fields__}
         d["classifiers"] = [c.to_dict() for c in self.classifiers]
         d["purify"] = dict(self.purify)
+        d["sweep"] = {k: list(v) for k, v in self.sweep}
         for k in ("targets", "defenses", "seeds", "scales"):
             d[k] = list(d[k])
         return d
+
+
+def parse_sweep(text: str) -> tuple[str, tuple[Any, ...]]:
+    """``NAME=V1,V2,...`` (``--sweep``), e.g. ``ebm-steps=20,40,80,150``; UsageError naming the
+    flag for an unknown name or a bad value."""
+    name, eq, vals = text.partition("=")
+    key = name.strip().replace("-", "_")
+    if not eq or key not in SWEEPABLE:
+        raise UsageError(f"--sweep {text!r}: expected NAME=V1,V2,... with NAME one of "
+                         f"{', '.join(k.replace('_', '-') for k in SWEEPABLE)}")  # fmt: skip
+    parse = SWEEPABLE[key][0]
+    try:
+        values = tuple(parse(v.strip()) for v in vals.split(",") if v.strip())
+    except ValueError:
+        raise UsageError(f"--sweep {text!r}: a value is not a {parse.__name__}") from None
+    if not values or len(set(values)) != len(values):
+        raise UsageError(f"--sweep {text!r}: give distinct values")
+    if any(not (v > 0 and v == v and v != float("inf")) for v in values):
+        raise UsageError(f"--sweep {text!r}: values must be finite and > 0")
+    return key, values
+
+
+def variants(p: Protocol) -> list[tuple[str, str, dict[str, Any]]]:
+    """(row label, defense, setting overrides) per row of purified victims: one per defense,
+    or one per combination of the swept settings that change it, labelled
+    ``ebm (ebm-steps=20)``."""
+    out = []
+    for d in p.defenses:
+        axes = [(k, vs) for k, vs in p.sweep if d in SWEEPABLE[k][1]]
+        combos: list[dict[str, Any]] = [{}]
+        for k, vs in axes:
+            combos = [{**c, k: v} for c in combos for v in vs]
+        for c in combos:
+            tag = ", ".join(f"{k.replace('_', '-')}={v:g}" for k, v in c.items())
+            out.append((f"{d} ({tag})" if tag else d, d, c))
+    return out
 
 
 def check_protocol(p: Protocol) -> None:
@@ -157,6 +210,13 @@ def check_protocol(p: Protocol) -> None:
     if p.attack != "narcissus" and p.poisons is None:
         raise UsageError(f"--attack {p.attack} needs --poisons SRC (the authors' poisons: a "
                          f"folder or hf:SunayBhat1/puregen-poisons)")  # fmt: skip
+    keys = [k for k, _ in p.sweep]
+    if len(set(keys)) != len(keys):
+        raise UsageError(f"--sweep: a setting is swept twice ({', '.join(keys)})")
+    unused = [k for k in keys if not any(d in SWEEPABLE[k][1] for d in p.defenses)]
+    if unused:
+        raise UsageError(f"--sweep {unused[0].replace('_', '-')}: changes none of --defenses "
+                         f"{','.join(p.defenses)}")  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- the steps
@@ -343,11 +403,12 @@ class TrainingSet:
 
 
 def _training_set(
-    defense: str, poisoned: Path, x_poisoned: np.ndarray, sets: Sets, pur: Mapping[str, Any],
-    models: Mapping[str, Any], device: torch.device, quiet: bool, say: Log,
+    label: str, defense: str, poisoned: Path, x_poisoned: np.ndarray, sets: Sets,
+    pur: Mapping[str, Any], models: Mapping[str, Any], device: torch.device, quiet: bool,
+    say: Log,
 ) -> TrainingSet:  # fmt: skip
     """The images a row's victims train on: the clean training set, or the poisoned set
-    through ``defense``, and how far the defense moved them."""
+    through ``defense`` with the settings ``pur``, and how far the defense moved them."""
     if defense == CLEAN:
         tr = sets.train
         return TrainingSet(CLEAN, np.asarray(tr.images), np.asarray(tr.labels, np.int64),
@@ -359,8 +420,8 @@ def _training_set(
     ch = image_change(x_poisoned, x)
     if defense != "none":
         psnr = "identical" if ch["psnr_db"] is None else f"PSNR {ch['psnr_db']:.1f} dB"
-        say(f"{defense} changed the images by {ch['rms']:.2f} levels RMS ({psnr})")
-    return TrainingSet(defense, x, y, poisoned.parent.name, ident, ch)
+        say(f"{label} changed the images by {ch['rms']:.2f} levels RMS ({psnr})")
+    return TrainingSet(label, x, y, poisoned.parent.name, ident, ch)
 
 
 def _cell_metrics(
@@ -460,9 +521,9 @@ def write_outputs(
     """``results.json`` (the plan, every cell, the summary, the verdicts), ``table.md`` (the
     table, the verdict per defense and the rule) and ``chart.png``; returns the result."""
     change = {d: mean_image_change(v) for d, v in changes.items()}
-    rows = (CLEAN, *p.defenses)
-    summary = summarize_cells(cells, rows, [c.label for c in p.classifiers], change)
-    verdict = verdicts(summary, p.defenses)
+    labels = [v[0] for v in variants(p)]
+    summary = summarize_cells(cells, (CLEAN, *labels), [c.label for c in p.classifiers], change)
+    verdict = verdicts(summary, labels)
     result = {
         "format": EXPERIMENT_FORMAT,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -479,6 +540,7 @@ def write_outputs(
     table = format_protocol_table(summary, p.scales) + "\n\n" + format_verdicts(verdict)
     atomic_write(root / "table.md", table + "\n")
     save_chart(summary, root / "chart.png", title=_chart_title(p, sets.train))
+    save_curve(summary, root / "curve.png", title=_chart_title(p, sets.train))
     return result
 
 
@@ -501,7 +563,8 @@ def run_protocol(
     pur = dict(p.purify)
     models = load_models(p.defenses, pur)
     store = CellStore(root / "cells")
-    total = len(p.targets) * (1 + len(p.defenses)) * len(p.classifiers) * len(p.seeds)
+    rows = [(CLEAN, CLEAN, {}), *variants(p)]
+    total = len(p.targets) * len(rows) * len(p.classifiers) * len(p.seeds)
     progress = [0]
     cells: list[dict[str, Any]] = []
     changes: dict[str, list[dict]] = {}  # defense -> image_change per target
@@ -511,11 +574,11 @@ def run_protocol(
         att = _attack_eval(poisoned)
         with np.load(poisoned, allow_pickle=False) as z:
             x_poisoned = z["x"]  # what each defense is measured against
-        for defense in (CLEAN, *p.defenses):
-            ts = _training_set(defense, poisoned, x_poisoned, sets, pur, models, device, quiet,
-                               say)  # fmt: skip
+        for label, defense, over in rows:
+            ts = _training_set(label, defense, poisoned, x_poisoned, sets, {**pur, **over},
+                               models, device, quiet, say)  # fmt: skip
             if ts.change is not None:
-                changes.setdefault(defense, []).append(ts.change)
+                changes.setdefault(label, []).append(ts.change)
             cells += _victim_cells(store, ts, target, att, sets, p, device, quiet, say, progress,
                                    total)  # fmt: skip
     return write_outputs(root, p, sets, cells, changes, device, time.perf_counter() - t_start,

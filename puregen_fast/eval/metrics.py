@@ -14,13 +14,12 @@ means, fractions here are over images.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from puregen_fast.eval.charts import save_chart
 from puregen_fast.eval.poison import apply_trigger
 
 __all__ = [
@@ -305,81 +304,3 @@ def format_protocol_table(rows: Sequence[dict], scales: Sequence[float] = (1.0, 
                      "trigger as the class's feature, so its poison success measures that "
                      "feature, not the poison. Trust another victim's numbers.")  # fmt: skip
     return "\n".join(lines)
-
-
-_COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
-            (140, 86, 75)]  # fmt: skip
-
-
-def save_chart(rows: Sequence[dict], path: str | os.PathLike[str], *, title: str = "") -> Path:
-    """A PNG bar chart of `summarize_cells` rows, drawn with Pillow: one panel for the poison
-    success at the first trigger scale (or the target misclassification), one for natural
-    accuracy; bars grouped by defense, one colour per classifier, whiskers at ± one std over
-    seeds. Written atomically."""
-    from PIL import Image, ImageDraw, ImageFont
-
-    from puregen_fast.data.io import atomic_path
-
-    defenses = list(dict.fromkeys(r["defense"] for r in rows))
-    clfs = list(dict.fromkeys(r["classifier"] for r in rows))
-    by = {(r["defense"], r["classifier"]): r for r in rows}
-
-    def attack_entry(r: dict) -> tuple[str, dict | None]:
-        if r.get("poison"):
-            sc = sorted(r["poison"], key=float)[0]
-            return f"poison success % (trigger x{sc})", r["poison"][sc]
-        return "target misclassification %", r.get("target_misclassification")
-
-    label0 = next((attack_entry(r)[0] for r in rows), "poison success %")
-    panels = [(label0, lambda r: attack_entry(r)[1]), ("natural accuracy %", lambda r:
-              r["natural_acc"])]  # fmt: skip
-    try:
-        font = ImageFont.load_default(size=14)
-        small = ImageFont.load_default(size=11)
-    except TypeError:  # Pillow < 10.1: the fixed bitmap font
-        font = small = ImageFont.load_default()
-    pw = max(360, 45 * len(defenses) * max(1, len(clfs)))
-    ph, top, left, bottom = 300, 50, 50, 60
-    w = left + len(panels) * (pw + 30) + 10
-    h = top + ph + bottom + 18 * len(clfs)
-    im = Image.new("RGB", (w, h), "white")
-    dr = ImageDraw.Draw(im)
-    if title:
-        dr.text((left, 8), title, fill="black", font=font)
-    for pi, (label, get) in enumerate(panels):
-        x0 = left + pi * (pw + 30)
-        y0, y1 = top, top + ph
-        dr.text((x0, y0 - 22), label, fill="black", font=font)
-        dr.line([(x0, y0), (x0, y1), (x0 + pw, y1)], fill="black")
-        for v in (0, 25, 50, 75, 100):
-            yy = y1 - v / 100 * ph
-            dr.line([(x0 - 4, yy), (x0 + pw, yy)], fill=(225, 225, 225) if v else "black")
-            dr.text((x0 - 30, yy - 7), f"{v}", fill="black", font=small)
-        gw = pw / max(1, len(defenses))
-        bw = gw * 0.8 / max(1, len(clfs))
-        for di, d in enumerate(defenses):
-            gx = x0 + di * gw + gw * 0.1
-            dr.text((gx, y1 + 6), d, fill="black", font=small)
-            for ci, c in enumerate(clfs):
-                r = by.get((d, c))
-                e = get(r) if r else None
-                if not e or e.get("mean") != e.get("mean"):
-                    continue
-                m, s = 100 * e["mean"], 100 * e["std"]
-                bx = gx + ci * bw
-                dr.rectangle([bx, y1 - m / 100 * ph, bx + bw - 2, y1],
-                             fill=_COLOURS[ci % len(_COLOURS)])  # fmt: skip
-                cx = bx + (bw - 2) / 2
-                lo, hi = y1 - max(0, m - s) / 100 * ph, y1 - min(100, m + s) / 100 * ph
-                dr.line([(cx, lo), (cx, hi)], fill="black", width=1)
-                dr.line([(cx - 3, hi), (cx + 3, hi)], fill="black")
-                dr.line([(cx - 3, lo), (cx + 3, lo)], fill="black")
-                dr.text((bx, y1 - m / 100 * ph - 14), f"{m:.0f}", fill="black", font=small)
-    for ci, c in enumerate(clfs):
-        ly = top + ph + 30 + 18 * ci
-        dr.rectangle([left, ly, left + 12, ly + 12], fill=_COLOURS[ci % len(_COLOURS)])
-        dr.text((left + 18, ly - 1), c, fill="black", font=small)
-    p = Path(path)
-    with atomic_path(p) as tmp:
-        im.save(tmp, format="PNG")
-    return p

@@ -182,13 +182,18 @@ def apply_trigger(
 
 
 def select_poison_indices(
-    labels: np.ndarray, target_class: int, count: int, *, last_n: bool = True, seed: int = 0
-) -> np.ndarray:
+    labels: np.ndarray, target_class: int, count: int | None, *, last_n: bool = True,
+    seed: int = 0,
+) -> np.ndarray:  # fmt: skip
     """Indices of the images to poison: the last ``count`` images of ``target_class`` in data
-    set order (the authors' default), or ``count`` random ones of that class (``last_n=False``).
-    Returned sorted."""
+    set order (the authors' default), or ``count`` random ones of that class (``last_n=False``);
+    every image of the class when ``count`` is None. Returned sorted."""
     labels = np.asarray(labels)
     members = np.flatnonzero(labels == target_class)
+    if count is None:
+        if members.size == 0:
+            raise UsageError(f"--count all: class {target_class} has no training images")
+        return members.astype(np.int64)
     if count < 1:
         raise UsageError(f"--count must be >= 1, got {count}")
     if count > members.size:
@@ -207,7 +212,7 @@ def poison_dataset(
     labels: np.ndarray,
     trigger: np.ndarray,
     target_class: int,
-    count: int,
+    count: int | None,
     *,
     class_names: list[str] | None = None,
     last_n: bool = True,

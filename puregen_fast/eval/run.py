@@ -407,7 +407,7 @@ def poison_to_npz(
     split: str,
     trigger: str,
     target_class: int,
-    count: int,
+    count: int | None,
     out: str | os.PathLike[str],
     *,
     last_n: bool = True,

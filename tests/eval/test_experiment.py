@@ -314,3 +314,91 @@ def test_real_image_experiment_ebm_defends(tmp_path, monkeypatch):
     assert rows[("ebm", "airbench")]["image_change"]["rms"] < 8
     # airbench with CIFAR-10's whitening eps is the fragile victim the README describes
     assert gap("airbench-eps5e-4")[2] > 0.05
+
+
+def test_sweep_gives_a_row_per_setting_and_the_curve(photos, tmp_path, capsys):
+    d, paths, _ = photos
+    out = tmp_path / "exp"
+    argv = _argv(d, paths, out, seeds="0")
+    argv[argv.index("--defenses") + 1] = "none,ebm"
+    argv += ["--sweep", "ebm-steps=1,2", "--count", "all"]
+    assert main(argv) == 0
+    cap = capsys.readouterr()
+    res = json.loads((out / "results.json").read_text())
+    labels = [r["defense"] for r in res["summary"]]
+    assert labels == ["clean", "none", "ebm (ebm-steps=1)", "ebm (ebm-steps=2)"]
+    assert res["plan"]["sweep"] == {"ebm_steps": [1, 2]} and res["plan"]["count"] is None
+    # --count all: every one of the 40 training tiles of the target class carries the trigger
+    with np.load(next(out.glob("poison-*/poisoned.npz"))) as z:
+        assert len(z["poison_idx"]) == 40
+    # each setting purified its own copy, and moved the images more with more steps
+    manifests = [json.loads(m.read_text())["config"]
+                 for m in out.glob("poison-*/*/manifest.json")]  # fmt: skip
+    assert sorted(c["purifier"]["ebm"]["steps"] for c in manifests if c["method"] == "ebm") == [
+        1, 2]
+    ch = {r["defense"]: r["image_change"]["rms"] for r in res["summary"] if "image_change" in r}
+    assert 0 < ch["ebm (ebm-steps=1)"] < ch["ebm (ebm-steps=2)"]
+    # one seed: a verdict cannot be reached, and says so
+    assert {v["verdict"] for v in res["verdicts"]} == {"undecided"}
+    assert "| ebm (ebm-steps=2) | airbench | 1 |" in cap.out
+    with Image.open(out / "curve.png") as im:
+        assert im.format == "PNG" and im.size[0] > 300
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("ebm-steps", "expected NAME=V1,V2"),
+    ("blur=1,2", "expected NAME=V1,V2"),
+    ("ebm-steps=1,x", "not a int"),
+    ("ebm-eps=0.1,0.1", "distinct"),
+    ("ebm-temp=0,1", "finite and > 0"),
+    ("ebm-temp=inf", "finite and > 0"),
+])  # fmt: skip
+def test_sweep_bad_values(text, needle):
+    from puregen_fast.errors import UsageError
+    from puregen_fast.eval.experiment import parse_sweep
+
+    with pytest.raises(UsageError, match=needle):
+        parse_sweep(text)
+
+
+def test_a_sweep_of_a_setting_no_defense_uses_exits_2(photos, tmp_path, capsys):
+    d, paths, _ = photos
+    argv = _argv(d, paths, tmp_path / "o", seeds="0")
+    argv += ["--sweep", "ddpm-steps=2,3"]
+    assert main(argv) == 2
+    assert "--sweep ddpm-steps: changes none of --defenses" in capsys.readouterr().err
+
+
+def test_two_runs_side_by_side_compute_each_cell_once(tmp_path):
+    import threading
+    import time as _time
+
+    from puregen_fast.eval.cells import CellStore
+
+    def key(seed):
+        return {"defense": "none", "classifier": {"name": "net"}, "target": 0, "seed": seed}
+
+    calls: list[tuple[str, int]] = []
+    started = threading.Event()
+
+    def compute(who, seed, slow=False):
+        def f():
+            calls.append((who, seed))
+            if slow:
+                started.set()
+                _time.sleep(0.5)
+            return {"metrics": {"seed": seed}, "timings": {"train_s": 0}}
+        return f
+
+    store_a, store_b = CellStore(tmp_path / "cells"), CellStore(tmp_path / "cells")
+    a = threading.Thread(target=lambda: store_a.run([(key(0), compute("a", 0, slow=True))]))
+    a.start()
+    started.wait(5)
+    order = []
+    got = store_b.run([(key(0), compute("b", 0)), (key(1), compute("b", 1))],
+                      lambda rec, reused: order.append((rec["key"]["seed"], reused)))
+    a.join()
+    # b left cell 0 to a, computed cell 1 meanwhile, then reused a's cell 0
+    assert sorted(calls) == [("a", 0), ("b", 1)]
+    assert order == [(1, False), (0, True)]
+    assert [r["metrics"]["seed"] for r in got] == [0, 1] and store_b.reused == 1
