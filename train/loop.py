@@ -102,6 +102,12 @@ class Loop(abc.ABC):
         self.steps_per_epoch = n // b  # the last partial batch is dropped: fixed shapes
         self.total_steps = cfg.epochs * self.steps_per_epoch
         self.stop_at = self.total_steps if cfg.steps is None else min(cfg.steps, self.total_steps)
+        if cfg.steps is not None and cfg.steps > self.total_steps and dist.is_main:
+            # --epochs binds first: say so, or a run stops short of the --steps asked for
+            print(f"train {self.recipe}: --steps {cfg.steps} is more than --epochs "
+                  f"{cfg.epochs} x {self.steps_per_epoch} steps per epoch ({n} images // batch "
+                  f"{b}) = {self.total_steps}: training stops after {self.total_steps} steps; "
+                  f"raise --epochs to run {cfg.steps}", file=sys.stderr)  # fmt: skip
         if cfg.steps is not None and cfg.steps < 0:
             raise UsageError(f"--steps must be >= 0; got {cfg.steps}")
         if cfg.log_every < 1:

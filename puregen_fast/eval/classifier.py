@@ -401,10 +401,12 @@ def _check_inputs(x: np.ndarray, y: np.ndarray, num_classes: int, cfg: TrainConf
 
 def _to_device(x: np.ndarray, y: np.ndarray, dev: torch.device) -> tuple[torch.Tensor, ...]:
     """The whole training set on the device: images uint8 NHWC, labels int64."""
-    x_c = np.ascontiguousarray(x)
-    if not x_c.flags.writeable:  # a read-only memmap (load_purified): torch wants writable
-        x_c = x_c.copy()
-    return torch.from_numpy(x_c).to(dev), torch.from_numpy(y).to(dev)
+    def writable(a: np.ndarray) -> np.ndarray:
+        a = np.ascontiguousarray(a)
+        # read-only arrays (load_purified's memmaps): torch warns on them, and wants writable
+        return a if a.flags.writeable else a.copy()
+
+    return torch.from_numpy(writable(x)).to(dev), torch.from_numpy(writable(y)).to(dev)
 
 
 def _channel_stats(x_u8: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -398,3 +398,20 @@ def test_out_folders_are_created_and_a_file_in_the_way_is_named(tmp_path, capsys
     bad = tmp_path / "afile" / "t.npy"
     assert main(["eval", "trigger", "--size", "4", "4", "--out", str(bad)]) == 2
     assert "cannot create its folder" in capsys.readouterr().err and not bad.exists()
+
+
+def test_read_only_arrays_train_without_a_warning():
+    """load_purified gives read-only memmaps; training on them must not make torch warn."""
+    import warnings
+
+    from puregen_fast.eval.classifier import default_config, train_classifier
+
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (64, 8, 8, 3), dtype=np.uint8)
+    y = np.repeat(np.arange(2, dtype=np.int64), 32)
+    x.flags.writeable = False
+    y.flags.writeable = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        train_classifier(x, y, 2, default_config("airbench", widths=(8, 8, 8), steps=1,
+                                                 batch_size=32), device="cpu", quiet=True)  # fmt: skip

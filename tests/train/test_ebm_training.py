@@ -368,3 +368,14 @@ def test_runs_written_before_objective_existed_resume(resumed, data, tmp_path, c
 def test_bad_dsm_sigmas_exit_2(data, tmp_path, capsys, extra):
     assert _train(data, tmp_path / "o", "--objective", "dsm", *extra) == 2
     assert "--dsm-sigma-min" in capsys.readouterr().err
+
+
+def test_steps_cut_short_by_epochs_says_so(data, tmp_path, capsys):
+    # 320 images // batch 16 = 20 steps per epoch; 1 epoch binds before --steps 50
+    out = tmp_path / "run"
+    assert _train(data, out, "--epochs", "1", "--steps", "50", "--ckpt-every", "1000") == 0
+    err = capsys.readouterr().err
+    assert "--steps 50 is more than --epochs 1 x 20 steps per epoch" in err
+    assert "training stops after 20 steps; raise --epochs" in err
+    rows = [json.loads(s) for s in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == 20
