@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import platform
 import sys
@@ -54,6 +55,7 @@ from puregen_fast.data.manifest import MANIFEST, Manifest
 from puregen_fast.data.writer import ShardWriter, mark_diverged, prepare_out_dir, rank_shards
 from puregen_fast.dist import Dist
 from puregen_fast.errors import DivergenceError, UsageError
+from puregen_fast.purifier import check_image_size
 from puregen_fast.runtime import describe_device
 from puregen_fast.version import __version__
 
@@ -94,28 +96,14 @@ def _identity(purifier) -> dict:
 
 
 def _check_model_sizes(purifier, shape: list[int]) -> None:
-    """Refuse image sizes the models cannot take, before anything is written: the EBM needs H
-    and W divisible by 4 * patch_size, the UNet by 2 ** (len(block_out_channels) - 1)."""
-    h, w = shape[0], shape[1]
-    ebm = getattr(purifier, "ebm", None)
-    if ebm is not None:
-        m = 4 * int(getattr(ebm, "patch_size", 1))
-        if h % m or w % m:
-            raise UsageError(
-                f"--ebm: this EBM (patch_size {m // 4}) needs image height and width divisible "
-                f"by {m}, but the images are {h}x{w} (H x W); use another data set or an EBM "
-                "made for this size"
-            )
-    ddpm = getattr(purifier, "ddpm", None)
-    cfg = getattr(ddpm, "config", None)
-    if ddpm is not None and isinstance(cfg, dict) and cfg.get("block_out_channels"):
-        m = 2 ** (len(cfg["block_out_channels"]) - 1)
-        if h % m or w % m:
-            raise UsageError(
-                f"--ddpm: this UNet ({len(cfg['block_out_channels'])} levels) needs image height "
-                f"and width divisible by {m}, but the images are {h}x{w} (H x W); use another "
-                "data set or a UNet made for this size"
-            )
+    """Refuse image sizes the models cannot take, before anything is written: the engine's own
+    check (`puregen_fast.purifier.check_image_size`), the one Ray's `PurifyBatches` meets too."""
+    check = getattr(purifier, "check_image_size", None)
+    if check is not None:
+        check(shape[0], shape[1])
+    else:  # a purifier-like object: its models by name
+        check_image_size(getattr(purifier, "ebm", None), getattr(purifier, "ddpm", None),
+                         shape[0], shape[1])  # fmt: skip
 
 
 def _config_hash(config: dict) -> str:
@@ -257,6 +245,9 @@ def _saved_filter(run: _Run) -> dict | None:
     saved = read_json(run.out / FILTER_STATE)
     if saved is None or saved.get("num_images") != run.n:
         return None
+    thr = saved.get("threshold")
+    if not isinstance(thr, (int, float)) or isinstance(thr, bool) or not math.isfinite(thr):
+        return None  # e.g. a NaN an earlier version wrote: compute it again
     return saved if saved.get("images_sha256") == run.config["images_sha256"] else None
 
 
@@ -267,13 +258,29 @@ def _filter_threshold(run: _Run, reuse: bool) -> dict:
     if filt is not None:
         return filt
     energies = []
-    with run.bar(run.size(run.mine), "energy") as bar:
-        for k in run.mine:
-            for s, e, x, ids in run.batches(k):
-                energies.append(np.asarray(run.purifier.energy(x, ids))[: e - s])
-                bar.update(e - s)
+    diverged: tuple[str, list[int]] | None = None
+    try:
+        with run.bar(run.size(run.mine), "energy") as bar:
+            for k in run.mine:
+                for s, e, x, ids in run.batches(k):
+                    energies.append(np.asarray(run.purifier.energy(x, ids))[: e - s])
+                    bar.update(e - s)
+    except DivergenceError as err:  # non-finite energies: every rank raises it (after gather)
+        diverged = (str(err), list(err.sample_ids))
     mine = np.concatenate(energies) if energies else np.zeros(0)
-    all_e = np.concatenate([np.asarray(a, np.float64) for a in run.dist.gather(mine)])
+    gathered = run.dist.gather((mine, diverged))
+    for _, d in gathered:
+        if d is not None:
+            raise DivergenceError(d[0], d[1])
+    all_e = np.concatenate([np.asarray(a, np.float64) for a, _ in gathered])
+    if not np.isfinite(all_e).all():  # a purifier without the engine's own check
+        bad = [i for i, v in enumerate(all_e) if not math.isfinite(v)]
+        raise DivergenceError(
+            f"the EBM's energy is non-finite for {len(bad)} image(s) (first sample ids "
+            f"{bad[:8]}): filt cannot rank them, so nothing was purified or written. Likely "
+            f"cause: the EBM (--ebm): check that it is the trained checkpoint you meant",
+            bad,
+        )
     frac = run.purifier.config.filter_frac
     thr = float(np.quantile(all_e, 1.0 - frac))
     filt = {
@@ -435,13 +442,14 @@ def _write(run: _Run, t0: float, *, resume: bool, overwrite: bool, extra: dict) 
     out, dist = run.out, run.dist
     reuse, records = _prepare(run, resume, overwrite)
     reused = len(records)
-    t1 = time.perf_counter()
-    filt = _filter_threshold(run, reuse) if run.config["method"] == "filt" else None
-    t_energy = time.perf_counter() - t1
     err: BaseException | None = None
     purified, first_s, first_n = 0, None, 0
+    filt, t_energy = None, 0.0
     t2 = time.perf_counter()
     try:
+        if run.config["method"] == "filt":  # non-finite energies diverge here (DESIGN 2.4)
+            filt = _filter_threshold(run, reuse)
+            t_energy, t2 = time.perf_counter() - t2, time.perf_counter()
         purified, first_s, first_n = _purify_shards(
             run, records, filt["threshold"] if filt else None
         )

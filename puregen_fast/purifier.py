@@ -30,12 +30,59 @@ from puregen_fast.config import (
     PAPER_LANGEVIN,
     EngineConfig,
 )
-from puregen_fast.errors import DivergenceError
+from puregen_fast.errors import DivergenceError, UsageError
 from puregen_fast.models.schedule import DDPMSchedule
 from puregen_fast.runtime import resolve_device
 from puregen_fast.sampling.backends import make_sampler
 
-__all__ = ["Purifier", "METHODS"]
+__all__ = ["Purifier", "METHODS", "ImageSizeError", "check_filter_threshold", "check_image_size"]
+
+
+class ImageSizeError(UsageError, ValueError):
+    """Images of a size the models cannot take (exit 2 on the command line; a ValueError for
+    the Python API and Ray)."""
+
+
+def check_image_size(ebm: nn.Module | None, ddpm: nn.Module | None, h: int, w: int) -> None:
+    """The one image-size check of the command and the API: the EBM needs H and W divisible by
+    4 * patch_size, the UNet by 2 ** (len(block_out_channels) - 1); ImageSizeError otherwise."""
+    if ebm is not None:
+        m = 4 * int(getattr(ebm, "patch_size", 1))
+        if h % m or w % m:
+            raise ImageSizeError(
+                f"--ebm: this EBM (patch_size {m // 4}) needs image height and width divisible "
+                f"by {m}, but the images are {h}x{w} (H x W); use another data set or an EBM "
+                "made for this size"
+            )
+    cfg = getattr(ddpm, "config", None)
+    if ddpm is not None and isinstance(cfg, dict) and cfg.get("block_out_channels"):
+        m = 2 ** (len(cfg["block_out_channels"]) - 1)
+        if h % m or w % m:
+            raise ImageSizeError(
+                f"--ddpm: this UNet ({len(cfg['block_out_channels'])} levels) needs image height "
+                f"and width divisible by {m}, but the images are {h}x{w} (H x W); use another "
+                "data set or a UNet made for this size"
+            )
+
+
+def check_filter_threshold(value: object, name: str = "filter_threshold") -> float:
+    """``value`` as a finite float; ValueError naming ``name`` otherwise. A NaN threshold would
+    select no image (every comparison is False) and +-inf none or all: filt would quietly purify
+    nothing and report success."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(
+        value, (int, float, np.integer, np.floating)
+    ):
+        raise ValueError(
+            f"{name} must be a finite number (the 'threshold' of the filter record in a "
+            f"puregen-fast purify manifest); got {type(value).__name__} {str(value)[:40]!r}"
+        )
+    t = float(value)
+    if not math.isfinite(t):
+        raise ValueError(
+            f"{name} must be a finite number (the 'threshold' of the filter record in a "
+            f"puregen-fast purify manifest); got {t}"
+        )
+    return t
 
 
 class Purifier:
@@ -101,6 +148,10 @@ class Purifier:
         self.backend_reason = self.sampler.reason
         if no_model and backend != "reference":
             self.backend_reason = f"method {method!r} has no model"
+
+    def check_image_size(self, h: int, w: int) -> None:
+        """ImageSizeError unless this engine's models take H x W images (`check_image_size`)."""
+        check_image_size(self.ebm, self.ddpm, h, w)
 
     def plan(self, images: int) -> None:
         """Before the first call: the number of images this engine will purify. With
@@ -199,6 +250,7 @@ class Purifier:
         at least this (a data set's global threshold), instead of the batch's top fraction."""
         x, was_uint8 = self._to_x(images)
         ids = self._ids(sample_ids, x.shape[0])
+        self.check_image_size(x.shape[2], x.shape[3])
         if x.shape[0] == 0 or self.method == "none":
             return self._from_x(x, images, was_uint8)
         if self.method == "jpeg":
@@ -208,7 +260,9 @@ class Purifier:
             return self._from_x(x, images, was_uint8)
         if self.method == "filt":
             frac = self.config.filter_frac
-            mask = reference.filter_mask(self._energy(x), frac, filter_threshold)
+            if filter_threshold is not None:
+                filter_threshold = check_filter_threshold(filter_threshold)
+            mask = reference.filter_mask(self._energy(x, ids), frac, filter_threshold)
             if bool(mask.any()):
                 x = x.clone()
                 # a data-dependent subset: let the fast sampler bucket its capture sizes
@@ -248,6 +302,14 @@ class Purifier:
             f"{what}, outside [-1 - m, 1 + m] with --divergence-margin m = "
             f"{c.divergence_margin:g}; nothing of their batch was written. "
         )
+        if math.isfinite(peak) and c.divergence_margin < DEFAULT_DIVERGENCE_MARGIN:
+            # finite states past a margin tighter than the default: the flag, not the model
+            msg += (
+                f"Likely cause: --divergence-margin {c.divergence_margin:g} (default "
+                f"{DEFAULT_DIVERGENCE_MARGIN:g}): healthy states can lie a little outside "
+                "[-1, 1]; raise it."
+            )
+            return DivergenceError(msg, ids, flag_cause=True)
         changed = [f"--{k.replace('_', '-')} {getattr(c, k):g} (paper: {v:g})"
                    for k, v in PAPER_LANGEVIN.items() if getattr(c, k) != v]  # fmt: skip
         if stage == "ebm" and changed:
@@ -261,17 +323,34 @@ class Purifier:
             msg += "Likely cause: the DDPM (--ddpm): check that it is the checkpoint you meant."
         return DivergenceError(msg, ids, flag_cause=stage == "ebm" and bool(changed))
 
-    def _energy(self, x: torch.Tensor) -> torch.Tensor:
+    def _energy(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """The EBM's energies; non-finite ones are a divergence (DESIGN 2.4): they cannot be
+        ranked or thresholded, so filt would purify nothing and write the inputs as output."""
         if self.ebm is None:
             raise ValueError("energies need an EBM")
-        return reference.energy(self.ebm, x).float()
+        e = reference.energy(self.ebm, x).float()
+        bad = ~torch.isfinite(e)
+        if bool(bad.any()):
+            bad_ids = ids[bad.to(ids.device)].tolist()
+            shown = ", ".join(map(str, bad_ids[:8])) + (", ..." if len(bad_ids) > 8 else "")
+            raise DivergenceError(
+                f"the EBM's energy is non-finite ({float(e[bad][0])}) for {len(bad_ids)} "
+                f"image(s) (sample ids {shown}): filt cannot rank them, so nothing was purified "
+                f"or written. Likely cause: the EBM (--ebm): check that it is the trained "
+                f"checkpoint you meant (a wrongly scaled model overflows)",
+                bad_ids,
+            )
+        return e
 
     def energy(
         self, images: np.ndarray | torch.Tensor, sample_ids: Sequence[int] | None = None
     ) -> np.ndarray:
-        """EBM energies (float64, shape (B,)) of the images, as `filt` ranks them."""
+        """EBM energies (float64, shape (B,)) of the images, as `filt` ranks them; a non-finite
+        one is a DivergenceError naming the sample ids (their positions without ids)."""
         x, _ = self._to_x(images)
-        return self._energy(x).double().cpu().numpy()
+        ids = self._ids(range(x.shape[0]) if sample_ids is None else sample_ids, x.shape[0])
+        self.check_image_size(x.shape[2], x.shape[3])
+        return self._energy(x, ids).double().cpu().numpy()
 
     def describe(self) -> dict[str, Any]:
         """The configuration, JSON-serialisable, for manifests and benchmark reports."""

@@ -33,7 +33,7 @@ import numpy as np
 
 from puregen_fast.config import EngineConfig, PurifyConfig
 from puregen_fast.models.checkpoints import DEFAULT_DDPM, DEFAULT_EBM, load_ddpm, load_ebm
-from puregen_fast.purifier import Purifier
+from puregen_fast.purifier import Purifier, check_filter_threshold
 
 __all__ = ["PurifyBatches", "OPTIONS"]
 
@@ -60,6 +60,8 @@ class PurifyBatches:
                 "a puregen-fast purify manifest): a per-batch threshold would depend on Ray's "
                 "batches"
             )
+        if filter_threshold is not None:  # here, not at the first batch on some actor
+            filter_threshold = check_filter_threshold(filter_threshold)
         self.filter_threshold = filter_threshold
         self.batch_size = cfg.batch_size
         needs_ebm, needs_ddpm = cfg.uses

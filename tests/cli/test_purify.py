@@ -460,3 +460,61 @@ def test_limit_decodes_only_the_selection_and_the_pixel_cap_is_a_flag(tmp_path, 
     assert main([*base, "--limit", "1", "--out", str(tmp_path / "o1")]) == 0
     assert main([*base, "--out", str(tmp_path / "o2")]) == 2
     assert "--max-image-pixels" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("energy", ["nan", "inf"])
+def test_filt_with_overflowing_energies_is_a_divergence_and_writes_nothing(
+    env, tmp_path, capsys, energy
+):
+    """Issue 22: an EBM whose energies overflow to NaN (finite weights, the last layer at
+    +-3e38) gave threshold NaN, 0 images purified, every image written unchanged, exit 0 and a
+    .puregen-filter.json holding the non-JSON token NaN. Non-finite energies are a divergence
+    (DESIGN 2.4): exit 1 naming the EBM and the sample ids; no shard, no threshold, no manifest.
+    With a sound EBM, --resume then runs."""
+    import json
+
+    from puregen_fast import reference
+    from puregen_fast.pipeline import FILTER_STATE
+
+    big = tmp_path / "overflow-ebm"
+    model = pg.load_ebm(env.ebm)
+    with torch.no_grad():
+        for v in model.block4.parameters():
+            v.mul_(10)
+        sign = torch.tensor([1.0] * 4 + [-1.0 if energy == "nan" else 1.0] * 4)
+        model.l5.weight.copy_(3e38 * sign[None])
+    assert all(torch.isfinite(v).all() for v in model.state_dict().values())
+    x = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    e = reference.energy(model, x)
+    assert (e.isnan() if energy == "nan" else e.isinf()).all()
+    pg.save_ebm(model, big)
+    out = tmp_path / "o"
+    argv = _argv(env, out, "--shard-size", "8", method="filt")
+    argv[argv.index("--ebm") + 1] = str(big)
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "non-finite" in err and "--ebm" in err and "sample ids 0" in err
+    assert not list(out.glob("*.npy")) and not (out / "manifest.json").exists()
+    assert not (out / FILTER_STATE).exists()
+    json.loads((out / ".puregen-run.json").read_text(), parse_constant=_no_constant)
+    assert purify(env, out, "--resume", "--shard-size", "8", method="filt") == 0
+    f = json.loads((out / FILTER_STATE).read_text(), parse_constant=_no_constant)
+    assert f["num_purified"] == 15
+
+
+def _no_constant(name: str):
+    raise AssertionError(f"a non-JSON token {name} was written")
+
+
+def test_a_nan_threshold_saved_by_an_earlier_version_is_computed_again(env, tmp_path):
+    import json
+
+    from puregen_fast.pipeline import FILTER_STATE
+
+    out = tmp_path / "o"
+    assert purify(env, out, method="filt") == 0
+    want = json.loads((out / FILTER_STATE).read_text())
+    (out / FILTER_STATE).write_text(json.dumps({**want, "threshold": float("nan")}))
+    (out / ".puregen-shard-00000.json").unlink()
+    assert purify(env, out, "--resume", method="filt") == 0
+    assert json.loads((out / FILTER_STATE).read_text()) == want

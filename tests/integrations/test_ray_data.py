@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 import puregen_fast as pg
@@ -130,3 +132,76 @@ def test_ray_actor_pool_equals_the_command(ebm, tmp_path, monkeypatch):
         np.testing.assert_array_equal(got[f"{i:02d}"][0], want.images[i])
         assert got[f"{i:02d}"][1] == want.labels[i]
     assert not np.array_equal(np.asarray(want.images), x)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf"), "abc", None, True])
+def test_a_bad_filter_threshold_is_refused_by_the_constructor(ebm, bad):
+    """Issue 22: nan and inf returned every batch unchanged (no energy is >= nan; all or none
+    are >= inf) and "abc" failed only at the first batch, on some actor. None is the missing
+    threshold; True is not a number either."""
+    with pytest.raises(ValueError, match="filter_threshold"):
+        PurifyBatches(method="filt", ebm=str(ebm), filter_threshold=bad, device="cpu")
+
+
+@given(st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers(-10**6, 10**6),
+                 st.text(max_size=5), st.booleans(), st.none()))  # fmt: skip
+@settings(max_examples=60, deadline=None)
+def test_the_engine_takes_finite_numbers_only_as_threshold(value):
+    import math
+
+    from puregen_fast.purifier import check_filter_threshold
+
+    ok = (isinstance(value, (int, float)) and not isinstance(value, bool)
+          and math.isfinite(value))  # fmt: skip
+    if ok:
+        assert check_filter_threshold(value) == float(value)
+    else:
+        with pytest.raises(ValueError, match="filter_threshold must be a finite number"):
+            check_filter_threshold(value)
+
+
+def test_the_engine_refuses_a_nan_threshold_at_the_call(ebm):
+    p = pg.Purifier(method="filt", ebm=pg.load_ebm(ebm), ebm_steps=1, device="cpu",
+                    backend="reference")  # fmt: skip
+    x = np.zeros((2, 32, 32, 3), np.uint8)
+    with pytest.raises(ValueError, match="filter_threshold"):
+        p(x, [0, 1], filter_threshold=float("nan"))
+
+
+@given(h=st.integers(1, 40), w=st.integers(1, 40))
+@settings(max_examples=25, deadline=None)
+def test_ray_and_the_command_accept_the_same_image_sizes(ebm_model, h, w):
+    """Issue 22: PurifyBatches took 1x1, 8x8 and 33x31 images the command refuses. One check
+    serves both: the batch is refused exactly when the command's check refuses the data set,
+    with the same message."""
+    from puregen_fast.pipeline import _check_model_sizes
+    from puregen_fast.purifier import ImageSizeError
+
+    fn, p = ebm_model
+    try:
+        _check_model_sizes(p, [h, w, 3])
+        want = None
+    except ImageSizeError as e:
+        want = str(e)
+    batch = {"image": np.zeros((1, h, w, 3), np.uint8), "id": np.zeros(1, np.int64)}
+    if want is None:
+        assert fn(batch)["image"].shape == (1, h, w, 3)
+    else:
+        with pytest.raises(ImageSizeError) as e:
+            fn(batch)
+        assert str(e.value) == want
+
+
+@pytest.fixture(scope="module")
+def ebm_model(ebm):
+    fn = PurifyBatches(**{**_opts(ebm, 1), "ebm_steps": 1})
+    return fn, fn.purifier
+
+
+def test_the_issue_sizes(ebm_model):
+    from puregen_fast.purifier import ImageSizeError
+
+    fn, _ = ebm_model
+    for h, w in [(1, 1), (33, 31)]:
+        with pytest.raises(ImageSizeError, match=f"divisible by 4, but the images are {h}x{w}"):
+            fn({"image": np.zeros((1, h, w, 3), np.uint8), "id": np.zeros(1, np.int64)})
