@@ -62,6 +62,7 @@ import numpy as np
 
 from puregen_fast.data.download import COMPLETE_MARKER, cache_root, ensure_extracted
 from puregen_fast.data.io import fsync_dir
+from puregen_fast.data.pickle_scan import Budget, scan_pickle
 from puregen_fast.errors import UsageError
 
 __all__ = [
@@ -105,7 +106,9 @@ MAX_PIXELS = 4096 * 4096
 _DECODED_VERSION = 2
 _TEXT_CAP = 64 << 20  # wnids.txt, val_annotations.txt
 _PICKLE_CAP = 2 << 30  # one CIFAR batch (the real ones are 31 MB)
+_PICKLE_BUDGET = Budget(nbytes=_PICKLE_CAP)  # pickle_scan's depth and item limits
 _NPY_SMALL_CAP = 64 << 20  # an npz's 'classes' array
+NPY_MAX_HEADER_BYTES = 10_000  # numpy's own limit on a .npy header, checked before it is read
 _CHUNK = 1 << 20
 
 
@@ -549,6 +552,8 @@ class _ArrayUnpickler(pickle.Unpickler):
 def _load_pickle(path: Path) -> dict:
     raw = _read_regular(path, _PICKLE_CAP, "CIFAR-10 batch")
     try:
+        # nesting, item counts and memo indices bounded before the C unpickler builds anything
+        scan_pickle(raw, _PICKLE_BUDGET, "the pickle")
         obj = _ArrayUnpickler(io.BytesIO(raw), encoding="bytes").load()
     except Exception as e:  # a damaged pickle raises almost anything (KeyError, struct.error...)
         raise UsageError(
@@ -571,9 +576,9 @@ def _cifar_names(path: Path, meta: dict) -> list[str]:
             try:
                 n = n.decode()
             except UnicodeDecodeError as e:
-                raise UsageError(f"{_show(path)}: label name {n!r} is not UTF-8") from e
+                raise UsageError(f"{_show(path)}: label name {n[:40]!r} is not UTF-8") from e
         if not isinstance(n, str):
-            raise UsageError(f"{_show(path)}: label name {n!r} is not text")
+            raise UsageError(f"{_show(path)}: a label name is a {type(n).__name__}, not text")
         names.append(n)
     return names
 
@@ -867,11 +872,24 @@ def read_npy_header(f, what: str) -> tuple[tuple, bool, np.dtype]:
     a version other than 1.0 or 2.0 is a `UsageError` naming ``what``."""
     fmt = np.lib.format
     version = fmt.read_magic(f)
+    if version not in ((1, 0), (2, 0)):
+        raise UsageError(f"{what} has .npy version {version}; save it again with numpy")
+    # numpy reads the header's declared length before its own size check: 4 GiB for a 2.0
+    # header claiming it; the length is checked here first
+    start = f.tell()
+    raw = f.read(2 if version == (1, 0) else 4)
+    if len(raw) not in (2, 4):
+        raise UsageError(f"{what}: a .npy file cut short in its header")
+    size = int.from_bytes(raw, "little")
+    if size > NPY_MAX_HEADER_BYTES:
+        raise UsageError(
+            f"{what}: a .npy header of {size} bytes, over the limit of {NPY_MAX_HEADER_BYTES} "
+            "(npy header bytes)"
+        )
+    f.seek(start)
     if version == (1, 0):
         return fmt.read_array_header_1_0(f)
-    if version == (2, 0):
-        return fmt.read_array_header_2_0(f)
-    raise UsageError(f"{what} has .npy version {version}; save it again with numpy")
+    return fmt.read_array_header_2_0(f)
 
 
 def _npy_open(zf: zipfile.ZipFile, path: Path, key: str, stack: contextlib.ExitStack):

@@ -52,7 +52,9 @@ from typing import Any
 
 import numpy as np
 
+from puregen_fast.data import pickle_scan
 from puregen_fast.data.datasets import read_npy_header
+from puregen_fast.data.pickle_scan import Budget, check_zip, read_member, scan_pickle
 from puregen_fast.errors import UsageError
 from puregen_fast.eval.poison import PoisonedSet, check_trigger, poison_dataset
 
@@ -102,13 +104,28 @@ CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2023, 0.1994, 0.2010)
 
 # caps, checked before data is decoded (the authors' files are far below them: CIFAR-10
-# Gradient Matching, 500 poisons of 32x32, is a 1.6 MB pickle)
-MAX_FILE_BYTES = 1 << 30
+# Gradient Matching, 500 poisons of 32x32, is a 1.6 MB pickle; a Bullseye Polytope .pth of 50
+# poisons 0.6 MB; the largest, Tiny-ImageNet's, about 12 MB)
+MAX_FILE_BYTES = 256 << 20
 MAX_IMAGE_PIXELS = 1024 * 1024  # per poison image
-MAX_TOTAL_PIXELS = 1 << 28  # all poison images of a file together
+MAX_TOTAL_PIXELS = 1 << 26  # all poison images of a file together (192 MiB as RGB bytes)
 MAX_POISONS = 1 << 20
 MAX_TRIGGER_SIDE = 1024
 MAX_LABEL = 1 << 20
+MAX_INDEX = 1 << 40  # a training-set index
+# what a pickle may ask to build (`puregen_fast.data.pickle_scan`): nesting, items, and bytes
+# with every shared reference counted again, so sharing cannot make a file build more than
+# the largest file read
+MAX_PICKLE_DEPTH = pickle_scan.MAX_PICKLE_DEPTH
+MAX_PICKLE_ITEMS = pickle_scan.MAX_PICKLE_ITEMS
+MAX_PICKLE_BYTES = MAX_FILE_BYTES
+# a .pth (zip) file: what its members inflate to, declared and actual, all together; the
+# tensor bytes its storages hold; its member count and central directory
+MAX_INFLATED_BYTES = MAX_FILE_BYTES
+MAX_TENSOR_BYTES = MAX_FILE_BYTES
+MAX_TENSOR_DIMS = 8
+MAX_ZIP_MEMBERS = 1 << 14
+_BUDGET = Budget(depth=MAX_PICKLE_DEPTH, items=MAX_PICKLE_ITEMS, nbytes=MAX_PICKLE_BYTES)
 
 
 # ------------------------------------------------------------------------- restricted unpickling
@@ -116,6 +133,20 @@ MAX_LABEL = 1 << 20
 
 class UnsafePickleError(UsageError):
     """A pickle names a global outside the allowed set; nothing of it was called."""
+
+
+def _brief(v: Any) -> str:
+    """An untrusted value for a message: short scalars as they are, anything else by its type
+    and size (``str()`` of a shared or deeply nested structure can take forever)."""
+    if isinstance(v, (str, bytes)) and len(v) <= 20:
+        return repr(v)
+    if type(v) is int and v.bit_length() <= 64 or type(v) in (float, bool, type(None)):
+        return repr(v)
+    if type(v) is int:
+        return f"an integer of {v.bit_length()} bits"
+    if isinstance(v, (str, bytes, bytearray, list, tuple, dict, set, frozenset)):
+        return f"a {type(v).__name__} of length {len(v)}"
+    return f"a {type(v).__name__}"
 
 
 @dataclass(frozen=True)
@@ -148,13 +179,13 @@ class _PickledImage(_Placeholder):
         _info, mode, size, _palette, data = state[:5]
         channels = {"RGB": 3, "L": 1}.get(mode) if isinstance(mode, str) else None
         if channels is None:
-            raise ValueError(f"PIL image mode {str(mode)[:20]!r}: only RGB (or L) images are read")
+            raise ValueError(f"PIL image mode {_brief(mode)}: only RGB (or L) images are read")
         if (
             not isinstance(size, (list, tuple))
             or len(size) != 2
             or not all(type(v) is int and 0 < v <= MAX_IMAGE_PIXELS for v in size)
         ):
-            raise ValueError(f"PIL image size {str(size)[:60]}: expected (width, height)")
+            raise ValueError(f"PIL image size {_brief(size)}: expected (width, height)")
         w, h = size
         if w * h > MAX_IMAGE_PIXELS:
             raise ValueError(f"a {w}x{h} image is over the cap of {MAX_IMAGE_PIXELS} pixels")
@@ -203,8 +234,15 @@ def _array(raw: Any, dtype: Any, shape: Any, order: Any) -> np.ndarray:
         raw = bytes(raw.raw())
     if not isinstance(raw, (bytes, bytearray)):
         raise ValueError("numpy array data must be bytes")
-    if not isinstance(shape, tuple) or not all(type(v) is int and v >= 0 for v in shape):
-        raise ValueError("a numpy array shape must be a tuple of sizes")
+    if (
+        not isinstance(shape, tuple)
+        or len(shape) > MAX_TENSOR_DIMS
+        or not all(type(v) is int and 0 <= v <= len(raw) for v in shape)
+    ):
+        raise ValueError(
+            f"a numpy array shape must be a tuple of at most {MAX_TENSOR_DIMS} sizes, each at "
+            "most its data's bytes"
+        )
     if math.prod(shape) * dtype.value.itemsize != len(raw) or order not in ("C", "F"):
         raise ValueError("numpy array data does not match its shape")
     return np.frombuffer(bytes(raw), dtype.value).reshape(shape, order=order).copy()
@@ -232,7 +270,7 @@ class _NdarrayType:
 
 def _np_dtype(spec: Any, align: Any = False, copy: Any = False) -> _DtypeSpec:
     if not isinstance(spec, str) or len(spec) > 4:
-        raise _refuse(f"numpy.dtype({str(spec)[:20]!r})")
+        raise _refuse(f"numpy.dtype({_brief(spec)})")
     d = np.dtype(spec)
     if d.hasobject or d.kind not in "biuf" or d.fields is not None or d.subdtype is not None:
         raise _refuse(f"numpy.dtype({spec!r}) (only plain numbers are read)")
@@ -257,17 +295,21 @@ def _np_frombuffer(buf: Any, dtype: Any, shape: Any, order: Any) -> np.ndarray:
 def _codecs_encode(text: Any, encoding: Any = "utf-8") -> bytes:
     # protocol 2 stores bytes as latin-1 text passed through _codecs.encode
     if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
-        raise _refuse(f"_codecs.encode(..., {str(encoding)[:20]!r})")
+        raise _refuse(f"_codecs.encode(..., {_brief(encoding)})")
     return text.encode("latin-1")
 
 
 def _torch_storage(data: Any) -> Any:
-    # torch.storage._load_from_bytes runs torch.load(weights_only=False); this, weights_only
+    # torch.storage._load_from_bytes runs torch.load(weights_only=False) on a legacy-format
+    # file; it is read here instead, through the same checks as a .pth
     import torch
 
     if not isinstance(data, bytes):
         raise ValueError("a tensor storage needs bytes")
-    return torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
+    out = _read_torch(data, "a pickled tensor storage")
+    if not isinstance(out, torch.storage.TypedStorage):
+        raise ValueError("a pickled tensor storage that holds something else")
+    return out
 
 
 def _torch_tensor(storage, offset, size, stride, requires_grad=False, hooks=None, meta=None):
@@ -276,7 +318,49 @@ def _torch_tensor(storage, offset, size, stride, requires_grad=False, hooks=None
 
     if not isinstance(storage, torch.storage.TypedStorage) or hooks or meta:
         raise _refuse("torch._utils._rebuild_tensor_v2 (of anything but a plain tensor)")
-    return _rebuild_tensor(storage, offset, size, stride)  # bounds checked by set_()
+    dims = (size, stride)
+    if (
+        not all(isinstance(d, tuple) and len(d) == len(size) <= MAX_TENSOR_DIMS for d in dims)
+        or not all(type(v) is int and 0 <= v <= MAX_TENSOR_BYTES for d in dims for v in d)
+        or type(offset) is not int
+        or not 0 <= offset <= MAX_TENSOR_BYTES
+    ):
+        raise ValueError(
+            f"a tensor's size and stride must be up to {MAX_TENSOR_DIMS} sizes of at most "
+            f"{MAX_TENSOR_BYTES}"
+        )
+    n = storage._size()
+    if math.prod(size) and offset + sum((k - 1) * st for k, st in zip(size, stride)) >= n:
+        raise ValueError("a tensor reaches past its storage")
+    if math.prod(size) > n:  # expand(): what a poison file never holds, and .numpy() copies
+        raise ValueError(f"a tensor of {math.prod(size)} elements on a storage of {n}")
+    return _rebuild_tensor(storage, offset, size, stride)
+
+
+def _torch_parameter(data: Any, requires_grad: Any = False, hooks: Any = None) -> Any:
+    import torch
+
+    if not isinstance(data, torch.Tensor) or hooks:
+        raise _refuse("torch._utils._rebuild_parameter (of anything but a plain tensor)")
+    return data
+
+
+class _StorageType:
+    """Stands in for ``torch.<Kind>Storage`` in a storage's persistent id (only the dtype)."""
+
+    def __init__(self, dtype: str) -> None:
+        self.dtype = dtype
+
+    def __call__(self, *args: Any) -> Any:
+        raise _refuse("torch storage types (called)")
+
+
+_STORAGE_TYPES = {
+    "FloatStorage": "float32", "DoubleStorage": "float64", "HalfStorage": "float16",
+    "BFloat16Storage": "bfloat16", "LongStorage": "int64", "IntStorage": "int32",
+    "ShortStorage": "int16", "CharStorage": "int8", "ByteStorage": "uint8",
+    "BoolStorage": "bool",
+}  # fmt: skip
 
 
 _ALLOWED: dict[tuple[str, str], Any] = {
@@ -290,8 +374,11 @@ _ALLOWED: dict[tuple[str, str], Any] = {
     ("numpy", "ndarray"): _NdarrayType,
     ("numpy", "dtype"): _np_dtype,
     ("torch._utils", "_rebuild_tensor_v2"): _torch_tensor,
+    ("torch._utils", "_rebuild_parameter"): _torch_parameter,
     ("torch.storage", "_load_from_bytes"): _torch_storage,
 }
+for _n, _d in _STORAGE_TYPES.items():
+    _ALLOWED[("torch", _n)] = _StorageType(_d)
 for _m in ("numpy.core", "numpy._core"):
     _ALLOWED[(f"{_m}.multiarray", "_reconstruct")] = _np_reconstruct
     _ALLOWED[(f"{_m}.multiarray", "scalar")] = _np_scalar
@@ -328,6 +415,165 @@ class _RestrictedUnpickler(pickle._Unpickler):
         raise _refuse("a persistent id")
 
 
+class _TorchUnpickler(_RestrictedUnpickler):
+    """`_RestrictedUnpickler` for the pickle of a ``torch.save`` file: its persistent ids name
+    tensor storages, which ``storage(key, dtype, numel)`` supplies."""
+
+    def __init__(self, data: bytes, storage: Any) -> None:
+        super().__init__(io.BytesIO(data))
+        self.storage = storage
+
+    def persistent_load(self, pid: Any) -> Any:
+        if not isinstance(pid, tuple) or len(pid) not in (5, 6) or pid[0] != "storage":
+            raise ValueError("a persistent id other than a tensor storage's")
+        _, kind, key, location, numel = pid[:5]
+        if len(pid) == 6 and pid[5] is not None:
+            raise ValueError("a storage view (of torch's oldest format)")
+        if (
+            not isinstance(kind, _StorageType)
+            or not isinstance(key, str)
+            or not 0 < len(key) <= 64
+            or not isinstance(location, str)
+            or type(numel) is not int
+        ):
+            raise ValueError("a malformed tensor storage id")
+        if not 0 <= numel <= MAX_TENSOR_BYTES:
+            raise ValueError(
+                f"a storage of {_brief(numel)} elements, over the limit of {MAX_TENSOR_BYTES} "
+                "tensor bytes"
+            )
+        return self.storage(key, kind.dtype, numel)
+
+
+def _unpickle(data: bytes, what: str, storage: Any = None) -> Any:
+    scan_pickle(data, _BUDGET, what)  # nesting and sizes bounded before anything is built
+    if storage is None:
+        return _RestrictedUnpickler(io.BytesIO(data)).load()
+    return _TorchUnpickler(data, storage).load()
+
+
+def _new_storage(dtype_name: str, raw: bytes | bytearray) -> Any:
+    import torch
+
+    dtype = getattr(torch, dtype_name)
+    flat = torch.frombuffer(bytearray(raw), dtype=dtype) if raw else torch.empty(0, dtype=dtype)
+    return torch.storage.TypedStorage(
+        wrap_storage=flat.untyped_storage(), dtype=dtype, _internal=True
+    )
+
+
+def _itemsize(dtype_name: str) -> int:
+    import torch
+
+    return getattr(torch, dtype_name).itemsize
+
+
+class _Storages:
+    """The storages of one torch file, each made once (tensors share them), their bytes
+    together capped at `MAX_TENSOR_BYTES` before any is allocated."""
+
+    def __init__(self, read: Any, room: int) -> None:
+        self.read, self.room, self.made, self.total = read, room, {}, 0
+
+    def __call__(self, key: str, dtype: str, numel: int) -> Any:
+        if key in self.made:
+            st, d = self.made[key]
+            if d != dtype or st._size() != numel:
+                raise ValueError("one storage named with two dtypes or sizes")
+            return st
+        nbytes = numel * _itemsize(dtype)
+        self.total += nbytes
+        if self.total > min(self.room, MAX_TENSOR_BYTES):
+            raise ValueError(
+                f"its tensors claim over {min(self.room, MAX_TENSOR_BYTES)} bytes (the file "
+                f"holds {self.room}; the limit on tensor bytes is {MAX_TENSOR_BYTES})"
+            )
+        st = _new_storage(dtype, self.read(key, nbytes))
+        self.made[key] = (st, dtype)
+        return st
+
+
+_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C  # torch.serialization.MAGIC_NUMBER
+_LEGACY_PROTOCOL = 1001
+
+
+def _read_torch(data: bytes, what: str) -> Any:
+    """A ``torch.save`` file's object, read here rather than by torch: every pickle through
+    `scan_pickle` and `_RestrictedUnpickler` (tensors of plain dtypes allowed), storages built
+    from checked bytes. The zip format (torch >= 1.6) and the legacy one (a pickled storage,
+    older .pth files). ValueError (or UnsafePickleError, naming a global)."""
+    if data[:4] == b"PK\x03\x04":
+        return _read_torch_zip(data, what)
+    return _read_torch_legacy(data, what)
+
+
+def _read_torch_zip(data: bytes, what: str) -> Any:
+    z, pkl = check_zip(io.BytesIO(data), MAX_INFLATED_BYTES, MAX_ZIP_MEMBERS)
+    with z:
+        prefix = pkl[: -len("data.pkl")]
+        if f"{prefix}byteorder" in z.NameToInfo:
+            order = read_member(z, f"{prefix}byteorder", 16)
+            if order != b"little":
+                raise ValueError(f"written on a {_brief(order)}-endian machine")
+
+        def read(key: str, nbytes: int) -> bytes:
+            name = f"{prefix}data/{key}"
+            if name not in z.NameToInfo:
+                raise ValueError(f"storage {key!r} is missing")
+            if z.getinfo(name).file_size != nbytes:
+                raise ValueError(f"storage {key!r} does not hold the bytes its id says")
+            return read_member(z, name, nbytes)
+
+        return _unpickle(
+            read_member(z, pkl, MAX_PICKLE_BYTES), f"{what} data.pkl", _Storages(read, len(data))
+        )
+
+
+def _read_torch_legacy(data: bytes, what: str) -> Any:
+    # five pickles (magic number, protocol, sys_info, the object, the storage keys), then
+    # each storage in the keys' order: its element count (int64) and its bytes
+    bounds, pos = [], 0
+    for i in range(5):
+        end = scan_pickle(data, _BUDGET, f"{what} pickle {i + 1}", pos)
+        bounds.append((pos, end))
+        pos = end
+    magic, proto, info = (_unpickle(data[a:b], what) for a, b in bounds[:3])
+    if magic != _LEGACY_MAGIC or proto != _LEGACY_PROTOCOL:
+        raise ValueError("not a torch.save file (no torch magic number)")
+    if not isinstance(info, dict) or info.get("little_endian", True) is not True:
+        raise ValueError("written on a big-endian machine, or its sys_info is malformed")
+
+    def claim(key: str, nbytes: int) -> bytes:  # filled from the raw section below
+        return bytes(nbytes)  # at most the bytes that follow (_Storages checks first)
+
+    storages = _Storages(claim, len(data) - pos)
+    obj = _unpickle(data[bounds[3][0] : bounds[3][1]], what, storages)
+    keys = _unpickle(data[bounds[4][0] : bounds[4][1]], what)
+    if (
+        not isinstance(keys, list)
+        or not all(isinstance(k, str) for k in keys)
+        or sorted(keys) != sorted(storages.made)
+    ):
+        raise ValueError("its storage keys do not match its storages")
+    import torch
+
+    for key in keys:
+        st, dtype = storages.made[key]
+        size = _itemsize(dtype)
+        if pos + 8 > len(data) or int.from_bytes(data[pos : pos + 8], "little") != st._size():
+            raise ValueError(f"storage {key!r} does not hold the elements its id says")
+        pos += 8
+        raw = data[pos : pos + st._size() * size]
+        if len(raw) != st._size() * size:
+            raise ValueError(f"storage {key!r} is truncated")
+        if raw:
+            st._untyped_storage.copy_(
+                torch.frombuffer(bytearray(raw), dtype=torch.uint8).untyped_storage()
+            )
+        pos += len(raw)
+    return obj
+
+
 def _resolve(obj: Any, depth: int = 0) -> Any:
     """Placeholders replaced by their values (images and arrays), in lists, tuples and dicts."""
     if depth > 20:
@@ -356,7 +602,7 @@ def safe_unpickle(path: str | os.PathLike[str]) -> Any:
     p = Path(path)
     data = _read_capped(p)
     try:
-        return _resolve(_RestrictedUnpickler(io.BytesIO(data)).load())
+        return _resolve(_unpickle(data, "the pickle"))
     except UnsafePickleError as e:
         raise UnsafePickleError(
             f"{p}: refused to unpickle the global '{e}': only PIL images, builtin containers "
@@ -569,24 +815,33 @@ class PublishedPoisons:
         return int(self.labels[0])
 
 
-def _as_int(v: Any, what: str) -> int:
+def _as_int(v: Any, what: str, stop: int) -> int:
+    """``v`` (an int, numpy integer or one-element integer tensor) in 0..stop-1, checked
+    before it is cast (2**70 does not fit an int64)."""
     if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
         try:
             import torch
 
-            if isinstance(v, torch.Tensor) and v.numel() == 1 and not v.is_floating_point():
-                return int(v.item())
+            if (
+                isinstance(v, torch.Tensor)
+                and v.numel() == 1
+                and v.layout == torch.strided
+                and v.device.type == "cpu"
+                and not v.is_floating_point()
+                and v.dtype != torch.bool
+            ):
+                return _as_int(int(v.item()), what, stop)
         except ImportError:  # pragma: no cover - torch is a dependency
             pass
         raise ValueError(f"{what} must be an integer, got {type(v).__name__}")
-    return int(v)
+    i = int(v)
+    if not 0 <= i < stop:
+        raise ValueError(f"{what} out of range 0..{stop - 1} (got {_brief(i)})")
+    return i
 
 
 def _labels(values: list[Any], what: str) -> np.ndarray:
-    out = np.array([_as_int(v, what) for v in values], np.int64)
-    if out.size and (out.min() < 0 or out.max() >= MAX_LABEL):
-        raise ValueError(f"{what} out of range: {out.min()}..{out.max()}")
-    return out
+    return np.array([_as_int(v, what, MAX_LABEL) for v in values], np.int64)
 
 
 def _indices(obj: Any, n: int) -> np.ndarray:
@@ -594,21 +849,25 @@ def _indices(obj: Any, n: int) -> np.ndarray:
         import torch
 
         if isinstance(obj, torch.Tensor):
-            obj = obj.numpy()
+            if obj.layout != torch.strided or obj.device.type != "cpu" or obj.is_complex():
+                raise ValueError(f"indices must be a dense integer tensor, got {obj.layout}")
+            obj = obj.detach().numpy()  # a view: nothing is copied before the checks below
     except ImportError:  # pragma: no cover
         pass
     if isinstance(obj, np.ndarray):
         if obj.ndim != 1 or obj.dtype.kind not in "iu":
             raise ValueError(f"indices must be a 1-D integer array, got {obj.dtype} {obj.shape}")
+        if obj.shape != (n,):  # before any copy: an expanded tensor claims any size
+            raise ValueError(f"{obj.shape[0]} indices for {n} poison images")
+        if obj.size and (obj.min() < 0 or obj.max() >= MAX_INDEX):
+            raise ValueError(f"indices out of range 0..{MAX_INDEX - 1}")
         idx = obj.astype(np.int64)
     elif isinstance(obj, (list, tuple)):
-        idx = np.array([_as_int(v, "an index") for v in obj], np.int64)
+        if len(obj) != n:
+            raise ValueError(f"{len(obj)} indices for {n} poison images")
+        idx = np.array([_as_int(v, "an index", MAX_INDEX) for v in obj], np.int64)
     else:
         raise ValueError(f"indices must be a list or an array, got {type(obj).__name__}")
-    if idx.shape != (n,):
-        raise ValueError(f"{idx.size} indices for {n} poison images")
-    if idx.size and idx.min() < 0:
-        raise ValueError("negative indices")
     if np.unique(idx).size != idx.size:
         raise ValueError("repeated indices")
     return idx
@@ -664,7 +923,7 @@ def load_gradient_matching(folder: str | os.PathLike[str]) -> PublishedPoisons:
             (ti,), (tl,) = _pairs([t], "target.pickle")
             if not isinstance(ti, PoisonImage):
                 raise ValueError("target.pickle must hold (PIL image, label)")
-            t_img, t_lab = ti.array, _as_int(tl, "the target label")
+            t_img, t_lab = ti.array, _as_int(tl, "the target label", MAX_LABEL)
     except ValueError as e:
         raise UsageError(f"{where}: not a Gradient Matching poison file as published ({e})") from e
     return PublishedPoisons("gradient-matching", images, labels, idx, str(d), t_img, t_lab)
@@ -683,35 +942,47 @@ def _unnormalise(t: Any) -> np.ndarray:
 
 
 def load_bullseye_polytope(path: str | os.PathLike[str]) -> PublishedPoisons:
-    """A Bullseye Polytope ``poison_<iters-1>.pth``: ``torch.load(weights_only=True)`` of a
-    dict with ``poison`` (a list of (normalised tensor (3, H, W), label)) and ``idx``."""
+    """A Bullseye Polytope ``poison_<iters-1>.pth``: a dict with ``poison`` (a list of
+    (normalised tensor (3, H, W), label)) and ``idx``, read as ``torch.load(weights_only=True)``
+    would, but by `_read_torch`: its pickle through the same checks as the other poison files
+    (nesting, sizes and globals), what it inflates to capped."""
     import torch
 
     p = Path(path)
-    _read_capped(p)  # the size cap and a readable regular file, before torch reads it
+    data = _read_capped(p)  # the size cap and a readable regular file
     try:
-        obj = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as e:  # weights_only refuses any global outside tensors and containers
+        obj = _read_torch(data, "the file")
+    except UnsafePickleError as e:
+        raise UnsafePickleError(
+            f"{p}: refused to unpickle the global '{e}': only tensors of plain numbers and "
+            "builtin containers are allowed in a Bullseye Polytope file, so nothing of it was "
+            "run. This is not a poison file as the authors publish it; fetch the original"
+        ) from None
+    except Exception as e:  # malformed zip or pickle, a limit, a bad storage
         raise UsageError(
-            f"{p}: not loadable with torch.load(weights_only=True) "
-            f"({type(e).__name__}: {str(e)[:200]}); fetch the file again"
+            f"{p}: not loadable as a torch.save file of tensors ({type(e).__name__}: "
+            f"{str(e)[:200]}); fetch the file again"
         ) from e
     try:
         if not isinstance(obj, dict) or "poison" not in obj or "idx" not in obj:
             raise ValueError("expected a dict with 'poison' and 'idx'")
         tens, labs = _pairs(obj["poison"], "'poison'")
+        pixels = 0
         for t in tens:
             if not isinstance(t, torch.Tensor) or not t.is_floating_point():
                 raise ValueError("'poison' images must be float tensors")
+            if t.layout != torch.strided or t.device.type != "cpu":
+                raise ValueError(f"'poison' images must be dense tensors, got {t.layout}")
             shape = tuple(t.shape[-3:]) if t.dim() in (3, 4) else ()
             if t.dim() == 4 and t.shape[0] != 1 or len(shape) != 3 or shape[0] != 3:
                 raise ValueError(f"'poison' images must be (3, H, W), got {tuple(t.shape)}")
             if shape[1] * shape[2] > MAX_IMAGE_PIXELS:
                 raise ValueError(f"a {shape[2]}x{shape[1]} image is over the pixel cap")
+            pixels += shape[1] * shape[2]
+            if pixels > MAX_TOTAL_PIXELS:
+                raise ValueError(f"the poison images are over {MAX_TOTAL_PIXELS} pixels in all")
             if not torch.isfinite(t).all():
                 raise ValueError("'poison' images hold NaN or infinite values")
-        if len(tens) * math.prod(tens[0].shape[-2:]) > MAX_TOTAL_PIXELS:
-            raise ValueError("the poison images are over the total pixel cap")
         images = _stack([_unnormalise(t.reshape(t.shape[-3:])) for t in tens], "'poison'")
         labels = _labels(labs, "a poison label")
         idx = _indices(obj["idx"], len(images))
@@ -749,8 +1020,10 @@ def load_narcissus(
             t = fmt.read_array(f, allow_pickle=False)
     except UsageError:
         raise
-    except (OSError, ValueError, EOFError) as e:
-        raise UsageError(f"{p}: not a readable .npy trigger ({type(e).__name__}: {e})") from e
+    except (OSError, ValueError, EOFError) as e:  # numpy's message may quote a 10 KB header
+        raise UsageError(
+            f"{p}: not a readable .npy trigger ({type(e).__name__}: {str(e)[:200]})"
+        ) from e
     what = f"{p} (a Narcissus trigger)"
     t = check_trigger(t, None, what=what)
     if image_hw is not None and (t.shape[2] > image_hw[0] or t.shape[3] > image_hw[1]):
@@ -809,7 +1082,7 @@ def poison_with_published(
     spec: PoisonSpec,
     source: str | None = None,
     *,
-    count: int = 500,
+    count: int | None = 500,
     last_n: bool = True,
     seed: int = 0,
     quantize: str = "trunc",

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from puregen_fast.data.io import atomic_path, atomic_write, file_digest
+from puregen_fast.data.pickle_scan import Budget, PickleLimitError, scan_torch_file
 from puregen_fast.errors import CheckpointError
 from puregen_fast.models.ebm import EBMSNGAN32
 
@@ -63,6 +64,10 @@ MAX_CONFIG_BYTES = 1 << 20
 MAX_CONFIG_DEPTH = 32
 # safetensors' own limit on the JSON header.
 _MAX_HEADER_BYTES = 100 << 20
+# a .pt/.bin file: its pickles within pickle_scan's depth and item limits, what its members
+# inflate to within MAX_PARAMETERS float64 values plus room for the pickle
+_PICKLE_BUDGET = Budget(nbytes=_MAX_HEADER_BYTES)
+_MAX_PICKLE_FILE_BYTES = MAX_PARAMETERS * 8 + _MAX_HEADER_BYTES
 
 _EBM_WEIGHTS = ("model.safetensors", "pytorch_model.bin", "model.pt")
 _DDPM_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
@@ -328,7 +333,13 @@ def _safetensors_specs(path: Path) -> _Specs:
 
 
 def _pickle_state(path: Path) -> dict[str, torch.Tensor]:
-    """A state dict from a ``.pt``/``.bin`` file through ``torch.load(weights_only=True)``."""
+    """A state dict from a ``.pt``/``.bin`` file through ``torch.load(weights_only=True)``, its
+    pickles first checked by `scan_torch_file` (torch's loader builds and hashes as it reads:
+    a deeply nested key overflows the C stack)."""
+    try:
+        scan_torch_file(path, _PICKLE_BUDGET, max_inflated=_MAX_PICKLE_FILE_BYTES)
+    except (PickleLimitError, ValueError, OSError) as e:
+        raise CheckpointError(f"cannot read weights {_q(path)}: {str(e)[:300]}") from e
     try:
         state = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # not a zip/pickle, a forbidden global, truncated, ...
