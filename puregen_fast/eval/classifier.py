@@ -299,12 +299,21 @@ def default_config(arch: str, **overrides) -> TrainConfig:
     return cfg
 
 
+def batch_starts(n: int, bs: int) -> list[int]:
+    """Where each batch of an epoch over ``n`` images starts: every ``bs``, except that a last
+    batch of one image joins the one before (batch norm cannot train on one image)."""
+    starts = list(range(0, n, bs))
+    if len(starts) > 1 and n - starts[-1] == 1:
+        starts.pop()
+    return starts
+
+
 def plan_length(n: int, cfg: TrainConfig) -> tuple[int, int]:
     """The batch size and the total number of optimiser steps ``cfg`` gives on ``n`` images."""
     bs = max(1, min(cfg.batch_size, n))
     while cfg.min_steps_per_epoch and bs > 32 and math.ceil(n / bs) < cfg.min_steps_per_epoch:
         bs //= 2
-    per_epoch = math.ceil(n / bs)
+    per_epoch = len(batch_starts(n, bs))
     total = cfg.steps if cfg.steps is not None else math.ceil(cfg.epochs * per_epoch)
     return bs, max(1, total, cfg.min_steps)
 
@@ -391,6 +400,11 @@ def _check_inputs(x: np.ndarray, y: np.ndarray, num_classes: int, cfg: TrainConf
         raise UsageError(f"training labels must be in [0, {num_classes - 1}]")
     if cfg.epochs <= 0 or cfg.batch_size < 1 or not cfg.lr > 0:
         raise UsageError("--epochs, --batch-size and --lr must be > 0")
+    if min(cfg.batch_size, x.shape[0]) < 2:  # batch norm cannot train on one image
+        raise UsageError(
+            f"training needs batches of at least 2 images (batch norm); got --batch-size "
+            f"{cfg.batch_size} and {x.shape[0]} training image(s)"
+        )
     if cfg.steps is not None and cfg.steps < 1:
         raise UsageError(f"--steps {cfg.steps}: must be >= 1")
     if cfg.crop_pad < 0:
@@ -544,10 +558,11 @@ def _epoch(run: _Run, epoch: int, bar: Any, t0: float) -> dict:
     correct = torch.zeros((), dtype=torch.int64, device=dev)
     sizes: dict[int, torch.Tensor] = {}  # batch sizes as device scalars (see below)
     count, logged = 0, time.perf_counter()
-    for s in range(0, n, run.bs):
+    starts = batch_starts(n, run.bs)
+    for i, s in enumerate(starts):
         if run.step >= run.total_steps:
             break
-        idx = perm[s : s + run.bs]
+        idx = perm[s : starts[i + 1] if i + 1 < len(starts) else n]
         yb = run.y[idx]
         loss, out = _step(run, idx, yb, epoch)
         m = idx.shape[0]
@@ -597,7 +612,7 @@ def train_classifier(
     run = _prepare(images, labels, num_classes, cfg, device)
     dev = run.dev
     n = run.x_u8.shape[0]
-    full, rem = divmod(run.total_steps, math.ceil(n / run.bs))
+    full, rem = divmod(run.total_steps, len(batch_starts(n, run.bs)))
     history: list[dict] = []
     t0 = time.perf_counter()
     with tqdm(

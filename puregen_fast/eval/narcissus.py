@@ -27,19 +27,28 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from puregen_fast.errors import UsageError
-from puregen_fast.eval.classifier import Classifier, default_config, train_classifier
+from puregen_fast.eval.classifier import (
+    Classifier,
+    TrainConfig,
+    default_config,
+    train_classifier,
+)
 from puregen_fast.eval.poison import apply_trigger, check_trigger
 from puregen_fast.runtime import resolve_device
 
 __all__ = [
     "NarcissusConfig",
     "NarcissusResult",
+    "TriggerReport",
+    "check_on_victim",
+    "judge_trigger",
     "resize_images",
     "synthesize_narcissus",
     "target_rate",
@@ -262,3 +271,105 @@ def target_rate(
         x = apply_trigger(x, result.trigger, scale)
     pred = result.surrogate.predict(x, batch_size)
     return float(np.mean(pred == result.target_label))
+
+
+# ----------------------------------------------------------------------------- an honest report
+#
+# A surrogate's rates alone can say nothing: a surrogate that calls most clean images the target
+# (it was trained on the target examples and POOD only) "succeeds" with any pattern, and a
+# trigger that fools the surrogate may never be learnt by a victim trained on poisoned data.
+
+MAX_CLEAN_RATE = 0.5  # surrogate: above it, clean images already read as the target
+MIN_LIFT = 0.2  # the trigger must move at least this share of images to the target
+MIN_BUDGET_USE = 0.5  # below it, the pattern barely uses its L-inf budget
+
+
+@dataclass
+class TriggerReport:
+    """What `judge_trigger` found: ``verdict`` is ``works on a victim``, ``fails on a victim``,
+    ``works on the surrogate (not checked on a victim)`` or ``not shown to work``; ``reasons``
+    say why, ``warnings`` what else to know."""
+
+    verdict: str
+    reasons: list[str]
+    warnings: list[str]
+    budget_used: float  # max |trigger| / eps
+    surrogate: dict[str, float]  # target rates: clean, x1, x3
+    victim: dict[str, Any] | None = None
+
+    @property
+    def success(self) -> bool:
+        return self.verdict in ("works on a victim",
+                                "works on the surrogate (not checked on a victim)")  # fmt: skip
+
+    def lines(self) -> list[str]:
+        out = [f"verdict: {self.verdict}" + (f": {'; '.join(self.reasons)}" if self.reasons
+                                               else "")]  # fmt: skip
+        return out + [f"warning: {w}" for w in self.warnings]
+
+
+def judge_trigger(rates: dict[str, float], trigger: np.ndarray, eps: float,
+                  victim: dict[str, Any] | None = None) -> TriggerReport:  # fmt: skip
+    """Judge a trigger by the surrogate's target rates (``clean``, ``x1``, ``x3`` on images of
+    the other classes), its use of the budget ``eps`` and, where given, a victim trained on a
+    set poisoned with it (`check_on_victim`)."""
+    used = float(np.abs(np.asarray(trigger, np.float64)).max()) / eps if eps > 0 else 0.0
+    reasons: list[str] = []
+    warnings: list[str] = []
+    if used < MIN_BUDGET_USE:
+        warnings.append(f"the pattern uses {used:.2f} of its budget (max |delta| "
+                        f"{used * eps * 127.5:.1f} of {eps * 127.5:.1f} pixel levels)")  # fmt: skip
+    clean, x1 = rates.get("clean", float("nan")), rates.get("x1", float("nan"))
+    if not clean < MAX_CLEAN_RATE:
+        reasons.append(f"the surrogate already calls {100 * clean:.1f}% of clean other-class "
+                       f"images the target (over {100 * MAX_CLEAN_RATE:.0f}%): its rates say "
+                       f"nothing about the trigger")  # fmt: skip
+    elif not x1 - clean >= MIN_LIFT:
+        reasons.append(f"on the surrogate the trigger x1 moves {100 * (x1 - clean):.1f}% of "
+                       f"other-class images to the target (under {100 * MIN_LIFT:.0f}%)")
+    if victim is not None:
+        lift = victim["x1"] - victim["clean"]
+        what = (f"a {victim['arch']} victim trained on {victim['poisoned']} poisoned images "
+                f"calls {100 * victim['x1']:.1f}% of held-apart other-class images the target "
+                f"with the trigger x1, {100 * victim['clean']:.1f}% without")  # fmt: skip
+        if lift >= MIN_LIFT:
+            return TriggerReport("works on a victim", [what], warnings + reasons, used, rates,
+                                 victim)  # fmt: skip
+        return TriggerReport("fails on a victim", [what, *reasons], warnings, used, rates, victim)
+    if reasons:
+        return TriggerReport("not shown to work", reasons, warnings, used, rates)
+    warnings.append("not checked on a victim trained on a poisoned set (--check-victim ARCH, "
+                    "or eval experiment)")  # fmt: skip
+    return TriggerReport("works on the surrogate (not checked on a victim)", [], warnings, used,
+                         rates)  # fmt: skip
+
+
+def check_on_victim(
+    trigger: np.ndarray, images: np.ndarray, labels: np.ndarray, target: int, poison_idx:
+    np.ndarray, arch: str = "airbench", *, seed: int = 0, held_frac: float = 0.2,
+    device: str | torch.device = "cpu", quiet: bool = True, config: TrainConfig | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """Train a fresh ``arch`` victim (its preset sized to the set, or ``config``) on ``images``
+    with the trigger added to ``poison_idx`` (clean label: images of ``target``), leaving a random
+    ``held_frac`` of the other classes' images out, and measure on those: the share called the
+    target with the trigger x1 and x3 and without it."""
+    y = np.asarray(labels, np.int64)
+    rng = np.random.default_rng(seed)
+    others = np.flatnonzero(y != target)
+    held = np.sort(rng.choice(others, max(1, int(held_frac * others.size)), replace=False))
+    keep = np.setdiff1d(np.arange(y.size), held)
+    x = np.array(images, np.uint8)
+    x[poison_idx] = apply_trigger(x[poison_idx], trigger, 1.0)
+    k = int(y.max()) + 1
+    cfg = config or default_config(arch, seed=seed)
+    clf = train_classifier(x[keep], y[keep], k, cfg,
+                           device=resolve_device(str(device)), quiet=quiet)  # fmt: skip
+    xh = np.asarray(images)[held]
+
+    def rate(m: float | None) -> float:
+        xi = xh if m is None else apply_trigger(xh, trigger, m)
+        return float(np.mean(clf.predict(xi) == target))
+
+    return {"arch": cfg.arch, "seed": cfg.seed, "poisoned": int(len(poison_idx)),
+            "held_apart": int(held.size), "clean": rate(None), "x1": rate(1.0),
+            "x3": rate(3.0)}  # fmt: skip

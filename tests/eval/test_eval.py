@@ -413,5 +413,26 @@ def test_read_only_arrays_train_without_a_warning():
     y.flags.writeable = False
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        train_classifier(x, y, 2, default_config("airbench", widths=(8, 8, 8), steps=1,
-                                                 batch_size=32), device="cpu", quiet=True)  # fmt: skip
+        cfg = default_config("airbench", widths=(8, 8, 8), steps=1, batch_size=32)
+        train_classifier(x, y, 2, cfg, device="cpu", quiet=True)
+
+
+def test_a_last_batch_of_one_image_trains():
+    """33 images in batches of 32: the one left over joins the batch before (batch norm cannot
+    train on one image; this raised before)."""
+    from puregen_fast.eval.classifier import (
+        batch_starts,
+        default_config,
+        plan_length,
+        train_classifier,
+    )
+
+    assert batch_starts(33, 32) == [0] and batch_starts(34, 32) == [0, 32]
+    assert batch_starts(1, 32) == [0] and batch_starts(65, 32) == [0, 32]
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (33, 8, 8, 3), dtype=np.uint8)
+    y = np.arange(33, dtype=np.int64) % 2
+    cfg = default_config("airbench", widths=(8, 8, 8), epochs=2, batch_size=32)
+    assert plan_length(33, cfg)[1] == max(2, cfg.min_steps)
+    clf = train_classifier(x, y, 2, cfg, device="cpu", quiet=True)
+    assert clf.predict(x).shape == (33,)

@@ -114,3 +114,53 @@ def test_narcissus_cli_on_32x32_photo_tiles(tmp_path, capsys):
     assert rates["x3"] >= 0.8 and rates["clean"] < 0.2, rates
     t = load_narcissus(tmp_path / "t.npy", (32, 32))
     assert t.shape == (1, 3, 32, 32) and np.abs(t).max() <= 2 * 16 / 255 + 1e-7
+
+
+# -- the honest report: a surrogate's rates alone cannot call a trigger successful -------------
+
+
+def test_a_useless_trigger_is_reported_as_such():
+    from puregen_fast.eval.narcissus import judge_trigger
+
+    eps = 2 * 16 / 255
+    strong = np.full((1, 3, 4, 4), eps, np.float32)
+    # the issue's case: the surrogate calls every clean image the target, the pattern is faint
+    faint = strong * 0.08 / 1.0
+    r = judge_trigger({"clean": 1.0, "x1": 1.0, "x3": 1.0}, faint, eps)
+    assert not r.success and r.verdict == "not shown to work"
+    assert "already calls 100.0% of clean" in r.reasons[0]
+    assert any("uses 0.08 of its budget" in w for w in r.warnings)
+    # a trigger that barely lifts the surrogate's rate
+    r = judge_trigger({"clean": 0.05, "x1": 0.15, "x3": 0.3}, strong, eps)
+    assert not r.success and "moves 10.0%" in r.reasons[0]
+    # good surrogate figures: success on the surrogate, and the report says it is unchecked
+    r = judge_trigger({"clean": 0.05, "x1": 0.7, "x3": 0.9}, strong, eps)
+    assert r.success and r.verdict.endswith("(not checked on a victim)")
+    assert any("not checked on a victim" in w for w in r.warnings) and not r.reasons
+    # a victim that did not learn it overrules the surrogate
+    v = {"arch": "airbench", "poisoned": 40, "clean": 0.02, "x1": 0.03, "x3": 0.1}
+    r = judge_trigger({"clean": 0.05, "x1": 0.7, "x3": 0.9}, strong, eps, v)
+    assert not r.success and r.verdict == "fails on a victim"
+    r = judge_trigger({"clean": 0.9, "x1": 0.9, "x3": 0.9}, strong, eps, {**v, "x1": 0.8})
+    assert r.success and r.verdict == "works on a victim"
+    assert "verdict: works on a victim" in r.lines()[0]
+
+
+def test_the_victim_check_tells_a_learnt_trigger_from_none():
+    """A fresh victim trained on photo tiles whose target examples carry a strong grid learns
+    it; with a zero pattern there is nothing to learn."""
+    from puregen_fast.eval.narcissus import check_on_victim
+
+    x, y, _, _ = photo_sets(16, 4)
+    members = np.flatnonzero(y == TARGET)
+    grid = np.zeros((1, 3, 16, 16), np.float32)
+    grid[0, :, ::2, ::2] = 0.5
+    grid[0, 1, 1::2, 1::2] = -0.5
+    from puregen_fast.eval.classifier import default_config
+
+    cfg = default_config("airbench", widths=(16, 32, 32), steps=80, batch_size=32, seed=0)
+    got = check_on_victim(grid, x, y, TARGET, members, config=cfg)
+    assert got["x1"] - got["clean"] >= 0.2, got
+    none = check_on_victim(np.zeros_like(grid), x, y, TARGET, members, config=cfg)
+    assert none["x1"] - none["clean"] < 0.2, none
+    assert got["held_apart"] == none["held_apart"] > 0 and got["poisoned"] == members.size

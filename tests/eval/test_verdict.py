@@ -3,7 +3,6 @@ shortcut warning on a victim that really learnt a planted patch as a class."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 from puregen_fast.eval.classifier import default_config, train_classifier
