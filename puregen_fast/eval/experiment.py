@@ -110,7 +110,9 @@ class Protocol:
     (None: all of them). ``purify``: the engine's settings for every defense (``ebm``/``ddpm``
     sources, steps, ``jpeg_quality``, ``seed``, ``batch_size``, ...). ``sweep``: settings to vary
     (`SWEEPABLE` names, each with its values): every defense that a swept setting changes runs
-    once per combination, as its own row (`variants`).
+    once per combination, as its own row (`variants`). ``ebm_poisoned``: an EBM trained on the
+    poisoned training set itself (the case of a user who has only their own, possibly poisoned,
+    data): every EBM defense also runs with it, as the row ``<defense> (EBM trained on poisoned)``.
     """
 
     dataset: str
@@ -131,6 +133,7 @@ class Protocol:
     scales: tuple[float, ...] = (1.0, 3.0)
     purify: tuple[tuple[str, Any], ...] = ()
     sweep: tuple[tuple[str, tuple[Any, ...]], ...] = ()
+    ebm_poisoned: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -176,6 +179,9 @@ def variants(p: Protocol) -> list[tuple[str, str, dict[str, Any]]]:
         for c in combos:
             tag = ", ".join(f"{k.replace('_', '-')}={v:g}" for k, v in c.items())
             out.append((f"{d} ({tag})" if tag else d, d, c))
+            if p.ebm_poisoned is not None and d in _EBM_DEFENSES:
+                tag = ", ".join(["EBM trained on poisoned", *filter(None, [tag])])
+                out.append((f"{d} ({tag})", d, {**c, "ebm": p.ebm_poisoned}))
     return out
 
 
@@ -205,6 +211,9 @@ def check_protocol(p: Protocol) -> None:
             "--attack narcissus needs --trigger FILE|DIR (e.g. from `eval trigger --method "
             "narcissus`) or --poisons SRC (the authors' triggers)"
         )
+    if p.ebm_poisoned is not None and not any(d in _EBM_DEFENSES for d in p.defenses):
+        raise UsageError(f"--ebm-poisoned applies to the EBM defenses "
+                         f"({', '.join(_EBM_DEFENSES)}); --defenses has none")  # fmt: skip
     if p.attack != "narcissus" and p.trigger is not None:
         raise UsageError(f"--trigger applies to --attack narcissus, not {p.attack}")
     if p.attack != "narcissus" and p.poisons is None:
@@ -265,12 +274,18 @@ def load_sets(p: Protocol, *, quiet: bool = False) -> Sets:
     return Sets(train, x_test, y_test, k, test_key)
 
 
-def load_models(defenses: Sequence[str], pur: Mapping[str, Any]) -> dict[str, Any]:
-    """The models the defenses need: as purify, the authors' published checkpoints unless
-    ``ebm``/``ddpm`` names others."""
+def load_models(defenses: Sequence[str], pur: Mapping[str, Any],
+                ebm_poisoned: str | None = None) -> dict[str, Any]:  # fmt: skip
+    """The models the defenses need, by source: as purify, the authors' published checkpoints
+    unless ``ebm``/``ddpm`` names others; and the EBM trained on the poisoned set, if given."""
     models: dict[str, Any] = {}
     if any(d in _EBM_DEFENSES for d in defenses):
-        models["ebm"] = load_ebm(pur.get("ebm") or DEFAULT_EBM)
+        for src in filter(None, [pur.get("ebm") or DEFAULT_EBM, ebm_poisoned]):
+            try:
+                models[f"ebm:{src}"] = load_ebm(src)
+            except UsageError as e:
+                flag = "--ebm-poisoned" if src == ebm_poisoned else "--ebm"
+                raise UsageError(f"{flag} {src}: {e}") from e
     if any(d in _DDPM_DEFENSES for d in defenses) or ("filt" in defenses and pur.get("ddpm")):
         models["ddpm"] = load_ddpm(pur.get("ddpm") or DEFAULT_DDPM)
     return models
@@ -333,7 +348,7 @@ def _purifier(defense: str, pur: Mapping[str, Any], models: Mapping[str, Any], d
     keys = ("ebm_steps", "ebm_eps", "ebm_temp", "ddpm_steps", "reps", "filter_frac",
             "jpeg_quality", "seed", "backend", "precision")  # fmt: skip
     kw = {k: pur[k] for k in keys if pur.get(k) is not None}
-    ebm = models.get("ebm") if defense in _EBM_DEFENSES else None
+    ebm = models.get(f"ebm:{pur.get('ebm') or DEFAULT_EBM}") if defense in _EBM_DEFENSES else None
     ddpm = models.get("ddpm") if defense in _DDPM_DEFENSES else None
     if defense == "filt" and pur.get("ddpm"):
         ddpm = models.get("ddpm")
@@ -561,7 +576,7 @@ def run_protocol(
     root = prepare_out(p, out)
     sets = load_sets(p, quiet=quiet)
     pur = dict(p.purify)
-    models = load_models(p.defenses, pur)
+    models = load_models(p.defenses, pur, p.ebm_poisoned)
     store = CellStore(root / "cells")
     rows = [(CLEAN, CLEAN, {}), *variants(p)]
     total = len(p.targets) * len(rows) * len(p.classifiers) * len(p.seeds)

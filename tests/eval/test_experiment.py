@@ -402,3 +402,26 @@ def test_two_runs_side_by_side_compute_each_cell_once(tmp_path):
     assert sorted(calls) == [("a", 0), ("b", 1)]
     assert order == [(1, False), (0, True)]
     assert [r["metrics"]["seed"] for r in got] == [0, 1] and store_b.reused == 1
+
+
+def test_an_ebm_trained_on_the_poisoned_set_is_its_own_row(photos, tmp_path, capsys):
+    d, paths, _ = photos
+    torch.manual_seed(1)
+    pg.save_ebm(pg.EBMSNGAN32(nf=8), tmp_path / "ebm-poisoned")  # another EBM: another sha256
+    out = tmp_path / "exp"
+    argv = _argv(d, paths, out, seeds="0")
+    argv[argv.index("--defenses") + 1] = "none,ebm"
+    argv += ["--ebm-poisoned", str(tmp_path / "ebm-poisoned")]
+    assert main(argv) == 0
+    res = json.loads((out / "results.json").read_text())
+    rows = [r["defense"] for r in res["summary"]]
+    assert rows == ["clean", "none", "ebm", "ebm (EBM trained on poisoned)"]
+    assert res["plan"]["ebm_poisoned"] == str(tmp_path / "ebm-poisoned")
+    ebms = {json.loads(m.read_text())["config"]["purifier"]["ebm"]["sha256"]
+            for m in out.glob("poison-*/*/manifest.json")
+            if json.loads(m.read_text())["config"]["method"] == "ebm"}  # fmt: skip
+    assert len(ebms) == 2  # each row purified with its own model
+    argv = _argv(d, paths, tmp_path / "o2", seeds="0")
+    argv[argv.index("--defenses") + 1] = "none,jpeg"
+    assert main([*argv, "--ebm-poisoned", str(tmp_path / "ebm-poisoned")]) == 2
+    assert "--ebm-poisoned applies to the EBM defenses" in capsys.readouterr().err
