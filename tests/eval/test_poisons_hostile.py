@@ -28,6 +28,7 @@ from puregen_fast.eval import poisons as P
 CHILD = Path(C.__file__)
 MEMORY_CAP = 3 << 30  # address space of the child: torch's import alone maps about 0.9 GiB
 DEADLINE_S = 20.0  # per case; each takes milliseconds
+FUZZ_CASES = 25  # generated files per format in the default run; -m slow: 10,000 each
 
 # what each case's message must name (the limit, or the global refused)
 NEEDLES = {
@@ -87,7 +88,9 @@ def _more_cases(tmp: Path) -> dict[str, tuple[str, dict[str, bytes]]]:
     return out
 
 
-def run_child(tmp_path: Path, cases: dict, memory: int = MEMORY_CAP, **extra) -> dict:
+def run_child(
+    tmp_path: Path, cases: dict, memory: int = MEMORY_CAP, timeout: float = 0, **extra
+) -> dict:
     """Loads ``cases`` (name -> (loader, files)) in a child process; its JSON report."""
     folders = []
     for i, (name, (loader, files)) in enumerate(cases.items()):
@@ -104,17 +107,25 @@ def run_child(tmp_path: Path, cases: dict, memory: int = MEMORY_CAP, **extra) ->
         [sys.executable, str(CHILD), str(spec)],
         capture_output=True,
         text=True,
-        timeout=DEADLINE_S * len(cases) + 120,
+        timeout=timeout or DEADLINE_S * len(cases) + 120,
     )
     # a crash (SIGSEGV: -11) or an uncaught error fails here, with what it printed
     assert r.returncode == 0, (r.returncode, r.stdout[-2000:], r.stderr[-4000:])
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def test_hostile_poison_files_are_clean_errors(tmp_path):
-    cases = {**C.hostile_cases(), **_more_cases(tmp_path)}
+@pytest.fixture(scope="module")
+def child_report(tmp_path_factory) -> dict:
+    """One child loads every hostile file and runs the default fuzz (one torch import)."""
+    tmp = tmp_path_factory.mktemp("hostile")
+    cases = {**C.hostile_cases(), **_more_cases(tmp)}
     assert set(cases) == set(NEEDLES)
-    report = run_child(tmp_path, cases)
+    fuzz = {"formats": ["gm", "bp", "narcissus"], "cases": FUZZ_CASES}
+    return run_child(tmp, cases, timeout=600, fuzz=fuzz)
+
+
+def test_hostile_poison_files_are_clean_errors(child_report):
+    report = child_report
     results = report["results"]
     bad = {
         name: r["out"]
@@ -271,3 +282,31 @@ def test_messages_never_stringify_untrusted_objects():
         P._PickledImage().__setstate__([{}, nested, (1, 1), None, b"abc"])
     with pytest.raises(P.UnsafePickleError, match="a list of length 10"):
         P._codecs_encode("x", nested)
+
+
+# ----------------------------------------------------------------------------- fuzz
+
+SLOW_FUZZ_CASES = 10_000
+
+
+def _check_fuzz(reports: list[dict], cases: int) -> None:
+    for r in reports:
+        c = r["counts"]
+        print(
+            f"{r['format']}: {c.get('cases', 0)} cases, {c.get('ok', 0)} loaded, "
+            f"{c.get('clean', 0)} clean errors, {c.get('other', 0)} other, {c.get('hang', 0)} "
+            f"hangs; slowest {r['slowest_s']} s, peak RSS {r['peak_rss_mib']} MiB"
+        )
+        assert c.get("cases") == cases
+        assert c.get("ok", 0) + c.get("clean", 0) == cases, r["others"]
+
+
+def test_fuzz_poison_files(child_report):
+    _check_fuzz(child_report["fuzz"], FUZZ_CASES)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["gm", "bp", "narcissus"])
+def test_fuzz_poison_files_slow(tmp_path, fmt):
+    fuzz = {"formats": [fmt], "cases": SLOW_FUZZ_CASES}
+    _check_fuzz(run_child(tmp_path, {}, timeout=3 * 3600, fuzz=fuzz)["fuzz"], SLOW_FUZZ_CASES)
