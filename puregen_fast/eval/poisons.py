@@ -25,11 +25,16 @@ its own target image and poison class; the authors ran trials 0-99 of Gradient M
 Trust. A pickle can run any code while it loads, so ``.pickle`` files go through
 `safe_unpickle`: a restricted unpickler that admits only the globals these files need (the
 PIL image class, whose state is checked and decoded here rather than by PIL; numpy arrays and
-scalars of plain dtypes; torch tensors through ``torch.load(weights_only=True)``; ``_codecs``
+scalars of plain dtypes; torch tensors of plain dtypes, their storages read here; ``_codecs``
 latin-1 bytes and ``collections.OrderedDict`` of protocol 2) and refuses any other global
-before anything is called (`UnsafePickleError`, naming the global). ``.pth`` files load with
-``torch.load(weights_only=True)``; ``.npy`` with ``allow_pickle=False``, header checked first.
-Sizes are capped before data is decoded: file bytes, pixels per image, pixels in all.
+before anything is called (`UnsafePickleError`, naming the global). ``.pth`` files (torch's zip
+and legacy formats) are read by `_read_torch` through the same unpickler, not by ``torch.load``
+(whose loader builds and hashes as it reads); ``.npy`` with ``allow_pickle=False``, header
+checked first. Before anything is built, every pickle passes `pickle_scan.scan_pickle`
+(nesting, items and bytes with shared references counted again, integer sizes); then sizes are
+capped before data is decoded: file bytes, what a zip inflates to, storage bytes claimed,
+shapes before any product or cast, pixels per image and in all, label and index ranges (the
+``MAX_*`` constants below; README, "The authors' published poisons").
 
 `poison_with_published` applies a poison set to a training set: Narcissus with
 `puregen_fast.eval.poison.poison_dataset` (the last ``count`` images of the target class);

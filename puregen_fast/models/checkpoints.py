@@ -7,8 +7,10 @@
 
 ``src`` is a local directory, a weights file, or ``hf:owner/name`` (fetched once through
 huggingface_hub's cache). Pickles are never unpickled: ``.pt``/``.bin`` only through
-``torch.load(weights_only=True)``. The loaded module carries ``puregen_source`` and
-``puregen_sha256`` (of the weights file) for the output manifest.
+``torch.load(weights_only=True)``, after `pickle_scan.scan_torch_file` has checked their pickles'
+nesting and item counts (torch's loader hashes a deeply nested key on the C stack). The loaded
+module carries ``puregen_source`` and ``puregen_sha256`` (of the weights file) for the output
+manifest.
 
 A checkpoint is untrusted input: every problem with it raises `CheckpointError` (a `UsageError`,
 exit 2) naming the file. The config is checked and the model built on the ``meta`` device (no
