@@ -9,7 +9,6 @@ hangs.
 
 from __future__ import annotations
 
-import resource
 import signal
 import struct
 import tempfile
@@ -379,5 +378,5 @@ def _fuzz_one(fmt: str, spec: dict) -> dict:
         "counts": dict(counts),
         "others": others,
         "slowest_s": round(worst["s"], 3),
-        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "peak_rss_mib": C.peak_rss_mib(),
     }

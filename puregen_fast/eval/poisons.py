@@ -428,6 +428,13 @@ class _TorchUnpickler(_RestrictedUnpickler):
         super().__init__(io.BytesIO(data))
         self.storage = storage
 
+    def find_class(self, module: str, name: str) -> Any:
+        # a torch file names its storages by persistent id; a pickled file inside would nest
+        # one reader in another without end
+        if (module, name) == ("torch.storage", "_load_from_bytes"):
+            raise _refuse("torch.storage._load_from_bytes (inside a torch file)")
+        return super().find_class(module, name)
+
     def persistent_load(self, pid: Any) -> Any:
         if not isinstance(pid, tuple) or len(pid) not in (5, 6) or pid[0] != "storage":
             raise ValueError("a persistent id other than a tensor storage's")
@@ -475,7 +482,8 @@ def _itemsize(dtype_name: str) -> int:
 
 class _Storages:
     """The storages of one torch file, each made once (tensors share them), their bytes
-    together capped at `MAX_TENSOR_BYTES` before any is allocated."""
+    together capped at `MAX_TENSOR_BYTES`, and at ``room`` (what the file can hold), before
+    any is allocated."""
 
     def __init__(self, read: Any, room: int) -> None:
         self.read, self.room, self.made, self.total = read, room, {}, 0
@@ -488,11 +496,12 @@ class _Storages:
             return st
         nbytes = numel * _itemsize(dtype)
         self.total += nbytes
-        if self.total > min(self.room, MAX_TENSOR_BYTES):
+        if self.total > MAX_TENSOR_BYTES:
             raise ValueError(
-                f"its tensors claim over {min(self.room, MAX_TENSOR_BYTES)} bytes (the file "
-                f"holds {self.room}; the limit on tensor bytes is {MAX_TENSOR_BYTES})"
+                f"its storages claim over the limit of {MAX_TENSOR_BYTES} tensor bytes"
             )
+        if self.total > self.room:
+            raise ValueError(f"its storages claim more than the {self.room} bytes that hold them")
         st = _new_storage(dtype, self.read(key, nbytes))
         self.made[key] = (st, dtype)
         return st
@@ -530,7 +539,9 @@ def _read_torch_zip(data: bytes, what: str) -> Any:
             return read_member(z, name, nbytes)
 
         return _unpickle(
-            read_member(z, pkl, MAX_PICKLE_BYTES), f"{what} data.pkl", _Storages(read, len(data))
+            read_member(z, pkl, MAX_PICKLE_BYTES),
+            f"{what} data.pkl",
+            _Storages(read, MAX_INFLATED_BYTES),
         )
 
 

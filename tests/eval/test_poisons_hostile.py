@@ -134,7 +134,7 @@ def test_hostile_poison_files_are_clean_errors(child_report):
     }
     assert not bad, bad
     print(f"{len(results)} hostile files: all clean errors; peak RSS {report['peak_rss_mib']} MiB")
-    assert report["peak_rss_mib"] < 1500  # nothing was built: about torch's import alone
+    assert report["peak_rss_mib"] < 600  # nothing was built: about torch's import alone (300)
 
 
 @pytest.mark.slow
@@ -163,6 +163,7 @@ def test_torch_files_read_as_torch_reads_them(tmp_path, zipped):
             t=base[:, 1, ::2].transpose(0, 1),  # a strided view
             param=torch.nn.Parameter(torch.zeros(2)),
             empty=torch.zeros(0, 3),
+            zeros=torch.zeros(64, 256),  # deflates to far less than it holds
             nested=[{"a": (1, 2.5, "x", b"y", None)}],
         ),
     }
@@ -310,3 +311,15 @@ def test_fuzz_poison_files(child_report):
 def test_fuzz_poison_files_slow(tmp_path, fmt):
     fuzz = {"formats": [fmt], "cases": SLOW_FUZZ_CASES}
     _check_fuzz(run_child(tmp_path, {}, timeout=3 * 3600, fuzz=fuzz)["fuzz"], SLOW_FUZZ_CASES)
+
+
+def test_a_torch_file_inside_a_torch_file_is_refused():
+    # torch.storage._load_from_bytes inside the legacy file that _load_from_bytes reads: each
+    # level would start another reader
+    inner = C.legacy_torch(C.wrap(C.p_pid("0", 1, "LongStorage", legacy=True), 2), ["0"],
+                           [(1, bytes(8))])  # fmt: skip
+    for _ in range(3):
+        storage = C.p_call(C.p_global("torch.storage", "_load_from_bytes"), [C.p_bytes(inner)])
+        inner = C.legacy_torch(C.wrap(storage, 2), [], [])
+    with pytest.raises(P.UnsafePickleError, match="inside a torch file"):
+        P._read_torch(inner, "nested")
