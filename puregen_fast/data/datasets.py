@@ -545,7 +545,7 @@ class _ArrayUnpickler(pickle.Unpickler):
 
     def find_class(self, module: str, name: str):
         if (module, name) not in self._ALLOWED:
-            raise pickle.UnpicklingError(f"global {module}.{name} is not allowed")
+            raise pickle.UnpicklingError(f"global {module[:100]}.{name[:100]} is not allowed")
         return super().find_class(module, name)
 
 

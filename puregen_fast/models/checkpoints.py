@@ -345,7 +345,8 @@ def _pickle_state(path: Path) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # not a zip/pickle, a forbidden global, truncated, ...
-        raise CheckpointError(f"cannot read weights {_q(path)}: {e}") from e
+        # torch's message quotes names from the file: bounded
+        raise CheckpointError(f"cannot read weights {_q(path)}: {str(e)[:500]}") from e
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict):

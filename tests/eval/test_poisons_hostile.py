@@ -323,3 +323,20 @@ def test_a_torch_file_inside_a_torch_file_is_refused():
         inner = C.legacy_torch(C.wrap(storage, 2), [], [])
     with pytest.raises(P.UnsafePickleError, match="inside a torch file"):
         P._read_torch(inner, "nested")
+
+
+def test_a_huge_global_name_is_not_printed_whole(tmp_path):
+    name = "m" * (1 << 20)  # a 1 MB module name in a 1 MB file
+    data = C.wrap(C.p_str(name) + C.p_str("x") + b"\x93")
+    (tmp_path / "p.pickle").write_bytes(data)
+    with pytest.raises(P.UnsafePickleError) as info:
+        P.safe_unpickle(tmp_path / "p.pickle")
+    assert "m" * 100 in str(info.value) and len(str(info.value)) < 1000
+    write_cifar10(tmp_path / "c")
+    (tmp_path / "c" / "cifar-10-batches-py" / "test_batch").write_bytes(data)
+    from puregen_fast.data.datasets import open_dataset
+    from puregen_fast.errors import UsageError
+
+    with pytest.raises(UsageError) as info:
+        open_dataset("cifar10", tmp_path / "c", "test", download=False, cache=False)
+    assert "test_batch" in str(info.value) and len(str(info.value)) < 1000
