@@ -322,7 +322,9 @@ def scan_torch_file(
     reads it; for the zip format also the members: stored or deflate, and at most
     ``max_inflated`` bytes in all, declared. PickleLimitError or ValueError; OSError."""
     with open(path, "rb") as f:
-        if zipfile.is_zipfile(f):
+        # torch decides as here, from the first four bytes: a legacy file with a zip appended
+        # is read as legacy (zipfile.is_zipfile would look at the zip)
+        if f.read(4) == b"PK\x03\x04":
             f.seek(0)
             z, name = check_zip(f, max_inflated)
             with z:
@@ -368,6 +370,8 @@ def check_zip(
                     f"its members inflate to over the limit of {max_inflated} bytes (zip "
                     "inflated bytes)"
                 )
+        if len(z.NameToInfo) != len(infos):  # readers differ on which one of a name they take
+            raise ValueError("a zip file with two members of one name")
         name = f"{infos[0].filename.split('/', 1)[0]}/data.pkl"
         if name not in z.NameToInfo:
             raise ValueError("a zip file without data.pkl (not written by torch.save)")

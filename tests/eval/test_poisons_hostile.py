@@ -67,6 +67,8 @@ NEEDLES = {
     "cifar memo index 2**32-1": "pickle items",
     "checkpoint deep tuple key": "pickle depth",
     "checkpoint legacy deep tuple": "pickle depth",
+    "checkpoint legacy with a zip appended": "pickle depth",
+    "bp two members of one name": "two members of one name",
 }
 
 
@@ -84,8 +86,28 @@ def _more_cases(tmp: Path) -> dict[str, tuple[str, dict[str, bytes]]]:
             "ckpt",
             {"model.pt": C.legacy_torch(deep_key, [], [])},
         ),
+        # torch reads this as legacy (its first bytes), zipfile would find the zip at its end
+        "checkpoint legacy with a zip appended": (
+            "ckpt",
+            {"model.pt": C.legacy_torch(deep_key, [], []) + C.torch_zip(C.wrap(b"}", 2), {})},
+        ),
+        "bp two members of one name": ("bp", {"poison_00799.pth": _twice(deep_key)}),
     }
     return out
+
+
+def _twice(pkl: bytes) -> bytes:
+    """A torch zip holding data.pkl twice: a healthy one, then ``pkl``."""
+    import io
+    import warnings
+    import zipfile
+
+    buf = io.BytesIO()
+    with warnings.catch_warnings(), zipfile.ZipFile(buf, "w") as z:
+        warnings.simplefilter("ignore")  # zipfile warns of the duplicate name
+        z.writestr("archive/data.pkl", C.wrap(b"}", 2))
+        z.writestr("archive/data.pkl", pkl)
+    return buf.getvalue()
 
 
 def run_child(
