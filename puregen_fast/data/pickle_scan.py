@@ -218,13 +218,20 @@ def scan_pickle(data: Any, budget: Budget = Budget(), what: str = "pickle", star
         return items
 
     def place(children: list[_Node], into: _Node) -> None:
+        depth, items, nbytes = into.depth, into.items, into.nbytes
         for c in children:
+            if c is small:  # most children: a scalar with no bytes counted (depth 1)
+                items += 1
+                depth = depth if depth >= 2 else 2
+                continue
             if c is into:
                 raise refuse("holds itself (a self-referencing structure)")
             c.placed = True
-            into.depth = max(into.depth, c.depth + 1)
-            into.items += c.items
-            into.nbytes += c.nbytes
+            if c.depth >= depth:
+                depth = c.depth + 1
+            items += c.items
+            nbytes += c.nbytes
+        into.depth, into.items, into.nbytes = depth, items, nbytes
         over(into)
 
     end = len(data)
