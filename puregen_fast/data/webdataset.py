@@ -15,6 +15,15 @@ purified, naming the shard and the key. Images are then decoded while they strea
 shard (`WebDataset.images`), with no decoded cache. The per-shard counts are part of the run's
 recorded configuration and of the manifest, so ranks and resumed runs agree on the ids.
 
+Bounds (hostile shards): a brace pattern is counted before it is expanded and may name at most
+`MAX_SHARDS` shards (a folder holds at most as many); two names of one file (a link to a listed
+shard) are refused. Members other than images and labels are skipped without being read; an
+image member may hold at most `member_cap` bytes (8 per allowed pixel, 16-bit RGBA stored raw,
+plus 1 MiB), a ``cls`` member `MAX_CLS_BYTES`; both are checked from the member's header before
+a byte of it is read. A member name must be UTF-8, and an image member must hold the format its
+extension names (a ``.png`` holding TIFF or GIF is refused: only the PNG, JPEG and WebP decoders
+ever see shard bytes).
+
 Output (``--format webdataset``, `write_tar`): one tar per output shard, the samples in id order
 under their keys (the input keys, or the zero-padded global index for other inputs), the image
 losslessly as ``png``, the label as ``cls``. Member headers carry a fixed time and owner, so the
@@ -25,10 +34,13 @@ from __future__ import annotations
 
 import hashlib
 import io
+import math
 import os
+import re
 import stat
+import string
 import tarfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from types import ModuleType
@@ -42,6 +54,10 @@ from puregen_fast.errors import UsageError
 
 __all__ = [
     "IMAGE_EXTS",
+    "MAX_CLS_BYTES",
+    "MAX_SHARDS",
+    "count_expansions",
+    "member_cap",
     "WebDataset",
     "WebDatasetIndex",
     "expand_shards",
@@ -52,6 +68,24 @@ __all__ = [
 ]
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+# Shards one --data-dir may name: LAION-400M's 41,408 fit; a pattern naming more (a typo such as
+# {0..9999999}, or eight {0..9} groups) is refused from its count, before it is expanded.
+MAX_SHARDS = 100_000
+MAX_CLS_BYTES = 4096  # a label is a short integer as text
+_MAX_BRACE_DEPTH = 32  # nested braces in one pattern
+# the decoders an image member may reach, by its extension (PIL format ids)
+_FORMATS = {"jpg": "JPEG", "jpeg": "JPEG", "png": "PNG", "webp": "WEBP"}
+_MAGIC = (
+    (b"\x89PNG", "PNG"), (b"\xff\xd8", "JPEG"), (b"GIF8", "GIF"), (b"II*\x00", "TIFF"),
+    (b"MM\x00*", "TIFF"), (b"BM", "BMP"), (b"RIFF", "WEBP"),
+)  # fmt: skip
+
+
+def member_cap(max_pixels: int) -> int:
+    """The most bytes an image member may hold: 8 per allowed pixel (16-bit RGBA stored without
+    compression, the largest an image of that many pixels can honestly be) plus 1 MiB of
+    headers and metadata: 129 MiB at the default 4096 x 4096 pixels."""
+    return 8 * max_pixels + (1 << 20)
 _BLOCK = 512  # tar block; an archive ends with zero blocks
 _MTIME = 0  # fixed member time: reproducible shard bytes
 
@@ -78,13 +112,27 @@ def expand_shards(spec: str | os.PathLike[str]) -> list[Path]:
     if "://" in s or s.startswith("pipe:"):
         raise UsageError(f"--data-dir {s}: only local shard paths are read; copy the shards here")
     p = Path(s).expanduser()
+    paths: Iterable[Path]
     if p.is_dir():
-        paths = sorted(q for q in p.iterdir() if q.name.endswith(".tar"))
+        found: list[Path] = []
+        for q in p.iterdir():
+            if q.name.endswith(".tar"):
+                found.append(q)
+                if len(found) > MAX_SHARDS:
+                    raise UsageError(_too_many(s, f"more than {MAX_SHARDS}"))
+        paths = sorted(found)
         if not paths:
             raise UsageError(f"--data-dir {_show(p)}: a folder without .tar shards")
     else:
-        paths = [Path(u).expanduser() for u in _wds().shardlists.expand_urls(s)]
-    out = []
+        wds = _wds()
+        n = count_expansions(s)
+        if n > MAX_SHARDS:
+            shown = str(n) if n < 10**15 else f"about 10^{int(math.log10(n))}"
+            raise UsageError(_too_many(s, shown))
+        # checked one by one as they are made: a missing first shard is named at once
+        paths = (Path(u).expanduser() for u in wds.shardlists.expand_urls(s))
+    out: list[Path] = []
+    seen: dict[tuple[int, int], Path] = {}
     for q in paths:
         try:
             st = os.stat(q)
@@ -95,10 +143,101 @@ def expand_shards(spec: str | os.PathLike[str]) -> list[Path]:
             ) from e
         if not stat.S_ISREG(st.st_mode):
             raise UsageError(f"--data-dir {s}: shard {_show(q)} is not a regular file")
+        # the file itself, not its name: a link to a listed shard would be read twice
+        first = seen.setdefault((st.st_dev, st.st_ino), q)
+        if first is not q:
+            raise UsageError(
+                f"--data-dir {s}: names one shard more than once ({_show(first)} and "
+                f"{_show(q)} are the same file); list each shard once"
+            )
         out.append(Path(os.path.abspath(q)))
-    if len(set(out)) != len(out):
-        raise UsageError(f"--data-dir {s}: names a shard more than once")
     return out
+
+
+def _too_many(spec: str, shown: str) -> str:
+    return (
+        f"--data-dir {spec}: names {shown} shards, more than the {MAX_SHARDS} allowed (check "
+        f"the brace ranges); split the data set into several runs"
+    )
+
+
+_INT_RANGE = re.compile(r"^(-?\d+)\.\.(-?\d+)(?:\.\.-?(\d+))?$")
+_CHAR_RANGE = re.compile(r"^([A-Za-z])\.\.([A-Za-z])(?:\.\.-?(\d+))?$")
+_ALPHABET = string.ascii_uppercase + string.ascii_lowercase
+
+
+def count_expansions(spec: str) -> int:
+    """How many names ``webdataset`` would expand ``spec`` into (``::`` parts, ``${var}``
+    environment substitution, brace expansion), counted without expanding: arithmetic on the
+    ranges, the grammar of ``braceexpand`` (which builds every group in full before the first
+    name). UsageError for unbalanced or too deeply nested braces."""
+    envsubst = _wds().shardlists.envsubst
+    total = 0
+    for url in spec.split("::"):
+        for _ in range(10):  # as webdataset's expand_urls substitutes
+            last, url = url, envsubst(url)
+            if url == last:
+                break
+        total += _count_pattern(url, 0, spec)
+    return total
+
+
+def _count_pattern(p: str, depth: int, spec: str) -> int:
+    if depth > _MAX_BRACE_DEPTH:
+        raise UsageError(
+            f"--data-dir {spec}: braces nested more than {_MAX_BRACE_DEPTH} deep; simplify it"
+        )
+    n, start, pos, level = 1, 0, 0, 0
+    while pos < len(p):
+        c = p[pos]
+        if c == "\\":
+            pos += 2
+            continue
+        if c == "{":
+            if level == 0 and pos > start:
+                start = pos
+            level += 1
+        elif c == "}":
+            level -= 1
+            if level == 0:
+                expr = p[start + 1 : pos]
+                m = _count_expression(expr, depth + 1, spec)
+                n *= _count_pattern(expr, depth + 1, spec) if m is None else m
+                start = pos + 1
+        pos += 1
+    if level != 0:
+        raise UsageError(f"--data-dir {spec}: unbalanced braces; check the pattern")
+    return n
+
+
+def _count_expression(expr: str, depth: int, spec: str) -> int | None:
+    """Names of one ``{...}``: a range's length, a list's sum; None when it is neither (then
+    the braces are literal and the inside a pattern of its own)."""
+    if m := _INT_RANGE.match(expr):
+        a, b, step = int(m[1]), int(m[2]), (int(m[3]) or 1) if m[3] else 1
+        return abs(b - a) // step + 1
+    if m := _CHAR_RANGE.match(expr):
+        a, b = _ALPHABET.index(m[1]), _ALPHABET.index(m[2])
+        step = min((int(m[3]) or 1) if m[3] else 1, len(_ALPHABET))
+        return len(_ALPHABET[a : b + 1 : step] if a < b else _ALPHABET[a : (b or -52) - 1 : -step])
+    parts, start, pos, level = [], 0, 0, 0
+    while pos < len(expr):
+        c = expr[pos]
+        if c == "\\":
+            pos += 2
+            continue
+        if c == "{":
+            level += 1
+        elif c == "}":
+            level -= 1
+        elif c == "," and level == 0:
+            parts.append(expr[start:pos])
+            start = pos + 1
+        pos += 1
+    if level != 0 or not parts:
+        return None
+    parts.append(expr[start:])
+    return sum(_count_pattern(q, depth, spec) for q in parts)
 
 
 # ----------------------------------------------------------------------------- reading samples
@@ -109,10 +248,19 @@ def _key(name: str) -> str:
     return key if key is not None else name
 
 
-def _members(path: Path) -> Iterator[dict[str, Any]]:
+def _wanted(name: str) -> str | None:
+    """The member's extension when the reader uses it (an image or the label), else None."""
+    _, ext = _wds().tariterators.base_plus_ext(name)
+    ext = ext.lower() if ext is not None else None
+    return ext if ext in IMAGE_EXTS or ext == "cls" else None
+
+
+def _members(path: Path, max_member: int) -> Iterator[dict[str, Any]]:
     """The regular members of the tar ``path`` as ``webdataset``'s file samples, then a check
     that the archive ends with its end-of-archive block (Python's tarfile stops quietly at a
-    file cut on a member boundary)."""
+    file cut on a member boundary). Only images and labels are read (others pass with empty
+    data, so the grouping by key is unchanged), each after its declared size was checked
+    against ``max_member`` (``MAX_CLS_BYTES`` for a label)."""
     last = None
     try:
         with open(path, "rb") as f:
@@ -124,11 +272,30 @@ def _members(path: Path) -> Iterator[dict[str, Any]]:
                     "a plain .tar"
                 ) from e
             for ti in tf:
+                tf.members = []  # streamed: keep no member list
                 if not ti.isreg():
                     continue
-                reader = tf.extractfile(ti)
-                data = reader.read() if reader is not None else b""
-                tf.members = []  # streamed: keep no member list
+                try:
+                    ti.name.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise UsageError(
+                        f"shard {_show(path)}: member name '{_show(os.fsencode(ti.name))}' is "
+                        "not UTF-8; rename it (WebDataset keys are text)"
+                    ) from None
+                ext = _wanted(ti.name)
+                data = b""
+                if ext is not None:  # an ignored member is skipped unread, however large
+                    cap = MAX_CLS_BYTES if ext == "cls" else max_member
+                    if ti.size > cap:
+                        raise UsageError(
+                            f"shard {_show(path)}, member {ti.name!r}: {ti.size} bytes, more "
+                            f"than the {cap} a{' label' if ext == 'cls' else 'n image'} member "
+                            "may hold; "
+                            + ("raise --max-image-pixels if the images are meant to be that "
+                               "big" if ext != "cls" else "rewrite the label")
+                        )  # fmt: skip
+                    reader = tf.extractfile(ti)
+                    data = reader.read(cap + 1) if reader is not None else b""
                 last = ti.name
                 yield {"fname": ti.name, "data": data, "__url__": str(path)}
             f.seek(tf.offset)
@@ -156,12 +323,13 @@ class _Sample:
     label: int
 
 
-def _samples(path: Path) -> Iterator[_Sample]:
+def _samples(path: Path, max_member: int) -> Iterator[_Sample]:
     """The samples of shard ``path`` in order (``webdataset``'s grouping by key), checked: a
-    relative key, one image, an integer ``cls``."""
+    relative key, one image, an integer ``cls``; a member over ``max_member`` bytes is refused
+    before it is read."""
     wds = _wds()
     shard = _show(path)
-    members = (m for m in _members(path) if not _meta(m["fname"]))
+    members = (m for m in _members(path, max_member) if not _meta(m["fname"]))
     try:
         for s in wds.tariterators.group_by_keys(members):
             key = s["__key__"]
@@ -196,17 +364,30 @@ def _meta(name: str) -> bool:
     return base.startswith("__") and base.endswith("__")  # webdataset skips these
 
 
-def _header(data: bytes, where: str, max_pixels: int) -> tuple[int, int]:
-    """(H, W) from the image header (nothing decoded); UsageError naming ``where``."""
+def _open(data: bytes, ext: str, where: str) -> Any:
+    """The image, opened by the one decoder its extension names (PIL would otherwise try every
+    format it knows: TIFF, GIF, ... behind a ``.png``); UsageError naming ``where``."""
     from PIL import Image
 
+    want = _FORMATS[ext]
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            w, h = im.size
+        return Image.open(io.BytesIO(data), formats=[want])
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError... for bad files
+        kind = next((k for magic, k in _MAGIC if data.startswith(magic)), None)
+        if kind is not None and kind != want:
+            raise UsageError(
+                f"{where}: the .{ext} member holds {kind} data, not {want}; only the format "
+                "its extension names is read: re-encode the image or rename the member"
+            ) from None
         raise UsageError(
             f"{where}: cannot read the image ({type(e).__name__}: {e}); replace the sample"
         ) from e
+
+
+def _header(data: bytes, ext: str, where: str, max_pixels: int) -> tuple[int, int]:
+    """(H, W) from the image header (nothing decoded); UsageError naming ``where``."""
+    with _open(data, ext, where) as im:
+        w, h = im.size
     if w * h > max_pixels:
         raise UsageError(
             f"{where}: the image is {w}x{h} = {w * h} pixels, more than the {max_pixels} "
@@ -217,21 +398,23 @@ def _header(data: bytes, where: str, max_pixels: int) -> tuple[int, int]:
     return h, w
 
 
-def _decode(data: bytes, where: str, shape: tuple[int, ...], max_pixels: int) -> np.ndarray:
+def _decode(
+    data: bytes, ext: str, where: str, shape: tuple[int, ...], max_pixels: int
+) -> np.ndarray:
     """uint8 (H, W, 3), converted to RGB as torchvision's loader does (and the ImageFolder reader,
     so the same file gives the same bytes)."""
-    from PIL import Image
-
-    h, w = _header(data, where, max_pixels)
+    h, w = _header(data, ext, where, max_pixels)
     if (h, w) != tuple(shape[:2]):
         raise UsageError(
             f"{where}: the image is {w}x{h}, the data set's first is {shape[1]}x{shape[0]}: all "
             "images must have one size"
         )
     try:
-        with Image.open(io.BytesIO(data)) as im:
+        with _open(data, ext, where) as im:
             im.load()
             a = np.asarray(im.convert("RGB"), dtype=np.uint8)
+    except UsageError:
+        raise
     except Exception as e:
         raise UsageError(
             f"{where}: cannot read the image ({type(e).__name__}: {e}); replace the sample"
@@ -276,12 +459,12 @@ def index_webdataset(
         if limit is not None and len(keys) >= limit:
             break
         n, seen = 0, set()
-        for s in _samples(p):
+        for s in _samples(p, member_cap(max_pixels)):
             where = f"shard {_show(p)}, key {s.key!r}"
             if s.key in seen:
                 raise UsageError(f"{where}: the key occurs twice in the shard; rename one")
             seen.add(s.key)
-            hw = _header(s.image, where, max_pixels)
+            hw = _header(s.image, s.ext, where, max_pixels)
             if shape is None:
                 shape = (hw[0], hw[1], 3)
             elif hw != shape[:2]:
@@ -333,7 +516,7 @@ class _StreamedImages:
         """Samples ``i..j-1`` (positions within shard ``k``), decoded."""
         path = Path(self.index.shards[k])
         if self._pos != (k, i) or self._it is None:
-            self._it, self._pos = _samples(path), (k, 0)
+            self._it, self._pos = _samples(path, member_cap(self.max_pixels)), (k, 0)
             for _ in range(i):
                 next(self._it)
         for pos in range(i, j):
@@ -343,8 +526,8 @@ class _StreamedImages:
                 self._it = self._pos = None
                 raise UsageError(f"shard {_show(path)}: changed while it was read; run again")
             self._pos = (k, pos + 1)
-            yield _decode(s.image, f"shard {_show(path)}, key {s.key!r}", self.index.shape,
-                          self.max_pixels)  # fmt: skip
+            yield _decode(s.image, s.ext, f"shard {_show(path)}, key {s.key!r}",
+                          self.index.shape, self.max_pixels)  # fmt: skip
 
     def __getitem__(self, key: Any) -> np.ndarray:
         if isinstance(key, (int, np.integer)):
@@ -450,9 +633,10 @@ def read_tar(path: str | os.PathLike[str], shape: tuple[int, ...]) -> tuple[list
     """keys, images (n, H, W, 3) uint8 and labels (n,) int64 of a shard `write_tar` wrote."""
     keys, images, labels = [], [], []
     p = Path(path)
-    for s in _samples(p):
+    pixels = int(np.prod(shape[:2]))  # the shard's own image size bounds its members
+    for s in _samples(p, member_cap(pixels)):
         keys.append(s.key)
-        images.append(_decode(s.image, f"shard {_show(p)}, key {s.key!r}", shape, 1 << 62))
+        images.append(_decode(s.image, s.ext, f"shard {_show(p)}, key {s.key!r}", shape, pixels))
         labels.append(s.label)
     x = np.stack(images) if images else np.zeros((0, *shape), np.uint8)
     return keys, x, np.asarray(labels, dtype=np.int64)
