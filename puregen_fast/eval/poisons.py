@@ -468,7 +468,8 @@ def _new_storage(dtype_name: str, raw: bytes | bytearray) -> Any:
     import torch
 
     dtype = getattr(torch, dtype_name)
-    flat = torch.frombuffer(bytearray(raw), dtype=dtype) if raw else torch.empty(0, dtype=dtype)
+    buf = raw if isinstance(raw, bytearray) else bytearray(raw)  # torch wants it writable
+    flat = torch.frombuffer(buf, dtype=dtype) if raw else torch.empty(0, dtype=dtype)
     return torch.storage.TypedStorage(
         wrap_storage=flat.untyped_storage(), dtype=dtype, _internal=True
     )
@@ -560,7 +561,7 @@ def _read_torch_legacy(data: bytes, what: str) -> Any:
         raise ValueError("written on a big-endian machine, or its sys_info is malformed")
 
     def claim(key: str, nbytes: int) -> bytes:  # filled from the raw section below
-        return bytes(nbytes)  # at most the bytes that follow (_Storages checks first)
+        return bytearray(nbytes)  # at most the bytes that follow (_Storages checks first)
 
     storages = _Storages(claim, len(data) - pos)
     obj = _unpickle(data[bounds[3][0] : bounds[3][1]], what, storages)
