@@ -21,6 +21,13 @@
   directory renamed into place. A directory without the marker is never taken as complete, and
   never deleted either (it is not ours): extraction refuses to run until it is moved. When
   concurrent runs extract the same archive, the first rename wins and the others use its result.
+* Extraction is bounded before anything is written, from the members' declared sizes (sparse
+  members are refused): at most `MAX_MEMBER_BYTES` (64 MiB) a file, `MAX_MEMBERS` (500,000)
+  members, and in all `MAX_EXTRACT_BYTES` (2 GiB) and no more than `MAX_EXPANSION` (4) times
+  the archive's own size (or 64 MiB, whichever is more). The official archives are far below:
+  the largest file is a CIFAR-10 batch (31 MB), CINIC-10 has 270,000 images of about 2.5 KB
+  (under 1 GB in all), and each extracts to about its own compressed size (PNG and JPEG do not
+  compress). A member that yields more bytes than it declared is refused as it is written.
 * The URL of each archive can be overridden, for mirrors and tests, by assigning
   ``ARCHIVES[name].url`` or with the environment variable ``PUREGEN_FAST_URL_<NAME>`` (``NAME`` is
   the key upper-cased with ``-`` as ``_``, e.g. ``PUREGEN_FAST_URL_CIFAR10``).
@@ -65,10 +72,19 @@ __all__ = [
     "verify_file",
     "safe_extract",
     "ensure_extracted",
+    "MAX_EXTRACT_BYTES",
+    "MAX_EXPANSION",
+    "MAX_MEMBER_BYTES",
+    "MAX_MEMBERS",
 ]
 
 COMPLETE_MARKER = ".puregen-complete"
 _CHUNK = 1 << 20
+# Extraction caps (see the module doc): twice the largest real file, about twice CINIC-10
+MAX_MEMBER_BYTES = 64 << 20
+MAX_EXTRACT_BYTES = 2 << 30
+MAX_MEMBERS = 500_000
+MAX_EXPANSION = 4  # extracted bytes per archive byte (the real archives: about 1)
 _TIMEOUT_S = 60.0
 
 
@@ -305,12 +321,41 @@ def _refuse(archive: Path, name: str, why: str) -> UsageError:
 
 class _Plan:
     """Every member's path checked before anything is written: normalised to its parts under
-    the target, and no file where a folder is (or the other way round)."""
+    the target, and no file where a folder is (or the other way round); and the sizes the
+    members declare, against the caps."""
 
     def __init__(self, archive: Path) -> None:
         self.archive = archive
         self.files: set[tuple[str, ...]] = set()
         self.dirs: set[tuple[str, ...]] = set()
+        self.members = 0
+        self.total = 0
+        self.max_total = min(
+            MAX_EXTRACT_BYTES, max(MAX_MEMBER_BYTES, MAX_EXPANSION * archive.stat().st_size)
+        )
+
+    def size(self, name: str, size: int) -> None:
+        """Count one member of ``size`` declared bytes; UsageError past a cap."""
+        self.members += 1
+        if self.members > MAX_MEMBERS:
+            raise UsageError(
+                f"{self.archive}: more than {MAX_MEMBERS} members (MAX_MEMBERS; the data sets' "
+                "archives hold at most 270,000). Nothing was extracted; this is not an official "
+                "data set archive: delete it and run again"
+            )
+        if size > MAX_MEMBER_BYTES:
+            raise _refuse(self.archive, name, f"it declares {size} bytes, more than the "
+                          f"{MAX_MEMBER_BYTES} a file may hold (MAX_MEMBER_BYTES; the data sets' "
+                          "largest file is 31 MB)")  # fmt: skip
+        self.total += size
+        if self.total > self.max_total:
+            raise UsageError(
+                f"{self.archive}: its members declare more than {self.max_total} bytes in all "
+                f"(MAX_EXTRACT_BYTES {MAX_EXTRACT_BYTES}, at most MAX_EXPANSION {MAX_EXPANSION} "
+                "times the archive's size; the data sets' archives extract to about their own "
+                "size). Nothing was extracted; this is not an official data set archive: delete "
+                "it and run again"
+            )
 
     def add(self, name: str, is_dir: bool) -> tuple[str, ...]:
         """The member's path parts (empty for the archive's own root folder ``./``)."""
@@ -350,19 +395,26 @@ class _Plan:
         return parts
 
 
-def _write(path: Path, src, executable: bool) -> None:
+def _write(path: Path, src, executable: bool, size: int, archive: Path, name: str) -> None:
+    """Copy ``size`` bytes (the member's declared size, already checked) from ``src``; a
+    member that yields more is refused, not written on."""
     # O_NOFOLLOW: never write through a link (none can exist here; a second guard)
     flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0)
     fd = os.open(path, flags, _EXEC_MODE if executable else _FILE_MODE)
     with os.fdopen(fd, "wb") as f:
-        shutil.copyfileobj(src, f, _CHUNK)
+        left = size
+        while left > 0 and (chunk := src.read(min(_CHUNK, left))):
+            f.write(chunk)
+            left -= len(chunk)
+        if src.read(1):
+            raise _refuse(archive, name, f"it holds more than the {size} bytes it declares")
 
 
 def _extract_tar(archive: Path, target: Path) -> None:
     with tarfile.open(archive, "r:*") as tf:
         plan = _Plan(archive)
         todo = []
-        for m in tf.getmembers():
+        for m in tf:  # not getmembers(): the count is checked as the members are listed
             if m.issym() or m.islnk():
                 kind = "a symbolic" if m.issym() else "a hard"
                 raise _refuse(archive, m.name, f"it is {kind} link to {m.linkname!r}; {_NO_LINKS}")
@@ -374,6 +426,10 @@ def _extract_tar(archive: Path, target: Path) -> None:
                     else f"of tar type {m.type!r}"
                 )  # fmt: skip
                 raise _refuse(archive, m.name, f"it is {kind}; only files and folders are taken")
+            if m.issparse():  # its declared size is not what it occupies in the archive
+                raise _refuse(archive, m.name, "it is a sparse file; the data sets' archives "
+                              "hold none")  # fmt: skip
+            plan.size(m.name, m.size if m.isfile() else 0)
             todo.append((m, plan.add(m.name, m.isdir())))
         # written by hand, not by extractall: no links, owners or special modes can come through
         for m, parts in todo:
@@ -386,7 +442,7 @@ def _extract_tar(archive: Path, target: Path) -> None:
             if src is None:  # pragma: no cover - a regular member always has a stream
                 raise _refuse(archive, m.name, "its data cannot be read")
             with src:
-                _write(dest, src, bool(m.mode & 0o100))
+                _write(dest, src, bool(m.mode & 0o100), m.size, archive, m.name)
 
 
 def _extract_zip(archive: Path, target: Path) -> None:
@@ -394,6 +450,7 @@ def _extract_zip(archive: Path, target: Path) -> None:
         plan = _Plan(archive)
         todo = []
         for info in zf.infolist():
+            plan.size(info.filename, info.file_size)
             mode = info.external_attr >> 16
             kind = stat.S_IFMT(mode)
             if stat.S_ISLNK(mode):
@@ -413,7 +470,8 @@ def _extract_zip(archive: Path, target: Path) -> None:
                 continue
             dest.parent.mkdir(parents=True, exist_ok=True)
             with zf.open(info) as src:
-                _write(dest, src, bool((info.external_attr >> 16) & 0o100))
+                _write(dest, src, bool((info.external_attr >> 16) & 0o100), info.file_size,
+                       archive, info.filename)  # fmt: skip
 
 
 def _not_ours(target: Path, archive: Path) -> str:
