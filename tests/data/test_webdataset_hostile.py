@@ -251,3 +251,210 @@ def test_an_image_member_must_hold_its_extensions_format(tmp_path, fmt, kind, ex
     want = "PNG" if ext == "png" else "JPEG"
     with pytest.raises(UsageError, match=f"the .{ext} member holds {kind} data, not {want}"):
         index_webdataset(p)
+
+
+# ----------------------------------------------------------------------------- fuzz
+
+FUZZ_EXAMPLES = 150
+FUZZ_SLOW_EXAMPLES = 10_000
+HANG_S = 8.0  # a case still running after this is stopped and counted as a hang
+MEMORY_CAP = 1 << 30  # bytes a case may map beyond what the process maps before it
+
+_KEYS = ["a", "b", "dir/a", "../a", "/a", "a.b", "__k__", os.fsdecode(b"\xff"), "L" * 120]
+_EXTS = ["png", "PNG", "jpg", "jpeg", "webp", "cls", "cls", "json", "seg.png", "txt", None]
+_PAYLOADS = ["png", "png16", "jpeg", "gif", "tiff", "bmp", "webp", "junk", "cut-png",
+             "bomb-png", "cls0", "cls7", "cls-1", "clsbig", "clsjunk", "empty"]  # fmt: skip
+_MEMBER = st.tuples(st.sampled_from(_KEYS), st.sampled_from(_EXTS),
+                    st.sampled_from(["file"] * 6 + ["dir", "sym", "hard", "fifo"]),
+                    st.sampled_from(_PAYLOADS))  # fmt: skip
+# Good samples (an image and its label under one key) with hostile members among them, so whole
+# shards are also read and decoded, not only refused.
+_GOOD = st.builds(
+    lambda k, img, cls: [(f"k{k}", img[0], "file", img[1]), (f"k{k}", "cls", "file", cls)],
+    st.integers(0, 3),
+    st.sampled_from([("png", "png"), ("jpg", "jpeg"), ("webp", "webp"), ("PNG", "png16")]),
+    st.sampled_from(["cls0", "cls7"]),
+)
+_TAME = st.builds(
+    lambda goods, extra, at: _insert(sum(goods, []), extra, at),
+    st.lists(_GOOD, min_size=1, max_size=4, unique_by=lambda g: g[0][0]),
+    st.lists(_MEMBER.filter(lambda m: m[1] not in ("png", "PNG", "jpg", "jpeg", "webp", "cls")),
+             max_size=2),
+    st.integers(0, 8),
+)  # fmt: skip
+
+
+def _insert(members: list, extra: list, at: int) -> list:
+    i = at % (len(members) + 1)
+    return members[:i] + extra + members[i:]
+
+
+_CASE = st.tuples(
+    st.one_of(st.lists(_MEMBER, max_size=8), _TAME, _TAME),
+    st.lists(st.tuples(st.sampled_from(["a.png", "a.bin", "b.cls", "c.jpg"]),
+                       st.integers(0, 1 << 36)), max_size=2),  # sparse members at the end
+    st.sampled_from(["none", "none", "truncate", "flip"]),
+    st.integers(0, 10**6),
+    st.integers(1, 255),
+)  # fmt: skip
+
+
+def _payload(kind: str) -> bytes:
+    if kind.startswith("cls"):
+        return {"cls0": b"0", "cls7": b" 7\n", "cls-1": b"-1", "clsbig": b"9" * 5000,
+                "clsjunk": b"\xff\x00x"}[kind]  # fmt: skip
+    if kind in ("junk", "empty"):
+        return b"\x00junk" * 40 if kind == "junk" else b""
+    if kind == "bomb-png":  # a PNG header claiming 100000 x 100000 pixels
+        import struct
+        import zlib
+
+        ihdr = struct.pack(">IIBBBBB", 100_000, 100_000, 8, 2, 0, 0, 0)
+        chunk = b"IHDR" + ihdr
+        return (b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + chunk
+                + struct.pack(">I", zlib.crc32(chunk)))  # fmt: skip
+    fmt = {"png": "PNG", "png16": "PNG", "jpeg": "JPEG", "gif": "GIF", "tiff": "TIFF",
+           "bmp": "BMP", "webp": "WEBP", "cut-png": "PNG"}[kind]  # fmt: skip
+    im = Image.fromarray(np.full((8, 8, 3), 90, np.uint8))
+    if kind == "png16":
+        im = Image.fromarray(np.full((8, 8), 4000, np.uint16))
+    buf = io.BytesIO()
+    im.save(buf, format=fmt)
+    raw = buf.getvalue()
+    return raw[: len(raw) // 2] if kind == "cut-png" else raw
+
+
+def _build(path: Path, case) -> None:
+    members, sparse, how, where, byte = case
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tf:
+        for key, ext, typ, payload in members:
+            ti = tarfile.TarInfo(key if ext is None else f"{key}.{ext}")
+            data = None
+            if typ == "file":
+                raw = _payload(payload)
+                ti.size, data = len(raw), io.BytesIO(raw)
+            else:
+                ti.type = {"dir": tarfile.DIRTYPE, "sym": tarfile.SYMTYPE,
+                           "hard": tarfile.LNKTYPE, "fifo": tarfile.FIFOTYPE}[typ]  # fmt: skip
+                ti.linkname = "a.png" if typ in ("sym", "hard") else ""
+            tf.addfile(ti, data)
+    raw = buf.getvalue().rstrip(b"\0")
+    raw += b"\0" * (-len(raw) % 512)
+    for name, real in sparse:
+        raw += _sparse_header(name, max(real, 512))
+    raw += b"\0" * 1024
+    if how == "truncate":
+        raw = raw[: where % (len(raw) + 1)]
+    elif how == "flip" and raw:
+        i = where % len(raw)
+        raw = raw[:i] + bytes([raw[i] ^ byte]) + raw[i + 1 :]
+    path.write_bytes(raw)
+
+
+class _Hang(BaseException):
+    """Raised by the alarm: a BaseException, so no ``except Exception`` under test swallows it."""
+
+
+def _memory_cap(extra: int):
+    import contextlib
+
+    @contextlib.contextmanager
+    def cap():
+        with open("/proc/self/status") as fh:
+            vm = next(int(ln.split()[1]) * 1024 for ln in fh if ln.startswith("VmSize"))
+        soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+        limit = vm + extra if hard == resource.RLIM_INFINITY else min(vm + extra, hard)
+        resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+        try:
+            yield
+        finally:
+            resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+    return cap()
+
+
+def _one(root: Path, case) -> str:
+    import signal
+
+    from puregen_fast.data.webdataset import open_webdataset
+
+    path = root / f"case-{time.perf_counter_ns()}.tar"
+    try:
+        _build(path, case)
+    except (ValueError, UnicodeError, tarfile.TarError):
+        return "unbuildable"
+    signal.setitimer(signal.ITIMER_REAL, HANG_S)
+    try:
+        with _memory_cap(MEMORY_CAP):
+            ix = index_webdataset(path)
+            np.asarray(open_webdataset(path, index=ix).images[:])  # every image decoded
+        return "read"
+    except UsageError:
+        return "clean error"
+    except _Hang:
+        return "hang"
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        path.unlink(missing_ok=True)
+
+
+def _fuzz(tmp_path_factory, n: int) -> dict:
+    import signal
+    import traceback
+
+    from hypothesis import HealthCheck, reject
+
+    root = tmp_path_factory.mktemp("wdsfuzz")
+    seen = {"read": 0, "clean error": 0, "other exception": 0, "hang": 0, "unbuildable": 0}
+    bad: list[str] = []
+
+    def on_alarm(signum, frame):
+        raise _Hang
+
+    @settings(max_examples=n, deadline=None, database=None,
+              suppress_health_check=list(HealthCheck))  # fmt: skip
+    @given(_CASE)
+    def check(case):
+        try:
+            outcome = _one(root, case)
+        except Exception:  # counted, and the first few shown, instead of stopping the run
+            outcome = "other exception"
+            bad.append(f"{case!r}\n{traceback.format_exc()}")
+        if outcome == "hang":
+            bad.append(f"hang: {case!r}")
+        seen[outcome] += 1
+        if outcome == "unbuildable":
+            reject()
+
+    old = signal.signal(signal.SIGALRM, on_alarm)
+    t0 = time.perf_counter()
+    try:
+        check()
+    finally:
+        signal.signal(signal.SIGALRM, old)
+        cases = sum(seen.values()) - seen["unbuildable"]
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        print(
+            f"\nWebDataset fuzz ({n} asked, {time.perf_counter() - t0:.0f} s): {cases} cases, "
+            f"{seen['read']} read, {seen['clean error']} clean errors, "
+            f"{seen['other exception']} other exceptions, {seen['hang']} hangs; peak RSS of "
+            f"the process {peak:.0f} MB"
+        )
+    assert not bad, "\n\n".join(bad[:5])
+    assert cases >= n * 0.9 and seen["clean error"] > 0 and seen["read"] > 0
+    return seen
+
+
+def test_webdataset_fuzz(tmp_path_factory):
+    """Hostile shards built from random members (names with '..', absolute, non-UTF-8, long;
+    folders, links, FIFOs; PNG, 16-bit PNG, JPEG, WebP, GIF, TIFF, BMP, junk, cut and
+    bomb-header images; good and bad labels; GNU-sparse members declaring up to 64 GiB), some
+    cut or flipped afterwards. Indexing and decoding every image may only succeed or raise
+    UsageError, within HANG_S seconds and MEMORY_CAP bytes beyond the process."""
+    _fuzz(tmp_path_factory, FUZZ_EXAMPLES)
+
+
+@pytest.mark.slow
+def test_webdataset_fuzz_long(tmp_path_factory):
+    _fuzz(tmp_path_factory, FUZZ_SLOW_EXAMPLES)
