@@ -53,6 +53,14 @@ PURIFY_DATASETS = (*DATASETS, "webdataset")
 DEFAULT_BATCH_SIZE = 256
 DEFAULT_SHARD_SIZE = 10_000
 MAX_SEED = (1 << 63) - 1
+# the upper ends of the flags' ranges (README "Flag ranges"): far past any real run, low enough
+# that a typo cannot ask for a chain that never ends or an allocation the size of a disk
+MAX_LANGEVIN_STEPS = 100_000  # the paper's chains are 150 steps
+MAX_REPS = 100
+MAX_BATCH = 65_536  # images in one batch: 0.8 GB of fp32 state alone at 32x32
+MAX_IMAGES = 10**12  # --limit, --shard-size: more images than any data set holds
+MAX_PIXELS = 1 << 32  # --max-image-pixels: a 65536 x 65536 image
+MIN_MARGIN, MAX_MARGIN = 0.01, 1e6
 # healthy chains stay near [-1, 1] (an untrained EBM pushes states to about 2.2); a diverged one
 # runs to 1e5 and beyond, or to NaN
 DEFAULT_DIVERGENCE_MARGIN = 4.0
@@ -76,15 +84,33 @@ def needs_models(method: str, ddpm_given: bool = False) -> tuple[bool, bool]:
 # ----------------------------------------------------------------------------- checks
 
 
+def fmt_bound(v: float) -> str:
+    """A range bound as the help and the errors print it: 10**9, 2**63 - 1, 1e30, 0.5."""
+    if isinstance(v, int) and v >= 10**4:
+        if v == 10 ** (len(str(v)) - 1):
+            return f"10**{len(str(v)) - 1}"
+        if (v + 1) & v == 0:
+            return f"2**{v.bit_length()} - 1"
+        if v & (v - 1) == 0:
+            return f"2**{v.bit_length() - 1}"
+    if isinstance(v, float):
+        m, _, e = f"{v:g}".partition("e")
+        return f"{m}e{int(e)}" if e else m
+    return str(v)
+
+
 def int_in(lo: int, hi: int | None = None) -> Check:
+    rng = f">= {fmt_bound(lo)}" if hi is None else f"in [{fmt_bound(lo)}, {fmt_bound(hi)}]"
+
     def check(v: Any) -> None:
         if isinstance(v, bool) or not isinstance(v, int):
-            raise ValueError(f"expected an integer, got {v!r}")
+            raise ValueError(f"expected an integer {rng}, got {v!r}")
         if v < lo or (hi is not None and v > hi):
-            rng = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
             raise ValueError(f"must be {rng}, got {v}")
 
     check.kind = int  # type: ignore[attr-defined]
+    check.range = rng  # type: ignore[attr-defined]
+    check.bounds = (lo, hi, False, False)  # type: ignore[attr-defined]
     return check
 
 
@@ -94,33 +120,47 @@ def _number(v: Any) -> float:
     return float(v)
 
 
-def positive(v: Any) -> None:
-    if not (_number(v) > 0 and math.isfinite(v)):
-        raise ValueError(f"must be > 0, got {v}")
+def float_in(lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = False) -> Check:
+    """A finite number in [lo, hi]; an open end leaves its bound out. NaN and inf never pass."""
+    rng = f"in {'(' if lo_open else '['}{fmt_bound(lo)}, {fmt_bound(hi)}{')' if hi_open else ']'}"
+
+    def check(v: Any) -> None:
+        x = _number(v)
+        above = x > lo if lo_open else x >= lo
+        below = x < hi if hi_open else x <= hi
+        if not (math.isfinite(x) and above and below):
+            raise ValueError(f"must be a number {rng}, got {v}")
+
+    check.kind = float  # type: ignore[attr-defined]
+    check.range = rng  # type: ignore[attr-defined]
+    check.bounds = (lo, hi, lo_open, hi_open)  # type: ignore[attr-defined]
+    return check
 
 
-positive.kind = float  # type: ignore[attr-defined]
-
-
-def fraction(v: Any) -> None:
-    if not 0.0 < _number(v) <= 1.0:
-        raise ValueError(f"must be in (0, 1], got {v}")
-
-
-fraction.kind = float  # type: ignore[attr-defined]
+# a step size, temperature or learning rate: positive, finite, and a normal float (a subnormal
+# such as 1e-320 loses its precision, and its reciprocal overflows to inf)
+MIN_POSITIVE = 1e-30
+MAX_POSITIVE = 1e30
+positive = float_in(MIN_POSITIVE, MAX_POSITIVE)
+fraction = float_in(0.0, 1.0, lo_open=True)
 
 
 def arg_type(check: Check) -> Callable[[str], Any]:
     """An argparse ``type`` from a check: parse as the check's kind, then check; a bad value
-    is argparse's error (exit 2, naming the flag)."""
+    is argparse's error (exit 2, naming the flag and the range). The type carries the check's
+    ``range`` text, which the help of every flag shows (`cli.argtypes.document_ranges`)."""
     kind = getattr(check, "kind", str)
+    rng = getattr(check, "range", None)
 
     def parse(s: str) -> Any:
         try:
             v = kind(s)
         except ValueError:
             what = "an integer" if kind is int else "a number"
-            raise argparse.ArgumentTypeError(f"expected {what}, got {s!r}") from None
+            shown = s if len(s) <= 40 else s[:40] + "..."
+            raise argparse.ArgumentTypeError(
+                f"expected {what}{' ' + rng if rng else ''}, got {shown!r}"
+            ) from None
         try:
             check(v)
         except ValueError as e:
@@ -128,6 +168,9 @@ def arg_type(check: Check) -> Callable[[str], Any]:
         return v
 
     parse.__name__ = kind.__name__
+    parse.kind = kind  # type: ignore[attr-defined]
+    parse.range = rng  # type: ignore[attr-defined]
+    parse.bounds = getattr(check, "bounds", None)  # type: ignore[attr-defined]
     return parse
 
 
@@ -174,7 +217,9 @@ class EngineConfig:
     method: str = _opt(
         "ebm", "purification method", group="method", choices=METHODS, required=True
     )
-    ebm_steps: int = _opt(150, "Langevin steps", group="method", check=int_in(1))
+    ebm_steps: int = _opt(
+        150, "Langevin steps", group="method", check=int_in(1, MAX_LANGEVIN_STEPS)
+    )
     ebm_eps: float = _opt(
         PAPER_LANGEVIN["ebm_eps"], "Langevin step size", group="method", check=positive
     )
@@ -182,25 +227,28 @@ class EngineConfig:
         PAPER_LANGEVIN["ebm_temp"], "Langevin temperature", group="method", check=positive
     )
     ddpm_steps: int = _opt(
-        75, "DDPM noising timestep, in [1, 999]", group="method", check=int_in(1, 999)
+        75, "DDPM noising timestep", group="method", check=int_in(1, 999)
     )
-    reps: int = _opt(1, "reps: rounds of EBM then DDPM", group="method", check=int_in(1))
+    reps: int = _opt(
+        1, "reps: rounds of EBM then DDPM", group="method", check=int_in(1, MAX_REPS)
+    )
     filter_frac: float = _opt(
         0.5,
-        "filt: the fraction of highest-energy images purified, in (0, 1]",
+        "filt: the fraction of highest-energy images purified",
         group="method",
         check=fraction,
     )
     jpeg_quality: int = _opt(
-        75, "jpeg: quality in [1, 95]", group="method", check=int_in(1, 95)
+        75, "jpeg: quality", group="method", check=int_in(1, 95)
     )
     seed: int = _opt(0, "keys the noise", group="method", check=int_in(0, MAX_SEED))
     divergence_margin: float = _opt(
         DEFAULT_DIVERGENCE_MARGIN,
         "a purified state that is non-finite or leaves [-1 - m, 1 + m] is a divergence: the run "
-        "stops, naming the images, and nothing of their batch is written",
+        "stops, naming the images, and nothing of their batch is written; below 0.01 the last "
+        "noise step of a healthy chain would count",
         group="method",
-        check=positive,
+        check=float_in(MIN_MARGIN, MAX_MARGIN),
     )
     device: str = _opt(
         "auto", "auto, cpu, cuda (or cuda:N)", group="run", cli_choices=("auto", "cpu", "cuda")
@@ -276,14 +324,18 @@ class PurifyConfig(EngineConfig):
         group="data",
     )
     limit: int | None = _opt(
-        None, "purify only the first N images", group="data", check=int_in(1), metavar="N"
+        None,
+        "purify only the first N images",
+        group="data",
+        check=int_in(1, MAX_IMAGES),
+        metavar="N",
     )
     max_image_pixels: int | None = _opt(
         None,
         "refuse images with more pixels than N, checked from the file header before decoding "
         "(default 16777216 = 4096x4096)",
         group="data",
-        check=int_in(1),
+        check=int_in(1, MAX_PIXELS),
         metavar="N",
     )
     ebm: str | None = _opt(
@@ -299,13 +351,13 @@ class PurifyConfig(EngineConfig):
         DEFAULT_BATCH_SIZE,
         "images per batch; results are bit-identical only for the same batch size",
         group="run",
-        check=int_in(1),
+        check=int_in(1, MAX_BATCH),
     )
     shard_size: int = _opt(
         DEFAULT_SHARD_SIZE,
         "images per output shard (webdataset input: one output shard per input shard)",
         group="run",
-        check=int_in(1),
+        check=int_in(1, MAX_IMAGES),
     )
     format: str = _opt("npy", "output format", group="run", choices=FORMATS)
     out: str | None = _opt(None, "output folder", group="run", required=True, metavar="DIR")

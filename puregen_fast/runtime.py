@@ -110,6 +110,9 @@ def describe_device(device: torch.device | None) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- threads
 
 THREADS_ENV = "PUREGEN_FAST_THREADS"
+# OpenMP aborts the process (no message, no exit code of ours) when it cannot start the threads
+# asked for; far more than any machine's cores is a typo
+MAX_THREADS = 1024
 _threads_from = "torch's default"  # what set the thread count, for describe_device
 
 
@@ -124,11 +127,15 @@ def available_cores() -> int:
 def resolve_threads(requested: int | None = None) -> tuple[int, str]:
     """The thread count and where it came from: ``requested`` (``--threads``), else
     ``$PUREGEN_FAST_THREADS``, else ``$OMP_NUM_THREADS``, else the cores this process may use.
-    ValueError naming the flag or variable for a count below 1 or a variable that is not an
-    integer."""
+    ValueError naming the flag or variable for a count outside [1, `MAX_THREADS`] or a variable
+    that is not an integer."""
     if requested is not None:
-        if isinstance(requested, bool) or not isinstance(requested, int) or requested < 1:
-            raise ValueError(f"--threads must be an integer >= 1; got {requested!r}")
+        if isinstance(requested, bool) or not isinstance(requested, int):
+            raise ValueError(
+                f"--threads must be an integer in [1, {MAX_THREADS}]; got {requested!r}"
+            )
+        if not 1 <= requested <= MAX_THREADS:
+            raise ValueError(f"--threads must be in [1, {MAX_THREADS}]; got {requested}")
         return requested, "--threads"
     for var in (THREADS_ENV, "OMP_NUM_THREADS"):
         env = os.environ.get(var, "").strip()
@@ -138,10 +145,10 @@ def resolve_threads(requested: int | None = None) -> tuple[int, str]:
             n = int(env)
         except ValueError:
             n = 0
-        if n < 1:
+        if not 1 <= n <= MAX_THREADS:
             raise ValueError(
-                f"${var}={env!r} is not an integer >= 1; set it to a thread count or unset it "
-                "(default: the cores this process may use)"
+                f"${var}={env!r} is not an integer in [1, {MAX_THREADS}]; set it to a thread "
+                "count or unset it (default: the cores this process may use)"
             )
         return n, f"${var}"
     return available_cores(), "cores this process may use"

@@ -31,7 +31,7 @@ from torch import nn
 from puregen_fast.data.io import atomic_write_json
 from puregen_fast.dist import Dist
 from puregen_fast.errors import UsageError
-from puregen_fast.train.config import recipe_of
+from puregen_fast.train.config import check_config, recipe_of
 from puregen_fast.train.data import TrainData, load_train_data
 from puregen_fast.train.plots import SampleRangeError, save_curves, save_grid
 from puregen_fast.train.state import RunDir, capture_rng, restore_rng
@@ -628,6 +628,7 @@ def run_training(
     trainer: type[Loop], cfg: Any, data: TrainData | None = None, min_hw: int = 1
 ) -> TrainResult:
     """Set up the ranks, load the data (rank 0 first, so it downloads and caches once), train."""
+    check_config(cfg)  # every field in its range before anything is loaded or written
     dist = Dist.from_env(cfg.device)
     try:
         if data is None:

@@ -1,36 +1,150 @@
-"""argparse value types shared by the subcommands: a bad value exits 2 naming the flag. They are
-the configuration's own checks (`config.int_in`, `positive`, `fraction`) made argparse types."""
+"""argparse value types shared by the subcommands: a bad value exits 2 naming the flag and its
+range. They are the configuration's own checks (`config.int_in`, `float_in`, `positive`,
+`fraction`) made argparse types; each carries its ``range`` text, and `document_ranges` puts it
+in the help of every flag that uses it, so a range is written once, where the flag is defined.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import os
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 from puregen_fast import config
 
-__all__ = ["int_at_least", "int_list", "positive_float", "fraction"]
+__all__ = [
+    "MAX_COUNT",
+    "MAX_STEPS",
+    "document_ranges",
+    "float_in",
+    "fraction",
+    "int_at_least",
+    "int_list",
+    "learning_rate",
+    "out_file",
+    "positive_float",
+    "seed",
+    "seed_list",
+    "steps",
+]
+
+# upper ends shared by several commands (README "Flag ranges")
+MAX_STEPS = 10**9  # optimiser steps, rounds, iterations: years of compute at any real speed
+MAX_COUNT = 10**9  # images counted or kept: more than any data set holds
 
 
 def int_at_least(lo: int, hi: int | None = None) -> Callable[[str], int]:
+    """An integer ``>= lo`` (and ``<= hi``)."""
     return config.arg_type(config.int_in(lo, hi))
+
+
+def float_in(
+    lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = False
+) -> Callable[[str], float]:
+    """A finite number in [lo, hi] (an open end leaves its bound out)."""
+    return config.arg_type(config.float_in(lo, hi, lo_open=lo_open, hi_open=hi_open))
 
 
 positive_float = config.arg_type(config.positive)
 fraction = config.arg_type(config.fraction)
+# every --seed: what torch.Generator.manual_seed and the keyed noise take
+seed = int_at_least(0, config.MAX_SEED)
+# a classifier's or an attack's learning rate: below 1e-12 nothing moves, and airbench divides
+# its weight decay by the rate (1e-320 was a ZeroDivisionError)
+learning_rate = float_in(1e-12, 1e6)
+epochs = float_in(1e-6, 1e6)  # fractions of an epoch are allowed
+batch_size = int_at_least(1, config.MAX_BATCH)
+count = int_at_least(1, MAX_COUNT)
+class_index = int_at_least(0, MAX_COUNT)
+steps = int_at_least(1, MAX_STEPS)
 
 
-def int_list(lo: int) -> Callable[[str], tuple[int, ...]]:
-    """``"0,1,2"`` (or ``"32x64x64"``) -> (0, 1, 2), each at least ``lo``."""
+def engine(name: str) -> Callable[[str], Any]:
+    """The type of purify's flag for `config.EngineConfig` field ``name``, for a command that
+    passes the value on to the engine (``eval experiment``'s defenses): one range for both."""
+    f = {f.name: f for f in dataclasses.fields(config.EngineConfig)}[name]
+    return config.arg_type(f.metadata["check"])
+
+
+def int_list(lo: int, hi: int | None = None, max_len: int = 64) -> Callable[[str], tuple[int, ...]]:
+    """``"0,1,2"`` (or ``"32x64x64"``) -> (0, 1, 2), each in [lo, hi], at most ``max_len``."""
+    one = config.int_in(lo, hi)
+    rng = f"{max_len} or fewer comma-separated integers {one.range}"  # type: ignore[attr-defined]
 
     def parse(s: str) -> tuple[int, ...]:
+        shown = s if len(s) <= 40 else s[:40] + "..."
+        parts = [x for x in s.replace("x", ",").split(",") if x.strip()]
+        if not parts or len(parts) > max_len:
+            raise argparse.ArgumentTypeError(f"expected {rng}, got {shown!r}")
         try:
-            v = tuple(int(x) for x in s.replace("x", ",").split(",") if x.strip())
+            v = tuple(int(x) for x in parts)
         except ValueError:
-            raise argparse.ArgumentTypeError(
-                f"expected comma-separated integers, got {s!r}"
-            ) from None
-        if not v or min(v) < lo:
-            raise argparse.ArgumentTypeError(f"expected integers >= {lo}, got {s!r}")
+            raise argparse.ArgumentTypeError(f"expected {rng}, got {shown!r}") from None
+        try:
+            for x in v:
+                one(x)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {rng}, got {shown!r}") from None
         return v
 
+    parse.kind = "list"  # type: ignore[attr-defined]
+    parse.range = rng  # type: ignore[attr-defined]
+    parse.bounds = one.bounds  # type: ignore[attr-defined]
     return parse
+
+
+seed_list = int_list(0, config.MAX_SEED)
+
+
+def out_file(s: str) -> Path:
+    """A file the command will write: not empty, not a folder, and no file where a folder of its
+    path must be; checked before any work, so a long run does not fail at its last step."""
+    if not s.strip():
+        raise argparse.ArgumentTypeError("expected a file path, got ''")
+    p = Path(s).expanduser()
+    if p.is_dir():
+        raise argparse.ArgumentTypeError(f"{s!r} is a folder; give a file name")
+    for parent in p.absolute().parents:
+        if os.path.lexists(parent):
+            if not parent.is_dir():
+                raise argparse.ArgumentTypeError(f"{s!r}: {str(parent)!r} is not a folder")
+            break
+    return p
+
+
+out_file.kind = "path"  # type: ignore[attr-defined]
+out_file.range = "a file path, not a folder"  # type: ignore[attr-defined]
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    out = [parser]
+    for a in parser._actions:
+        if isinstance(a, argparse._SubParsersAction):
+            for p in dict.fromkeys(a.choices.values()):  # aliases share a parser
+                out += _subparsers(p)
+    return out
+
+
+def ranged_actions(parser: argparse.ArgumentParser) -> list[tuple[str, argparse.Action, Any]]:
+    """(prog, action, type) of every flag whose type carries a range, in ``parser`` and all its
+    subcommands."""
+    return [
+        (p.prog, a, a.type)
+        for p in _subparsers(parser)
+        for a in p._actions
+        if getattr(a.type, "range", None)
+    ]
+
+
+def document_ranges(parser: argparse.ArgumentParser) -> None:
+    """Append each ranged flag's range to its help (once): the help, the error and the check
+    then say the same thing."""
+    for _prog, a, typ in ranged_actions(parser):
+        if a.help == argparse.SUPPRESS:
+            continue
+        text = f"range: {typ.range}"
+        if text not in (a.help or ""):
+            a.help = f"{a.help}; {text}" if a.help else text

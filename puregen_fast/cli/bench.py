@@ -32,7 +32,6 @@ import statistics
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -41,7 +40,8 @@ from torch import nn
 from torch.autograd.profiler import profile as _legacy_profile
 
 from puregen_fast import reference
-from puregen_fast.config import CONV_IMPLS
+from puregen_fast.cli.argtypes import batch_size, int_at_least, out_file
+from puregen_fast.config import CONV_IMPLS, MAX_LANGEVIN_STEPS
 from puregen_fast.errors import UsageError
 from puregen_fast.models.checkpoints import load_ddpm, load_ebm
 from puregen_fast.models.ebm import EBMSNGAN32
@@ -86,9 +86,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ddpm", default=None, help="a DDPM checkpoint instead of random weights")
     p.add_argument("--unet-preset", choices=sorted(UNET_PRESETS), default=None,
                    help="DDPM: this UNet preset (random weights) instead of --model's")  # fmt: skip
-    p.add_argument("--batch-size", type=int, default=512)
-    p.add_argument("--steps", type=int, default=None, help="default: 150 (EBM), 75 (DDPM)")
-    p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--batch-size", type=batch_size, default=512)
+    p.add_argument("--steps", type=int_at_least(1, MAX_LANGEVIN_STEPS), default=None,
+                   help="default: 150 (EBM), 75 (DDPM; below 1000)")  # fmt: skip
+    p.add_argument("--image-size", type=int_at_least(8, 1024), default=32,
+                   help="a multiple of 8")  # fmt: skip
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", choices=PRECISIONS, default="fp32",
                    help="model math of the fast and engine rows (and of authors, unless "
@@ -98,18 +100,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "beside a bf16 fast path")  # fmt: skip
     p.add_argument("--backends", default="authors,fast,engine,diffusers",
                    help="comma-separated subset of " + ",".join(BACKENDS))  # fmt: skip
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int_at_least(1, 1000), default=3)
     p.add_argument("--compile-mode", choices=COMPILE_MODES, default="default",
                    help="torch.compile mode of the fast backend's model")  # fmt: skip
     p.add_argument("--conv-impl", choices=CONV_IMPLS, default="auto",
                    help="the fast EBM's convolutions: torch (compiled, cuDNN), triton (the "
                    "conv-block kernels) or auto (on CUDA the faster, timed at the batch shape; "
                    "the report gives both times)")  # fmt: skip
-    p.add_argument("--profile", type=int, default=0, metavar="N",
+    p.add_argument("--profile", type=int_at_least(0, 1000), default=0, metavar="N",
                    help="after timing, profile one more run of each backend and list its N "
                    "costliest kernels (GPU) or ops (CPU)")  # fmt: skip
-    p.add_argument("--json", type=Path, default=None, help="write the result as JSON here")
-    p.add_argument("--md", type=Path, default=None, help="append the markdown table here")
+    # checked before the run: a folder given here used to fail after minutes of timing
+    p.add_argument("--json", type=out_file, default=None, help="write the result as JSON here")
+    p.add_argument("--md", type=out_file, default=None, help="append the markdown table here")
 
 
 class _NvmlSampler:
@@ -568,15 +571,35 @@ def markdown(res: dict[str, Any]) -> str:
     return out
 
 
+def _out_of_memory(e: BaseException) -> bool:
+    """An allocation the machine could not serve (CPU or GPU)."""
+    if isinstance(e, MemoryError | torch.OutOfMemoryError):
+        return True
+    return isinstance(e, RuntimeError) and "can't allocate memory" in str(e)
+
+
 def run(args: argparse.Namespace) -> int:
-    res = benchmark(args)
+    try:
+        res = benchmark(args)
+    except (MemoryError, RuntimeError) as e:
+        if not _out_of_memory(e):
+            raise
+        # a batch within --batch-size's range can still be more than this machine holds
+        raise UsageError(
+            f"--batch-size {args.batch_size} (--image-size {args.image_size}, --model "
+            f"{args.model}): not enough memory on this device; lower --batch-size"
+        ) from None
     md = markdown(res)
     print(md)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(res, indent=2))
-    if args.md:
-        args.md.parent.mkdir(parents=True, exist_ok=True)
-        with args.md.open("a") as fh:
-            fh.write(md + "\n")
+    try:
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(res, indent=2))
+        if args.md:
+            args.md.parent.mkdir(parents=True, exist_ok=True)
+            with args.md.open("a") as fh:
+                fh.write(md + "\n")
+    except OSError as e:
+        flag = "--json" if args.json and e.filename == str(args.json) else "--md"
+        raise UsageError(f"{flag}: cannot write {e.filename!r}: {e.strerror}") from None
     return 0

@@ -34,21 +34,11 @@ from pathlib import Path
 
 import numpy as np
 
-from puregen_fast.cli.argtypes import int_at_least, int_list, positive_float
+from puregen_fast.cli import argtypes as at
+from puregen_fast.cli.argtypes import int_at_least, int_list
 from puregen_fast.data.datasets import DATASETS, SPLITS, open_dataset
 from puregen_fast.errors import UsageError
 from puregen_fast.eval.classifier import ARCHS, default_config, undertrained_message
-from puregen_fast.eval.run import (
-    Attack,
-    EvalSet,
-    Experiment,
-    Outcome,
-    TrainSource,
-    load_results,
-    poison_to_npz,
-    run_experiment,
-    save_result,
-)
 from puregen_fast.eval.metrics import format_table
 from puregen_fast.eval.narcissus import NarcissusConfig, synthesize_narcissus, target_rate
 from puregen_fast.eval.poison import QUANTIZE, make_trigger, save_poisoned_npz, save_trigger
@@ -60,6 +50,17 @@ from puregen_fast.eval.poisons import (
     PoisonSpec,
     poison_with_published,
 )
+from puregen_fast.eval.run import (
+    Attack,
+    EvalSet,
+    Experiment,
+    Outcome,
+    TrainSource,
+    load_results,
+    poison_to_npz,
+    run_experiment,
+    save_result,
+)
 from puregen_fast.runtime import resolve_device
 
 __all__ = ["add_arguments", "run"]
@@ -67,7 +68,7 @@ __all__ = ["add_arguments", "run"]
 # ----------------------------------------------------------------------------- arguments
 
 
-_widths = int_list(1)
+_widths = int_list(1, 4096, max_len=8)  # airbench 64,256,256; resnet18 64
 
 
 def _add_poison_args(p: argparse.ArgumentParser) -> None:
@@ -84,7 +85,7 @@ def _add_poison_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--target-class",
         metavar="K",
-        type=int_at_least(0),
+        type=at.class_index,
         required=True,
         help="the target class (the trial folder <k> for gradient-matching and "
         "bullseye-polytope)",
@@ -105,18 +106,18 @@ def _add_poison_args(p: argparse.ArgumentParser) -> None:
         help="the data set the poisons were made for (default: --dataset; needed with npz "
         "or imagefolder)",
     )
-    a.add_argument("--narcissus-size", type=int_at_least(1), default=32, help="(default 32)")
+    a.add_argument("--narcissus-size", type=int_at_least(1, 1024), default=32, help="(default 32)")
     a.add_argument(
-        "--narcissus-eps", type=int_at_least(1), default=8, help="pixel levels (default 8)"
+        "--narcissus-eps", type=int_at_least(1, 255), default=8, help="pixel levels (default 8)"
     )
     a.add_argument("--bp-poisons", type=int, choices=(5, 50), default=50)
     a.add_argument("--bp-mode", choices=tuple(BP_MODES), default="linear-transfer")
-    a.add_argument("--bp-iters", type=int_at_least(1), default=800)
-    a.add_argument("--bp-repeat", type=int_at_least(1), default=1, help="5 poisons: 1, 3 or 5")
+    a.add_argument("--bp-iters", type=at.steps, default=800)
+    a.add_argument("--bp-repeat", type=int_at_least(1, 100), default=1, help="5 poisons: 1, 3 or 5")
     p.add_argument(
         "--count",
         metavar="N",
-        type=int_at_least(1),
+        type=at.count,
         default=500,
         help="images of the target class to poison (default %(default)s, the authors' CIFAR-10 "
         "setting: 1%% of the training set)",
@@ -126,7 +127,7 @@ def _add_poison_args(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="poison N random images of the class (with --seed) instead of the last N",
     )
-    p.add_argument("--seed", type=int_at_least(0), default=0, help="for --random-select")
+    p.add_argument("--seed", type=at.seed, default=0, help="for --random-select")
     p.add_argument(
         "--quantize",
         choices=QUANTIZE,
@@ -146,23 +147,21 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     src.add_argument("--train-dataset", choices=DATASETS, help="a data set as it is (no defense)")
     g.add_argument("--train-data-dir", metavar="DIR", default=None)
     g.add_argument("--train-split", default="train")
-    g.add_argument("--limit-train", metavar="N", type=int_at_least(1), default=None)
+    g.add_argument("--limit-train", metavar="N", type=at.count, default=None)
     t = p.add_argument_group("test set")
     t.add_argument("--test-dataset", choices=DATASETS, required=True)
     t.add_argument("--test-data-dir", metavar="DIR", default=None)
     t.add_argument(
         "--test-split", default=None, help="default: test (tinyimagenet: val; npz: the file)"
     )
-    t.add_argument(
-        "--limit-test", metavar="N", type=int_at_least(1), default=None, help="first N only"
-    )
+    t.add_argument("--limit-test", metavar="N", type=at.count, default=None, help="first N only")
     a = p.add_argument_group("attack (optional: without it only natural accuracy)")
     a.add_argument("--trigger", metavar="FILE", default=None, help="the Narcissus trigger .npy")
-    a.add_argument("--target-class", metavar="K", type=int_at_least(0), default=None)
+    a.add_argument("--target-class", metavar="K", type=at.class_index, default=None)
     a.add_argument(
         "--trigger-scale",
         metavar="M",
-        type=positive_float,
+        type=at.float_in(1e-6, 1e6),
         nargs="+",
         default=[1.0],
         help="test-time trigger multipliers (default 1; the authors also report 2 and 3, the "
@@ -176,16 +175,16 @@ def _add_classifier_args(p: argparse.ArgumentParser) -> None:
     c.add_argument("--arch", choices=ARCHS, default="airbench")
     c.add_argument(
         "--epochs",
-        type=positive_float,
+        type=at.epochs,
         default=None,
         help="default: airbench 10, resnet18 200 (the paper's)",
     )
     c.add_argument(
-        "--batch-size", type=int_at_least(1), default=None, help="airbench 1024, resnet18 128"
+        "--batch-size", type=at.batch_size, default=None, help="airbench 1024, resnet18 128"
     )
     c.add_argument(
         "--lr",
-        type=positive_float,
+        type=at.learning_rate,
         default=None,
         help="airbench 11.5 (per kilo-step, airbench's units), resnet18 0.1",
     )
@@ -197,7 +196,7 @@ def _add_classifier_args(p: argparse.ArgumentParser) -> None:
     )
     c.add_argument(
         "--whiten-eps",
-        type=positive_float,
+        type=at.float_in(1e-12, 1e6),
         default=None,
         help="airbench: eps of the patch-whitening init (default 5e-4, airbench's); raise it "
         "(e.g. 0.05) when training data lacks the test set's high frequencies",
@@ -205,18 +204,18 @@ def _add_classifier_args(p: argparse.ArgumentParser) -> None:
     c.add_argument("--tta", choices=("auto", "none", "flip"), default="auto")
     c.add_argument(
         "--steps",
-        type=int_at_least(1),
+        type=at.steps,
         default=None,
         help="train for this many optimiser steps (instead of --epochs)",
     )
     c.add_argument(
         "--crop-pad",
-        type=int_at_least(0),
+        type=int_at_least(0, 1024),
         default=None,
         help="random-crop padding of the augmentation (airbench 2, resnet18 4; 0: no crops)",
     )
     c.add_argument("--no-flip", action="store_true", help="no random horizontal flips")
-    c.add_argument("--seed", type=int_at_least(0), default=0)
+    c.add_argument("--seed", type=at.seed, default=0)
     c.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     o = p.add_argument_group("output")
     o.add_argument("--name", default=None, help="the row name in the table (default: derived)")
@@ -232,25 +231,27 @@ def _add_trigger_args(p: argparse.ArgumentParser) -> None:
         help="synthetic: a --kind pattern (tests, demos); narcissus: the attack (Zeng et al. "
         "2023), optimised against a surrogate",
     )
-    p.add_argument("--size", type=int_at_least(1), nargs=2, metavar=("H", "W"), default=[32, 32])
+    p.add_argument(
+        "--size", type=int_at_least(1, 1024), nargs=2, metavar=("H", "W"), default=[32, 32]
+    )
     p.add_argument(
         "--eps",
-        type=positive_float,
+        type=at.float_in(0.0, 2.0, lo_open=True),
         default=16 / 255 * 2,
         help="L-inf amplitude in the [-1, 1] space (default 2*16/255: 16 pixel levels)",
     )
     p.add_argument("--kind", choices=("uniform", "checker"), default="uniform")
-    p.add_argument("--seed", type=int_at_least(0), default=0)
+    p.add_argument("--seed", type=at.seed, default=0)
     p.add_argument("--out", metavar="FILE.npy", required=True)
     n = p.add_argument_group("narcissus")
     n.add_argument("--dataset", choices=DATASETS, help="the set whose target class is attacked")
     n.add_argument("--data-dir", metavar="DIR", default=None)
     n.add_argument("--split", default="train")
-    n.add_argument("--target-class", metavar="K", type=int_at_least(0), default=None)
+    n.add_argument("--target-class", metavar="K", type=at.class_index, default=None)
     n.add_argument(
         "--count",
         metavar="N",
-        type=int_at_least(1),
+        type=at.count,
         default=None,
         help="target-class examples the attacker has (default: all of the class)",
     )
@@ -262,13 +263,13 @@ def _add_trigger_args(p: argparse.ArgumentParser) -> None:
     )
     n.add_argument("--ood-data-dir", metavar="DIR", default=None)
     n.add_argument("--ood-split", default="train")
-    n.add_argument("--limit-ood", metavar="N", type=int_at_least(1), default=None)
+    n.add_argument("--limit-ood", metavar="N", type=at.count, default=None)
     d = NarcissusConfig()
-    n.add_argument("--rounds", type=int_at_least(1), default=d.rounds, help="(default %(default)s)")
-    n.add_argument("--lr", type=positive_float, default=d.lr, help="(default %(default)s)")
-    n.add_argument("--batch-size", type=int_at_least(1), default=d.batch_size)
+    n.add_argument("--rounds", type=at.steps, default=d.rounds, help="(default %(default)s)")
+    n.add_argument("--lr", type=at.learning_rate, default=d.lr, help="(default %(default)s)")
+    n.add_argument("--batch-size", type=at.batch_size, default=d.batch_size)
     n.add_argument("--surrogate-arch", choices=ARCHS, default=d.surrogate_arch)
-    n.add_argument("--surrogate-epochs", type=positive_float, default=d.surrogate_epochs)
+    n.add_argument("--surrogate-epochs", type=at.epochs, default=d.surrogate_epochs)
     n.add_argument(
         "--surrogate-widths",
         type=_widths,

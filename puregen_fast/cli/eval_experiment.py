@@ -8,7 +8,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from puregen_fast.cli.argtypes import int_at_least, int_list, positive_float
+from puregen_fast.cli import argtypes as at
+from puregen_fast.cli.argtypes import int_at_least
 from puregen_fast.data.datasets import DATASETS, SPLITS
 from puregen_fast.errors import UsageError
 from puregen_fast.eval.experiment import (
@@ -35,7 +36,7 @@ def add_experiment_arguments(p: argparse.ArgumentParser) -> None:
     d.add_argument("--test-dataset", required=True, choices=DATASETS)
     d.add_argument("--test-data-dir", metavar="DIR", default=None)
     d.add_argument("--test-split", default=None, help="default: test (tinyimagenet: val)")
-    d.add_argument("--limit-test", metavar="N", type=int_at_least(1), default=None)
+    d.add_argument("--limit-test", metavar="N", type=at.count, default=None)
     a = p.add_argument_group("attack")
     a.add_argument("--attack", choices=ATTACKS, default="narcissus")
     a.add_argument(
@@ -57,18 +58,18 @@ def add_experiment_arguments(p: argparse.ArgumentParser) -> None:
     a.add_argument(
         "--target-class",
         metavar="K",
-        type=int_at_least(0),
+        type=at.class_index,
         nargs="+",
         required=True,
         help="one or more target classes (gradient-matching, bullseye-polytope: trial numbers);"
         " several give the mean and the worst class",
     )
-    a.add_argument("--count", metavar="N", type=int_at_least(1), default=500,
+    a.add_argument("--count", metavar="N", type=at.count, default=500,
                    help="narcissus: training images of the target class to poison")  # fmt: skip
     a.add_argument("--random-select", action="store_true", help="as for eval poison")
     a.add_argument("--quantize", choices=QUANTIZE, default="trunc", help="as for eval poison")
     a.add_argument(
-        "--trigger-scale", metavar="M", type=positive_float, nargs="+", default=[1.0, 3.0],
+        "--trigger-scale", metavar="M", type=at.float_in(1e-6, 1e6), nargs="+", default=[1.0, 3.0],
         help="test-time trigger multipliers (default 1 3)",
     )  # fmt: skip
     f = p.add_argument_group("defenses (the engine's settings, as for purify)")
@@ -81,15 +82,17 @@ def add_experiment_arguments(p: argparse.ArgumentParser) -> None:
                    help="default: the authors' published EBM (as purify)")  # fmt: skip
     f.add_argument("--ddpm", metavar="SRC", default=None,
                    help="default: the authors' published DDPM (as purify)")  # fmt: skip
-    f.add_argument("--ebm-steps", type=int_at_least(1), default=None, help="default 150")
-    f.add_argument("--ebm-eps", type=positive_float, default=None, help="default 1.25e-2")
-    f.add_argument("--ebm-temp", type=positive_float, default=None, help="default 1e-4")
-    f.add_argument("--ddpm-steps", type=int_at_least(1), default=None, help="default 75")
-    f.add_argument("--reps", type=int_at_least(1), default=None)
-    f.add_argument("--filter-frac", type=positive_float, default=None)
-    f.add_argument("--jpeg-quality", type=int_at_least(1), default=None, help="default 75")
-    f.add_argument("--purify-seed", type=int_at_least(0), default=0)
-    f.add_argument("--purify-batch-size", type=int_at_least(1), default=64)
+    f.add_argument("--ebm-steps", type=at.engine("ebm_steps"), default=None, help="default 150")
+    f.add_argument("--ebm-eps", type=at.engine("ebm_eps"), default=None, help="default 1.25e-2")
+    f.add_argument("--ebm-temp", type=at.engine("ebm_temp"), default=None, help="default 1e-4")
+    f.add_argument("--ddpm-steps", type=at.engine("ddpm_steps"), default=None, help="default 75")
+    f.add_argument("--reps", type=at.engine("reps"), default=None)
+    f.add_argument("--filter-frac", type=at.engine("filter_frac"), default=None)
+    f.add_argument(
+        "--jpeg-quality", type=at.engine("jpeg_quality"), default=None, help="default 75"
+    )
+    f.add_argument("--purify-seed", type=at.seed, default=0)
+    f.add_argument("--purify-batch-size", type=at.batch_size, default=64)
     f.add_argument("--backend", choices=("auto", "reference", "fast"), default="auto")
     f.add_argument("--precision", choices=("fp32", "tf32", "bf16"), default="fp32")
     c = p.add_argument_group("classifiers")
@@ -103,7 +106,7 @@ def add_experiment_arguments(p: argparse.ArgumentParser) -> None:
         "steps, batch_size, lr, widths, crop_pad, flip, tta, whiten_eps, momentum, "
         "weight_decay, label_smoothing, schedule (step|triangular), warmup_frac, name",
     )
-    c.add_argument("--seeds", type=int_list(0), default=(0, 1, 2), help="default 0,1,2")
+    c.add_argument("--seeds", type=at.seed_list, default=(0, 1, 2), help="default 0,1,2")
     c.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     o = p.add_argument_group("output")
     o.add_argument(
@@ -184,11 +187,11 @@ def run_experiment_command(args: argparse.Namespace) -> int:
 def add_photos_arguments(p: argparse.ArgumentParser) -> None:
     """The flags of ``eval photos``."""
     p.add_argument("--out", metavar="DIR", required=True, help="folder for the .npz files")
-    p.add_argument("--size", type=int_at_least(8), default=32, help="tile side (default 32)")
-    p.add_argument("--train-per-class", type=int_at_least(1), default=100)
-    p.add_argument("--test-per-class", type=int_at_least(1), default=30)
-    p.add_argument("--heldout-per-class", type=int_at_least(0), default=20)
-    p.add_argument("--seed", type=int_at_least(0), default=0)
+    p.add_argument("--size", type=int_at_least(8, 1024), default=32, help="tile side (default 32)")
+    p.add_argument("--train-per-class", type=int_at_least(1, 100_000), default=100)
+    p.add_argument("--test-per-class", type=int_at_least(1, 100_000), default=30)
+    p.add_argument("--heldout-per-class", type=int_at_least(0, 100_000), default=20)
+    p.add_argument("--seed", type=at.seed, default=0)
 
 
 def run_photos_command(args: argparse.Namespace) -> int:

@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+from puregen_fast.cli.argtypes import int_at_least
+from puregen_fast.config import MAX_BATCH
 from puregen_fast.kernels.availability import triton_available
 from puregen_fast.runtime import (
     compile_cache_dir,
@@ -25,7 +27,7 @@ from puregen_fast.version import __version__
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print JSON instead of text")
     parser.add_argument(
-        "--conv-probe", type=int, default=0, metavar="BATCH",
+        "--conv-probe", type=int_at_least(0, MAX_BATCH), default=0, metavar="BATCH",
         help="on CUDA: time the EBM gradient with torch and with the Triton conv-block kernels "
         "at this batch (the paper's EBM, 32x32, fp32 and bf16) and say which --conv-impl auto "
         "picks (compiles both: about a minute)",

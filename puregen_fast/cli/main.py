@@ -13,8 +13,9 @@ from collections.abc import Sequence
 
 import torch
 
+from puregen_fast.cli.argtypes import document_ranges, int_at_least
 from puregen_fast.errors import DivergenceError, UsageError
-from puregen_fast.runtime import THREADS_ENV, set_threads
+from puregen_fast.runtime import MAX_THREADS, THREADS_ENV, set_threads
 from puregen_fast.version import __version__
 
 # subcommand -> (module, one-line help)
@@ -33,16 +34,7 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def _threads(s: str) -> int:
-    try:
-        n = int(s)
-    except ValueError:
-        n = 0
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected a thread count >= 1, got {s!r}")
-    return n
-
-
+_threads = int_at_least(1, MAX_THREADS)
 THREADS_HELP = (
     "CPU threads for torch's intra-op pool and OpenMP (default: $" + THREADS_ENV + ", else "
     "$OMP_NUM_THREADS, else the cores this process may use); on a machine other jobs share, "
@@ -69,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
             continue
         mod.add_arguments(p)
         p.set_defaults(_run=mod.run)
+    document_ranges(parser)
     return parser
 
 

@@ -405,6 +405,11 @@ def _check_inputs(x: np.ndarray, y: np.ndarray, num_classes: int, cfg: TrainConf
             f"training needs batches of at least 2 images (batch norm); got --batch-size "
             f"{cfg.batch_size} and {x.shape[0]} training image(s)"
         )
+    if min(cfg.batch_size, x.shape[0]) < 2:  # batch norm cannot train on one image
+        raise UsageError(
+            f"training needs batches of at least 2 images (batch norm); got --batch-size "
+            f"{cfg.batch_size} and {x.shape[0]} training image(s)"
+        )
     if cfg.steps is not None and cfg.steps < 1:
         raise UsageError(f"--steps {cfg.steps}: must be >= 1")
     if cfg.crop_pad < 0:

@@ -207,8 +207,12 @@ def test_divergence_margin_is_an_option(models, images):
     ok = p(images[:4], range(4))
     assert ok.dtype == np.uint8
     tight = pg.Purifier("ebm", ebm=models[0], ebm_steps=20, backend="reference", device="cpu",
-                        divergence_margin=1e-3)  # fmt: skip
-    with pytest.raises(pg.DivergenceError, match="--divergence-margin"):
+                        divergence_margin=0.01)  # fmt: skip
+    with pytest.raises(pg.DivergenceError, match="--divergence-margin") as e:
         tight(images[:4], range(4))
+    # a margin tighter than the default is named as the cause (exit 2), not the model
+    assert e.value.flag_cause and "Likely cause: --divergence-margin 0.01" in str(e.value)
+    with pytest.raises(ValueError, match=r"divergence_margin.*in \[0.01, 1e6\]"):
+        pg.Purifier("none", device="cpu", divergence_margin=1e-320)
     with pytest.raises(ValueError, match="divergence_margin"):
         pg.Purifier("none", device="cpu", divergence_margin=0)
