@@ -105,13 +105,17 @@ def out_file(s: str) -> Path:
     if not s.strip():
         raise argparse.ArgumentTypeError("expected a file path, got ''")
     p = Path(s).expanduser()
-    if p.is_dir():
-        raise argparse.ArgumentTypeError(f"{s!r} is a folder; give a file name")
-    for parent in p.absolute().parents:
-        if os.path.lexists(parent):
-            if not parent.is_dir():
-                raise argparse.ArgumentTypeError(f"{s!r}: {str(parent)!r} is not a folder")
-            break
+    shown = s if len(s) <= 60 else s[:60] + "..."
+    try:
+        if p.is_dir():
+            raise argparse.ArgumentTypeError(f"{shown!r} is a folder; give a file name")
+        for parent in p.absolute().parents:
+            if os.path.lexists(parent):
+                if not parent.is_dir():
+                    raise argparse.ArgumentTypeError(f"{shown!r}: a file where a folder must be")
+                break
+    except OSError as e:  # a name too long for the file system, a loop of links
+        raise argparse.ArgumentTypeError(f"{shown!r}: {e.strerror}") from None
     return p
 
 
