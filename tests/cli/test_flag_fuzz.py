@@ -391,3 +391,48 @@ def test_fuzz(env, cmd, data):
 def test_fuzz_slow(env, cmd, data):
     """10,000 generated values per subcommand (-m slow)."""
     _fuzz(cmd, env, data)
+
+
+# ----------------------------------------------------------------------------- past the parser
+
+
+def test_train_configs_built_in_python_are_checked(env):
+    """The recipe fields' ranges hold for the Python API too: nothing is loaded or written."""
+    from puregen_fast.errors import UsageError
+    from puregen_fast.train import DDPMConfig, EBMConfig, train_ddpm, train_ebm
+
+    out = env["tmp"] / "run"
+    data = str(env["data"])
+    with pytest.raises(UsageError, match=r"--seed: must be in \[0, 2\*\*63 - 1\]"):
+        train_ddpm(DDPMConfig(dataset="npz", data_dir=data, out=str(out), seed=-1))
+    with pytest.raises(UsageError, match=r"--adam-beta2: must be a number in \[0, 1\)"):
+        train_ebm(EBMConfig(dataset="npz", data_dir=data, out=str(out), adam_beta2=1.0))
+    assert not out.exists()
+
+
+def test_thread_count_from_the_environment_is_bounded(env, monkeypatch, capsys):
+    """$PUREGEN_FAST_THREADS=65536 made OpenMP abort the process with no message."""
+    monkeypatch.setenv("PUREGEN_FAST_THREADS", "65536")
+    assert main(["info"]) == 2
+    assert "PUREGEN_FAST_THREADS" in capsys.readouterr().err
+
+
+def test_bench_out_of_memory_is_exit_2(env, monkeypatch, capsys):
+    """A batch in range that this machine cannot hold names --batch-size (was a traceback)."""
+    from puregen_fast.cli import bench
+
+    def alloc(args):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1")
+
+    monkeypatch.setattr(bench, "benchmark", alloc)
+    assert main(base_argv("bench", env, env["tmp"])) == 2
+    assert "--batch-size 1" in capsys.readouterr().err
+
+
+def test_a_classifier_batch_of_one_image_is_exit_2(env, capsys):
+    """Batch norm cannot train on one image: eval run --batch-size 1 (or one training image)
+    on 16x16 images was a ValueError from torch."""
+    argv = base_argv("eval run", env, env["tmp"] / "o")
+    i = argv.index("--batch-size")
+    assert main([*argv[: i + 1], "1", *argv[i + 2 :]]) == 2
+    assert "at least 2 images" in capsys.readouterr().err
