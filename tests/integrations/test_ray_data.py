@@ -205,3 +205,45 @@ def test_the_issue_sizes(ebm_model):
     for h, w in [(1, 1), (33, 31)]:
         with pytest.raises(ImageSizeError, match=f"divisible by 4, but the images are {h}x{w}"):
             fn({"image": np.zeros((1, h, w, 3), np.uint8), "id": np.zeros(1, np.int64)})
+
+
+class _FixedEnergy(torch.nn.Module):
+    """An 'EBM' whose energies are given (its gradient is zero): filt's ranking in isolation."""
+
+    patch_size = 1
+
+    def __init__(self, energies: list[float]) -> None:
+        super().__init__()
+        self.register_buffer("e", torch.tensor(energies, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.e[: x.shape[0]] + 0 * x.sum(dim=(1, 2, 3))
+
+
+@given(st.lists(st.one_of(st.floats(width=32, allow_nan=True, allow_infinity=True),
+                          st.floats(-1, 1)), min_size=1, max_size=6),
+       st.booleans())  # fmt: skip
+@settings(max_examples=60, deadline=None)
+def test_filt_diverges_exactly_on_non_finite_energies(energies, with_threshold):
+    """Issue 22: an energy that is NaN or infinite is a divergence naming exactly those images
+    (DESIGN 2.4), whether filt ranks the batch or compares with a given threshold; finite
+    energies purify."""
+    import math
+
+    from puregen_fast.errors import DivergenceError
+
+    p = pg.Purifier(method="filt", ebm=_FixedEnergy(energies), ebm_steps=1, device="cpu",
+                    backend="reference")  # fmt: skip
+    n = len(energies)
+    x = np.full((n, 8, 8, 3), 128, np.uint8)
+    ids = np.arange(100, 100 + n)
+    bad = [int(i) for i, e in zip(ids, energies) if not math.isfinite(e)]
+    kw = {"filter_threshold": 0.0} if with_threshold else {}
+    if bad:
+        for call in (lambda: p(x, ids, **kw), lambda: p.energy(x, ids)):
+            with pytest.raises(DivergenceError, match="non-finite") as e:
+                call()
+            assert e.value.sample_ids == bad
+    else:
+        assert p(x, ids, **kw).shape == x.shape
+        np.testing.assert_array_equal(p.energy(x, ids), np.float32(energies))
