@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import io
 import json
 import math
@@ -109,6 +110,7 @@ def base_argv(cmd: str, w: dict[str, Path], out: Path) -> list[str]:
     }[cmd]  # fmt: skip
 
 
+@functools.cache  # building the parser takes 70 ms; main() builds its own each case
 def flags_of(cmd: str) -> dict[str, argparse.Action]:
     """The ranged flags of subcommand ``cmd`` ("eval run"): option string -> action."""
     prog = "puregen-fast " + cmd
