@@ -194,6 +194,7 @@ def test_the_issue_archives_at_the_real_caps(tmp_path):
     (a, b) = out["results"]
     assert "sparse file" in a.get("usage", ""), a
     assert "MAX_EXPANSION" in b.get("usage", ""), b
+    print(f"\nthe issue's archives at the real caps: refused, peak RSS {out['peak_mb']:.0f} MB")
     assert out["peak_mb"] < 1024
     for arc in (sparse, bomb):
         _nothing_written(Path(f"{arc}.out"))
