@@ -112,8 +112,12 @@ def expand_shards(spec: str | os.PathLike[str]) -> list[Path]:
     if "://" in s or s.startswith("pipe:"):
         raise UsageError(f"--data-dir {s}: only local shard paths are read; copy the shards here")
     p = Path(s).expanduser()
+    try:
+        folder = p.is_dir()
+    except OSError:  # e.g. a pattern longer than a file name may be: not a folder
+        folder = False
     paths: Iterable[Path]
-    if p.is_dir():
+    if folder:
         found: list[Path] = []
         for q in p.iterdir():
             if q.name.endswith(".tar"):
@@ -155,6 +159,7 @@ def expand_shards(spec: str | os.PathLike[str]) -> list[Path]:
 
 
 def _too_many(spec: str, shown: str) -> str:
+    spec = spec if len(spec) <= 200 else spec[:200] + "..."
     return (
         f"--data-dir {spec}: names {shown} shards, more than the {MAX_SHARDS} allowed (check "
         f"the brace ranges); split the data set into several runs"
@@ -175,7 +180,15 @@ def count_expansions(spec: str) -> int:
     total = 0
     for url in spec.split("::"):
         for _ in range(10):  # as webdataset's expand_urls substitutes
-            last, url = url, envsubst(url)
+            try:
+                last, url = url, envsubst(url)
+            except AssertionError:  # webdataset asserts that the variable is set
+                names = ", ".join(sorted({f"WDS_{v}" for v in re.findall(r"\$\{(\w+)\}", url)}))
+                raise UsageError(
+                    f"--data-dir {spec}: ${{name}} is replaced by the environment variable "
+                    f"WDS_name, and {names} is not set everywhere it is needed; set it or "
+                    "write the path out"
+                ) from None
             if url == last:
                 break
         total += _count_pattern(url, 0, spec)

@@ -213,12 +213,22 @@ def test_the_count_is_the_expansion_length(a, b):
     spec = a if b is None else f"{a}::{b}"
     os.environ["WDS_X"] = "{1,2,3}"
     try:
-        want = len(expand_urls(spec))
-    except ValueError:  # braceexpand's UnbalancedBracesError
-        with pytest.raises(UsageError, match="unbalanced braces"):
-            count_expansions(spec)
-        return
-    assert count_expansions(spec) == want
+        try:
+            want = len(expand_urls(spec))
+        except ValueError:  # braceexpand's UnbalancedBracesError
+            with pytest.raises(UsageError, match="unbalanced braces"):
+                count_expansions(spec)
+            return
+        assert count_expansions(spec) == want
+    finally:
+        del os.environ["WDS_X"]
+
+
+def test_an_unset_pattern_variable_is_exit_2(tmp_path, monkeypatch):
+    """webdataset replaces ${name} with $WDS_name and asserts it is set (exit 1 before)."""
+    monkeypatch.delenv("WDS_NOPE", raising=False)
+    with pytest.raises(UsageError, match=r"WDS_NOPE is not set"):
+        expand_shards(f"{tmp_path}/${{NOPE}}-{{0..3}}.tar")
 
 
 def test_a_link_to_a_listed_shard_is_the_same_shard(tmp_path):
@@ -458,3 +468,13 @@ def test_webdataset_fuzz(tmp_path_factory):
 @pytest.mark.slow
 def test_webdataset_fuzz_long(tmp_path_factory):
     _fuzz(tmp_path_factory, FUZZ_SLOW_EXAMPLES)
+
+
+@given(st.text(alphabet="{}.,:0123456789aZ\\$-/", max_size=80))
+@settings(max_examples=300, deadline=2000)
+def test_any_data_dir_pattern_is_a_clean_error(tmp_path_factory, spec):
+    """Whatever --data-dir holds (unbalanced, nested, huge ranges, ${}, '::'), naming shards
+    that do not exist: a UsageError within the deadline, never another exception."""
+    root = tmp_path_factory.getbasetemp() / "no-shards-here"
+    with pytest.raises(UsageError):
+        expand_shards(f"{root}/{spec}")
