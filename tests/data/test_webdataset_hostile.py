@@ -208,11 +208,16 @@ def test_the_count_is_the_expansion_length(a, b):
     """The counter follows webdataset's expansion exactly (``::`` parts, ${WDS_X}, escapes,
     ranges with padding and steps, letter ranges, lists, nesting, literal and unbalanced
     braces), so the limit is the number of shards that would be read."""
+    from hypothesis import assume
     from webdataset.shardlists import expand_urls
 
     spec = a if b is None else f"{a}::{b}"
     os.environ["WDS_X"] = "{1,2,3}"
     try:
+        try:  # big expansions are slow to list: compare on those that are quick
+            assume(count_expansions(spec) <= 3000)
+        except UsageError:
+            pass
         try:
             want = len(expand_urls(spec))
         except ValueError:  # braceexpand's UnbalancedBracesError
