@@ -18,7 +18,8 @@ is refused.
 batches), takes the ``1 - --filter-frac`` quantile as the threshold, and then purifies the
 images whose energy is at least that threshold; the threshold is a global number, so results
 do not depend on batching or on the number of ranks. It is saved in the output folder, so a
-resumed run does not repeat the energy pass.
+resumed run does not repeat the energy pass. A non-finite energy is a divergence (DESIGN 2.4):
+no image could be ranked, so every rank stops and nothing is written, not even the threshold.
 
 Under ``torchrun`` (RANK, WORLD_SIZE, LOCAL_RANK in the environment) the ranks talk through
 ``torch.distributed`` (gloo on CPU, nccl on CUDA): rank 0 downloads and decodes the data set and

@@ -20,7 +20,10 @@ size, pass that number.)
 
 ``method="filt"`` needs the data set's energy threshold (``filter_threshold``, from the
 ``filter`` record of a ``puregen-fast purify`` manifest): a threshold taken per batch would
-depend on how Ray cuts batches.
+depend on how Ray cuts batches. It must be a finite number, checked by the constructor (a NaN
+would select no image and return every batch unchanged). Images are checked against the models
+by the command's own check (`puregen_fast.purifier.check_image_size`), so a size the command
+refuses raises here too.
 """
 
 from __future__ import annotations
