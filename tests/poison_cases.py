@@ -282,6 +282,9 @@ def hostile_cases() -> dict[str, tuple[str, dict[str, bytes]]]:
                                 + "(" * 3000 + ")" * 3000 + "}"))  # fmt: skip
     narc("npy huge shape", npy("{'descr': '<f4', 'fortran_order': False, "
                                "'shape': (1, 3, 2147483647, 2147483647), }"))  # fmt: skip
+    # numpy's header parser lets tokenize's TokenError out (found by the fuzz)
+    narc("npy unbalanced header", npy("{'descr': '<f4', 'fortran_order': False, "
+                                      "'shape': (1, 3, 4, 4, }"))  # fmt: skip
     narc("npy header claims 4 GiB", b"\x93NUMPY\x02\x00" + struct.pack("<I", 2**32 - 1))
     narc(
         "npy object dtype", npy("{'descr': '|O', 'fortran_order': False, 'shape': (1, 3, 2, 2), }")

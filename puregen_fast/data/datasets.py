@@ -52,6 +52,7 @@ import shutil
 import stat
 import sys
 import tempfile
+import tokenize
 import zipfile
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -869,7 +870,8 @@ def _open_imagefolder(data_dir, split: str, quiet: bool, cache: bool, limit, max
 
 def read_npy_header(f, what: str) -> tuple[tuple, bool, np.dtype]:
     """(shape, fortran_order, dtype) of the .npy stream ``f``, left at the start of its data;
-    a version other than 1.0 or 2.0 is a `UsageError` naming ``what``."""
+    a version other than 1.0 or 2.0, or a header over `NPY_MAX_HEADER_BYTES`, is a `UsageError`
+    naming ``what``; a header numpy cannot parse is a ValueError."""
     fmt = np.lib.format
     version = fmt.read_magic(f)
     if version not in ((1, 0), (2, 0)):
@@ -887,9 +889,12 @@ def read_npy_header(f, what: str) -> tuple[tuple, bool, np.dtype]:
             "(npy header bytes)"
         )
     f.seek(start)
-    if version == (1, 0):
-        return fmt.read_array_header_1_0(f)
-    return fmt.read_array_header_2_0(f)
+    read = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+    try:
+        return read(f)
+    except (tokenize.TokenError, SyntaxError, RecursionError) as e:
+        # numpy tokenizes a header it cannot evaluate, and lets the tokenizer's errors out
+        raise ValueError(f"cannot parse the .npy header ({type(e).__name__})") from e
 
 
 def _npy_open(zf: zipfile.ZipFile, path: Path, key: str, stack: contextlib.ExitStack):

@@ -61,6 +61,7 @@ NEEDLES = {
     "bp legacy format, huge claim": "tensor bytes",
     "npy deep header": "not a readable .npy trigger",
     "npy huge shape": "s <= 1024",
+    "npy unbalanced header": "cannot parse the .npy header",
     "npy header claims 4 GiB": "npy header bytes",
     "npy object dtype": "float (1, 3, s, s)",
     "cifar deep tuple key": "pickle depth",
