@@ -55,7 +55,7 @@ DEFAULT_SHARD_SIZE = 10_000
 MAX_SEED = (1 << 63) - 1
 # the upper ends of the flags' ranges (README "Flag ranges"): far past any real run, low enough
 # that a typo cannot ask for a chain that never ends or an allocation the size of a disk
-MAX_LANGEVIN_STEPS = 100_000  # the paper's chains are 150 steps
+MAX_LANGEVIN_STEPS = 10_000  # the paper's chains are 150 steps
 MAX_REPS = 100
 MAX_BATCH = 65_536  # images in one batch: 0.8 GB of fp32 state alone at 32x32
 MAX_IMAGES = 10**12  # --limit, --shard-size: more images than any data set holds
