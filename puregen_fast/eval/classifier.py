@@ -57,6 +57,8 @@ from puregen_fast.runtime import resolve_device
 
 __all__ = [
     "ARCHS",
+    "NORMALIZE",
+    "PAD_MODES",
     "TrainConfig",
     "Classifier",
     "AirbenchNet",
@@ -77,6 +79,13 @@ __all__ = [
 # accuracy at whiten_eps 5e-4, 82% at 1e-2 and 100% at 5e-2. ``eval run`` warns on that pattern.
 
 ARCHS = ("airbench", "resnet18")
+PAD_MODES = ("reflect", "zeros")
+# the authors' normalisation constants (mean, std), utils/classifier.py lines 32-39; CINIC-10
+# and STL-10 use CIFAR-10's
+NORMALIZE: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616)),
+    "tinyimagenet": ((0.4802, 0.4481, 0.3975), (0.2302, 0.2265, 0.2262)),
+}
 
 
 # ----------------------------------------------------------------------------- models
@@ -240,11 +249,18 @@ class TrainConfig:
     warmup_frac: float = 0.23
     schedule: str = "triangular"
     crop_pad: int = 2
+    # ``reflect`` (ours) or ``zeros``: black pixels, torchvision's RandomCrop(padding=4) as the
+    # authors use it (the padding is added before normalisation)
+    pad_mode: str = "reflect"
     flip: bool = True
     tta: str = "flip"
     whiten_bias_epochs: float = 3.0
     whiten_eps: float = 5e-4
     widths: tuple[int, ...] | None = None
+    nesterov: bool = True  # the authors' ResNet-18: plain momentum SGD
+    # ``data``: the training set's own per-channel mean and std; ``cifar10`` or
+    # ``tinyimagenet``: the authors' fixed constants (`NORMALIZE`)
+    normalize: str = "data"
     seed: int = 0
     # length by optimiser steps: ``steps`` (when set) replaces ``epochs``
     steps: int | None = None
@@ -324,12 +340,18 @@ def _to_float(x_u8: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torc
     return (x - mean) / std
 
 
-def _augment(x: torch.Tensor, pad: int, flip: bool, gen: torch.Generator | None) -> torch.Tensor:
-    """Random crop (reflect padding ``pad``) and horizontal flip of a batch, on its device."""
+def _augment(x: torch.Tensor, pad: int, flip: bool, gen: torch.Generator | None,
+             fill: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """Random crop and horizontal flip of a batch, on its device. The crop pads by ``pad``:
+    reflecting the image, or with ``fill`` (per channel, (1, C, 1, 1): black after the
+    normalisation, for the authors' zero padding)."""
     n, _, h, w = x.shape
     if pad > 0:
-        mode = "reflect" if pad < min(h, w) else "replicate"
-        xp = F.pad(x, (pad,) * 4, mode=mode)
+        if fill is not None:
+            xp = F.pad(x - fill, (pad,) * 4) + fill
+        else:
+            mode = "reflect" if pad < min(h, w) else "replicate"
+            xp = F.pad(x, (pad,) * 4, mode=mode)
         dy = torch.randint(0, 2 * pad + 1, (n,), device=x.device, generator=gen)
         dx = torch.randint(0, 2 * pad + 1, (n,), device=x.device, generator=gen)
         rows = (dy[:, None] + torch.arange(h, device=x.device))[:, :, None]  # (n, h, 1)
@@ -405,17 +427,17 @@ def _check_inputs(x: np.ndarray, y: np.ndarray, num_classes: int, cfg: TrainConf
             f"training needs batches of at least 2 images (batch norm); got --batch-size "
             f"{cfg.batch_size} and {x.shape[0]} training image(s)"
         )
-    if min(cfg.batch_size, x.shape[0]) < 2:  # batch norm cannot train on one image
-        raise UsageError(
-            f"training needs batches of at least 2 images (batch norm); got --batch-size "
-            f"{cfg.batch_size} and {x.shape[0]} training image(s)"
-        )
     if cfg.steps is not None and cfg.steps < 1:
         raise UsageError(f"--steps {cfg.steps}: must be >= 1")
     if cfg.crop_pad < 0:
         raise UsageError(f"--crop-pad {cfg.crop_pad}: must be >= 0")
     if cfg.schedule not in ("triangular", "step"):
         raise UsageError(f"--schedule {cfg.schedule!r}: choose triangular or step")
+    if cfg.pad_mode not in PAD_MODES:
+        raise UsageError(f"pad_mode {cfg.pad_mode!r}: choose one of {', '.join(PAD_MODES)}")
+    if cfg.normalize != "data" and cfg.normalize not in NORMALIZE:
+        raise UsageError(f"normalize {cfg.normalize!r}: choose data or one of "
+                         f"{', '.join(NORMALIZE)}")  # fmt: skip
 
 
 def _to_device(x: np.ndarray, y: np.ndarray, dev: torch.device) -> tuple[torch.Tensor, ...]:
@@ -464,7 +486,7 @@ def _optimizer(model: nn.Module, cfg: TrainConfig, bs: int) -> torch.optim.SGD:
         ]  # fmt: skip
     for g in groups:
         g["initial_lr"] = g["lr"]
-    return torch.optim.SGD(groups, momentum=cfg.momentum, nesterov=True)
+    return torch.optim.SGD(groups, momentum=cfg.momentum, nesterov=cfg.nesterov)
 
 
 @dataclass
@@ -508,7 +530,12 @@ def _prepare(
     gen.manual_seed(cfg.seed)
     x_u8, y = _to_device(x_np, y_np, dev)
     n = x_u8.shape[0]
-    mean, std = _channel_stats(x_u8)
+    if cfg.normalize == "data":
+        mean, std = _channel_stats(x_u8)
+    else:
+        m, sd = NORMALIZE[cfg.normalize]
+        mean = torch.tensor(m, device=dev).view(1, 3, 1, 1)
+        std = torch.tensor(sd, device=dev).view(1, 3, 1, 1)
 
     model = build_model(cfg.arch, num_classes, widths=cfg.widths).to(dev)
     if isinstance(model, AirbenchNet):
@@ -531,7 +558,9 @@ def _prepare(
 def _step(run: _Run, idx: torch.Tensor, yb: torch.Tensor, epoch: int) -> tuple[torch.Tensor, ...]:
     """One optimiser step on the images ``idx``; the loss and the logits stay on the device."""
     cfg = run.cfg
-    xb = _augment(_to_float(run.x_u8[idx], run.mean, run.std), cfg.crop_pad, cfg.flip, run.gen)
+    fill = (0 - run.mean) / run.std if cfg.pad_mode == "zeros" else None
+    xb = _augment(_to_float(run.x_u8[idx], run.mean, run.std), cfg.crop_pad, cfg.flip, run.gen,
+                  fill)  # fmt: skip
     xb = xb.contiguous(memory_format=run.fmt)
     f = _lr_factor(run.step, run.total_steps, cfg.warmup_frac, cfg.schedule)
     for g in run.opt.param_groups:

@@ -134,6 +134,7 @@ class Protocol:
     purify: tuple[tuple[str, Any], ...] = ()
     sweep: tuple[tuple[str, tuple[Any, ...]], ...] = ()
     ebm_poisoned: str | None = None
+    profile: str = "ours"  # `puregen_fast.eval.protocols`: what chose the victims and scales
 
     def to_dict(self) -> dict[str, Any]:
         d = {k: getattr(self, k) for k in self.__dataclass_fields__}

@@ -8,7 +8,8 @@ Metrics (as the authors' ``run_test_epoch_narcissus``):
   classified as the target class;
 * triggered accuracy: accuracy on those same triggered images.
 
-The authors evaluate test-time scales 1, 2 and 3 and print scale 1. Unlike their per-batch mean of
+The authors evaluate test-time scales 1 and 2 (`range(1, 3)`, utils/classifier.py line 1144 of
+SunayBhat1/PureGen_PoisonDefense) and report scale 1. Unlike their per-batch mean of
 means, fractions here are over images.
 """
 

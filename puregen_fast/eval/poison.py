@@ -11,9 +11,9 @@ by:
   (top-left corner; a 32x32 Narcissus trigger covers the whole CIFAR image), clamping to
   [-1, 1], and converting back with ``ToPILImage(Normalize(-1, 2)(x))``.
 
-At test time they add ``trigger * m`` (m = 1, 2, 3; their printed headline number is m = 1) to
-every test image whose true class is not the target, with the same conversions, and count the
-fraction classified as the target class (poison success).
+At test time they add ``trigger * m`` (m = 1, 2: ``range(1, 3)``, utils/classifier.py line 1144;
+their headline number is m = 1) to every test image whose true class is not the target, with
+the same conversions, and count the fraction classified as the target class (poison success).
 
 Quantisation. torchvision's ``ToPILImage`` turns a float tensor into bytes with
 ``mul(255).byte()``, which truncates; and the float32 round trip ``(u - .5) / .5`` then

@@ -10,7 +10,7 @@ from typing import Any
 from puregen_fast.errors import UsageError
 from puregen_fast.eval.classifier import ARCHS, TrainConfig, default_config
 
-__all__ = ["ClassifierSpec", "parse_classifier_spec", "SPEC_KEYS"]
+__all__ = ["ClassifierSpec", "PAPER_RESNET18", "parse_classifier_spec", "SPEC_KEYS"]
 
 
 def _on_off(v: str) -> bool:
@@ -35,7 +35,19 @@ SPEC_KEYS: dict[str, Callable[[str], Any]] = {
     "label_smoothing": float,
     "schedule": str,
     "warmup_frac": float,
+    "nesterov": _on_off,
+    "pad_mode": str,
+    "normalize": str,
 }
+
+
+# the authors' CIFAR ResNet-18 recipe (`puregen_fast.eval.protocols`, profile ``paper``);
+# ``--classifier resnet18-paper[:KEY=VALUE,...]`` starts from it
+PAPER_RESNET18: dict[str, Any] = {
+    "epochs": 200.0, "batch_size": 128, "lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4,
+    "nesterov": False, "schedule": "step", "label_smoothing": 0.0, "crop_pad": 4,
+    "pad_mode": "zeros", "flip": True, "tta": "none", "normalize": "cifar10",
+}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -64,11 +76,13 @@ def parse_classifier_spec(text: str) -> ClassifierSpec:
     ``resnet18:widths=16,batch_size=64,flip=off``; ``name=...`` sets the table label.
     UsageError naming ``--classifier`` for an unknown architecture, key or value."""
     arch, _, rest = text.strip().partition(":")
-    if arch not in ARCHS:
-        raise UsageError(f"--classifier {text!r}: unknown architecture {arch!r}; "
-                         f"choose one of {', '.join(ARCHS)}")  # fmt: skip
     opts: dict[str, Any] = {}
     name = ""
+    if arch == "resnet18-paper":
+        arch, opts, name = "resnet18", dict(PAPER_RESNET18), "resnet18-paper"
+    if arch not in ARCHS:
+        raise UsageError(f"--classifier {text!r}: unknown architecture {arch!r}; "
+                         f"choose one of {', '.join([*ARCHS, 'resnet18-paper'])}")  # fmt: skip
     for item in filter(None, (p.strip() for p in rest.split(","))):
         key, eq, val = item.partition("=")
         key = key.strip().replace("-", "_")

@@ -24,6 +24,7 @@ from the file's header, before any tensor is read); only then is the model alloc
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -47,13 +48,21 @@ __all__ = [
     "MAX_CONFIG_DEPTH",
     "checkpoint_problem",
     "read_config",
+    "SAMPLING",
+    "SAMPLING_KEYS",
     "load_ebm",
+    "read_sampling",
     "save_ebm",
     "load_ddpm",
     "save_ddpm",
 ]
 
 DEFAULT_EBM = "hf:SunayBhat1/puregen-ebm-cinic10-imagenet"
+# The chain an EBM was made for, beside its weights: purify, the API and eval use it unless a
+# flag says otherwise (`train ebm` writes it; the authors' checkpoints have none).
+SAMPLING = "sampling.json"
+SAMPLING_KEYS = ("ebm_steps", "ebm_eps", "ebm_temp")
+_MAX_SAMPLING_STEPS = 100_000
 DEFAULT_DDPM = "hf:SunayBhat1/puregen-ddpm-cinic10-imagenet"
 
 # About 1.07e9 parameters (4 GiB in float32): nine times the paper's 113.7M-parameter UNet.
@@ -490,12 +499,44 @@ def load_ebm(src: str | os.PathLike[str], device: str | torch.device = "cpu") ->
     patch = _ebm_size(cfg, "patch_size", patch_seen, MAX_EBM_PATCH, cfg_path, weights)
     meta = _build_meta(lambda: EBMSNGAN32(nf=nf, patch_size=patch), cfg_path or weights, "EBM")
     _check_fit(meta, specs, weights)
+    sampling = read_sampling(weights.parent / SAMPLING)
     model = _materialize(meta, state if state is not None else _read_tensors(weights), weights)
-    return _finish(model, str(src), weights, device)  # type: ignore[return-value]
+    model = _finish(model, str(src), weights, device)
+    model.puregen_sampling = sampling  # type: ignore[assignment]
+    return model  # type: ignore[return-value]
 
 
-def save_ebm(ebm: EBMSNGAN32, out_dir: str | os.PathLike[str]) -> Path:
-    """Write ``config.json`` + ``model.safetensors``: what `load_ebm` and the authors read."""
+def read_sampling(path: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The sampling defaults in ``path`` (`SAMPLING` beside an EBM's weights): ``ebm_steps``
+    (a whole number in [1, 100000]), ``ebm_eps`` and ``ebm_temp`` (finite, > 0), any of them,
+    and ``path``; None where there is no such file; `CheckpointError` naming the file and the
+    key for anything else."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    doc = read_config(path)
+    out: dict[str, Any] = {}
+    for k in SAMPLING_KEYS:
+        if k not in doc:
+            continue
+        v = doc[k]
+        if k == "ebm_steps":
+            ok = isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= _MAX_SAMPLING_STEPS
+            want = f"a whole number in [1, {_MAX_SAMPLING_STEPS}]"
+        else:
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < math.inf
+            want = "a finite number > 0"
+        if not ok:
+            raise CheckpointError(f"{_q(path)}: {k!r} must be {want}, got {_show(v)}; fix "
+                                  f"{SAMPLING} or remove the entry")  # fmt: skip
+        out[k] = v
+    return {**out, "path": str(path)} if out else None
+
+
+def save_ebm(ebm: EBMSNGAN32, out_dir: str | os.PathLike[str],
+             sampling: dict[str, Any] | None = None) -> Path:  # fmt: skip
+    """Write ``config.json`` + ``model.safetensors``: what `load_ebm` and the authors read; and,
+    with ``sampling`` (`SAMPLING_KEYS`, plus a ``why`` line), the chain the EBM was made for."""
     from safetensors.torch import save_file
 
     d = Path(out_dir)
@@ -506,6 +547,8 @@ def save_ebm(ebm: EBMSNGAN32, out_dir: str | os.PathLike[str]) -> Path:
     with atomic_path(d / "model.safetensors") as tmp:
         save_file(state, str(tmp))
     atomic_write(d / "config.json", json.dumps(ebm.config, indent=2))
+    if sampling is not None:
+        atomic_write(d / SAMPLING, json.dumps(sampling, indent=2))
     return d
 
 

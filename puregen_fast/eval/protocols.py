@@ -1,0 +1,57 @@
+"""Named profiles of `eval experiment`: the victims and the measurement as one documented set.
+
+* ``ours`` (default): fast victims that learn small sets well (airbench, and a ResNet-18 with
+  Nesterov momentum, reflect padding and the training set's own statistics), poison success
+  at trigger x1 and x3.
+* ``paper``: as the authors measure (SunayBhat1/PureGen_PoisonDefense at c03507e): one victim,
+  the CIFAR ResNet-18 trained from scratch with plain momentum SGD (lr 0.1, momentum 0.9,
+  weight decay 5e-4, no Nesterov; utils/classifier.py 1036), batch 128, 200 epochs, the rate
+  x0.1 at epochs 100 and 150 (MultiStepLR stepped per epoch; config.ini 12-22, 1085), plain
+  cross-entropy (train_classifier.py 96), random crop with 4 black pixels of padding and a
+  horizontal flip (torchvision RandomCrop(padding=4) before Normalize; utils/classifier.py
+  790-818), the fixed normalisation constants of the data set (utils/classifier.py 32-39), no
+  test-time augmentation; Narcissus poison success on every non-target test image at trigger
+  x1 and x2 (range(1, 3); utils/classifier.py 1144), x1 the headline; the triggered test images
+  quantised by truncation (ToPILImage).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from puregen_fast.eval.victims import PAPER_RESNET18, ClassifierSpec
+
+__all__ = ["PROFILES", "describe_profile", "profile_settings"]
+
+PROFILES = ("ours", "paper")
+# the authors' normalisation constants per data set (CINIC-10 and STL-10 use CIFAR-10's)
+_NORMALIZE = {"tinyimagenet": "tinyimagenet"}
+
+
+def _paper_victim(dataset: str) -> ClassifierSpec:
+    opts = {**PAPER_RESNET18, "normalize": _NORMALIZE.get(dataset, "cifar10")}
+    return ClassifierSpec("resnet18", tuple(sorted(opts.items())), "resnet18-paper")
+
+
+def profile_settings(name: str, dataset: str) -> dict[str, Any]:
+    """The victims (``classifiers``), ``scales`` and ``quantize`` of profile ``name`` for a
+    training set ``dataset``."""
+    if name == "paper":
+        return {"classifiers": (_paper_victim(dataset),), "scales": (1.0, 2.0),
+                "quantize": "trunc"}  # fmt: skip
+    if name == "ours":
+        return {"classifiers": (ClassifierSpec("airbench"), ClassifierSpec("resnet18")),
+                "scales": (1.0, 3.0), "quantize": "trunc"}  # fmt: skip
+    raise ValueError(f"unknown profile {name!r}; choose one of {', '.join(PROFILES)}")
+
+
+def describe_profile(name: str, dataset: str) -> str:
+    """One line per setting of the profile, as printed at the start of a run."""
+    s = profile_settings(name, dataset)
+    victims = "; ".join(
+        f"{c.label} ({c.arch}: " + ", ".join(f"{k}={v}" for k, v in c.options) + ")"
+        if c.options else f"{c.label} (its preset)" for c in s["classifiers"]
+    )
+    scales = ", ".join(f"x{m:g}" for m in s["scales"])
+    return (f"protocol {name}: victims {victims}; poison success at trigger {scales} (headline "
+            f"x{s['scales'][0]:g}); quantisation {s['quantize']}")  # fmt: skip
