@@ -560,8 +560,11 @@ def _read_torch_legacy(data: bytes, what: str) -> Any:
     if not isinstance(info, dict) or info.get("little_endian", True) is not True:
         raise ValueError("written on a big-endian machine, or its sys_info is malformed")
 
-    def claim(key: str, nbytes: int) -> bytes:  # filled from the raw section below
-        return bytearray(nbytes)  # at most the bytes that follow (_Storages checks first)
+    buffers: dict[str, bytearray] = {}
+
+    def claim(key: str, nbytes: int) -> bytearray:  # filled from the raw section below
+        buffers[key] = bytearray(nbytes)  # at most the bytes that follow (_Storages checked)
+        return buffers[key]  # the storage shares its memory
 
     storages = _Storages(claim, len(data) - pos)
     obj = _unpickle(data[bounds[3][0] : bounds[3][1]], what, storages)
@@ -572,22 +575,17 @@ def _read_torch_legacy(data: bytes, what: str) -> Any:
         or sorted(keys) != sorted(storages.made)
     ):
         raise ValueError("its storage keys do not match its storages")
-    import torch
-
+    view = memoryview(data)
     for key in keys:
-        st, dtype = storages.made[key]
-        size = _itemsize(dtype)
+        st, _ = storages.made[key]
+        buf = buffers[key]
         if pos + 8 > len(data) or int.from_bytes(data[pos : pos + 8], "little") != st._size():
             raise ValueError(f"storage {key!r} does not hold the elements its id says")
         pos += 8
-        raw = data[pos : pos + st._size() * size]
-        if len(raw) != st._size() * size:
+        if pos + len(buf) > len(data):
             raise ValueError(f"storage {key!r} is truncated")
-        if raw:
-            st._untyped_storage.copy_(
-                torch.frombuffer(bytearray(raw), dtype=torch.uint8).untyped_storage()
-            )
-        pos += len(raw)
+        buf[:] = view[pos : pos + len(buf)]
+        pos += len(buf)
     return obj
 
 
