@@ -38,7 +38,12 @@ from puregen_fast.cli import argtypes as at
 from puregen_fast.cli.argtypes import int_at_least, int_list
 from puregen_fast.data.datasets import DATASETS, SPLITS, open_dataset
 from puregen_fast.errors import UsageError
-from puregen_fast.eval.classifier import ARCHS, default_config, undertrained_message
+from puregen_fast.eval.classifier import (
+    ARCHS,
+    MAX_CROP_PAD,
+    default_config,
+    undertrained_message,
+)
 from puregen_fast.eval.metrics import format_table
 from puregen_fast.eval.narcissus import NarcissusConfig, synthesize_narcissus, target_rate
 from puregen_fast.eval.poison import QUANTIZE, make_trigger, save_poisoned_npz, save_trigger
@@ -210,7 +215,7 @@ def _add_classifier_args(p: argparse.ArgumentParser) -> None:
     )
     c.add_argument(
         "--crop-pad",
-        type=int_at_least(0, 1024),
+        type=int_at_least(0, MAX_CROP_PAD),
         default=None,
         help="random-crop padding of the augmentation (airbench 2, resnet18 4; 0: no crops)",
     )

@@ -231,6 +231,7 @@ HOSTILE = [
     ("train ebm", "--steps", "100000000000000000000"),
     ("eval run", "--lr", "1e-320"),
     ("eval run", "--crop-pad", "99999999999999999999"),
+    ("eval run", "--crop-pad", "1024"),  # 53 GB at batch 1024
     ("eval run", "--seed", "99999999999999999999"),
     ("eval trigger", "--size", "65536"),
     ("eval trigger", "--eps", "1e308"),
