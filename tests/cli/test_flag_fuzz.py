@@ -281,15 +281,7 @@ def outside(action: argparse.Action) -> list[str]:
     lo, hi, lo_open, hi_open = getattr(action.type, "bounds", None) or (None, None, 0, 0)
     if lo is None:
         return []
-    if (
-        isinstance(lo, int)
-        and not isinstance(lo, bool)
-        and getattr(action.type, "kind", int)
-        in (
-            int,
-            "list",
-        )
-    ):
+    if getattr(action.type, "kind", None) in (int, "list"):
         return [str(lo - 1)] + ([] if hi is None else [str(hi + 1)])
     below = lo if lo_open else math.nextafter(lo, -math.inf)
     above = hi if hi_open else math.nextafter(hi, math.inf)
