@@ -382,8 +382,11 @@ def _write_manifest(
         rate = manifest.timings["images_per_s"]
         print(
             f"purify: {run.n} images in {len(records)} shard(s) -> {run.out} "
-            f"({n_purified} purified now in {slowest:.1f}s"
+            f"({n_purified} {'through filt' if filt else 'purified'} now in {slowest:.1f}s"
             + (f", {rate:.1f} img/s" if rate else "")
+            # filt changes only the images at or above the threshold: say how many, of all
+            + (f"; {filt['num_purified']} of {run.n} at or above the energy threshold "
+               f"{filt['threshold']:.6g}, the others unchanged" if filt else "")
             + ")",
             file=sys.stderr,
         )

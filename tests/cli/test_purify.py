@@ -518,3 +518,15 @@ def test_a_nan_threshold_saved_by_an_earlier_version_is_computed_again(env, tmp_
     (out / ".puregen-shard-00000.json").unlink()
     assert purify(env, out, "--resume", method="filt") == 0
     assert json.loads((out / FILTER_STATE).read_text()) == want
+
+
+def test_filt_says_how_many_images_it_changed(env, tmp_path, capsys):
+    """filt changes only the images at or above the threshold; the summary said '30 purified
+    now' for every image that went through, as if all were purified."""
+    assert purify(env, tmp_path / "o", "--filter-frac", "0.5", method="filt") == 0
+    assert "(30 through filt now" not in capsys.readouterr().err  # --quiet: no summary
+    argv = [a for a in _argv(env, tmp_path / "p", "--filter-frac", "0.5", method="filt")
+            if a != "--quiet"]  # fmt: skip
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "30 through filt now" in err and "15 of 30 at or above the energy threshold" in err
