@@ -312,9 +312,13 @@ _NO_LINKS = (
 )
 
 
+_MAX_NAME = 4096  # characters in a member's name (PATH_MAX); the data sets' are under 100
+
+
 def _refuse(archive: Path, name: str, why: str) -> UsageError:
+    shown = repr(name) if len(name) <= 200 else f"{name[:200]!r}... ({len(name)} characters)"
     return UsageError(
-        f"{archive}: refusing member {name!r}: {why}. Nothing was extracted; this is not an "
+        f"{archive}: refusing member {shown}: {why}. Nothing was extracted; this is not an "
         f"official data set archive: delete it and run again"
     )
 
@@ -360,6 +364,8 @@ class _Plan:
     def add(self, name: str, is_dir: bool) -> tuple[str, ...]:
         """The member's path parts (empty for the archive's own root folder ``./``)."""
         refuse = lambda why: _refuse(self.archive, name, why)  # noqa: E731
+        if len(name) > _MAX_NAME:
+            raise refuse(f"its name is longer than {_MAX_NAME} characters")
         if "\x00" in name:
             raise refuse("its name holds a NUL character")
         if "\\" in name:

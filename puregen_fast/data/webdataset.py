@@ -72,6 +72,7 @@ IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 # {0..9999999}, or eight {0..9} groups) is refused from its count, before it is expanded.
 MAX_SHARDS = 100_000
 MAX_CLS_BYTES = 4096  # a label is a short integer as text
+_MAX_NAME = 4096  # characters in a member's name (PATH_MAX): keys and messages stay short
 _MAX_BRACE_DEPTH = 32  # nested braces in one pattern
 # the decoders an image member may reach, by its extension (PIL format ids)
 _FORMATS = {"jpg": "JPEG", "jpeg": "JPEG", "png": "PNG", "webp": "WEBP"}
@@ -295,6 +296,11 @@ def _members(path: Path, max_member: int) -> Iterator[dict[str, Any]]:
                         f"shard {_show(path)}: member name '{_show(os.fsencode(ti.name))}' is "
                         "not UTF-8; rename it (WebDataset keys are text)"
                     ) from None
+                if len(ti.name) > _MAX_NAME:
+                    raise UsageError(
+                        f"shard {_show(path)}: a member name of {len(ti.name)} characters "
+                        f"(starting {ti.name[:80]!r}), more than {_MAX_NAME}; rename it"
+                    )
                 ext = _wanted(ti.name)
                 data = b""
                 if ext is not None:  # an ignored member is skipped unread, however large

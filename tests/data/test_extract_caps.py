@@ -198,3 +198,18 @@ def test_the_issue_archives_at_the_real_caps(tmp_path):
     assert out["peak_mb"] < 1024
     for arc in (sparse, bomb):
         _nothing_written(Path(f"{arc}.out"))
+
+
+@pytest.mark.parametrize("make", [_tar, _zip])
+def test_a_huge_member_name_is_refused_with_a_short_message(tmp_path, make):
+    arc = tmp_path / "a"
+    if make is _tar:
+        with tarfile.open(arc, "w", format=tarfile.GNU_FORMAT) as tf:
+            tf.addfile(tarfile.TarInfo("d/" + "n" * 60_000))
+    else:
+        with zipfile.ZipFile(arc, "w") as zf:
+            zf.writestr("d/" + "n" * 60_000, b"")
+    with pytest.raises(UsageError, match="name is longer than 4096 characters") as e:
+        safe_extract(arc, tmp_path / "t")
+    assert len(str(e.value)) < 1000
+    _nothing_written(tmp_path / "t")

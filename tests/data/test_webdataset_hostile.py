@@ -483,3 +483,11 @@ def test_any_data_dir_pattern_is_a_clean_error(tmp_path_factory, spec):
     root = tmp_path_factory.getbasetemp() / "no-shards-here"
     with pytest.raises(UsageError):
         expand_shards(f"{root}/{spec}")
+
+
+def test_a_huge_member_name_is_refused_with_a_short_message(tmp_path):
+    """A GNU long name can be as long as the shard; the key and the message stay bounded."""
+    p = _shard(tmp_path / "s.tar", [("k" * 100_000 + ".png", _png()), ("a.cls", b"0")])
+    with pytest.raises(UsageError, match="a member name of 100004 characters") as e:
+        index_webdataset(p)
+    assert len(str(e.value)) < 1000
