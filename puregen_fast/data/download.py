@@ -27,7 +27,8 @@
   the archive's own size (or 64 MiB, whichever is more). The official archives are far below:
   the largest file is a CIFAR-10 batch (31 MB), CINIC-10 has 270,000 images of about 2.5 KB
   (under 1 GB in all), and each extracts to about its own compressed size (PNG and JPEG do not
-  compress). A member that yields more bytes than it declared is refused as it is written.
+  compress). A member that yields more bytes than it declared is refused as it is written; a
+  member name may be at most 4096 characters long (the data sets' are under 100).
 * The URL of each archive can be overridden, for mirrors and tests, by assigning
   ``ARCHIVES[name].url`` or with the environment variable ``PUREGEN_FAST_URL_<NAME>`` (``NAME`` is
   the key upper-cased with ``-`` as ``_``, e.g. ``PUREGEN_FAST_URL_CIFAR10``).

@@ -20,9 +20,9 @@ Bounds (hostile shards): a brace pattern is counted before it is expanded and ma
 shard) are refused. Members other than images and labels are skipped without being read; an
 image member may hold at most `member_cap` bytes (8 per allowed pixel, 16-bit RGBA stored raw,
 plus 1 MiB), a ``cls`` member `MAX_CLS_BYTES`; both are checked from the member's header before
-a byte of it is read. A member name must be UTF-8, and an image member must hold the format its
-extension names (a ``.png`` holding TIFF or GIF is refused: only the PNG, JPEG and WebP decoders
-ever see shard bytes).
+a byte of it is read. A member name must be UTF-8 and at most 4096 characters long, and an
+image member must hold the format its extension names (a ``.png`` holding TIFF or GIF is
+refused: only the PNG, JPEG and WebP decoders ever see shard bytes).
 
 Output (``--format webdataset``, `write_tar`): one tar per output shard, the samples in id order
 under their keys (the input keys, or the zero-padded global index for other inputs), the image
