@@ -1,8 +1,22 @@
 """Triton kernels of the fast path, installed as ``puregen_fast.kernels`` (DESIGN 6).
 
 Each kernel has an eager twin (plain torch, same signature and noise) that runs anywhere; use
-`triton_available` to pick. Kernels know tensors only; the one import from the package is the
-keyed noise stream they reproduce (`puregen_fast.noise`).
+`triton_available` to pick.
+
+What the kernels import (DESIGN 1: kernels sit above models, below sampling). Kernels know
+tensors only, plus:
+
+* ``torch``, and ``triton`` where it is installed (without it the modules still import and the
+  eager twins run);
+* `puregen_fast.noise`: the keyed noise stream they reproduce (`randn`, the ``STREAM_*`` ids,
+  the id and stream limits), in `_noise`, `langevin` and `ddpm`;
+* `puregen_fast.models.schedule`, in `ddpm` only: the DDPM coefficient table's column layout
+  (``COL_*``, ``N_COLS``) and `ddpm_coefficients`, the paper's table used when none is given;
+* each other: `_noise` holds the Triton Philox helpers and the launch helpers (argument checks,
+  block sizes, device guard) that `langevin`, `ddpm`, `ebm_conv` and `availability` share.
+
+Nothing else of the package: never the sampling layer, the engine, the reference or the
+configuration.
 """
 
 from ._noise import philox_triton, randn_triton
