@@ -21,8 +21,8 @@ shard) are refused. Members other than images and labels are skipped without bei
 image member may hold at most `member_cap` bytes (8 per allowed pixel, 16-bit RGBA stored raw,
 plus 1 MiB), a ``cls`` member `MAX_CLS_BYTES`; both are checked from the member's header before
 a byte of it is read. A member name must be UTF-8 and at most 4096 characters long, and an
-image member must hold the format its extension names (a ``.png`` holding TIFF or GIF is
-refused: only the PNG, JPEG and WebP decoders ever see shard bytes).
+image member must hold PNG, JPEG or WebP (a ``.png`` holding TIFF or GIF is refused: only
+those three decoders ever see shard bytes).
 
 Output (``--format webdataset``, `write_tar`): one tar per output shard, the samples in id order
 under their keys (the input keys, or the zero-padded global index for other inputs), the image
@@ -74,8 +74,8 @@ MAX_SHARDS = 100_000
 MAX_CLS_BYTES = 4096  # a label is a short integer as text
 _MAX_NAME = 4096  # characters in a member's name (PATH_MAX): keys and messages stay short
 _MAX_BRACE_DEPTH = 32  # nested braces in one pattern
-# the decoders an image member may reach, by its extension (PIL format ids)
-_FORMATS = {"jpg": "JPEG", "jpeg": "JPEG", "png": "PNG", "webp": "WEBP"}
+# the only decoders shard bytes reach (PIL format ids), whatever the image extension
+_DECODERS = ["PNG", "JPEG", "WEBP"]
 _MAGIC = (
     (b"\x89PNG", "PNG"), (b"\xff\xd8", "JPEG"), (b"GIF8", "GIF"), (b"II*\x00", "TIFF"),
     (b"MM\x00*", "TIFF"), (b"BM", "BMP"), (b"RIFF", "WEBP"),
@@ -384,19 +384,19 @@ def _meta(name: str) -> bool:
 
 
 def _open(data: bytes, ext: str, where: str) -> Any:
-    """The image, opened by the one decoder its extension names (PIL would otherwise try every
-    format it knows: TIFF, GIF, ... behind a ``.png``); UsageError naming ``where``."""
+    """The image, opened by the PNG, JPEG or WebP decoder only (PIL would otherwise try every
+    format it knows: TIFF, GIF, ... behind a ``.png``); a file of one of the three under
+    another's extension is read as before. UsageError naming ``where``."""
     from PIL import Image
 
-    want = _FORMATS[ext]
     try:
-        return Image.open(io.BytesIO(data), formats=[want])
+        return Image.open(io.BytesIO(data), formats=_DECODERS)
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError... for bad files
         kind = next((k for magic, k in _MAGIC if data.startswith(magic)), None)
-        if kind is not None and kind != want:
+        if kind is not None and kind not in _DECODERS:
             raise UsageError(
-                f"{where}: the .{ext} member holds {kind} data, not {want}; only the format "
-                "its extension names is read: re-encode the image or rename the member"
+                f"{where}: the .{ext} member holds {kind} data; only PNG, JPEG and WebP images "
+                "are read: re-encode the image"
             ) from None
         raise UsageError(
             f"{where}: cannot read the image ({type(e).__name__}: {e}); replace the sample"
