@@ -34,7 +34,7 @@ from puregen_fast.errors import UsageError
 from puregen_fast.pipeline import FILTER_STATE, purify_dataset
 from puregen_fast.purifier import Purifier
 
-DEFAULT_EXAMPLES = 40
+DEFAULT_EXAMPLES = 25
 SLOW_EXAMPLES = 2_000
 HANG_S = 20.0
 

@@ -223,7 +223,7 @@ class _FixedEnergy(torch.nn.Module):
 @given(st.lists(st.one_of(st.floats(width=32, allow_nan=True, allow_infinity=True),
                           st.floats(-1, 1)), min_size=1, max_size=6),
        st.booleans())  # fmt: skip
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=40, deadline=None)
 def test_filt_diverges_exactly_on_non_finite_energies(energies, with_threshold):
     """Issue 22: an energy that is NaN or infinite is a divergence naming exactly those images
     (DESIGN 2.4), whether filt ranks the batch or compares with a given threshold; finite
