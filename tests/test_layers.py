@@ -21,6 +21,7 @@ RANK = {
     "noise": 1,
     "runtime": 1,
     "io": 1,  # data/io.py, the one atomic-write helper, serves every layer
+    "pickle_scan": 1,  # data/pickle_scan.py: every pickle reader (data, models, eval) scans first
     "models": 2,
     "data": 2,
     "dist": 2,
@@ -36,7 +37,7 @@ RANK = {
     "cli": 8,  # on top: nothing imports it
     "__init__": 9,  # the public face imports anything but the command line
 }
-LEAVES = {"errors", "version", "noise", "runtime", "io"}  # import nothing of ours
+LEAVES = {"errors", "version", "noise", "runtime", "io", "pickle_scan"}  # nothing of ours
 
 
 def modules(roots: dict[str, str], base: Path) -> dict[str, Path]:
@@ -84,8 +85,8 @@ def group_of(module: str) -> str:
         return "kernels"
     if parts[:2] == ["puregen_fast", "train"]:
         return "train"
-    if parts[:3] == ["puregen_fast", "data", "io"]:
-        return "io"
+    if parts[:3] in (["puregen_fast", "data", "io"], ["puregen_fast", "data", "pickle_scan"]):
+        return parts[2]
     return parts[1] if len(parts) > 1 else "__init__"
 
 
