@@ -19,6 +19,7 @@ __all__ = [
     "MAX_COUNT",
     "MAX_STEPS",
     "document_ranges",
+    "count_or_all",
     "float_in",
     "fraction",
     "int_at_least",
@@ -153,3 +154,15 @@ def document_ranges(parser: argparse.ArgumentParser) -> None:
         text = f"range: {typ.range}"
         if text not in (a.help or ""):
             a.help = f"{a.help}; {text}" if a.help else text
+
+
+def count_or_all(s: str) -> int | None:
+    """``--count``: a number of images >= 1, or ``all`` (None: every image of the class)."""
+    if s.strip().lower() == "all":
+        return None
+    return int_at_least(1, MAX_COUNT)(s)
+
+
+count_or_all.kind = int  # type: ignore[attr-defined]
+count_or_all.range = "in [1, 10**9], or all"  # type: ignore[attr-defined]
+count_or_all.bounds = (1, MAX_COUNT, False, False)  # type: ignore[attr-defined]

@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from puregen_fast.cli import argtypes as at
-from puregen_fast.cli.argtypes import int_at_least, int_list
+from puregen_fast.cli.argtypes import count_or_all, int_at_least, int_list
 from puregen_fast.data.datasets import DATASETS, SPLITS, open_dataset
 from puregen_fast.errors import UsageError
 from puregen_fast.eval.classifier import (
@@ -45,7 +45,13 @@ from puregen_fast.eval.classifier import (
     undertrained_message,
 )
 from puregen_fast.eval.metrics import format_table
-from puregen_fast.eval.narcissus import NarcissusConfig, synthesize_narcissus, target_rate
+from puregen_fast.eval.narcissus import (
+    NarcissusConfig,
+    check_on_victim,
+    judge_trigger,
+    synthesize_narcissus,
+    target_rate,
+)
 from puregen_fast.eval.poison import QUANTIZE, make_trigger, save_poisoned_npz, save_trigger
 from puregen_fast.eval.poisons import (
     ATTACKS,
@@ -121,11 +127,11 @@ def _add_poison_args(p: argparse.ArgumentParser) -> None:
     a.add_argument("--bp-repeat", type=int_at_least(1, 100), default=1, help="5 poisons: 1, 3 or 5")
     p.add_argument(
         "--count",
-        metavar="N",
-        type=at.count,
+        metavar="N|all",
+        type=count_or_all,
         default=500,
-        help="images of the target class to poison (default %(default)s, the authors' CIFAR-10 "
-        "setting: 1%% of the training set)",
+        help="images of the target class to poison, or all of them (default %(default)s, the "
+        "authors' CIFAR-10 setting: 1%% of the training set)",
     )
     p.add_argument(
         "--random-select",
@@ -282,6 +288,12 @@ def _add_trigger_args(p: argparse.ArgumentParser) -> None:
         help="as --widths of eval run (default: the architecture's)",
     )
     n.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    n.add_argument(
+        "--check-victim", metavar="ARCH", choices=ARCHS, default=None,
+        help="before calling the trigger successful, train a fresh ARCH victim on --dataset with "
+        "the trigger on the target examples and measure it on held-apart images of the other "
+        "classes (default: not checked, and the report says so)",
+    )  # fmt: skip
     n.add_argument("--json", metavar="OUT", default=None, help="write the surrogate's figures")
     n.add_argument("--quiet", action="store_true")
 
@@ -475,7 +487,7 @@ def _cmd_poison(args: argparse.Namespace) -> int:
         return _cmd_poison_published(args, out)
     if args.trigger is None:
         raise UsageError("give --trigger FILE.npy, or --attack for the authors' published poisons")
-    _, ds = poison_to_npz(
+    ps, ds = poison_to_npz(
         args.dataset,
         args.data_dir,
         args.split,
@@ -489,9 +501,9 @@ def _cmd_poison(args: argparse.Namespace) -> int:
         quiet=args.quiet,
     )
     if not args.quiet:
-        which = "random" if args.random_select else "last"
+        which = "all" if args.count is None else "random" if args.random_select else "last"
         print(
-            f"eval poison: {args.count} {which} images of class {args.target_class} "
+            f"eval poison: {len(ps.poison_idx)} ({which}) images of class {args.target_class} "
             f"({ds.class_names[args.target_class]}) of {len(ds)} poisoned -> {out}",
             file=sys.stderr,
         )
@@ -546,6 +558,12 @@ def _cmd_narcissus(args: argparse.Namespace, out: Path) -> int:
     others = np.asarray(ds.images[np.flatnonzero(ds.labels != args.target_class)])
     rates = {f"x{m:g}": target_rate(res, others, m) for m in (1.0, 3.0)}
     rates = {"clean": target_rate(res, others, None), **rates}
+    victim = None
+    if args.check_victim:
+        victim = check_on_victim(res.trigger, np.asarray(ds.images), ds.labels,
+                                 args.target_class, members, args.check_victim, seed=args.seed,
+                                 device=device, quiet=args.quiet)  # fmt: skip
+    report = judge_trigger(rates, res.trigger, cfg.eps, victim)
     if args.json:
         save_result(args.json, {
             "format": "puregen-fast-narcissus", "trigger": str(out.absolute()),
@@ -553,6 +571,8 @@ def _cmd_narcissus(args: argparse.Namespace, out: Path) -> int:
             "ood_images": len(ood), "held_apart_images": len(others),
             "surrogate_target_rate": rates, "loss_per_round": res.history,
             "best_round": res.best_round, "seconds": res.seconds, "config": res.config,
+            "verdict": report.verdict, "success": report.success, "reasons": report.reasons,
+            "warnings": report.warnings, "budget_used": report.budget_used, "victim": victim,
         })  # fmt: skip
     print(
         f"eval trigger: Narcissus trigger for class {args.target_class} "
@@ -562,6 +582,8 @@ def _cmd_narcissus(args: argparse.Namespace, out: Path) -> int:
         f"classified as the target {100 * rates['clean']:.1f}% clean, "
         f"{100 * rates['x1']:.1f}% with the trigger x1, {100 * rates['x3']:.1f}% x3"
     )
+    for line in report.lines():
+        print(f"eval trigger: {line}")
     return 0
 
 

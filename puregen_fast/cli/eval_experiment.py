@@ -9,17 +9,20 @@ import sys
 from pathlib import Path
 
 from puregen_fast.cli import argtypes as at
-from puregen_fast.cli.argtypes import int_at_least
+from puregen_fast.cli.argtypes import count_or_all, int_at_least
 from puregen_fast.data.datasets import DATASETS, SPLITS
 from puregen_fast.errors import UsageError
 from puregen_fast.eval.experiment import (
     DEFENSES,
-    EvalSet,
+    SWEEPABLE,
     Protocol,
     parse_classifier_spec,
+    parse_sweep,
     run_protocol,
 )
 from puregen_fast.eval.poison import QUANTIZE
+from puregen_fast.eval.protocols import PROFILES, describe_profile, profile_settings
+from puregen_fast.eval.run import EvalSet
 from puregen_fast.runtime import resolve_device
 
 __all__ = ["add_experiment_arguments", "run_experiment_command"]
@@ -37,6 +40,12 @@ def add_experiment_arguments(p: argparse.ArgumentParser) -> None:
     d.add_argument("--test-data-dir", metavar="DIR", default=None)
     d.add_argument("--test-split", default=None, help="default: test (tinyimagenet: val)")
     d.add_argument("--limit-test", metavar="N", type=at.count, default=None)
+    p.add_argument(
+        "--protocol", choices=PROFILES, default="ours",
+        help="the victims and the measurement as one profile: ours (airbench and ResNet-18, "
+        "trigger x1 and x3) or paper (the authors' ResNet-18 recipe, trigger x1 and x2); "
+        "printed at the start and stored in results.json (default %(default)s)",
+    )  # fmt: skip
     a = p.add_argument_group("attack")
     a.add_argument("--attack", choices=ATTACKS, default="narcissus")
     a.add_argument(
@@ -64,13 +73,14 @@ def add_experiment_arguments(p: argparse.ArgumentParser) -> None:
         help="one or more target classes (gradient-matching, bullseye-polytope: trial numbers);"
         " several give the mean and the worst class",
     )
-    a.add_argument("--count", metavar="N", type=at.count, default=500,
-                   help="narcissus: training images of the target class to poison")  # fmt: skip
+    a.add_argument("--count", metavar="N|all", type=count_or_all, default=500,
+                   help="narcissus: training images of the target class to poison, or all of "
+                   "them (default %(default)s)")  # fmt: skip
     a.add_argument("--random-select", action="store_true", help="as for eval poison")
     a.add_argument("--quantize", choices=QUANTIZE, default="trunc", help="as for eval poison")
     a.add_argument(
-        "--trigger-scale", metavar="M", type=at.float_in(1e-6, 1e6), nargs="+", default=[1.0, 3.0],
-        help="test-time trigger multipliers (default 1 3)",
+        "--trigger-scale", metavar="M", type=at.float_in(1e-6, 1e6), nargs="+", default=None,
+        help="test-time trigger multipliers (default: the --protocol's, 1 3 or 1 2)",
     )  # fmt: skip
     f = p.add_argument_group("defenses (the engine's settings, as for purify)")
     f.add_argument(
@@ -80,6 +90,11 @@ def add_experiment_arguments(p: argparse.ArgumentParser) -> None:
     )
     f.add_argument("--ebm", metavar="SRC", default=None,
                    help="default: the authors' published EBM (as purify)")  # fmt: skip
+    f.add_argument(
+        "--ebm-poisoned", metavar="SRC", default=None,
+        help="an EBM trained on the poisoned training set itself (e.g. `train ebm --dataset npz "
+        "--data-dir` an `eval poison` output): each EBM defense also runs with it, as its own row",
+    )  # fmt: skip
     f.add_argument("--ddpm", metavar="SRC", default=None,
                    help="default: the authors' published DDPM (as purify)")  # fmt: skip
     f.add_argument("--ebm-steps", type=at.engine("ebm_steps"), default=None, help="default 150")
@@ -91,6 +106,13 @@ def add_experiment_arguments(p: argparse.ArgumentParser) -> None:
     f.add_argument(
         "--jpeg-quality", type=at.engine("jpeg_quality"), default=None, help="default 75"
     )
+    f.add_argument(
+        "--sweep", metavar="NAME=V1,V2,...", action="append", default=None,
+        help="vary an engine setting: each defense it changes runs once per value (several "
+        "--sweep: every combination), one row each, and curve.png draws poison success against "
+        f"natural accuracy per setting; NAME one of "
+        f"{', '.join(k.replace('_', '-') for k in SWEEPABLE)}, e.g. ebm-steps=20,40,80,150",
+    )  # fmt: skip
     f.add_argument("--purify-seed", type=at.seed, default=0)
     f.add_argument("--purify-batch-size", type=at.batch_size, default=64)
     f.add_argument("--backend", choices=("auto", "reference", "fast"), default="auto")
@@ -101,10 +123,11 @@ def add_experiment_arguments(p: argparse.ArgumentParser) -> None:
         metavar="SPEC",
         action="append",
         default=None,
-        help="ARCH[:KEY=VALUE,...], repeatable (default: airbench and resnet18 presets), e.g. "
+        help="ARCH[:KEY=VALUE,...], repeatable (default: the --protocol's victims), e.g. "
         "airbench:widths=32/64/64,steps=300 or resnet18:widths=16,flip=off; keys: epochs, "
         "steps, batch_size, lr, widths, crop_pad, flip, tta, whiten_eps, momentum, "
-        "weight_decay, label_smoothing, schedule (step|triangular), warmup_frac, name",
+        "weight_decay, label_smoothing, schedule (step|triangular), warmup_frac, nesterov, "
+        "pad_mode (reflect|zeros), normalize (data|cifar10|tinyimagenet), name",
     )
     c.add_argument("--seeds", type=at.seed_list, default=(0, 1, 2), help="default 0,1,2")
     c.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
@@ -131,7 +154,9 @@ def _protocol(args: argparse.Namespace) -> Protocol:
         if name in ("imagefolder", "npz") and not d:
             dflag = "--data-dir" if flag == "--dataset" else "--test-data-dir"
             raise UsageError(f"{flag} {name} needs {dflag}")
-    specs = tuple(parse_classifier_spec(s) for s in (args.classifier or ["airbench", "resnet18"]))
+    prof = profile_settings(args.protocol, args.dataset)
+    specs = (tuple(parse_classifier_spec(s) for s in args.classifier) if args.classifier
+             else prof["classifiers"])  # fmt: skip
     purify = {
         "ebm": args.ebm, "ddpm": args.ddpm, "ebm_steps": args.ebm_steps,
         "ebm_eps": args.ebm_eps, "ebm_temp": args.ebm_temp, "ddpm_steps": args.ddpm_steps,
@@ -155,8 +180,11 @@ def _protocol(args: argparse.Namespace) -> Protocol:
         count=args.count,
         last_n=not args.random_select,
         quantize=args.quantize,
-        scales=tuple(args.trigger_scale),
+        scales=tuple(args.trigger_scale or prof["scales"]),
         purify=tuple(sorted((k, v) for k, v in purify.items() if v is not None)),
+        sweep=tuple(parse_sweep(s) for s in args.sweep or ()),
+        ebm_poisoned=args.ebm_poisoned,
+        profile=args.protocol,
     )
 
 
@@ -174,12 +202,16 @@ def run_experiment_command(args: argparse.Namespace) -> int:
     def log(line: str) -> None:
         print(f"eval experiment: {line}", file=sys.stderr, flush=True)
 
+    log(describe_profile(proto.profile, proto.dataset))
+    if args.classifier or args.trigger_scale:
+        log("--classifier/--trigger-scale given: they replace the profile's victims/scales")
+
     res = run_protocol(proto, out, device, quiet=args.quiet, log=log)
     print((out / "table.md").read_text(), end="")
     log(
         f"{len(res['cells'])} cells ({res['cells_reused']} reused) in {res['seconds']:.0f}s on "
         f"{res['device'].get('name', device)}; {out / 'results.json'}, {out / 'table.md'}, "
-        f"{out / 'chart.png'}"
+        f"{out / 'chart.png'}, {out / 'curve.png'}"
     )
     return 0
 
