@@ -118,6 +118,8 @@ def out_file(s: str) -> Path:
                 break
     except OSError as e:  # a name too long for the file system, a loop of links
         raise argparse.ArgumentTypeError(f"{shown!r}: {e.strerror}") from None
+    except ValueError:  # a NUL byte: no file system takes it
+        raise argparse.ArgumentTypeError(f"{shown!r}: not a path (a NUL byte)") from None
     return p
 
 
