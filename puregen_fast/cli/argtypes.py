@@ -108,8 +108,11 @@ def out_file(s: str) -> Path:
         raise argparse.ArgumentTypeError("expected a file path, got ''")
     if "\x00" in s:  # no file system takes it; pathlib's checks answer False, open() raises
         raise argparse.ArgumentTypeError(f"{s[:60]!r}: not a path (a NUL byte)")
-    p = Path(s).expanduser()
     shown = s if len(s) <= 60 else s[:60] + "..."
+    try:
+        p = Path(s).expanduser()
+    except RuntimeError:  # ~name of a user this system does not have
+        raise argparse.ArgumentTypeError(f"{shown!r}: no such user's home folder") from None
     try:
         if p.is_dir():
             raise argparse.ArgumentTypeError(f"{shown!r} is a folder; give a file name")

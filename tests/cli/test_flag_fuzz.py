@@ -264,7 +264,7 @@ def test_bench_output_paths_are_checked_first(env, flag):
     a_file = env["tmp"] / "file"
     a_file.write_text("x")
     argv = base_argv("bench", env, env["tmp"])
-    for bad in (str(folder), str(a_file / "r.json"), "", "9" * 5000, "r\x00.json"):
+    for bad in (str(folder), str(a_file / "r.json"), "", "9" * 5000, "r\x00.json", "~0/r.json"):
         rc, err, parsing = run_case([*argv, f"{flag}={bad}"])
         assert (rc, parsing) == (2, True) and flag in err, err
 
