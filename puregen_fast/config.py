@@ -65,6 +65,8 @@ MIN_MARGIN, MAX_MARGIN = 0.01, 1e6
 # runs to 1e5 and beyond, or to NaN
 DEFAULT_DIVERGENCE_MARGIN = 4.0
 PAPER_LANGEVIN = {"ebm_eps": 1.25e-2, "ebm_temp": 1e-4}  # DESIGN 2.1
+PAPER_CHAIN = {"ebm_steps": 150, **PAPER_LANGEVIN}  # the whole chain, as resolve_sampling fills it
+_FROM_MODEL = "default: the EBM's sampling.json, else the paper's {}"
 
 Check = Callable[[Any], None]  # raises ValueError(reason) for a bad value
 
@@ -217,15 +219,19 @@ class EngineConfig:
     method: str = _opt(
         "ebm", "purification method", group="method", choices=METHODS, required=True
     )
-    ebm_steps: int = _opt(
-        150, "Langevin steps", group="method", check=int_in(1, MAX_LANGEVIN_STEPS)
-    )
-    ebm_eps: float = _opt(
-        PAPER_LANGEVIN["ebm_eps"], "Langevin step size", group="method", check=positive
-    )
-    ebm_temp: float = _opt(
-        PAPER_LANGEVIN["ebm_temp"], "Langevin temperature", group="method", check=positive
-    )
+    # None: the EBM's own chain (its sampling.json), else the paper's (`resolve_sampling`)
+    ebm_steps: int | None = _opt(
+        None, f"Langevin steps ({_FROM_MODEL.format(PAPER_CHAIN['ebm_steps'])})",
+        group="method", check=int_in(1, MAX_LANGEVIN_STEPS),
+    )  # fmt: skip
+    ebm_eps: float | None = _opt(
+        None, f"Langevin step size ({_FROM_MODEL.format(PAPER_LANGEVIN['ebm_eps'])})",
+        group="method", check=positive,
+    )  # fmt: skip
+    ebm_temp: float | None = _opt(
+        None, f"Langevin temperature ({_FROM_MODEL.format(PAPER_LANGEVIN['ebm_temp'])})",
+        group="method", check=positive,
+    )  # fmt: skip
     ddpm_steps: int = _opt(
         75, "DDPM noising timestep", group="method", check=int_in(1, 999)
     )
@@ -286,6 +292,24 @@ class EngineConfig:
 
     def engine_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(EngineConfig)}
+
+    def resolve_sampling(self, sampling: dict[str, Any] | None = None
+                         ) -> tuple[EngineConfig, dict[str, str]]:  # fmt: skip
+        """This config with every unset Langevin setting (None) taken from ``sampling`` (an
+        EBM's sampling.json, `models.checkpoints.read_sampling`), else the paper's
+        (`PAPER_CHAIN`); and where each value came from."""
+        vals: dict[str, Any] = {}
+        where: dict[str, str] = {}
+        for k, paper in PAPER_CHAIN.items():
+            v = getattr(self, k)
+            if v is not None:
+                vals[k], where[k] = v, "given"
+            elif sampling and k in sampling:
+                src = sampling.get("path", "sampling.json")
+                vals[k], where[k] = sampling[k], f"the EBM's {src}"
+            else:
+                vals[k], where[k] = paper, "the paper's default"
+        return dataclasses.replace(self, **vals), where
 
     def sampler(self, device: torch.device, **compile_kw: Any) -> SamplerConfig:
         return SamplerConfig(

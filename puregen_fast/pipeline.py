@@ -84,16 +84,8 @@ def _padded(images, s: int, e: int, bs: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _identity(purifier) -> dict:
-    """The purifier settings that decide the output bytes (for the resume check): describe()
-    without paths, reasons and the device index."""
-    d = dict(purifier.describe())
-    for k in ("backend_reason", "backend_requested", "conv_impl", "conv_impl_reason"):
-        d.pop(k, None)
-    d["device"] = str(d.get("device", "")).split(":")[0]
-    for k in ("ebm", "ddpm"):
-        if isinstance(d.get(k), dict):
-            d[k] = {kk: vv for kk, vv in d[k].items() if kk != "source"}
-    return d
+    """The purifier settings that decide the output bytes (for the resume check)."""
+    return purifier.identity()
 
 
 def _check_model_sizes(purifier, shape: list[int]) -> None:

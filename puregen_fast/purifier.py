@@ -35,7 +35,14 @@ from puregen_fast.models.schedule import DDPMSchedule
 from puregen_fast.runtime import resolve_device
 from puregen_fast.sampling.backends import make_sampler
 
-__all__ = ["Purifier", "METHODS", "ImageSizeError", "check_filter_threshold", "check_image_size"]
+__all__ = [
+    "Purifier",
+    "METHODS",
+    "ImageSizeError",
+    "chain_line",
+    "check_filter_threshold",
+    "check_image_size",
+]
 
 
 class ImageSizeError(UsageError, ValueError):
@@ -85,6 +92,18 @@ def check_filter_threshold(value: object, name: str = "filter_threshold") -> flo
     return t
 
 
+def chain_line(purifier: Purifier) -> str:
+    """The Langevin chain an engine runs and where each value came from, for the log."""
+    c, src = purifier.config, purifier.sampling_from
+
+    def one(k: str, what: str) -> str:
+        how = f"--{k.replace('_', '-')}" if src[k] == "given" else src[k]
+        return f"{what} {getattr(c, k):g} ({how})"
+
+    return "Langevin chain: " + ", ".join(
+        one(k, w) for k, w in (("ebm_steps", "steps"), ("ebm_eps", "eps"), ("ebm_temp", "temp")))
+
+
 class Purifier:
     """``Purifier(method, ebm, ddpm, ...)(images, sample_ids)``.
 
@@ -94,7 +113,9 @@ class Purifier:
     filt (purify only images whose EBM energy is at least the ``filter_threshold`` given to the
     call, or without one the ``filter_frac`` highest of the batch, with the EBM and then the DDPM
     when one is given), jpeg (re-encode at ``jpeg_quality``), none. The options are the fields
-    of `EngineConfig` (checked there; ``self.config``).
+    of `EngineConfig` (checked there; ``self.config``). ``ebm_steps``, ``ebm_eps`` and
+    ``ebm_temp`` left None come from the EBM's own chain (its ``sampling.json``, which
+    ``train ebm`` writes), else the paper's (150, 1.25e-2, 1e-4); ``sampling_from`` says which.
     """
 
     def __init__(
@@ -102,15 +123,15 @@ class Purifier:
         method: str = "ebm",
         ebm: nn.Module | None = None,
         ddpm: nn.Module | None = None,
-        ebm_steps: int = 150,
+        ebm_steps: int | None = None,
         ddpm_steps: int = 75,
         reps: int = 1,
         seed: int = 0,
         device: str | torch.device = "auto",
         backend: str = "auto",
         precision: str = "fp32",
-        ebm_eps: float = 1.25e-2,
-        ebm_temp: float = 1e-4,
+        ebm_eps: float | None = None,
+        ebm_temp: float | None = None,
         filter_frac: float = 0.5,
         jpeg_quality: int = 75,
         schedule: DDPMSchedule | None = None,
@@ -124,6 +145,9 @@ class Purifier:
             divergence_margin=divergence_margin, conv_impl=conv_impl,
         )  # fmt: skip
         needs_ebm, needs_ddpm = cfg.uses
+        # unset Langevin settings: the EBM's own chain (sampling.json), else the paper's
+        cfg, self.sampling_from = cfg.resolve_sampling(
+            getattr(ebm, "puregen_sampling", None) if needs_ebm else None)
         if needs_ebm and ebm is None:
             raise ValueError(f"method {method!r} needs an EBM (ebm=...)")
         if needs_ddpm and ddpm is None:
@@ -352,6 +376,21 @@ class Purifier:
         self.check_image_size(x.shape[2], x.shape[3])
         return self._energy(x, ids).double().cpu().numpy()
 
+    def identity(self) -> dict[str, Any]:
+        """The settings that decide the output bytes (for resume checks and content-addressed
+        names): `describe` without its diagnostic notes (why a backend or convolution was
+        chosen, what was asked for, where the models and the chain's values came from) and with
+        the device type only."""
+        d = self.describe()
+        for k in ("backend_reason", "backend_requested", "conv_impl", "conv_impl_reason"):
+            d.pop(k, None)
+        d["device"] = str(d.get("device", "")).split(":")[0]
+        for k in ("ebm", "ddpm"):
+            if isinstance(d.get(k), dict):
+                d[k] = {kk: vv for kk, vv in d[k].items()
+                        if kk not in ("source", "sampling_from")}  # fmt: skip
+        return d
+
     def describe(self) -> dict[str, Any]:
         """The configuration, JSON-serialisable, for manifests and benchmark reports."""
         c = self.config
@@ -372,6 +411,8 @@ class Purifier:
                 "steps": c.ebm_steps,
                 "eps": c.ebm_eps,
                 "temp": c.ebm_temp,
+                **({"sampling_from": self.sampling_from} if any(
+                    v.startswith("the EBM's") for v in self.sampling_from.values()) else {}),
                 "config": dict(getattr(self.ebm, "config", {})),
                 "source": getattr(self.ebm, "puregen_source", None),
                 "sha256": getattr(self.ebm, "puregen_sha256", None),

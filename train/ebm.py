@@ -276,8 +276,20 @@ class EBMTrainer(Loop):
             )
         self.bank.copy_(bank.to(self.device))
 
+    def sampling(self) -> dict[str, Any]:
+        """The chain this EBM is made for, written beside its weights (sampling.json): purify
+        uses it unless flags say otherwise. Contrastive training shapes the energy for the
+        training chain's step size and temperature, with the paper's 150 steps; a denoising
+        (DSM) network for the colder chain measured on the photo set (README)."""
+        if self.cfg.objective == "dsm":
+            return {"ebm_steps": 80, "ebm_eps": 5e-3, "ebm_temp": 1e-5,
+                    "why": "train ebm --objective dsm: the colder chain measured for DSM EBMs"}
+        return {"ebm_steps": 150, "ebm_eps": self.cfg.mcmc_eps, "ebm_temp": self.cfg.mcmc_temp,
+                "why": "train ebm --objective pcd: the paper's 150 steps at the training "
+                       "chain's --mcmc-eps and --mcmc-temp"}  # fmt: skip
+
     def write_weights(self, d: Path) -> None:
-        save_ebm(self.ebm, d)
+        save_ebm(self.ebm, d, sampling=self.sampling())
 
     def load_weights(self, d: Path) -> None:
         self.ebm.load_state_dict(self.read_tensors(d / "model.safetensors"))

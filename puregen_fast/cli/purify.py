@@ -6,6 +6,7 @@ and the count sent to the other ranks."""
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,7 +22,7 @@ from puregen_fast.dist import Dist
 from puregen_fast.errors import UsageError
 from puregen_fast.models.checkpoints import DEFAULT_DDPM, DEFAULT_EBM, load_ddpm, load_ebm
 from puregen_fast.pipeline import purify_dataset
-from puregen_fast.purifier import Purifier
+from puregen_fast.purifier import Purifier, chain_line
 from puregen_fast.runtime import resolve_device
 from puregen_fast.sampling.backends import fast_available
 
@@ -119,6 +120,8 @@ def run(args: argparse.Namespace) -> int:
             )
         inputs.check()
         purifier = _purifier(cfg, dist.device, ebm, ddpm)
+        if purifier.uses_ebm and dist.is_main:
+            print(f"purify: {chain_line(purifier)}", file=sys.stderr)
         t_data = time.perf_counter() - t0 - t_models
         command = {**cfg.to_dict(), "out": str(out.absolute())}
         purify_dataset(

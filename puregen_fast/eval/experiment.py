@@ -62,7 +62,7 @@ from puregen_fast.eval.verdict import CLEAN, format_verdicts, shortcut_message, 
 from puregen_fast.eval.victims import ClassifierSpec, parse_classifier_spec
 from puregen_fast.models.checkpoints import DEFAULT_DDPM, DEFAULT_EBM, load_ddpm, load_ebm
 from puregen_fast.pipeline import purify_dataset
-from puregen_fast.purifier import Purifier
+from puregen_fast.purifier import Purifier, chain_line
 from puregen_fast.runtime import describe_device
 from puregen_fast.version import __version__
 
@@ -360,12 +360,9 @@ def _purifier(defense: str, pur: Mapping[str, Any], models: Mapping[str, Any], d
 
 
 def _purifier_identity(purifier: Purifier) -> dict:
-    d = dict(purifier.describe())
-    for k in ("backend_reason", "backend_requested", "conv_impl", "conv_impl_reason", "device"):
-        d.pop(k, None)
-    for k in ("ebm", "ddpm"):
-        if isinstance(d.get(k), dict):
-            d[k] = {kk: vv for kk, vv in d[k].items() if kk != "source"}
+    """What decides a purified copy's bytes, for its folder's name; any device."""
+    d = purifier.identity()
+    d.pop("device", None)
     return d
 
 
@@ -388,7 +385,9 @@ def _purify(
             resume=folder.exists(), quiet=quiet,
             extra_manifest={"command": {"eval_experiment": True, "defense": defense}},
         )  # fmt: skip
-    log(f"purified {len(ds)} images with {defense} in {time.perf_counter() - t0:.1f}s -> {folder}")
+    chain = f" ({chain_line(purifier)})" if purifier.uses_ebm else ""
+    log(f"purified {len(ds)} images with {defense}{chain} in {time.perf_counter() - t0:.1f}s -> "
+        f"{folder}")  # fmt: skip
     return folder, ident
 
 

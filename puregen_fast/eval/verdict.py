@@ -43,8 +43,9 @@ RULE = (
     "Rule: a defense removes the backdoor for a victim when poison success without a defense "
     "minus with it is more than the seed spread (the larger sample std, ddof 1, of the two rows); "
     "the attack did not take on a victim whose poison success without a defense is within the "
-    "spread of the clean row's. ± is the sample standard deviation (ddof 1) over seeds of each "
-    "seed's mean over target classes."
+    "spread of the clean row's. How much is gone: the drop as a share of the poison success "
+    "above the clean row's (100%: down to the floor of a victim that never saw a poison). ± is "
+    "the sample standard deviation (ddof 1) over seeds of each seed's mean over target classes."
 )
 
 
@@ -101,6 +102,25 @@ def victim_outcome(none: dict | None, defended: dict | None, clean: dict | None
     return ("removes" if drop > spread else "does not remove"), why
 
 
+def _amounts(base: dict, mine: dict, clean: dict | None) -> dict[str, float]:
+    """How much of the backdoor a defense took away and what it cost: ``removed``, the share of
+    the poison success above the clean row's that is gone (1: down to the floor); ``cost``,
+    natural accuracy points lost against no defense."""
+    out: dict[str, float] = {}
+    b, m = headline(base)[1], headline(mine)[1]
+    c = headline(clean)[1] if clean else None
+    if _finite(b) and _finite(m) and _finite(c):
+        assert b is not None and m is not None and c is not None
+        above = b["mean"] - c["mean"]
+        if above > 0:
+            out["removed"] = (b["mean"] - m["mean"]) / above
+    nb, nm = base.get("natural_acc"), mine.get("natural_acc")
+    if _finite(nb) and _finite(nm):
+        assert nb is not None and nm is not None
+        out["cost"] = 100 * (nb["mean"] - nm["mean"])
+    return out
+
+
 def verdicts(rows: Sequence[dict[str, Any]], defenses: Sequence[str]) -> list[dict[str, Any]]:
     """One verdict per defense (``none`` excluded) over every victim in ``rows``."""
     by = {(r["defense"], r["classifier"]): r for r in rows}
@@ -117,7 +137,7 @@ def verdicts(rows: Sequence[dict[str, Any]], defenses: Sequence[str]) -> list[di
                 continue
             o, why = victim_outcome(headline(base)[1], headline(mine)[1],
                                     headline(clean)[1] if clean else None)  # fmt: skip
-            per[v] = {"outcome": o, "why": why}
+            per[v] = {"outcome": o, "why": why, **_amounts(base, mine, clean)}
         outs = [x["outcome"] for x in per.values()]
         took = [o for o in outs if o != "no backdoor"]
         if not outs or any(o in ("one seed", "undecided") for o in outs):
@@ -134,10 +154,21 @@ def verdicts(rows: Sequence[dict[str, Any]], defenses: Sequence[str]) -> list[di
     return out
 
 
+def _amount_text(x: dict[str, Any]) -> str:
+    parts = []
+    if "removed" in x:
+        parts.append(f"{100 * x['removed']:.0f}% of the poison success above the clean floor "
+                     "gone")  # fmt: skip
+    if "cost" in x:
+        parts.append(f"natural accuracy {0.0 - x['cost']:+.1f} points")
+    return "; " + ", ".join(parts) if parts else ""
+
+
 def format_verdicts(vs: Sequence[dict[str, Any]]) -> str:
     """The verdict lines printed under the table, then the rule."""
     lines = []
     for v in vs:
-        per = "; ".join(f"{name}: {x['outcome']} ({x['why']})" for name, x in v["victims"].items())
+        per = "; ".join(f"{name}: {x['outcome']} ({x['why']}{_amount_text(x)})"
+                        for name, x in v["victims"].items())  # fmt: skip
         lines.append(f"- **{v['defense']}: {v['verdict']}**. {per}")
     return "\n".join([*lines, "", RULE])

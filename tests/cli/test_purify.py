@@ -288,6 +288,9 @@ def test_python_api_pads_every_batch(tmp_path):
         def describe(self):
             return p.describe()
 
+        def identity(self):
+            return p.identity()
+
     out = purify_dataset(ds, Spy(), tmp_path / "o", batch_size=4, shard_size=6, quiet=True)
     assert {s for s, _ in seen} == {(4, 8, 8, 3)}
     assert [ids[0] for _, ids in seen] == [0, 4, 6, 10]  # batches stay inside shards
@@ -415,7 +418,7 @@ def test_batch_size_is_capped_at_the_number_of_images(env, tmp_path):
     """An absurd --batch-size does not pad to that size: it equals a run with the batch being
     the whole (limited) set."""
     a, b = tmp_path / "a", tmp_path / "b"
-    assert purify(env, a, "--limit", "5", "--batch-size", "100000000") == 0
+    assert purify(env, a, "--limit", "5", "--batch-size", "65536") == 0  # the largest allowed
     assert purify(env, b, "--limit", "5", "--batch-size", "5") == 0
     assert _shard_bytes(a) == _shard_bytes(b)
 

@@ -55,7 +55,11 @@ def test_the_verdict_over_victims():
     assert got["ddpm"]["victims"]["a"]["outcome"] == "removes"
     assert "drop 5.0 vs spread 10.0" in got["ddpm"]["victims"]["b"]["why"]
     text = format_verdicts(list(got.values()))
-    assert "- **ebm: removes the backdoor**. a: removes (drop 85.0 vs spread 5.0)" in text
+    assert ("- **ebm: removes the backdoor**. a: removes (drop 85.0 vs spread 5.0; 91% of the "
+            "poison success above the clean floor gone, natural accuracy +0.0 points)") in text
+    # how much is gone, and what it cost, per victim
+    b = got["ddpm"]["victims"]["b"]
+    assert b["removed"] == pytest.approx(0.05 / 0.57) and b["cost"] == pytest.approx(0.0)
     assert text.endswith(RULE) and "ddof 1" in RULE
     # an attack that took on neither victim: nothing to remove
     flat = [row("clean", "a", e(0.04, 0.02)), row("none", "a", e(0.05, 0.02)),

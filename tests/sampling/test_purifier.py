@@ -184,7 +184,7 @@ def _scaled(model: nn.Module, factor: float) -> nn.Module:
     "kwargs, flag_cause, names",
     [
         ({"ebm_eps": 1e6}, True, "--ebm-eps"),
-        ({"ebm_temp": 1e-300}, True, "--ebm-temp"),
+        ({"ebm_temp": 1e-25}, True, "--ebm-temp"),  # the smallest temperatures allowed
         ({"scale": 1e6}, False, "--ebm"),
     ],
 )

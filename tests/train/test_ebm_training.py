@@ -333,6 +333,8 @@ def test_dsm_learns_to_pull_noise_back(data, tmp_path):
     assert losses[0] > 2 and np.mean(losses[-10:]) < 0.9, losses
     doc = json.loads((out / "recipe.json").read_text())
     assert doc["hparams"]["objective"] == "dsm" and "sigma" in doc["describe"]["loss"]
+    chain = pg.load_ebm(out).puregen_sampling  # a DSM network's colder chain
+    assert (chain["ebm_steps"], chain["ebm_eps"], chain["ebm_temp"]) == (80, 5e-3, 1e-5)
 
 
 def test_dsm_resume_is_exact(data, tmp_path):
@@ -379,3 +381,6 @@ def test_steps_cut_short_by_epochs_says_so(data, tmp_path, capsys):
     assert "training stops after 20 steps; raise --epochs" in err
     rows = [json.loads(s) for s in (out / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["step"] == 20
+    # the EBM carries the chain it was trained for: purify uses it unless flags say otherwise
+    assert pg.load_ebm(out).puregen_sampling == {
+        "ebm_steps": 150, "ebm_eps": 0.0125, "ebm_temp": 1e-4, "path": str(out / "sampling.json")}
