@@ -69,3 +69,61 @@ def tree_snapshot(root: Path, skip: Path) -> dict:
             else:
                 out[str(p)] = ("other", st.st_mode)
     return out
+
+
+class FuzzHang(BaseException):
+    """Raised by the alarm inside a fuzz case that runs past its time (`run_fuzz`); a
+    BaseException, so the code under test cannot swallow it."""
+
+
+def run_fuzz(label: str, strategy, one, n: int, *, success: str, failures: tuple[str, ...] = (
+        "hang",), deadline_ms: int | None = None, min_cases: float = 0.0) -> dict[str, int]:
+    """Run ``one(case)`` on ``n`` cases drawn from the hypothesis ``strategy`` and tally the
+    outcome names it returns (``"unbuildable"``: the case is rejected, not counted). An exception
+    out of ``one`` counts as ``"other exception"``; it and every outcome in ``failures`` fail
+    the test, with the first five cases shown. SIGALRM raises `FuzzHang` for ``one`` to turn
+    into ``"hang"``. Prints the tally and the process's peak RSS; asserts that both a clean error
+    and ``success`` occurred and that at least ``min_cases`` x ``n`` cases were built."""
+    import resource
+    import signal
+    import time
+    import traceback
+    from collections import Counter
+
+    from hypothesis import HealthCheck, given, reject, settings
+
+    seen: Counter[str] = Counter()
+    bad: list[str] = []
+
+    def on_alarm(signum, frame):
+        raise FuzzHang
+
+    @settings(max_examples=n, deadline=deadline_ms, database=None,
+              suppress_health_check=list(HealthCheck))  # fmt: skip
+    @given(strategy)
+    def check(case):
+        try:
+            outcome = one(case)
+        except Exception:
+            outcome = "other exception"
+            bad.append(f"{case!r}\n{traceback.format_exc()}")
+        if outcome in failures:
+            bad.append(f"{outcome}: {case!r}")
+        seen[outcome] += 1
+        if outcome == "unbuildable":
+            reject()
+
+    old = signal.signal(signal.SIGALRM, on_alarm)
+    t0 = time.perf_counter()
+    try:
+        check()
+    finally:
+        signal.signal(signal.SIGALRM, old)
+        cases = sum(seen.values()) - seen["unbuildable"]
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        tally = ", ".join(f"{v} {k}" for k, v in sorted(seen.items()))
+        print(f"\n{label} fuzz ({n} asked, {time.perf_counter() - t0:.0f} s): {cases} cases: "
+              f"{tally}; peak RSS of the process {peak:.0f} MB")  # fmt: skip
+    assert not bad, "\n\n".join(bad[:5])
+    assert cases >= n * min_cases and seen["clean error"] > 0 and seen[success] > 0, dict(seen)
+    return dict(seen)

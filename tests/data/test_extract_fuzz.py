@@ -22,14 +22,11 @@ import signal
 import stat
 import tarfile
 import tempfile
-import time
-import traceback
 import zipfile
 from pathlib import Path
 
 import pytest
-from helpers import tree_snapshot
-from hypothesis import HealthCheck, given, reject, settings
+from helpers import FuzzHang, run_fuzz, tree_snapshot
 from hypothesis import strategies as st
 
 from puregen_fast.data.download import COMPLETE_MARKER, safe_extract
@@ -108,10 +105,6 @@ _TAR_TYPE = {"file": tarfile.REGTYPE, "dir": tarfile.DIRTYPE, "sym": tarfile.SYM
 _ZIP_TYPE = {"file": stat.S_IFREG, "dir": stat.S_IFDIR, "sym": stat.S_IFLNK,
              "hard": stat.S_IFREG, "fifo": stat.S_IFIFO, "chr": stat.S_IFCHR,
              "blk": stat.S_IFBLK, "cont": 0, "odd": stat.S_IFSOCK}  # fmt: skip
-
-
-class _Hang(BaseException):
-    """Raised by the alarm: a BaseException, so no ``except Exception`` under test swallows it."""
 
 
 def _data(size: int) -> bytes:
@@ -216,7 +209,7 @@ def _one(root: Path, case) -> str:
             outcome = "extracted"
         except UsageError:
             outcome = "clean error"
-        except _Hang:
+        except FuzzHang:
             outcome = "hang"
         finally:
             signal.setitimer(signal.ITIMER_REAL, 0)
@@ -236,45 +229,9 @@ def _one(root: Path, case) -> str:
 
 def _run(tmp_path_factory, n: int) -> dict:
     root = tmp_path_factory.mktemp("fuzz")
-    seen = {"extracted": 0, "clean error": 0, "other exception": 0, "hang": 0,
-            "write outside": 0, "not plain": 0, "unbuildable": 0}  # fmt: skip
-    bad: list[str] = []
-
-    def on_alarm(signum, frame):
-        raise _Hang
-
-    @settings(max_examples=n, deadline=DEADLINE_MS, database=None,
-              suppress_health_check=list(HealthCheck))  # fmt: skip
-    @given(CASE)
-    def check(case):
-        try:
-            outcome = _one(root, case)
-        except Exception:  # counted, and the first few shown, instead of stopping the run
-            outcome = "other exception"
-            bad.append(f"{case!r}\n{traceback.format_exc()}")
-        if outcome in ("hang", "write outside", "not plain"):
-            bad.append(f"{outcome}: {case!r}")
-        seen[outcome] += 1
-        if outcome == "unbuildable":
-            reject()
-
-    old = signal.signal(signal.SIGALRM, on_alarm)
-    t0 = time.perf_counter()
-    try:
-        check()
-    finally:
-        signal.signal(signal.SIGALRM, old)
-        cases = sum(seen.values()) - seen["unbuildable"]
-        print(
-            f"\nsafe_extract fuzz ({n} asked, {time.perf_counter() - t0:.0f} s): {cases} cases, "
-            f"{seen['extracted']} extracted, {seen['clean error']} clean errors, "
-            f"{seen['other exception']} other exceptions, {seen['hang']} hangs, "
-            f"{seen['write outside']} writes outside, {seen['not plain']} links or special files "
-            f"extracted ({seen['unbuildable']} unbuildable, not counted)"
-        )
-    assert not bad, "\n\n".join(bad[:5])
-    assert cases >= n * 0.9 and seen["clean error"] > 0 and seen["extracted"] > 0
-    return seen
+    return run_fuzz("safe_extract", CASE, lambda case: _one(root, case), n, success="extracted",
+                    failures=("hang", "write outside", "not plain"), deadline_ms=DEADLINE_MS,
+                    min_cases=0.9)  # fmt: skip
 
 
 def test_safe_extract_fuzz(tmp_path_factory):

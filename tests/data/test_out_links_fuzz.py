@@ -15,14 +15,11 @@ import os
 import shutil
 import signal
 import tempfile
-import time
-import traceback
 from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import tree_snapshot
-from hypothesis import HealthCheck, given, settings
+from helpers import FuzzHang, run_fuzz, tree_snapshot
 from hypothesis import strategies as st
 
 import puregen_fast as pg
@@ -51,10 +48,6 @@ _CASE = st.tuples(
     st.sampled_from(["before", "between"]),  # before the first run, or before the second
     st.sampled_from([(), ("resume",), ("overwrite",), ("resume", "overwrite")]),
 )
-
-
-class _Hang(BaseException):
-    pass
 
 
 def _outside(base: Path, out: Path) -> dict:
@@ -119,7 +112,7 @@ def _one(root: Path, case) -> str:
         signal.setitimer(signal.ITIMER_REAL, HANG_S)
         try:
             outcome = _run(out, fmt, flags)
-        except _Hang:
+        except FuzzHang:
             outcome = "hang"
         finally:
             signal.setitimer(signal.ITIMER_REAL, 0)
@@ -132,40 +125,8 @@ def _one(root: Path, case) -> str:
 
 def _fuzz(tmp_path_factory, n: int) -> dict:
     root = tmp_path_factory.mktemp("linkfuzz")
-    seen = {"written": 0, "clean error": 0, "other exception": 0, "hang": 0, "write outside": 0}
-    bad: list[str] = []
-
-    def on_alarm(signum, frame):
-        raise _Hang
-
-    @settings(max_examples=n, deadline=None, database=None,
-              suppress_health_check=list(HealthCheck))  # fmt: skip
-    @given(_CASE)
-    def check(case):
-        try:
-            outcome = _one(root, case)
-        except Exception:
-            outcome = "other exception"
-            bad.append(f"{case!r}\n{traceback.format_exc()}")
-        if outcome in ("hang", "write outside"):
-            bad.append(f"{outcome}: {case!r}")
-        seen[outcome] += 1
-
-    old = signal.signal(signal.SIGALRM, on_alarm)
-    t0 = time.perf_counter()
-    try:
-        check()
-    finally:
-        signal.signal(signal.SIGALRM, old)
-        print(
-            f"\n--out links fuzz ({n} asked, {time.perf_counter() - t0:.0f} s): "
-            f"{sum(seen.values())} cases, {seen['written']} written, {seen['clean error']} clean "
-            f"errors, {seen['other exception']} other exceptions, {seen['hang']} hangs, "
-            f"{seen['write outside']} writes outside"
-        )
-    assert not bad, "\n\n".join(bad[:5])
-    assert seen["clean error"] > 0 and seen["written"] > 0
-    return seen
+    return run_fuzz("--out links", _CASE, lambda case: _one(root, case), n, success="written",
+                    failures=("hang", "write outside"))  # fmt: skip
 
 
 def test_out_links_fuzz(tmp_path_factory):

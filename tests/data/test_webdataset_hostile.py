@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import FuzzHang, run_fuzz
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -379,10 +380,6 @@ def _build(path: Path, case) -> None:
     path.write_bytes(raw)
 
 
-class _Hang(BaseException):
-    """Raised by the alarm: a BaseException, so no ``except Exception`` under test swallows it."""
-
-
 def _memory_cap(extra: int):
     import contextlib
 
@@ -419,7 +416,7 @@ def _one(root: Path, case) -> str:
         return "read"
     except UsageError:
         return "clean error"
-    except _Hang:
+    except FuzzHang:
         return "hang"
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
@@ -427,50 +424,9 @@ def _one(root: Path, case) -> str:
 
 
 def _fuzz(tmp_path_factory, n: int) -> dict:
-    import signal
-    import traceback
-
-    from hypothesis import HealthCheck, reject
-
     root = tmp_path_factory.mktemp("wdsfuzz")
-    seen = {"read": 0, "clean error": 0, "other exception": 0, "hang": 0, "unbuildable": 0}
-    bad: list[str] = []
-
-    def on_alarm(signum, frame):
-        raise _Hang
-
-    @settings(max_examples=n, deadline=None, database=None,
-              suppress_health_check=list(HealthCheck))  # fmt: skip
-    @given(_CASE)
-    def check(case):
-        try:
-            outcome = _one(root, case)
-        except Exception:  # counted, and the first few shown, instead of stopping the run
-            outcome = "other exception"
-            bad.append(f"{case!r}\n{traceback.format_exc()}")
-        if outcome == "hang":
-            bad.append(f"hang: {case!r}")
-        seen[outcome] += 1
-        if outcome == "unbuildable":
-            reject()
-
-    old = signal.signal(signal.SIGALRM, on_alarm)
-    t0 = time.perf_counter()
-    try:
-        check()
-    finally:
-        signal.signal(signal.SIGALRM, old)
-        cases = sum(seen.values()) - seen["unbuildable"]
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        print(
-            f"\nWebDataset fuzz ({n} asked, {time.perf_counter() - t0:.0f} s): {cases} cases, "
-            f"{seen['read']} read, {seen['clean error']} clean errors, "
-            f"{seen['other exception']} other exceptions, {seen['hang']} hangs; peak RSS of "
-            f"the process {peak:.0f} MB"
-        )
-    assert not bad, "\n\n".join(bad[:5])
-    assert cases >= n * 0.9 and seen["clean error"] > 0 and seen["read"] > 0
-    return seen
+    return run_fuzz("WebDataset", _CASE, lambda case: _one(root, case), n, success="read",
+                    min_cases=0.9)  # fmt: skip
 
 
 def test_webdataset_fuzz(tmp_path_factory):
