@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import stat
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -127,3 +129,21 @@ def run_fuzz(label: str, strategy, one, n: int, *, success: str, failures: tuple
     assert not bad, "\n\n".join(bad[:5])
     assert cases >= n * min_cases and seen["clean error"] > 0 and seen[success] > 0, dict(seen)
     return dict(seen)
+
+
+@contextlib.contextmanager
+def memory_cap(extra: int) -> Iterator[None]:
+    """Fail an allocation of more than ``extra`` bytes beyond what the process maps now
+    (RLIMIT_AS), for the body."""
+    import resource
+
+    with open("/proc/self/status") as fh:
+        vm = next(int(line.split()[1]) * 1024 for line in fh if line.startswith("VmSize"))
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    cap = vm + extra if hard == resource.RLIM_INFINITY else min(vm + extra, hard)
+    resource.setrlimit(resource.RLIMIT_AS, (cap, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+

@@ -22,7 +22,6 @@ import io
 import json
 import math
 import os
-import resource
 from collections import Counter, defaultdict
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,6 +30,7 @@ import numpy as np
 import pytest
 import torch
 from fixtures_data import Hang, no_hang
+from helpers import memory_cap
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
@@ -129,27 +129,13 @@ def with_value(argv: list[str], action: argparse.Action, value: str) -> list[str
     return [*argv, action.option_strings[-1], *([value] * n)]
 
 
-@contextlib.contextmanager
-def memory_cap(extra: int = MEMORY_CAP) -> Iterator[None]:
-    """Fail an allocation of more than ``extra`` bytes beyond what the process maps now."""
-    with open("/proc/self/status") as fh:
-        vm = next(int(line.split()[1]) * 1024 for line in fh if line.startswith("VmSize"))
-    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
-    cap = vm + extra if hard == resource.RLIM_INFINITY else min(vm + extra, hard)
-    resource.setrlimit(resource.RLIMIT_AS, (cap, hard))
-    try:
-        yield
-    finally:
-        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
-
-
 def run_case(argv: list[str]) -> tuple[int, str, bool]:
     """``main(argv)`` under the deadline and the memory cap: (exit code, stderr, whether it
     was refused while parsing)."""
     err = io.StringIO()
     parsing = False
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-        with no_hang(DEADLINE_S), memory_cap():
+        with no_hang(DEADLINE_S), memory_cap(MEMORY_CAP):
             try:
                 rc = main(argv)
             except SystemExit as e:  # argparse: a value its type refused

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import FuzzHang, run_fuzz
+from helpers import FuzzHang, memory_cap, run_fuzz
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -380,24 +380,6 @@ def _build(path: Path, case) -> None:
     path.write_bytes(raw)
 
 
-def _memory_cap(extra: int):
-    import contextlib
-
-    @contextlib.contextmanager
-    def cap():
-        with open("/proc/self/status") as fh:
-            vm = next(int(ln.split()[1]) * 1024 for ln in fh if ln.startswith("VmSize"))
-        soft, hard = resource.getrlimit(resource.RLIMIT_AS)
-        limit = vm + extra if hard == resource.RLIM_INFINITY else min(vm + extra, hard)
-        resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
-        try:
-            yield
-        finally:
-            resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
-
-    return cap()
-
-
 def _one(root: Path, case) -> str:
     import signal
 
@@ -410,7 +392,7 @@ def _one(root: Path, case) -> str:
         return "unbuildable"
     signal.setitimer(signal.ITIMER_REAL, HANG_S)
     try:
-        with _memory_cap(MEMORY_CAP):
+        with memory_cap(MEMORY_CAP):
             ix = index_webdataset(path)
             np.asarray(open_webdataset(path, index=ix).images[:])  # every image decoded
         return "read"
