@@ -113,7 +113,7 @@ def save_curve(rows: Sequence[dict], path: str | os.PathLike[str], *, title: str
     font, small = _fonts()
     label0 = next((_attack_entry(r)[0] for r in rows), "poison success %")
     pw = ph = 320
-    top, left, gap = 56, 56, 70
+    top, left, gap = 72, 56, 70
     w = left + len(clfs) * (pw + gap)
     h = top + ph + 56
     im = Image.new("RGB", (w, h), "white")

@@ -269,51 +269,52 @@ def test_experiment_bad_input_exits_2(photos, tmp_path, capsys, extra, needle):
 @pytest.mark.slow
 @pytest.mark.experiment
 def test_real_image_experiment_ebm_defends(tmp_path, monkeypatch):
-    """Slow (about an hour on 2 CPU cores): the README's real-image experiment, command for
-    command. Acceptance: for both architectures the EBM defense's poison success is below no
-    defense's by more than the seed spread, at natural accuracy within 3 points."""
+    """Slow (about 1.5 h on 2 CPU cores): the README's real-image experiment, command for
+    command. What the README claims of it: both EBMs (trained on held-apart images, and on the
+    poisoned set itself) lower poison success by more than the seed spread for both victims, the
+    one trained on the poisoned set removes more of the backdoor above the clean floor, and
+    each costs more than 10 points of natural accuracy (no recipe here defends for free)."""
     monkeypatch.chdir(tmp_path)
+    pcd = ["--objective", "pcd", "--nf", "16", "--mcmc-steps", "15", "--batch-size", "64",
+           "--lr", "2e-4", "--epochs", "70", "--lr-milestones", "60,65", "--sample-every",
+           "1000", "--log-every", "50", "--steps", "400", "--device", "cpu", "--backend",
+           "reference", "--no-progress"]  # fmt: skip
     assert main(["eval", "photos", "--out", "photos"]) == 0
     assert main(["--threads", "1", "eval", "trigger", "--method", "narcissus", "--dataset", "npz",
                  "--data-dir", "photos/train.npz", "--target-class", "0", "--ood-dataset", "npz",
                  "--ood-data-dir", "photos/pood.npz", "--rounds", "100", "--surrogate-arch",
                  "resnet18", "--surrogate-widths", "8", "--device", "cpu", "--quiet", "--out",
                  "triggers/best_noise_lab0.npy"]) == 0  # fmt: skip
-    assert main(["--threads", "1", "train", "ebm", "--objective", "dsm", "--dataset", "npz",
-                 "--data-dir", "photos/heldout.npz", "--out", "ebm", "--nf", "32",
-                 "--batch-size", "64", "--hflip", "--lr", "1e-3", "--epochs", "400",
-                 "--lr-milestones", "1000", "--sample-every", "1000", "--log-every", "100",
-                 "--steps", "4000", "--device", "cpu", "--backend", "reference",
-                 "--no-progress"]) == 0  # fmt: skip
+    assert main(["--threads", "1", "train", "ebm", "--dataset", "npz", "--data-dir",
+                 "photos/heldout.npz", "--out", "ebm-pcd", "--bank-size", "641", *pcd]) == 0
+    assert main(["eval", "poison", "--dataset", "npz", "--data-dir", "photos/train.npz",
+                 "--trigger", "triggers/best_noise_lab0.npy", "--target-class", "0", "--count",
+                 "50", "--out", "poisoned0.npz"]) == 0  # fmt: skip
+    assert main(["--threads", "1", "train", "ebm", "--dataset", "npz", "--data-dir",
+                 "poisoned0.npz", "--out", "ebm-pcd-poisoned", "--bank-size", "1000",
+                 *pcd]) == 0  # fmt: skip
     assert main(["--threads", "1", "eval", "experiment", "--dataset", "npz", "--data-dir",
                  "photos/train.npz", "--test-dataset", "npz", "--test-data-dir",
                  "photos/test.npz", "--attack", "narcissus", "--trigger", "triggers",
-                 "--target-class", "0", "--count", "50", "--defenses", "none,jpeg,ebm",
-                 "--ebm", "ebm", "--ebm-steps", "80", "--ebm-eps", "5e-3", "--ebm-temp", "1e-5",
+                 "--target-class", "0", "--count", "50", "--defenses", "none,ebm",
+                 "--ebm", "ebm-pcd", "--ebm-poisoned", "ebm-pcd-poisoned",
                  "--purify-batch-size", "100",
                  "--classifier", "airbench:widths=32/64/64,steps=600,batch_size=64,whiten_eps=1",
                  "--classifier", "resnet18:widths=8,steps=1000,batch_size=64,"
                  "schedule=triangular,warmup_frac=0.2,lr=0.2",
-                 "--classifier", "airbench:widths=32/64/64,steps=600,batch_size=64,"
-                 "name=airbench-eps5e-4",
                  "--seeds", "0,1,2", "--device", "cpu", "--quiet",
-                 "--out", "exp"]) == 0  # fmt: skip
-    res = json.loads(Path("exp/results.json").read_text())
-    rows = {(r["defense"], r["classifier"]): r for r in res["summary"]}
-
-    def gap(arch: str) -> tuple[float, float, float]:
-        p_none, p_ebm = rows[("none", arch)]["poison"]["1"], rows[("ebm", arch)]["poison"]["1"]
-        none, ebm = rows[("none", arch)], rows[("ebm", arch)]
-        nat = none["natural_acc"]["mean"] - ebm["natural_acc"]["mean"]
-        return p_none["mean"] - p_ebm["mean"], max(p_none["std"], p_ebm["std"]), nat
-
+                 "--out", "report"]) == 0  # fmt: skip
+    res = json.loads(Path("report/results.json").read_text())
+    verdict = {v["defense"]: v for v in res["verdicts"]}
+    held, own = verdict["ebm"], verdict["ebm (EBM trained on poisoned)"]
+    for v in (held, own):
+        assert v["verdict"] == "removes the backdoor", v
+        assert all(x["cost"] > 10 for x in v["victims"].values()), v
     for arch in ("airbench", "resnet18"):
-        drop, spread, nat = gap(arch)
-        assert drop > spread and nat <= 0.03, (arch, gap(arch), rows)
-    # the EBM moved the images by a few levels, not by the random walk of its noise
-    assert rows[("ebm", "airbench")]["image_change"]["rms"] < 8
-    # airbench with CIFAR-10's whitening eps is the fragile victim the README describes
-    assert gap("airbench-eps5e-4")[2] > 0.05
+        assert own["victims"][arch]["removed"] > held["victims"][arch]["removed"], verdict
+    # the floor: a clean-trained victim already falls to the trigger on some images
+    rows = {(r["defense"], r["classifier"]): r for r in res["summary"]}
+    assert rows[("clean", "airbench")]["poison"]["1"]["mean"] > 0.1
 
 
 def test_sweep_gives_a_row_per_setting_and_the_curve(photos, tmp_path, capsys):
