@@ -47,8 +47,12 @@ def train_argv(recipe: str, data: Path, out: Path, *extra: str) -> list[str]:
 
 
 def run_train(recipe: str, data: Path, out: Path, *extra: str) -> int:
-    """`train_argv` run in this process; the command's exit code."""
-    return main(train_argv(recipe, data, out, *extra))
+    """`train_argv` run in this process; the command's exit code (argparse exits 2 itself for a
+    flag out of its range)."""
+    try:
+        return main(train_argv(recipe, data, out, *extra))
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else 1
 
 
 def final_and_initial(out: Path, load: Callable[[Path], Any]) -> tuple[Any, Any]:
