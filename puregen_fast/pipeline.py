@@ -83,11 +83,6 @@ def _padded(images, s: int, e: int, bs: int) -> tuple[np.ndarray, np.ndarray]:
     return x, np.arange(s, s + bs, dtype=np.int64)
 
 
-def _identity(purifier) -> dict:
-    """The purifier settings that decide the output bytes (for the resume check)."""
-    return purifier.identity()
-
-
 def _check_model_sizes(purifier, shape: list[int]) -> None:
     """Refuse image sizes the models cannot take, before anything is written: the engine's own
     check (`puregen_fast.purifier.check_image_size`), the one Ray's `PurifyBatches` meets too."""
@@ -201,7 +196,7 @@ def _plan(
         "shard_size": shard_size,
         "method": getattr(purifier, "method", "?"),
         "seed": getattr(purifier, "seed", None),
-        "purifier": _identity(purifier),
+        "purifier": purifier.identity(),  # what decides the bytes, for the resume check
     }
     if (input_shards := dataset.shard_records()) is not None:
         config["input_shards"] = input_shards
