@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from puregen_fast.data.io import atomic_path
+from puregen_fast.eval.verdict import finite, headline
 
 __all__ = ["save_chart", "save_curve"]
 
@@ -23,17 +24,6 @@ def _fonts() -> tuple[Any, Any]:
     except TypeError:  # Pillow < 10.1: the fixed bitmap font
         f = ImageFont.load_default()
         return f, f
-
-
-def _attack_entry(r: dict) -> tuple[str, dict | None]:
-    if r.get("poison"):
-        sc = sorted(r["poison"], key=float)[0]
-        return f"poison success % (trigger x{sc})", r["poison"][sc]
-    return "target misclassification %", r.get("target_misclassification")
-
-
-def _finite(e: dict | None) -> bool:
-    return bool(e) and e.get("mean") == e.get("mean")
 
 
 _COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
@@ -51,8 +41,8 @@ def save_chart(rows: Sequence[dict], path: str | os.PathLike[str], *, title: str
     clfs = list(dict.fromkeys(r["classifier"] for r in rows))
     by = {(r["defense"], r["classifier"]): r for r in rows}
 
-    label0 = next((_attack_entry(r)[0] for r in rows), "poison success %")
-    panels = [(label0, lambda r: _attack_entry(r)[1]), ("natural accuracy %", lambda r:
+    label0 = next((headline(r)[0] for r in rows), "poison success %")
+    panels = [(label0, lambda r: headline(r)[1]), ("natural accuracy %", lambda r:
               r["natural_acc"])]  # fmt: skip
     font, small = _fonts()
     pw = max(360, 45 * len(defenses) * max(1, len(clfs)))
@@ -111,7 +101,7 @@ def save_curve(rows: Sequence[dict], path: str | os.PathLike[str], *, title: str
 
     clfs = list(dict.fromkeys(r["classifier"] for r in rows))
     font, small = _fonts()
-    label0 = next((_attack_entry(r)[0] for r in rows), "poison success %")
+    label0 = next((headline(r)[0] for r in rows), "poison success %")
     pw = ph = 320
     top, left, gap = 72, 56, 70
     w = left + len(clfs) * (pw + gap)
@@ -123,8 +113,8 @@ def save_curve(rows: Sequence[dict], path: str | os.PathLike[str], *, title: str
     dr.text((left, 26), f"{label0} (y) against natural accuracy % (x)", fill="black", font=small)
     for ci, c in enumerate(clfs):
         x0, y1 = left + ci * (pw + gap), top + ph
-        mine = [r for r in rows if r["classifier"] == c and _finite(r.get("natural_acc"))
-                and _finite(_attack_entry(r)[1])]  # fmt: skip
+        mine = [r for r in rows if r["classifier"] == c and finite(r.get("natural_acc"))
+                and finite(headline(r)[1])]  # fmt: skip
         nat = [100 * r["natural_acc"]["mean"] for r in mine]
         lo = max(0.0, min(nat, default=0.0) - 5)
         lo = min(lo, 90.0)
@@ -146,7 +136,7 @@ def save_curve(rows: Sequence[dict], path: str | os.PathLike[str], *, title: str
             dr.line([(xx, y1), (xx, y1 + 4)], fill="black")
             dr.text((xx - 10, y1 + 6), f"{v:.0f}", fill="black", font=small)
         for i, r in enumerate(mine):
-            a, e = r["natural_acc"], _attack_entry(r)[1]
+            a, e = r["natural_acc"], headline(r)[1]
             assert e is not None
             cx, cy = px(100 * a["mean"], 100 * e["mean"])
             col = _COLOURS[i % len(_COLOURS)]

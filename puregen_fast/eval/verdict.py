@@ -30,6 +30,7 @@ __all__ = [
     "CLEAN",
     "SHORTCUT_RATIO",
     "RULE",
+    "finite",
     "format_verdicts",
     "headline",
     "shortcut_message",
@@ -68,28 +69,27 @@ def shortcut_message(class_acc: Sequence[float | None], target: int) -> str | No
 
 
 def headline(row: dict[str, Any]) -> tuple[str, dict | None]:
-    """The row's attack metric and its entry (mean, std, n over seeds)."""
+    """The row's attack metric, named for a chart, and its entry (mean, std, n over seeds)."""
     if row.get("poison"):
         sc = sorted(row["poison"], key=float)[0]
-        return f"poison success x{sc}", row["poison"][sc]
-    if "target_misclassification" in row:
-        return "target misclassification", row["target_misclassification"]
-    return "", None
+        return f"poison success % (trigger x{sc})", row["poison"][sc]
+    return "target misclassification %", row.get("target_misclassification")
 
 
-def _finite(e: dict | None) -> bool:
+def finite(e: dict | None) -> bool:
+    """An entry with a mean that is a number."""
     return bool(e) and e.get("mean") == e.get("mean")
 
 
 def victim_outcome(none: dict | None, defended: dict | None, clean: dict | None
                    ) -> tuple[str, str]:  # fmt: skip
     """(outcome, the numbers behind it) for one victim: entries are {mean, std, n}."""
-    if not (_finite(none) and _finite(defended)):
+    if not (finite(none) and finite(defended)):
         return "undecided", "no poison success measured"
     assert none is not None and defended is not None
-    if min(none["n"], defended["n"], clean["n"] if _finite(clean) else 2) < 2:
+    if min(none["n"], defended["n"], clean["n"] if finite(clean) else 2) < 2:
         return "one seed", "fewer than two seeds: no spread"
-    if _finite(clean):
+    if finite(clean):
         assert clean is not None
         floor = max(none["std"], clean["std"])
         if none["mean"] - clean["mean"] <= floor:
@@ -109,13 +109,13 @@ def _amounts(base: dict, mine: dict, clean: dict | None) -> dict[str, float]:
     out: dict[str, float] = {}
     b, m = headline(base)[1], headline(mine)[1]
     c = headline(clean)[1] if clean else None
-    if _finite(b) and _finite(m) and _finite(c):
+    if finite(b) and finite(m) and finite(c):
         assert b is not None and m is not None and c is not None
         above = b["mean"] - c["mean"]
         if above > 0:
             out["removed"] = (b["mean"] - m["mean"]) / above
     nb, nm = base.get("natural_acc"), mine.get("natural_acc")
-    if _finite(nb) and _finite(nm):
+    if finite(nb) and finite(nm):
         assert nb is not None and nm is not None
         out["cost"] = 100 * (nb["mean"] - nm["mean"])
     return out
