@@ -87,7 +87,9 @@ def test_the_clock_lies_between_the_reported_clock_and_the_ceiling():
     if reported is None:
         pytest.skip("this system reports no cpu MHz to check the clock against")
     cap = runtime.VENDOR_MAX_GHZ.get(vendor, runtime._ANY_VENDOR_MAX_GHZ)
-    assert ghz is not None and reported <= ghz <= min(2 * reported, cap), (ghz, how, reported)
+    assert ghz is not None and reported <= ghz <= cap, (ghz, how, reported)
+    # twice the reported clock, unless it is an idle reading and cpufreq's maximum was used
+    assert ghz <= 2 * reported or (top is not None and ghz <= 1.05 * top), (ghz, how, reported)
     if top is not None:
         assert ghz <= 1.05 * top, (ghz, how, top)
 
