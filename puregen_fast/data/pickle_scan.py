@@ -30,6 +30,7 @@ import mmap
 import os
 import pickletools
 import zipfile
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import IO, Any
@@ -353,6 +354,17 @@ def check_zip(
     parsed: each member costs memory), stored or deflate, and at most ``max_inflated`` bytes
     declared in all. ValueError (PickleLimitError for a limit); reading a member must still cap
     what it inflates to (`read_member`)."""
+    try:
+        return _check_zip(f, max_inflated, max_members)
+    except _ZIP_ERRORS as e:
+        raise ValueError(f"a corrupt zip file ({type(e).__name__}: {str(e)[:200]})") from e
+
+
+# what zipfile and zlib raise on a damaged file, beside ValueError and OSError
+_ZIP_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, zlib.error, EOFError, NotImplementedError)
+
+
+def _check_zip(f: IO[bytes], max_inflated: int, max_members: int) -> tuple[zipfile.ZipFile, str]:
     end = zipfile._EndRecData(f)  # the end record alone: the directory is not parsed yet
     if end is None:
         raise ValueError("not a zip file")
@@ -396,8 +408,12 @@ def read_member(z: zipfile.ZipFile, name: str, cap: int) -> bytes:
             f"member {name[-40:]!r} declares {info.file_size} bytes, over the limit of {cap} "
             "(zip inflated bytes)"
         )
-    with z.open(info) as m:
-        data = m.read(cap + 1)  # zipfile stops at the declared size and checks the CRC
+    try:
+        with z.open(info) as m:
+            data = m.read(cap + 1)  # zipfile stops at the declared size and checks the CRC
+    except _ZIP_ERRORS as e:  # a bad CRC or local header, a broken deflate stream
+        why = f"{type(e).__name__}: {str(e)[:200]}"
+        raise ValueError(f"member {name[-40:]!r} is corrupt ({why})") from e
     if len(data) != info.file_size:
         raise ValueError(f"member {name[-40:]!r} inflates to another size than it declares")
     return data
