@@ -17,6 +17,7 @@ from collections import Counter
 from pathlib import Path
 
 import poison_cases as C
+from helpers import budget_spent
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -350,6 +351,8 @@ def _fuzz_one(fmt: str, spec: dict) -> dict:
     )
     @given(files=FORMATS[fmt])
     def one(files: dict[str, bytes]) -> None:
+        if budget_spent():
+            return
         d = root / str(counts["cases"])
         C.write_case(d, files)
         counts["cases"] += 1

@@ -30,7 +30,7 @@ import numpy as np
 import pytest
 import torch
 from fixtures_data import Hang, no_hang
-from helpers import memory_cap
+from helpers import budget_spent, memory_cap, skip_if_cut
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
@@ -362,16 +362,23 @@ def test_fuzz(env, cmd, data):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("cmd", SUBCOMMANDS)
-@settings(
-    max_examples=SLOW_EXAMPLES,
-    deadline=None,
-    suppress_health_check=list(HealthCheck),
-    database=None,
-)
-@given(data=st.data())
-def test_fuzz_slow(env, cmd, data):
+def test_fuzz_slow(env, cmd):
     """10,000 generated values per subcommand (-m slow)."""
-    _fuzz(cmd, env, data)
+
+    @settings(
+        max_examples=SLOW_EXAMPLES,
+        deadline=None,
+        suppress_health_check=list(HealthCheck),
+        database=None,
+    )
+    @given(data=st.data())
+    def one(data):
+        if not budget_spent():
+            _fuzz(cmd, env, data)
+
+    before = TALLY[cmd]["cases"]
+    one()
+    skip_if_cut(f"{cmd} flag fuzz", TALLY[cmd]["cases"] - before, SLOW_EXAMPLES)
 
 
 # ----------------------------------------------------------------------------- past the parser

@@ -23,6 +23,7 @@ from datetime import timedelta
 import numpy as np
 import pytest
 from fixtures_data import CIFAR_CLASSES, Hang, no_hang, png_header_only
+from helpers import budget_spent, skip_if_cut
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -713,10 +714,12 @@ def _fuzz(reader: str, cases: int, tmp_path, monkeypatch) -> None:
     @_settings(cases)
     @given(layout=strategy)
     def one(layout):
-        run(harness, layout)
+        if not budget_spent():
+            run(harness, layout)
 
     one()
     harness.report()
+    skip_if_cut(f"{reader} reader fuzz", harness.stats["cases"], cases)
 
 
 @pytest.mark.parametrize("reader", sorted(_READERS))

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import budget_spent, skip_if_cut
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
@@ -281,6 +282,8 @@ def fuzz(kind: str, examples: int, tmp: Path) -> collections.Counter:
     )
     @given(case=checkpoint(kind))
     def one(case: dict[str, object]) -> None:
+        if budget_spent():
+            return
         root = Path(tempfile.mkdtemp(dir=tmp))
         try:
             src = write_checkpoint(root, kind, case)
@@ -317,6 +320,7 @@ def fuzz(kind: str, examples: int, tmp: Path) -> collections.Counter:
             f"\nfuzz load_{kind}: {counts}, other exceptions {tally['other exceptions']}, "
             f"hangs {tally['hangs']}"
         )
+    skip_if_cut(f"load_{kind} fuzz", tally["cases"], examples)
     return tally
 
 
