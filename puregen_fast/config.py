@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from puregen_fast import methods
 from puregen_fast.data.datasets import DATASETS, SPLITS
 from puregen_fast.models.checkpoints import DEFAULT_DDPM, DEFAULT_EBM
 from puregen_fast.models.schedule import DDPMSchedule
@@ -41,8 +42,8 @@ __all__ = [
     "needs_models",
 ]
 
-METHODS = ("ebm", "ddpm", "ebm+ddpm", "reps", "filt", "jpeg", "none")
-NO_MODEL = ("jpeg", "none")  # methods without a model: nothing for a sampler to do
+# the method names, read live from the table of `puregen_fast.methods` (one row per method)
+METHODS = methods.METHOD_NAMES
 BACKENDS = ("auto", "reference", "fast")
 # the EBM's convolutions on the fast path: compiled torch (cuDNN), the Triton conv-block kernels,
 # or auto (on CUDA the faster of the two, measured once at the batch shape; torch on CPU)
@@ -76,11 +77,12 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def needs_models(method: str, ddpm_given: bool = False) -> tuple[bool, bool]:
-    """Whether ``method`` uses an EBM and a DDPM (filt uses a DDPM only when one is given)."""
-    ebm = method in ("ebm", "ebm+ddpm", "reps", "filt")
-    ddpm = method in ("ddpm", "ebm+ddpm", "reps") or (method == "filt" and ddpm_given)
-    return ebm, ddpm
+def needs_models(method: str, ddpm_given: bool = False,
+                 ebm_given: bool = False) -> tuple[bool, bool]:  # fmt: skip
+    """Whether ``method`` uses an EBM and a DDPM (its row of `puregen_fast.methods`; a model the
+    method takes optionally, as filt its DDPM, only when one is given)."""
+    row = methods.get(method)
+    return row.uses("ebm", ebm_given), row.uses("ddpm", ddpm_given)
 
 
 # ----------------------------------------------------------------------------- checks
@@ -282,8 +284,9 @@ class EngineConfig:
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             _check_field(f, getattr(self, f.name))
-        if self.reps > 1 and self.method != "reps":
-            raise ValueError(f"reps must be 1 unless method is 'reps' (--reps {self.reps})")
+        if self.reps > 1 and not methods.get(self.method).repeats:
+            rep = " or ".join(repr(m.name) for m in methods.methods() if m.repeats)
+            raise ValueError(f"reps must be 1 unless method is {rep} (--reps {self.reps})")
 
     @property
     def uses(self) -> tuple[bool, bool]:

@@ -48,6 +48,7 @@ from typing import Any, TypeVar
 import numpy as np
 from tqdm.auto import tqdm
 
+from puregen_fast import methods
 from puregen_fast.config import DEFAULT_BATCH_SIZE, DEFAULT_SHARD_SIZE, FORMATS
 from puregen_fast.data.datasets import Dataset
 from puregen_fast.data.io import atomic_write_json, read_json
@@ -428,6 +429,12 @@ def _run(
         return _write(run, t0, resume=resume, overwrite=overwrite, extra=extra)
 
 
+def _filters(method: str) -> bool:
+    """Whether ``method`` ranks the whole data set first (its row of `puregen_fast.methods`),
+    so the run takes one global energy threshold before any shard."""
+    return method in methods.METHOD_NAMES and methods.get(method).filters
+
+
 def _write(run: _Run, t0: float, *, resume: bool, overwrite: bool, extra: dict) -> Path:
     """Prepare ``--out``, the filt threshold, the shards, and (rank 0) the manifest."""
     out, dist = run.out, run.dist
@@ -438,7 +445,7 @@ def _write(run: _Run, t0: float, *, resume: bool, overwrite: bool, extra: dict) 
     filt, t_energy = None, 0.0
     t2 = time.perf_counter()
     try:
-        if run.config["method"] == "filt":  # non-finite energies diverge here (DESIGN 2.4)
+        if _filters(run.config["method"]):  # non-finite energies diverge here (DESIGN 2.4)
             filt = _filter_threshold(run, reuse)
             t_energy, t2 = time.perf_counter() - t2, time.perf_counter()
         purified, first_s, first_n = _purify_shards(

@@ -21,12 +21,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from puregen_fast import methods, reference
 from puregen_fast import noise as pgnoise
-from puregen_fast import reference
 from puregen_fast.config import (
     DEFAULT_DIVERGENCE_MARGIN,
     METHODS,
-    NO_MODEL,
     PAPER_LANGEVIN,
     EngineConfig,
 )
@@ -109,11 +108,12 @@ class Purifier:
 
     images: uint8 NHWC in [0, 255] or float NCHW in [0, 1], numpy or torch; the result comes back
     in the same form. sample_ids: the images' global indices, which key the noise.
-    Methods: ebm, ddpm, ebm+ddpm (EBM then DDPM), reps (``reps`` rounds of EBM then DDPM),
-    filt (purify only images whose EBM energy is at least the ``filter_threshold`` given to the
-    call, or without one the ``filter_frac`` highest of the batch, with the EBM and then the DDPM
-    when one is given), jpeg (re-encode at ``jpeg_quality``), none. The options are the fields
-    of `EngineConfig` (checked there; ``self.config``). ``ebm_steps``, ``ebm_eps`` and
+    Methods: the rows of `puregen_fast.methods`, run stage by stage: ebm, ddpm, ebm+ddpm (EBM
+    then DDPM), reps (``reps`` rounds of EBM then DDPM), filt (purify only images whose EBM
+    energy is at least the ``filter_threshold`` given to the call, or without one the
+    ``filter_frac`` highest of the batch, with the EBM and then the DDPM when one is given), jpeg
+    (re-encode at ``jpeg_quality``), none, and any method registered there. The options are the
+    fields of `EngineConfig` (checked there; ``self.config``). ``ebm_steps``, ``ebm_eps`` and
     ``ebm_temp`` left None come from the EBM's own chain (its ``sampling.json``, which
     ``train ebm`` writes), else the paper's (150, 1.25e-2, 1e-4); ``sampling_from`` says which.
     """
@@ -144,23 +144,23 @@ class Purifier:
             seed=seed, device=str(device), backend=backend, precision=precision,
             divergence_margin=divergence_margin, conv_impl=conv_impl,
         )  # fmt: skip
-        needs_ebm, needs_ddpm = cfg.uses
+        self.row = methods.get(method)  # the method's stages and models
+        if self.row.uses("ebm") and ebm is None:
+            raise ValueError(f"method {method!r} needs an EBM (ebm=...)")
+        if self.row.uses("ddpm") and ddpm is None:
+            raise ValueError(f"method {method!r} needs a DDPM (ddpm=...)")
+        self.uses_ebm = self.row.uses("ebm", ebm is not None)
+        self.uses_ddpm = self.row.uses("ddpm", ddpm is not None)
         # unset Langevin settings: the EBM's own chain (sampling.json), else the paper's
         cfg, self.sampling_from = cfg.resolve_sampling(
-            getattr(ebm, "puregen_sampling", None) if needs_ebm else None)
-        if needs_ebm and ebm is None:
-            raise ValueError(f"method {method!r} needs an EBM (ebm=...)")
-        if needs_ddpm and ddpm is None:
-            raise ValueError(f"method {method!r} needs a DDPM (ddpm=...)")
+            getattr(ebm, "puregen_sampling", None) if self.uses_ebm else None)
         self.config = cfg
         self.method, self.seed, self.precision = method, seed, precision
         self.device = resolve_device(device)
-        self.uses_ebm = needs_ebm
-        self.uses_ddpm = needs_ddpm or (method == "filt" and ddpm is not None)
         self.ebm = ebm.to(self.device).eval().requires_grad_(False) if self.uses_ebm else None
         self.ddpm = ddpm.to(self.device).eval().requires_grad_(False) if self.uses_ddpm else None
         self.schedule = schedule or DDPMSchedule()
-        no_model = method in NO_MODEL
+        no_model = self.row.model_free
         self.sampler = make_sampler(
             "reference" if no_model else backend,
             cfg.sampler(self.device),
@@ -182,7 +182,7 @@ class Purifier:
         ``backend="auto"`` on a CPU, too little work (`AUTO_CPU_MIN_IMAGE_STEPS` images x steps)
         runs on the reference, which finishes before the fast path would have compiled."""
         c = self.config
-        if c.backend != "auto" or self.method in NO_MODEL or self.device.type != "cpu":
+        if c.backend != "auto" or self.row.model_free or self.device.type != "cpu":
             return
         per_image = c.reps * (c.ebm_steps * (self.ebm is not None)
                               + c.ddpm_steps * (self.ddpm is not None))  # fmt: skip
@@ -275,14 +275,10 @@ class Purifier:
         x, was_uint8 = self._to_x(images)
         ids = self._ids(sample_ids, x.shape[0])
         self.check_image_size(x.shape[2], x.shape[3])
-        if x.shape[0] == 0 or self.method == "none":
+        stages = self.row.stages
+        if x.shape[0] == 0 or not stages:
             return self._from_x(x, images, was_uint8)
-        if self.method == "jpeg":
-            u8 = torch.round(((x + 1) / 2).clamp(0, 1) * 255).to(torch.uint8).permute(0, 2, 3, 1)
-            out = reference.jpeg(u8.cpu().numpy(), self.config.jpeg_quality)
-            x = torch.from_numpy(out).to(self.device).permute(0, 3, 1, 2).float() / 255 * 2 - 1
-            return self._from_x(x, images, was_uint8)
-        if self.method == "filt":
+        if self.row.filters:
             frac = self.config.filter_frac
             if filter_threshold is not None:
                 filter_threshold = check_filter_threshold(filter_threshold)
@@ -290,22 +286,33 @@ class Purifier:
             if bool(mask.any()):
                 x = x.clone()
                 # a data-dependent subset: let the fast sampler bucket its capture sizes
-                x[mask] = self._stages(x[mask], ids[mask], pad_to=x.shape[0])
+                x[mask] = self._stages(stages[1:], x[mask], ids[mask], pad_to=x.shape[0])
         else:
-            x = self._stages(x, ids)
+            x = self._stages(stages, x, ids)
         return self._from_x(x, images, was_uint8)
 
     def _stages(
-        self, x: torch.Tensor, ids: torch.Tensor, pad_to: int | None = None
+        self, stages: Sequence[str], x: torch.Tensor, ids: torch.Tensor, pad_to: int | None = None
     ) -> torch.Tensor:
+        """``stages`` in order, ``reps`` rounds (1 unless the method repeats); a stage of an
+        optional model not given is skipped."""
         for r in range(self.config.reps):
-            if self.ebm is not None:
-                stream = pgnoise.stream_id(pgnoise.STREAM_EBM, r)
-                x = self._guard(self.sampler.ebm(x, ids, stream, pad_to=pad_to), ids, "ebm")
-            if self.ddpm is not None:
-                stream = pgnoise.stream_id(pgnoise.STREAM_DDPM, r)
-                x = self._guard(self.sampler.ddpm(x, ids, stream, pad_to=pad_to), ids, "ddpm")
+            for stage in stages:
+                if stage == "ebm" and self.ebm is not None:
+                    stream = pgnoise.stream_id(pgnoise.STREAM_EBM, r)
+                    x = self._guard(self.sampler.ebm(x, ids, stream, pad_to=pad_to), ids, "ebm")
+                elif stage == "ddpm" and self.ddpm is not None:
+                    stream = pgnoise.stream_id(pgnoise.STREAM_DDPM, r)
+                    x = self._guard(self.sampler.ddpm(x, ids, stream, pad_to=pad_to), ids, "ddpm")
+                elif stage == "jpeg":
+                    x = self._jpeg(x)
         return x
+
+    def _jpeg(self, x: torch.Tensor) -> torch.Tensor:
+        """JPEG re-encode at ``jpeg_quality``, through uint8 as a file would be (the baseline)."""
+        u8 = torch.round(((x + 1) / 2).clamp(0, 1) * 255).to(torch.uint8).permute(0, 2, 3, 1)
+        out = reference.jpeg(u8.cpu().numpy(), self.config.jpeg_quality)
+        return torch.from_numpy(out).to(self.device).permute(0, 3, 1, 2).float() / 255 * 2 - 1
 
     def _guard(self, x: torch.Tensor, ids: torch.Tensor, stage: str) -> torch.Tensor:
         """DESIGN 2.4: a non-finite state, or one far outside [-1, 1], is a divergence, never
@@ -424,10 +431,6 @@ class Purifier:
                 "source": getattr(self.ddpm, "puregen_source", None),
                 "sha256": getattr(self.ddpm, "puregen_sha256", None),
             }
-        if c.method == "reps":
-            d["reps"] = c.reps
-        if c.method == "filt":
-            d["filter_frac"] = c.filter_frac
-        if c.method == "jpeg":
-            d["jpeg_quality"] = c.jpeg_quality
+        for k in self.row.recorded:  # reps, filter_frac, jpeg_quality: where the method reads them
+            d[k] = getattr(c, k)
         return d

@@ -18,6 +18,8 @@ ROOTS = {"puregen_fast": "puregen_fast", "kernels": "puregen_fast.kernels",
 RANK = {
     "errors": 0,
     "version": 0,
+    "paper": 0,  # the paper's chain (DESIGN 2.1): the defaults every layer takes by name
+    "methods": 1,  # the table of purification methods (it names the paper's chain in its help)
     "noise": 1,
     "runtime": 1,
     "io": 1,  # data/io.py, the one atomic-write helper, serves every layer
@@ -37,7 +39,7 @@ RANK = {
     "cli": 8,  # on top: nothing imports it
     "__init__": 9,  # the public face imports anything but the command line
 }
-LEAVES = {"errors", "version", "noise", "runtime", "io", "pickle_scan"}  # nothing of ours
+LEAVES = {"errors", "version", "paper", "noise", "runtime", "io", "pickle_scan"}  # nothing of ours
 
 
 def modules(roots: dict[str, str], base: Path) -> dict[str, Path]:

@@ -14,7 +14,8 @@ from typing import TypeVar
 
 import torch
 
-from puregen_fast.config import NO_MODEL, PurifyConfig, add_arguments
+from puregen_fast import methods
+from puregen_fast.config import PurifyConfig, add_arguments
 from puregen_fast.data.datasets import open_dataset
 from puregen_fast.data.webdataset import index_webdataset, open_webdataset
 from puregen_fast.data.writer import check_out_dir
@@ -39,7 +40,8 @@ def _config(args: argparse.Namespace) -> PurifyConfig:
         raise UsageError(str(e)) from None
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: no CUDA device is available here; use --device cpu")
-    if cfg.precision != "fp32" and cfg.backend != "reference" and cfg.method not in NO_MODEL:
+    model_free = methods.get(cfg.method).model_free
+    if cfg.precision != "fp32" and cfg.backend != "reference" and not model_free:
         # never fall back silently to another precision's numbers: say so, exit 2
         ok, why = fast_available(resolve_device(cfg.device), cfg.precision)
         if not ok:

@@ -33,6 +33,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from puregen_fast import methods
+from puregen_fast.config import EngineConfig
 from puregen_fast.data.datasets import Dataset, open_dataset
 from puregen_fast.data.io import atomic_write, atomic_write_json, file_digest
 from puregen_fast.data.manifest import MANIFEST
@@ -72,6 +74,7 @@ __all__ = [
     "ClassifierSpec",
     "Protocol",
     "SWEEPABLE",
+    "changes",
     "check_protocol",
     "parse_classifier_spec",
     "parse_sweep",
@@ -79,22 +82,27 @@ __all__ = [
     "variants",
 ]
 
-DEFENSES = ("none", "jpeg", "ebm", "ddpm", "ebm+ddpm", "reps", "filt")
+# the defenses are the engine's methods (`puregen_fast.methods`), read live from its table
+DEFENSES = methods.METHOD_NAMES
 EXPERIMENT_FORMAT = "puregen-fast-experiment"
 ATTACKS = ("narcissus", "gradient-matching", "bullseye-polytope")
-# the defenses that need each model
-_EBM_DEFENSES = ("ebm", "ebm+ddpm", "reps", "filt")
-_DDPM_DEFENSES = ("ddpm", "ebm+ddpm", "reps")
-# the engine settings --sweep may vary, their parsers, and the defenses each one changes
-SWEEPABLE: dict[str, tuple[Callable[[str], Any], tuple[str, ...]]] = {
-    "ebm_steps": (int, ("ebm", "ebm+ddpm", "reps", "filt")),
-    "ebm_eps": (float, ("ebm", "ebm+ddpm", "reps", "filt")),
-    "ebm_temp": (float, ("ebm", "ebm+ddpm", "reps", "filt")),
-    "ddpm_steps": (int, ("ddpm", "ebm+ddpm", "reps")),
-    "jpeg_quality": (int, ("jpeg",)),
-    "reps": (int, ("reps",)),
-    "filter_frac": (float, ("filt",)),
-}
+# the engine settings --sweep may vary and their parsers; the defenses each one changes are
+# the methods that read it (`changes`)
+SWEEPABLE: dict[str, Callable[[str], Any]] = {
+    "ebm_steps": int, "ebm_eps": float, "ebm_temp": float, "ddpm_steps": int,
+    "jpeg_quality": int, "reps": int, "filter_frac": float,
+}  # fmt: skip
+# the engine's own settings (method and device are the experiment's)
+_ENGINE = tuple(f for f in EngineConfig.__dataclass_fields__ if f not in ("method", "device"))
+
+
+def changes(setting: str, defense: str) -> bool:
+    """Whether ``setting`` changes what ``defense`` computes, whatever models are given."""
+    return setting in methods.get(defense).required_settings
+
+
+def _ebm_defenses() -> list[str]:
+    return [m.name for m in methods.methods() if m.uses("ebm")]
 
 Log = Callable[[str], None]
 
@@ -155,7 +163,7 @@ def parse_sweep(text: str) -> tuple[str, tuple[Any, ...]]:
     if not eq or key not in SWEEPABLE:
         raise UsageError(f"--sweep {text!r}: expected NAME=V1,V2,... with NAME one of "
                          f"{', '.join(k.replace('_', '-') for k in SWEEPABLE)}")  # fmt: skip
-    parse = SWEEPABLE[key][0]
+    parse = SWEEPABLE[key]
     try:
         values = tuple(parse(v.strip()) for v in vals.split(",") if v.strip())
     except ValueError:
@@ -173,14 +181,14 @@ def variants(p: Protocol) -> list[tuple[str, str, dict[str, Any]]]:
     ``ebm (ebm-steps=20)``."""
     out = []
     for d in p.defenses:
-        axes = [(k, vs) for k, vs in p.sweep if d in SWEEPABLE[k][1]]
+        axes = [(k, vs) for k, vs in p.sweep if changes(k, d)]
         combos: list[dict[str, Any]] = [{}]
         for k, vs in axes:
             combos = [{**c, k: v} for c in combos for v in vs]
         for c in combos:
             tag = ", ".join(f"{k.replace('_', '-')}={v:g}" for k, v in c.items())
             out.append((f"{d} ({tag})" if tag else d, d, c))
-            if p.ebm_poisoned is not None and d in _EBM_DEFENSES:
+            if p.ebm_poisoned is not None and methods.get(d).uses("ebm"):
                 tag = ", ".join(["EBM trained on poisoned", *filter(None, [tag])])
                 out.append((f"{d} ({tag})", d, {**c, "ebm": p.ebm_poisoned}))
     return out
@@ -212,9 +220,9 @@ def check_protocol(p: Protocol) -> None:
             "--attack narcissus needs --trigger FILE|DIR (e.g. from `eval trigger --method "
             "narcissus`) or --poisons SRC (the authors' triggers)"
         )
-    if p.ebm_poisoned is not None and not any(d in _EBM_DEFENSES for d in p.defenses):
+    if p.ebm_poisoned is not None and not any(methods.get(d).uses("ebm") for d in p.defenses):
         raise UsageError(f"--ebm-poisoned applies to the EBM defenses "
-                         f"({', '.join(_EBM_DEFENSES)}); --defenses has none")  # fmt: skip
+                         f"({', '.join(_ebm_defenses())}); --defenses has none")  # fmt: skip
     if p.attack != "narcissus" and p.trigger is not None:
         raise UsageError(f"--trigger applies to --attack narcissus, not {p.attack}")
     if p.attack != "narcissus" and p.poisons is None:
@@ -223,7 +231,7 @@ def check_protocol(p: Protocol) -> None:
     keys = [k for k, _ in p.sweep]
     if len(set(keys)) != len(keys):
         raise UsageError(f"--sweep: a setting is swept twice ({', '.join(keys)})")
-    unused = [k for k in keys if not any(d in SWEEPABLE[k][1] for d in p.defenses)]
+    unused = [k for k in keys if not any(changes(k, d) for d in p.defenses)]
     if unused:
         raise UsageError(f"--sweep {unused[0].replace('_', '-')}: changes none of --defenses "
                          f"{','.join(p.defenses)}")  # fmt: skip
@@ -280,14 +288,15 @@ def load_models(defenses: Sequence[str], pur: Mapping[str, Any],
     """The models the defenses need, by source: as purify, the authors' published checkpoints
     unless ``ebm``/``ddpm`` names others; and the EBM trained on the poisoned set, if given."""
     models: dict[str, Any] = {}
-    if any(d in _EBM_DEFENSES for d in defenses):
+    rows = [methods.get(d) for d in defenses]
+    if any(r.uses("ebm") for r in rows):
         for src in filter(None, [pur.get("ebm") or DEFAULT_EBM, ebm_poisoned]):
             try:
                 models[f"ebm:{src}"] = load_ebm(src)
             except UsageError as e:
                 flag = "--ebm-poisoned" if src == ebm_poisoned else "--ebm"
                 raise UsageError(f"{flag} {src}: {e}") from e
-    if any(d in _DDPM_DEFENSES for d in defenses) or ("filt" in defenses and pur.get("ddpm")):
+    if any(r.uses("ddpm", given=bool(pur.get("ddpm"))) for r in rows):
         models["ddpm"] = load_ddpm(pur.get("ddpm") or DEFAULT_DDPM)
     return models
 
@@ -346,13 +355,14 @@ def _poison(p: Protocol, train: Dataset, target: int, out: Path, log: Log) -> Pa
 
 def _purifier(defense: str, pur: Mapping[str, Any], models: Mapping[str, Any], device
               ) -> Purifier:  # fmt: skip
-    keys = ("ebm_steps", "ebm_eps", "ebm_temp", "ddpm_steps", "reps", "filter_frac",
-            "jpeg_quality", "seed", "backend", "precision")  # fmt: skip
-    kw = {k: pur[k] for k in keys if pur.get(k) is not None}
-    ebm = models.get(f"ebm:{pur.get('ebm') or DEFAULT_EBM}") if defense in _EBM_DEFENSES else None
-    ddpm = models.get("ddpm") if defense in _DDPM_DEFENSES else None
-    if defense == "filt" and pur.get("ddpm"):
-        ddpm = models.get("ddpm")
+    """The engine for ``defense``: the models its row uses, and the engine settings given, of
+    which the method-specific ones only where the method reads them (``--reps`` does not
+    refuse ``ebm``)."""
+    row = methods.get(defense)
+    own = set(methods.METHOD_SETTINGS) - set(row.settings)
+    kw = {k: pur[k] for k in _ENGINE if pur.get(k) is not None and k not in own}
+    ebm = models.get(f"ebm:{pur.get('ebm') or DEFAULT_EBM}") if row.uses("ebm") else None
+    ddpm = models.get("ddpm") if row.uses("ddpm", given=bool(pur.get("ddpm"))) else None
     try:
         return Purifier(method=defense, ebm=ebm, ddpm=ddpm, device=device, **kw)
     except ValueError as e:

@@ -146,19 +146,13 @@ def _method_name(manifest: Mapping[str, Any]) -> str:
     """A short row name from a purify manifest, e.g. ``ebm-150``, ``ddpm-75``, ``jpeg-q75``."""
     pur = manifest.get("purifier") or {}
     method = pur.get("method") or manifest.get("config", {}).get("method", "?")
-    parts = []
-    if isinstance(pur.get("ebm"), dict) and method != "jpeg":
-        parts.append(f"ebm{pur['ebm'].get('steps')}")
-    if isinstance(pur.get("ddpm"), dict):
-        parts.append(f"ddpm{pur['ddpm'].get('steps')}")
-    detail = "+".join(parts)
-    if method == "reps":
-        detail += f" x{pur.get('reps')}"
-    if method == "filt":
-        detail += f" filt{pur.get('filter_frac')}"
-    if method == "jpeg":
-        detail = f"q{pur.get('jpeg_quality')}"
-    return f"{method} ({detail})" if detail and method not in ("none",) else str(method)
+    # from what the engine recorded (the settings its method reads), not from the method's name
+    models = "+".join(f"{k}{pur[k].get('steps')}" for k in ("ebm", "ddpm")
+                      if isinstance(pur.get(k), dict))  # fmt: skip
+    extras = [f"{tag}{pur[k]}" for k, tag in (("reps", "x"), ("filter_frac", "filt"),
+                                              ("jpeg_quality", "q")) if k in pur]  # fmt: skip
+    detail = " ".join(filter(None, [models, *extras]))
+    return f"{method} ({detail})" if detail else str(method)
 
 
 def _purified_train_set(path: str) -> TrainSet:

@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from puregen_fast import methods
 from puregen_fast.config import EngineConfig, PurifyConfig
 from puregen_fast.models.checkpoints import DEFAULT_DDPM, DEFAULT_EBM, load_ddpm, load_ebm
 from puregen_fast.purifier import Purifier, check_filter_threshold
@@ -57,11 +58,11 @@ class PurifyBatches:
             )
         self.config = PurifyConfig(**options)  # checked here: a bad value names its field
         cfg = self.config
-        if cfg.method == "filt" and filter_threshold is None:
+        if methods.get(cfg.method).filters and filter_threshold is None:
             raise ValueError(
-                "method 'filt' needs filter_threshold (the 'threshold' of the filter record in "
-                "a puregen-fast purify manifest): a per-batch threshold would depend on Ray's "
-                "batches"
+                f"method {cfg.method!r} needs filter_threshold (the 'threshold' of the filter "
+                "record in a puregen-fast purify manifest): a per-batch threshold would depend on "
+                "Ray's batches"
             )
         if filter_threshold is not None:  # here, not at the first batch on some actor
             filter_threshold = check_filter_threshold(filter_threshold)
