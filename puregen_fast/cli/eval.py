@@ -55,10 +55,12 @@ from puregen_fast.eval.narcissus import (
 from puregen_fast.eval.poison import QUANTIZE, make_trigger, save_poisoned_npz, save_trigger
 from puregen_fast.eval.poisons import (
     ATTACKS,
+    AUTHORS_DATASETS,
     BP_MODES,
     HF_REPO,
     POISON_DATASETS,
     PoisonSpec,
+    authors_dataset,
     poison_with_published,
 )
 from puregen_fast.eval.run import (
@@ -117,6 +119,11 @@ def _add_poison_args(p: argparse.ArgumentParser) -> None:
         help="the data set the poisons were made for (default: --dataset; needed with npz "
         "or imagefolder)",
     )
+    a.add_argument(
+        "--target-image", metavar="FILE|DIR", default=None,
+        help="gradient-matching: the trial's target.pickle, or the folder holding the authors' "
+        "Poisons/ (their <data_dir>) or GradientMatching/ (default: looked for beside the poisons)",
+    )  # fmt: skip
     a.add_argument("--narcissus-size", type=int_at_least(1, 1024), default=32, help="(default 32)")
     a.add_argument(
         "--narcissus-eps", type=int_at_least(1, 255), default=8, help="pixel levels (default 8)"
@@ -435,14 +442,12 @@ def _experiment(args: argparse.Namespace) -> Experiment:
 
 def _poison_spec(args: argparse.Namespace) -> PoisonSpec:
     """The published poison set the flags of ``eval poison --attack`` name."""
-    name = args.poisons_dataset
-    if name is None:
-        name = {"cinic10-imagenet": "cinic10"}.get(args.dataset, args.dataset)
-        if name not in POISON_DATASETS[args.attack]:
-            raise UsageError(
-                f"--poisons-dataset: name the data set the poisons were made for (one of "
-                f"{', '.join(POISON_DATASETS[args.attack])}); --dataset {args.dataset} does not"
-            )
+    name, _ = authors_dataset(args.dataset, args.poisons_dataset)
+    if args.poisons_dataset is None and name not in AUTHORS_DATASETS:
+        raise UsageError(
+            f"--poisons-dataset: name the data set the poisons were made for (one of "
+            f"{', '.join(POISON_DATASETS[args.attack])}); --dataset {args.dataset} does not"
+        )
     spec = PoisonSpec(
         args.attack, name, args.target_class, args.narcissus_size, args.narcissus_eps,
         args.bp_poisons, args.bp_mode, args.bp_iters, args.bp_repeat,
@@ -463,9 +468,13 @@ def _cmd_poison_published(args: argparse.Namespace, out: Path) -> int:
     ps = poison_with_published(
         ds.images, ds.labels, list(ds.class_names), spec, args.poisons, count=args.count,
         last_n=not args.random_select, seed=args.seed, quantize=args.quantize,
+        gm_target=args.target_image,
     )  # fmt: skip
     save_poisoned_npz(ps, out)
     if not args.quiet:
+        note = authors_dataset(args.dataset, args.poisons_dataset)[1]
+        for line in filter(None, [note, str(ps.extra.get("poisoning", ""))]):
+            print(f"eval poison: {line}", file=sys.stderr)
         print(
             f"eval poison: {spec.title}: {ps.poison_idx.size} of {len(ds)} images poisoned "
             f"(class {ps.target_class}, {ds.class_names[ps.target_class]}) -> {out}",

@@ -73,10 +73,18 @@ def add_experiment_arguments(p: argparse.ArgumentParser) -> None:
         help="one or more target classes (gradient-matching, bullseye-polytope: trial numbers);"
         " several give the mean and the worst class",
     )
-    a.add_argument("--count", metavar="N|all", type=count_or_all, default=500,
+    a.add_argument("--count", metavar="N|all", type=count_or_all, default=argparse.SUPPRESS,
                    help="narcissus: training images of the target class to poison, or all of "
-                   "them (default %(default)s)")  # fmt: skip
-    a.add_argument("--random-select", action="store_true", help="as for eval poison")
+                   "them (default: the --protocol's: 500; paper on CINIC-10: 900)")  # fmt: skip
+    a.add_argument("--random-select", action=argparse.BooleanOptionalAction, default=None,
+                   help="poison random images of the class instead of the last ones (default: "
+                   "the --protocol's: the last; paper on CINIC-10: random)")  # fmt: skip
+    a.add_argument(
+        "--target-image", metavar="FILE|DIR", default=None,
+        help="gradient-matching: the trials' target.pickle (one trial), or the folder holding "
+        "the authors' Poisons/ (their <data_dir>) or GradientMatching/; default: beside the "
+        "poisons, then <data_dir>/Poisons as the authors keep it",
+    )  # fmt: skip
     a.add_argument("--quantize", choices=QUANTIZE, default="trunc", help="as for eval poison")
     a.add_argument(
         "--trigger-scale", metavar="M", type=at.float_in(1e-6, 1e6), nargs="+", default=None,
@@ -154,7 +162,7 @@ def _protocol(args: argparse.Namespace) -> Protocol:
         if name in ("imagefolder", "npz") and not d:
             dflag = "--data-dir" if flag == "--dataset" else "--test-data-dir"
             raise UsageError(f"{flag} {name} needs {dflag}")
-    prof = profile_settings(args.protocol, args.dataset)
+    prof = profile_settings(args.protocol, args.dataset, args.poisons_dataset)
     specs = (tuple(parse_classifier_spec(s) for s in args.classifier) if args.classifier
              else prof["classifiers"])  # fmt: skip
     purify = {
@@ -177,8 +185,10 @@ def _protocol(args: argparse.Namespace) -> Protocol:
         trigger=args.trigger,
         poisons=args.poisons,
         poisons_dataset=args.poisons_dataset,
-        count=args.count,
-        last_n=not args.random_select,
+        count=getattr(args, "count", prof["count"]),  # absent: not given
+        last_n=prof["last_n"] if args.random_select is None else not args.random_select,
+        target_image=args.target_image,
+        trigger_at_test=prof["trigger_at_test"],
         quantize=args.quantize,
         scales=tuple(args.trigger_scale or prof["scales"]),
         purify=tuple(sorted((k, v) for k, v in purify.items() if v is not None)),
@@ -202,7 +212,7 @@ def run_experiment_command(args: argparse.Namespace) -> int:
     def log(line: str) -> None:
         print(f"eval experiment: {line}", file=sys.stderr, flush=True)
 
-    log(describe_profile(proto.profile, proto.dataset))
+    log(describe_profile(proto.profile, proto.dataset, proto.poisons_dataset))
     if args.classifier or args.trigger_scale:
         log("--classifier/--trigger-scale given: they replace the profile's victims/scales")
 

@@ -50,6 +50,7 @@ from puregen_fast.eval.classifier import (
     train_classifier,
     undertrained_message,
 )
+from puregen_fast.eval.inputs import Found, find_inputs, format_inputs, trigger_file
 from puregen_fast.eval.metrics import (
     evaluate_predictions,
     format_protocol_table,
@@ -58,7 +59,12 @@ from puregen_fast.eval.metrics import (
     summarize_cells,
 )
 from puregen_fast.eval.poison import load_trigger, poison_dataset, save_poisoned_npz
-from puregen_fast.eval.poisons import PoisonSpec, poison_with_published
+from puregen_fast.eval.poisons import (
+    PoisonSpec,
+    authors_dataset,
+    describe_selection,
+    poison_with_published,
+)
 from puregen_fast.eval.run import EvalSet
 from puregen_fast.eval.verdict import CLEAN, format_verdicts, shortcut_message, verdicts
 from puregen_fast.eval.victims import ClassifierSpec, parse_classifier_spec
@@ -143,6 +149,10 @@ class Protocol:
     sweep: tuple[tuple[str, tuple[Any, ...]], ...] = ()
     ebm_poisoned: str | None = None
     profile: str = "ours"  # `puregen_fast.eval.protocols`: what chose the victims and scales
+    target_image: str | None = None  # Gradient Matching's target.pickle (`find_gm_target`)
+    # which trigger the test images get: "applied" (the one the training images got) or
+    # "file" (the trigger file as read: the authors' STL-10 test, utils/classifier.py 1150-1169)
+    trigger_at_test: str = "applied"
 
     def to_dict(self) -> dict[str, Any]:
         d = {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -301,25 +311,11 @@ def load_models(defenses: Sequence[str], pur: Mapping[str, Any],
     return models
 
 
-def _trigger_file(p: Protocol, target: int) -> Path:
-    t = Path(p.trigger or "").expanduser()
-    if t.is_dir():
-        f = t / f"best_noise_lab{target}.npy"
-        if not f.is_file():
-            raise UsageError(f"--trigger {t}: no best_noise_lab{target}.npy for target class "
-                             f"{target} in the folder")  # fmt: skip
-        return f
-    if not t.is_file():
-        raise UsageError(f"--trigger {t}: no such file or folder")
-    if len(p.targets) > 1:
-        raise UsageError(f"--trigger {t}: one file for {len(p.targets)} target classes; give a "
-                         f"folder of best_noise_lab<k>.npy, one per class")  # fmt: skip
-    return t
-
-
-def _poison(p: Protocol, train: Dataset, target: int, out: Path, log: Log) -> Path:
+def _poison(p: Protocol, train: Dataset, target: int, out: Path, log: Log,
+            found: Sequence[Found] = ()) -> Path:  # fmt: skip
     """The poisoned training set for ``target`` as .npz (made once: its name is a digest of
-    the attack settings, the trigger's bytes and the training images)."""
+    the attack settings, the trigger's bytes and the training images). ``found``: the inputs
+    `find_inputs` found (Gradient Matching's target image)."""
     key: dict[str, Any] = {
         "attack": p.attack, "target": target, "count": p.count, "last_n": p.last_n,
         "quantize": p.quantize, "train": train.describe(), "poisons": p.poisons,
@@ -328,8 +324,14 @@ def _poison(p: Protocol, train: Dataset, target: int, out: Path, log: Log) -> Pa
     }  # fmt: skip
     trig_path = None
     if p.attack == "narcissus" and p.trigger is not None:
-        trig_path = _trigger_file(p, target)
+        trig_path = trigger_file(p.trigger, target, len(p.targets))
         key["trigger_sha256"] = file_digest(trig_path)
+    name = authors_dataset(train.name, p.poisons_dataset)[0]
+    if trig_path is None and name == "stl10":
+        key["stl10"] = "remapped, resized to 96x96"  # not the copies made before that was done
+    gm = [f.path for f in found if f.target == target and f.what == "target image"]
+    if p.attack == "gradient-matching" and gm and Path(gm[0]).parent.name != str(target):
+        key["target_image"] = gm[0]  # found outside the poison folder
     folder = out / f"poison-{slug(p.attack)}-{target}-{digest(key)}"
     path = folder / "poisoned.npz"
     if path.is_file():
@@ -340,12 +342,17 @@ def _poison(p: Protocol, train: Dataset, target: int, out: Path, log: Log) -> Pa
             target, p.count, class_names=list(train.class_names), last_n=p.last_n,
             quantize=p.quantize,
         )  # fmt: skip
+        n = int(np.sum(np.asarray(train.labels) == target))
+        log(f"Narcissus: the trigger {trig_path} added to "
+            f"{describe_selection(n, target, p.count, p.last_n, 0)}")  # fmt: skip
     else:
-        spec = PoisonSpec(p.attack, p.poisons_dataset or train.name, target)
+        spec = PoisonSpec(p.attack, name, target)
         ps = poison_with_published(
             train.images, train.labels, list(train.class_names), spec, p.poisons,
             count=p.count, last_n=p.last_n, quantize=p.quantize,
+            gm_target=gm[0] if gm and p.attack == "gradient-matching" else p.target_image,
         )  # fmt: skip
+        log(str(ps.extra.get("poisoning", "")))
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write_json(folder / "attack.json", key)
     save_poisoned_npz(ps, path)
@@ -401,13 +408,19 @@ def _purify(
     return folder, ident
 
 
-def _attack_eval(poisoned: Path) -> dict[str, Any]:
-    """What the metrics need, read back from the poisoned .npz: the trigger (Narcissus) or the
-    target image and the poison class (Gradient Matching, Bullseye Polytope)."""
+def _attack_eval(poisoned: Path, trigger_at_test: str = "applied") -> dict[str, Any]:
+    """What the metrics need, read back from the poisoned .npz: the trigger (Narcissus; with
+    ``trigger_at_test="file"``, the trigger file as read where it differs from the one the
+    training images got, as the authors test STL-10) or the target image and the poison class
+    (Gradient Matching, Bullseye Polytope)."""
     with np.load(poisoned, allow_pickle=False) as z:
         out: dict[str, Any] = {"target_class": int(z["target_class"])}
         if "trigger" in z.files and z["trigger"].size:
             out["trigger"] = np.asarray(z["trigger"], np.float32)
+        if "test_trigger" in z.files:  # STL-10: the file's 32x32, not the 96x96 resize
+            out["trigger_at_test"] = trigger_at_test
+            if trigger_at_test == "file":
+                out["trigger"] = np.asarray(z["test_trigger"], np.float32)
         if "target_image" in z.files:
             out["target_image"] = np.asarray(z["target_image"], np.uint8).reshape(
                 -1, *z["x"].shape[1:]
@@ -520,6 +533,8 @@ def _victim_cells(
                 "purifier": ts.purifier, "test": sets.test_key, "scales": list(p.scales),
                 "quantize": p.quantize,
             }  # fmt: skip
+            if "trigger_at_test" in att:  # only where the two triggers differ (STL-10)
+                key["trigger_at_test"] = att["trigger_at_test"]
 
             def compute(spec=spec, seed=seed):
                 return _train_cell(spec.config(seed), ts, sets, att, p, device, quiet)
@@ -585,6 +600,11 @@ def run_protocol(
     say: Log = log or (lambda s: None)
     root = prepare_out(p, out)
     sets = load_sets(p, quiet=quiet)
+    tr = sets.train
+    found = find_inputs(p, tr.name, tr.source, np.asarray(tr.labels), sets.test_key["describe"],
+                        sets.num_classes, tuple(tr.images.shape[1:3]))  # fmt: skip
+    for line in format_inputs(found):  # every input found before anything is trained
+        say(line)
     pur = dict(p.purify)
     models = load_models(p.defenses, pur, p.ebm_poisoned)
     store = CellStore(root / "cells")
@@ -595,8 +615,8 @@ def run_protocol(
     changes: dict[str, list[dict]] = {}  # defense -> image_change per target
     t_start = time.perf_counter()
     for target in p.targets:
-        poisoned = _poison(p, sets.train, target, root, say)
-        att = _attack_eval(poisoned)
+        poisoned = _poison(p, sets.train, target, root, say, found)
+        att = _attack_eval(poisoned, p.trigger_at_test)
         with np.load(poisoned, allow_pickle=False) as z:
             x_poisoned = z["x"]  # what each defense is measured against
         for label, defense, over in rows:

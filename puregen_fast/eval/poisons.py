@@ -65,6 +65,7 @@ from puregen_fast.eval.poison import PoisonedSet, check_trigger, poison_dataset
 
 __all__ = [
     "ATTACKS",
+    "AUTHORS_DATASETS",
     "BP_MODES",
     "HF_REPO",
     "POISON_DATASETS",
@@ -73,11 +74,17 @@ __all__ = [
     "PublishedPoisons",
     "UnsafePickleError",
     "apply_published",
+    "authors_dataset",
+    "authors_narcissus",
+    "bp_target",
+    "describe_selection",
+    "find_gm_target",
     "load_bullseye_polytope",
     "load_gradient_matching",
     "load_narcissus",
     "locate_poisons",
     "poison_with_published",
+    "resize_trigger",
     "safe_unpickle",
 ]
 
@@ -93,17 +100,35 @@ _TITLE = {
     "gradient-matching": "Gradient Matching",
     "bullseye-polytope": "Bullseye Polytope",
 }
-# the data sets the authors' code reads each attack's poisons for
+# the data sets the authors' code reads each attack's poisons for (Narcissus: their
+# get_poisoned_subset_narcissus opens cifar10, cinic10 and stl10 only, utils/purification.py
+# 178-186, and its test-time set has no tinyimagenet branch, utils/classifier.py 1153-1166)
 POISON_DATASETS = {
-    "narcissus": ("cifar10", "cinic10", "stl10", "tinyimagenet"),
+    "narcissus": ("cifar10", "cinic10", "stl10"),
     "gradient-matching": ("cifar10", "tinyimagenet"),
     "bullseye-polytope": ("cifar10",),
 }
+# every data set name the authors publish some poison for (--poisons-dataset)
+AUTHORS_DATASETS = ("cifar10", "cinic10", "stl10", "tinyimagenet")
 _NUM_CLASSES = {"cifar10": 10, "cinic10": 10, "stl10": 10, "tinyimagenet": 200}
 BP_MODES = {"linear-transfer": "linear-transfer-learning", "fine-tune": "end2end-training"}
 # the attack trials the authors ran (their scripts/purify.py)
 _GM_TRIALS = 100
 _BP_TRIALS = {50: 48, 5: 50}
+
+# STL-10's classes (airplane, bird, car, cat, deer, dog, horse, monkey, ship, truck) to
+# CIFAR-10's order: the authors' STL-10 trigger for STL-10 class k is the file
+# best_noise_lab<STL10_TO_CIFAR10[k]>.npy (utils/purification.py 102-105); the labels of the
+# images stay STL-10's
+STL10_TO_CIFAR10 = {0: 0, 1: 2, 2: 1, 3: 3, 4: 4, 5: 5, 6: 7, 7: 6, 8: 8, 9: 9}
+STL10_SIDE = 96  # the authors resize the STL-10 trigger to 96x96 (utils/purification.py 192)
+# the authors' Narcissus poisoning per data set: (count, last_n, where it is stated); every
+# other data set: 500, the last of the class (config.ini 24-25, utils/purification.py 199-201)
+AUTHORS_NARCISSUS = {
+    "cinic10": (900, False, "Configs/config.ini 210-215 ([CINIC]: num_images_narcissus = 900, "
+                "last_n_narcissus = False)"),
+}
+AUTHORS_NARCISSUS_DEFAULT = (500, True, "Configs/config.ini 24-25")
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2023, 0.1994, 0.2010)
@@ -666,6 +691,14 @@ class PoisonSpec:
         """UsageError (naming the flag) for an unknown attack, data set, setting or target."""
         if self.attack not in ATTACKS:
             raise UsageError(f"--attack {self.attack!r}: choose one of {', '.join(ATTACKS)}")
+        if self.attack == "narcissus" and self.dataset == "tinyimagenet":
+            raise UsageError(
+                "--poisons-dataset tinyimagenet: the authors' code has no Narcissus path for "
+                "Tiny-ImageNet (utils/purification.py 178-186 poisons cifar10, cinic10 and stl10 "
+                "only), so no published number uses a Tiny-ImageNet trigger. Give a trigger of "
+                "your own with --trigger FILE (e.g. from `puregen-fast eval trigger --method "
+                "narcissus --dataset tinyimagenet ...`) instead of --poisons"
+            )
         known = POISON_DATASETS[self.attack]
         if self.dataset not in known:
             raise UsageError(
@@ -691,6 +724,14 @@ class PoisonSpec:
     def title(self) -> str:
         return f"{_TITLE[self.attack]} poisons for {self.dataset} (target {self.target})"
 
+    @property
+    def trigger_index(self) -> int:
+        """Narcissus: the ``k`` of the trigger file for target class ``target``: STL-10's
+        classes in CIFAR-10's order (`STL10_TO_CIFAR10`), else ``target`` itself."""
+        if self.dataset == "stl10":
+            return STL10_TO_CIFAR10[self.target]
+        return self.target
+
     def folder(self) -> str:
         """The folder (relative to the root) that holds this poison set's files."""
         top = f"{_FOLDER[self.attack]}/{self.dataset}"
@@ -709,7 +750,7 @@ class PoisonSpec:
     def required_files(self) -> list[str]:
         f = self.folder()
         if self.attack == "narcissus":
-            return [f"{f}/best_noise_lab{self.target}.npy"]
+            return [f"{f}/best_noise_lab{self.trigger_index}.npy"]
         if self.attack == "gradient-matching":
             return [f"{f}/poisons.pickle", f"{f}/base_indices.pickle"]
         return [f"{f}/poison_{self.bp_iters - 1:05d}.pth"]
@@ -916,10 +957,14 @@ def _pairs(obj: Any, what: str) -> tuple[list[Any], list[Any]]:
     return firsts, seconds
 
 
-def load_gradient_matching(folder: str | os.PathLike[str]) -> PublishedPoisons:
-    """``poisons.pickle`` + ``base_indices.pickle`` (+ ``target.pickle`` if present) of one
-    Gradient Matching trial folder, through `safe_unpickle`."""
+def load_gradient_matching(
+    folder: str | os.PathLike[str], target: str | os.PathLike[str] | None = None
+) -> PublishedPoisons:
+    """``poisons.pickle`` + ``base_indices.pickle`` of one Gradient Matching trial folder, and
+    the target image from ``target`` (a ``target.pickle``; None: the folder's, if present),
+    through `safe_unpickle`."""
     d = Path(folder)
+    target_file = Path(target) if target is not None else d / "target.pickle"
     poisons = safe_unpickle(d / "poisons.pickle")
     base = safe_unpickle(d / "base_indices.pickle")
     where = d / "poisons.pickle"
@@ -932,8 +977,8 @@ def load_gradient_matching(folder: str | os.PathLike[str]) -> PublishedPoisons:
         where = d / "base_indices.pickle"
         idx = _indices(base, len(images))
         t_img = t_lab = None
-        if (d / "target.pickle").is_file():
-            where = d / "target.pickle"
+        if target is not None or target_file.is_file():
+            where = target_file
             t = safe_unpickle(where)
             (ti,), (tl,) = _pairs([t], "target.pickle")
             if not isinstance(ti, PoisonImage):
@@ -1049,6 +1094,129 @@ def load_narcissus(
     return t
 
 
+def gm_target_candidates(
+    spec: PoisonSpec, root: Path | None, given: str | os.PathLike[str] | None = None
+) -> list[tuple[Path, str]]:
+    """Where a Gradient Matching trial's ``target.pickle`` may be, in the order looked at, each
+    with what put it there. ``given`` (``--target-image``): a ``target.pickle`` file, or a
+    folder laid out as the authors' ``<data_dir>`` (``Poisons/GradientMatching/...``) or as
+    their ``Poisons`` folder (``GradientMatching/...``). Then the trial's poison folder (a
+    copy of the poisons dataset may hold it), then, when ``root`` is the authors'
+    ``<data_dir>/PureGen_Poisons``, ``<data_dir>/Poisons/GradientMatching/...``: the authors
+    read the target from there, outside the poisons dataset (utils/classifier.py 1122-1127,
+    1203-1209), the poisons from ``PureGen_Poisons`` (utils/purification.py 88-92)."""
+    rel = Path(spec.folder()) / "target.pickle"
+    out: list[tuple[Path, str]] = []
+    if given is not None:
+        g = Path(given).expanduser()
+        if g.is_dir():
+            out.append((g / "Poisons" / rel, f"--target-image {g} (the authors' <data_dir>)"))
+            out.append((g / rel, f"--target-image {g} (the authors' Poisons folder)"))
+        else:
+            out.append((g, "--target-image"))
+        return out
+    if root is not None:
+        out.append((root / rel, f"the poison folder (--poisons {root})"))
+        if root.name == "PureGen_Poisons":
+            out.append((root.parent / "Poisons" / rel,
+                        "the authors' <data_dir>/Poisons (utils/classifier.py 1125)"))  # fmt: skip
+    return out
+
+
+def find_gm_target(
+    spec: PoisonSpec, root: Path | None, given: str | os.PathLike[str] | None = None
+) -> tuple[Path, str]:
+    """The ``target.pickle`` of a Gradient Matching trial and where it was found
+    (`gm_target_candidates`); UsageError naming every place looked at and the flag to give."""
+    cands = gm_target_candidates(spec, root, given)
+    for path, why in cands:
+        if path.is_file():
+            return path, why
+    looked = "\n".join(f"  {p} ({why})" for p, why in cands)
+    raise UsageError(
+        f"Gradient Matching trial {spec.target}: no target image (target.pickle), so its "
+        f"success cannot be measured. Looked at:\n{looked}\nThe authors keep it outside the "
+        f"poisons dataset, at <data_dir>/Poisons/{spec.folder()}/target.pickle "
+        "(utils/classifier.py 1125); pass --target-image FILE|DIR (that file, or the folder "
+        "holding Poisons/ or GradientMatching/)"
+    )
+
+
+# Bullseye Polytope's target: a frog of the CIFAR-10 transfer split's 'others' images, the
+# (trial + 51)-th (num_per_class = 50 frogs are skipped: utils/classifier.py 1133-1135 and
+# 1171-1200, config.ini 106); the attack wants it called a ship (class 8: purification.py 139)
+BP_TARGET_LABEL = 6
+BP_TARGET_SKIP = 50
+BP_POISON_CLASS = 8
+
+
+def bp_target_index(labels: np.ndarray, trial: int, *, skip: int = BP_TARGET_SKIP) -> int | None:
+    """The index, in the transfer split's ``others`` images, of Bullseye Polytope trial
+    ``trial``'s target image (`BP_TARGET_LABEL`); None when the set has too few frogs."""
+    frogs = np.flatnonzero(np.asarray(labels) == BP_TARGET_LABEL)
+    return int(frogs[trial + skip]) if trial + skip < frogs.size else None
+
+
+def bp_target(labels: np.ndarray, trial: int, *, skip: int = BP_TARGET_SKIP) -> int:
+    """`bp_target_index`, or UsageError (naming the flag) when the set has too few frogs."""
+    i = bp_target_index(labels, trial, skip=skip)
+    if i is None:
+        frogs = np.flatnonzero(np.asarray(labels) == BP_TARGET_LABEL)
+        raise UsageError(
+            f"--target-class {trial}: Bullseye Polytope's target is frog number {trial + skip + 1} "
+            f"(class {BP_TARGET_LABEL}) of the transfer split's 'others' images, the training "
+            f"set has {frogs.size} frogs (utils/classifier.py 1134): pass the 'others' split of "
+            "the authors' CIFAR10_TRAIN_Split.pth, as .npz in its order"
+        )
+    return i
+
+
+def resize_trigger(trigger: np.ndarray, side: int) -> np.ndarray:
+    """``trigger`` (1, 3, h, w) resized to ``side`` x ``side`` by bilinear interpolation with
+    ``align_corners=False``, in float32: the authors' STL-10 trigger (utils/purification.py
+    191-193)."""
+    import torch
+    import torch.nn.functional as F
+
+    t = torch.from_numpy(np.ascontiguousarray(trigger, np.float32))
+    return F.interpolate(t, size=(side, side), mode="bilinear", align_corners=False).numpy()
+
+
+def authors_dataset(dataset: str, poisons_dataset: str | None = None) -> tuple[str, str | None]:
+    """The authors' name for the data set whose poisons a training set ``dataset`` takes
+    (``poisons_dataset`` when given), and a note when that is not the authors' own pairing:
+    ``cinic10-imagenet`` (CINIC-10's ImageNet part) takes the ``cinic10`` poisons, but the
+    authors poison the full CINIC-10 training set (their ``cinic10``, utils/purification.py
+    181-183), never that part alone."""
+    if poisons_dataset is not None:
+        return poisons_dataset, None
+    if dataset == "cinic10-imagenet":
+        return "cinic10", (
+            "--dataset cinic10-imagenet takes the authors' cinic10 poisons; they poison the full "
+            "CINIC-10 training set (--dataset cinic10), never its ImageNet part alone, so no "
+            "published number is for this pairing"
+        )
+    return dataset, None
+
+
+def authors_narcissus(dataset: str) -> tuple[int, bool, str]:
+    """The authors' Narcissus poisoning of ``dataset`` (their name): (count, last_n, where it
+    is stated) (`AUTHORS_NARCISSUS`)."""
+    return AUTHORS_NARCISSUS.get(dataset, AUTHORS_NARCISSUS_DEFAULT)
+
+
+def describe_selection(n_class: int, target: int, count: int | None, last_n: bool, seed: int
+                       ) -> str:  # fmt: skip
+    """Which images of the target class a Narcissus poisoning takes, in words."""
+    if count is None:
+        return f"all {n_class} training images of class {target}"
+    if last_n:
+        return (f"the last {count} of the {n_class} training images of class {target} (data "
+                "set order)")  # fmt: skip
+    return (f"{count} of the {n_class} training images of class {target} drawn at random "
+            f"(numpy default_rng({seed}))")  # fmt: skip
+
+
 # ----------------------------------------------------------------------------- poisoning a set
 
 
@@ -1090,6 +1258,25 @@ def apply_published(
     return out, np.sort(pp.indices)
 
 
+def narcissus_notes(dataset: str, count: int | None, last_n: bool) -> list[str]:
+    """What a Narcissus poisoning of the authors' data set ``dataset`` does that their code
+    does differently, or that their code leaves open, in words (empty when it matches)."""
+    a_count, a_last, where = authors_narcissus(dataset)
+    notes = []
+    if (count, last_n) != (a_count, a_last):
+        sel = "the last of the class" if a_last else "drawn at random"
+        notes.append(f"the authors poison {a_count} images of the class, {sel} ({where})")
+    if dataset == "cinic10" and not last_n:
+        notes.append(
+            "the authors' random draw cannot be reproduced from their code (np.random.choice "
+            "after np.random.seed(11) in scripts/purify.py, in their run's order), and whether "
+            "their published poisons are random at all is set by purify.py's "
+            "--random_imgs_narcissus (default: the last n), which nothing records; config.ini "
+            "says random"
+        )
+    return notes
+
+
 def poison_with_published(
     images: np.ndarray,
     labels: np.ndarray,
@@ -1101,28 +1288,84 @@ def poison_with_published(
     last_n: bool = True,
     seed: int = 0,
     quantize: str = "trunc",
+    gm_target: str | os.PathLike[str] | None = None,
 ) -> PoisonedSet:
     """The training set poisoned with the authors' published ``spec`` poisons (from
     ``source``: `locate_poisons`). Narcissus poisons ``count`` images of the target class
-    (`poison_dataset`); the other attacks replace their base images. Labels are unchanged."""
+    (`poison_dataset`; STL-10: the remapped file, resized to 96x96, as the authors); the other
+    attacks replace their base images. Labels are unchanged. ``gm_target``: Gradient
+    Matching's target image as ``--target-image`` gives it (`find_gm_target`; None: looked
+    for as `gm_target_candidates` says, and left out when not found).
+    ``extra["poisoning"]`` says in words what was done, and from which files. Bullseye
+    Polytope's target image is the training set's frog that the authors take
+    (`bp_target_index`), so the training set must be the transfer split's ``others``."""
     spec.check(len(class_names) if spec.attack == "narcissus" else None)
     root = locate_poisons(spec, source)
     files = [root / f for f in spec.required_files()]
     hw = (int(np.shape(images)[1]), int(np.shape(images)[2]))
     extra: dict[str, Any] = {"target_index": np.int64(spec.target), "poisons_source": str(root)}
     if spec.attack == "narcissus":
-        trig = load_narcissus(files[0], hw)
+        stl = spec.dataset == "stl10"
+        trig = load_narcissus(files[0], None if stl else hw)
+        applied, how = trig, f"the trigger {files[0]}"
+        if stl:  # utils/purification.py 102-105, 191-193
+            if hw != (STL10_SIDE, STL10_SIDE):
+                raise UsageError(
+                    f"--poisons-dataset stl10: the authors resize the STL-10 trigger to "
+                    f"{STL10_SIDE}x{STL10_SIDE}, STL-10's image size, but the training images "
+                    f"are {hw[1]}x{hw[0]}; give STL-10's training set at its own size"
+                )
+            applied = resize_trigger(trig, STL10_SIDE)
+            h, w = trig.shape[2:]
+            how += (
+                f" (STL-10 class {spec.target} takes CIFAR-10 class {spec.trigger_index}'s file)"
+                f" resized from {w}x{h} to {STL10_SIDE}x{STL10_SIDE} (bilinear)"
+            )
+            extra["test_trigger"] = trig  # what the authors add at test time, not resized
         ps = poison_dataset(
-            images, labels, trig, spec.target, count, class_names=class_names,
+            images, labels, applied, spec.target, count, class_names=class_names,
             last_n=last_n, seed=seed, quantize=quantize,
         )  # fmt: skip
+        n_class = int(np.sum(np.asarray(labels) == spec.target))
+        notes = narcissus_notes(spec.dataset, count, last_n)
+        if stl:
+            notes.append(f"at test time the authors add the file's {w}x{h} trigger, not "
+                         "resized, at the top-left corner (utils/classifier.py 1150-1169)")
+        extra["poisoning"] = (
+            f"Narcissus: {how} added to "
+            f"{describe_selection(n_class, spec.target, count, last_n, seed)}"
+            + "".join(f"; {n}" for n in notes)
+        )
         ps.attack = "narcissus"
         ps.extra = extra
         return ps
     if spec.attack == "gradient-matching":
-        pp = load_gradient_matching(files[0].parent)
+        if gm_target is not None:  # given: it must be there
+            gm_target = find_gm_target(spec, root, gm_target)[0]
+        else:
+            found = [p for p, _ in gm_target_candidates(spec, root) if p.is_file()]
+            gm_target = found[0] if found else None
+        pp = load_gradient_matching(files[0].parent, gm_target)
+        extra["poisoning"] = (
+            f"Gradient Matching trial {spec.target}: {len(pp.images)} poisons of class "
+            f"{pp.poison_label} replace the training images at their indices ({files[0]}, "
+            f"{files[1]}); the target image: {gm_target or 'none found'}"
+        )
     else:
         pp = load_bullseye_polytope(files[0])
+        t_idx = bp_target_index(labels, spec.target)
+        frog = f"frog number {spec.target + BP_TARGET_SKIP + 1} (utils/classifier.py 1134)"
+        if t_idx is not None:
+            pp.target_image = np.array(images[t_idx])
+            pp.target_label = BP_TARGET_LABEL
+            extra["target_train_index"] = np.int64(t_idx)
+        extra["poisoning"] = (
+            f"Bullseye Polytope trial {spec.target}: {len(pp.images)} poisons of class "
+            f"{pp.poison_label} replace the training images at their indices ({files[0]}); "
+            "the target image: "
+            + (f"training image {t_idx}, {frog}" if t_idx is not None
+               else f"none ({frog}: the training set has too few frogs)")
+        )  # fmt: skip
     k = len(class_names)
     if pp.poison_label >= k:
         raise UsageError(
