@@ -120,7 +120,8 @@ def find_inputs(
             found.append(Found(
                 "target image", target, f"{train_source} image {i}",
                 f"frog number {target + BP_TARGET_SKIP + 1} of the training set "
-                "(utils/classifier.py 1134)",
+                "(utils/classifier.py 1134); the authors' victim trains on the first 50 images "
+                "a class, so never sees it, ours on the whole set: not yet their protocol",
             ))  # fmt: skip
     return found
 
