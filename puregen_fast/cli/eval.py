@@ -460,6 +460,9 @@ def _cmd_poison_published(args: argparse.Namespace, out: Path) -> int:
     if args.trigger is not None:
         raise UsageError("--trigger and --attack exclude each other (a trigger file, or the "
                          "authors' published poisons)")  # fmt: skip
+    if args.target_image is not None and args.attack != "gradient-matching":
+        raise UsageError(f"--target-image applies to --attack gradient-matching, not "
+                         f"{args.attack}")  # fmt: skip
     spec = _poison_spec(args)  # before reading the data set: a bad flag fails fast
     ds = open_dataset(args.dataset, args.data_dir, args.split, quiet=args.quiet)
     k = len(ds.class_names)

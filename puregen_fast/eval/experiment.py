@@ -50,7 +50,13 @@ from puregen_fast.eval.classifier import (
     train_classifier,
     undertrained_message,
 )
-from puregen_fast.eval.inputs import Found, find_inputs, format_inputs, trigger_file
+from puregen_fast.eval.inputs import (
+    Found,
+    find_inputs,
+    format_inputs,
+    inputs_record,
+    trigger_file,
+)
 from puregen_fast.eval.metrics import (
     evaluate_predictions,
     format_protocol_table,
@@ -605,6 +611,7 @@ def run_protocol(
                         sets.num_classes, tuple(tr.images.shape[1:3]))  # fmt: skip
     for line in format_inputs(found):  # every input found before anything is trained
         say(line)
+    atomic_write_json(root / "inputs.json", inputs_record(found), sort_keys=False)
     pur = dict(p.purify)
     models = load_models(p.defenses, pur, p.ebm_poisoned)
     store = CellStore(root / "cells")

@@ -86,6 +86,12 @@ def find_inputs(
 ) -> list[Found]:  # fmt: skip
     """Every input of ``p`` (module docstring), checked to exist; UsageError for the first
     one missing, naming the flag that gives it."""
+    if p.target_image is not None and p.attack != "gradient-matching":
+        raise UsageError(f"--target-image applies to --attack gradient-matching, not {p.attack}")
+    one_file = p.target_image is not None and Path(p.target_image).expanduser().is_file()
+    if one_file and len(p.targets) > 1:
+        raise UsageError(f"--target-image {p.target_image}: one file for {len(p.targets)} trials;"
+                         " give the folder holding Poisons/ or GradientMatching/")  # fmt: skip
     found = [Found("training set", None, train_source, f"--dataset {p.dataset}"),
              Found("test set", None, test_source, f"--test-dataset {p.test.dataset}")]  # fmt: skip
     note = authors_dataset(train_name, p.poisons_dataset)[1]

@@ -337,6 +337,9 @@ def test_gm_target_is_read_from_the_authors_data_dir_and_printed(tmp_path, capsy
     assert err.index("input: target image") < err.index("[1/")  # before any cell
     with np.load(next(out.glob("poison-*/poisoned.npz"))) as z:
         assert np.array_equal(z["target_image"], target) and int(z["target_label"]) == 1
+    rec = json.loads((out / "inputs.json").read_text())
+    assert {"what": "target image", "target": 3, "path": str(tpath),
+            "source": "the authors' <data_dir>/Poisons (utils/classifier.py 1125)"} in rec
     res = json.loads((out / "results.json").read_text())
     m = res["cells"][0]["metrics"]
     assert m["target_misclassification"] in (0.0, 1.0) and len(m["target_predictions"]) == 1
@@ -371,12 +374,31 @@ def test_a_missing_input_stops_the_run_before_any_training(tmp_path, capsys, mon
     assert _run(argv) == 2
     err = capsys.readouterr().err
     assert "no best_noise_lab1.npy for target class 1" in err
+    # --target-image: one file for two trials, or for another attack, is exit 2 naming it
+    moved = tmp_path / "t.pickle"
+    with open(moved, "wb") as f:
+        pickle.dump((Image.fromarray(x[0]), 1), f)
+    for extra, needle in (
+        (["--attack", "gradient-matching", "--poisons", str(tmp_path / "data"),
+          "--target-class", "3", "4"], "one file for 2 trials"),
+        (["--trigger", str(trig), "--target-class", "0"], "applies to --attack gradient-matching"),
+    ):  # fmt: skip
+        argv = _gm_argv(tmp_path, *extra, "--target-image", str(moved), "--out",
+                        str(tmp_path / "c"))  # fmt: skip
+        assert _run(argv) == 2
+        assert needle in capsys.readouterr().err
 
 
 def test_target_image_flag_names_the_file(tmp_path, capsys):
     """--target-image FILE: the trial's target.pickle wherever it is, found and printed before
-    training (utils/classifier.py 1206-1207 read it as (PIL image, label))."""
+    training (utils/classifier.py 1206-1207 read it as (PIL image, label)); with another
+    attack it is exit 2."""
     x, y = _small_set(tmp_path)
+    rc = _run(["eval", "poison", "--dataset", "npz", "--data-dir", str(tmp_path / "train.npz"),
+               "--poisons-dataset", "cifar10", "--attack", "narcissus", "--target-class", "0",
+               "--target-image", "t.pickle", "--out", str(tmp_path / "n.npz")])  # fmt: skip
+    assert rc == 2 and "--target-image applies to --attack gradient-matching" in (
+        capsys.readouterr().err)  # fmt: skip
     _, tpath = _gm_authors_data_dir(tmp_path / "data", x, y)
     moved = tmp_path / "elsewhere.pickle"
     tpath.rename(moved)
