@@ -40,6 +40,19 @@ from puregen_fast.train.watch import DivergenceWatch, WatchConfig
 __all__ = ["Loop", "TrainResult", "TrainingDiverged", "epoch_permutation", "grad_norm"]
 
 
+def host_images(images: np.ndarray) -> torch.Tensor:
+    """The training images as a host tensor. torch wants a writable buffer, and the data set's
+    cache is a read-only map: a whole cached file is mapped again copy-on-write (nothing is
+    copied, and the file can never change); anything else read-only is copied."""
+    a = np.ascontiguousarray(images)
+    if not a.flags.writeable:
+        name = getattr(a, "filename", None)
+        cow = np.load(name, mmap_mode="c") if name else None
+        a = cow if cow is not None and cow.shape == a.shape and cow.dtype == a.dtype else a.copy()
+    return torch.from_numpy(a)
+
+
+
 class TrainingDiverged(UsageError):
     """Training blew up; the run directory was rolled back to its last good checkpoint."""
 
@@ -117,7 +130,7 @@ class Loop(abc.ABC):
         if wcfg.problems():
             raise UsageError("; ".join(wcfg.problems()))
         self.watch = DivergenceWatch(wcfg, self.relative_keys, self.trend_keys)
-        self.images = torch.from_numpy(np.ascontiguousarray(data.images))  # uint8 NHWC, host
+        self.images = host_images(data.images)  # uint8 NHWC, host
         self.step = 0
         self.saved_step: int | None = None  # in memory on every rank: ranks decide alike
         self._stop = False

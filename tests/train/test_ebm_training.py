@@ -9,7 +9,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from train_helpers import final_and_initial, run_train, shapes, to_x, weights, write_npz
+from train_helpers import (
+    final_and_initial,
+    run_train,
+    shapes,
+    to_x,
+    train_argv,
+    weights,
+    write_npz,
+)
 
 import puregen_fast as pg
 from puregen_fast.cli.main import main
@@ -384,3 +392,24 @@ def test_steps_cut_short_by_epochs_says_so(data, tmp_path, capsys):
     # the EBM carries the chain it was trained for: purify uses it unless flags say otherwise
     assert pg.load_ebm(out).puregen_sampling == {
         "ebm_steps": 150, "ebm_eps": 0.0125, "ebm_temp": 1e-4, "path": str(out / "sampling.json")}
+
+
+def test_the_happy_path_warns_of_nothing(tmp_path):
+    """A short healthy run on an image folder prints no warning (issue 24 item 7). Its images
+    come from the decoded cache, a read-only map, which ``torch.from_numpy`` warned about once
+    per process: so a fresh process, run twice (decoding, then from the cache)."""
+    import os
+    import subprocess
+    import sys
+
+    from fixtures_data import write_imagefolder
+
+    write_imagefolder(tmp_path / "photos", n=6)
+    env = {**os.environ, "PUREGEN_FAST_CACHE": str(tmp_path / "cache"), "PYTHONWARNINGS": "always"}
+    for run in ("decoded", "cached"):
+        argv = train_argv("ebm", tmp_path / "photos", tmp_path / run, *TINY, "--steps", "2")
+        argv[argv.index("npz")] = "imagefolder"
+        done = subprocess.run([sys.executable, "-m", "puregen_fast.cli", *argv], env=env,
+                              capture_output=True, text=True, timeout=300)  # fmt: skip
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert "Warning" not in done.stderr, done.stderr[-2000:]
