@@ -61,7 +61,7 @@ from puregen_fast.purifier import check_image_size
 from puregen_fast.runtime import describe_device
 from puregen_fast.version import __version__
 
-__all__ = ["purify_dataset", "FILTER_STATE"]
+__all__ = ["purify_dataset", "filter_cut", "FILTER_STATE"]
 
 FILTER_STATE = ".puregen-filter.json"
 _T = TypeVar("_T")
@@ -240,6 +240,13 @@ def _saved_filter(run: _Run) -> dict | None:
     return saved if saved.get("images_sha256") == run.config["images_sha256"] else None
 
 
+def filter_cut(energies: np.ndarray, frac: float) -> float:
+    """filt's global threshold: the ``1 - frac`` quantile of the data set's energies (numpy's
+    linear interpolation); the images at or above it are purified. One definition, so ``scan``
+    draws the cut that ``purify --method filt`` takes."""
+    return float(np.quantile(np.asarray(energies, np.float64), 1.0 - frac))
+
+
 def _filter_threshold(run: _Run, reuse: bool) -> dict:
     """filt: one global threshold, the ``1 - filter_frac`` quantile of the energies of every
     selected image (over all ranks), saved so a resumed run does not repeat the pass."""
@@ -271,7 +278,7 @@ def _filter_threshold(run: _Run, reuse: bool) -> dict:
             bad,
         )
     frac = run.purifier.config.filter_frac
-    thr = float(np.quantile(all_e, 1.0 - frac))
+    thr = filter_cut(all_e, frac)
     filt = {
         "num_images": run.n,
         "images_sha256": run.config["images_sha256"],
