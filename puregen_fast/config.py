@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from puregen_fast import methods
+from puregen_fast import methods, paper
 from puregen_fast.data.datasets import DATASETS, SPLITS
 from puregen_fast.models.checkpoints import DEFAULT_DDPM, DEFAULT_EBM
 from puregen_fast.models.schedule import DDPMSchedule
@@ -56,7 +56,7 @@ DEFAULT_SHARD_SIZE = 10_000
 MAX_SEED = (1 << 63) - 1
 # the upper ends of the flags' ranges (README "Flag ranges"): far past any real run, low enough
 # that a typo cannot ask for a chain that never ends or an allocation the size of a disk
-MAX_LANGEVIN_STEPS = 10_000  # the paper's chains are 150 steps
+MAX_LANGEVIN_STEPS = 10_000  # far past the paper's chains (paper.LANGEVIN_STEPS)
 MAX_REPS = 100
 MAX_BATCH = 65_536  # images in one batch: 0.8 GB of fp32 state alone at 32x32
 MAX_IMAGES = 10**12  # --limit, --shard-size: more images than any data set holds
@@ -65,8 +65,8 @@ MIN_MARGIN, MAX_MARGIN = 0.01, 1e6
 # healthy chains stay near [-1, 1] (an untrained EBM pushes states to about 2.2); a diverged one
 # runs to 1e5 and beyond, or to NaN
 DEFAULT_DIVERGENCE_MARGIN = 4.0
-PAPER_LANGEVIN = {"ebm_eps": 1.25e-2, "ebm_temp": 1e-4}  # DESIGN 2.1
-PAPER_CHAIN = {"ebm_steps": 150, **PAPER_LANGEVIN}  # the whole chain, as resolve_sampling fills it
+PAPER_LANGEVIN = {"ebm_eps": paper.LANGEVIN_EPS, "ebm_temp": paper.LANGEVIN_TEMP}  # DESIGN 2.1
+PAPER_CHAIN = {"ebm_steps": paper.LANGEVIN_STEPS, **PAPER_LANGEVIN}  # as resolve_sampling fills it
 _FROM_MODEL = "default: the EBM's sampling.json, else the paper's {}"
 
 Check = Callable[[Any], None]  # raises ValueError(reason) for a bad value
@@ -235,7 +235,7 @@ class EngineConfig:
         group="method", check=positive,
     )  # fmt: skip
     ddpm_steps: int = _opt(
-        75, "DDPM noising timestep", group="method", check=int_in(1, 999)
+        paper.DDPM_STEPS, "DDPM noising timestep", group="method", check=int_in(1, 999)
     )
     reps: int = _opt(
         1, "reps: rounds of EBM then DDPM", group="method", check=int_in(1, MAX_REPS)
@@ -247,7 +247,7 @@ class EngineConfig:
         check=fraction,
     )
     jpeg_quality: int = _opt(
-        75, "jpeg: quality", group="method", check=int_in(1, 95)
+        paper.JPEG_QUALITY, "jpeg: quality", group="method", check=int_in(1, 95)
     )
     seed: int = _opt(0, "keys the noise", group="method", check=int_in(0, MAX_SEED))
     divergence_margin: float = _opt(
@@ -303,7 +303,7 @@ class EngineConfig:
         (`PAPER_CHAIN`); and where each value came from."""
         vals: dict[str, Any] = {}
         where: dict[str, str] = {}
-        for k, paper in PAPER_CHAIN.items():
+        for k, default in PAPER_CHAIN.items():
             v = getattr(self, k)
             if v is not None:
                 vals[k], where[k] = v, "given"
@@ -311,7 +311,7 @@ class EngineConfig:
                 src = sampling.get("path", "sampling.json")
                 vals[k], where[k] = sampling[k], f"the EBM's {src}"
             else:
-                vals[k], where[k] = paper, "the paper's default"
+                vals[k], where[k] = default, "the paper's default"
         return dataclasses.replace(self, **vals), where
 
     def sampler(self, device: torch.device, **compile_kw: Any) -> SamplerConfig:
@@ -426,10 +426,10 @@ class SamplerConfig:
     keeps the models eager (tests, debugging); ``compile_mode`` is one of
     `runtime.COMPILE_MODES`; ``conv_impl`` one of `CONV_IMPLS` (the fast EBM's convolutions)."""
 
-    ebm_steps: int = 150
-    ebm_eps: float = 1.25e-2
-    ebm_temp: float = 1e-4
-    ddpm_steps: int = 75
+    ebm_steps: int = paper.LANGEVIN_STEPS
+    ebm_eps: float = paper.LANGEVIN_EPS
+    ebm_temp: float = paper.LANGEVIN_TEMP
+    ddpm_steps: int = paper.DDPM_STEPS
     seed: int = 0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     precision: str = "fp32"
@@ -470,17 +470,34 @@ class SamplerConfig:
 # ----------------------------------------------------------------------------- flags
 
 
-def add_arguments(parser: argparse.ArgumentParser, cls: type = PurifyConfig) -> None:
-    """One flag per field of ``cls``, in argument groups; default, help and check from the
-    field."""
+def add_arguments(
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup,
+    cls: type = PurifyConfig,
+    *,
+    skip: tuple[str, ...] = (),
+    rename: dict[str, str] | None = None,
+    group: argparse._ArgumentGroup | None = None,
+    unset: bool = False,
+    dest_prefix: str = "",
+) -> None:
+    """One flag per field of ``cls`` (but ``skip``), in argument groups (or all in ``group``);
+    default, help and check from the field. For a command that passes engine settings on
+    (``eval experiment``): ``rename`` maps a field to the command's flag where the command's
+    own flag has the field's name (``seed`` -> ``--purify-seed``); ``unset`` makes every flag
+    default to None (not given: the engine's default, which the help names), so only the
+    values given are passed on and recorded; ``dest_prefix`` keeps their values apart from the
+    command's own (``args.<dest_prefix><field>``)."""
     groups: dict[str, Any] = {}
+    rename = rename or {}
     for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
         md = f.metadata
-        g = groups.get(md["group"]) or groups.setdefault(
+        g = group or groups.get(md["group"]) or groups.setdefault(
             md["group"], parser.add_argument_group(md["group"])
         )
         help_ = md["help"]
-        kw: dict[str, Any] = {"dest": f.name}
+        kw: dict[str, Any] = {"dest": dest_prefix + f.name}
         if f.type in ("bool", bool):
             kw["action"] = "store_true"
         else:
@@ -489,13 +506,13 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type = PurifyConfig) -> 
             if choices:
                 kw["choices"] = choices
                 kw.pop("type")
-            if md.get("metavar"):
-                kw["metavar"] = md["metavar"]
+            if md.get("metavar") or (dest_prefix and not choices):  # not ENGINE_EBM_STEPS
+                kw["metavar"] = md.get("metavar") or f.name.upper()
             if f.default is not None:
-                help_ += " (default %(default)s)"
-        if md.get("required"):
+                help_ += f" (default {f.default})" if unset else " (default %(default)s)"
+        if md.get("required") and not unset:
             kw["required"] = True
         else:
-            kw["default"] = f.default
-        g.add_argument(flag(f.name), help=help_, **kw)
+            kw["default"] = None if unset else f.default
+        g.add_argument(rename.get(f.name, flag(f.name)), help=help_, **kw)
 

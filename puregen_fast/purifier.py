@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from puregen_fast import methods, reference
+from puregen_fast import methods, paper, reference
 from puregen_fast import noise as pgnoise
 from puregen_fast.config import (
     DEFAULT_DIVERGENCE_MARGIN,
@@ -124,7 +124,7 @@ class Purifier:
         ebm: nn.Module | None = None,
         ddpm: nn.Module | None = None,
         ebm_steps: int | None = None,
-        ddpm_steps: int = 75,
+        ddpm_steps: int = paper.DDPM_STEPS,
         reps: int = 1,
         seed: int = 0,
         device: str | torch.device = "auto",
@@ -133,7 +133,7 @@ class Purifier:
         ebm_eps: float | None = None,
         ebm_temp: float | None = None,
         filter_frac: float = 0.5,
-        jpeg_quality: int = 75,
+        jpeg_quality: int = paper.JPEG_QUALITY,
         schedule: DDPMSchedule | None = None,
         divergence_margin: float = DEFAULT_DIVERGENCE_MARGIN,
         conv_impl: str = "auto",

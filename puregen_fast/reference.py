@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from puregen_fast import noise as pgnoise
+from puregen_fast import paper
 from puregen_fast.models.schedule import (
     COL_C0,
     COL_C1,
@@ -71,9 +72,9 @@ def _draw(noise: Noise, i: int, like: torch.Tensor) -> torch.Tensor:
 def ebm_purify(
     ebm: nn.Module,
     x: torch.Tensor,
-    steps: int = 150,
-    eps: float = 1.25e-2,
-    temp: float = 1e-4,
+    steps: int = paper.LANGEVIN_STEPS,
+    eps: float = paper.LANGEVIN_EPS,
+    temp: float = paper.LANGEVIN_TEMP,
     noise: Noise = None,
     *,
     check_range: bool = True,
@@ -131,7 +132,7 @@ def ddpm_purify(
     unet: nn.Module,
     sched: DDPMSchedule,
     x: torch.Tensor,
-    steps: int = 75,
+    steps: int = paper.DDPM_STEPS,
     noise: Noise = None,
     *,
     check_range: bool = True,
@@ -161,11 +162,11 @@ def combo_purify(
     ebm: nn.Module | None,
     unet: nn.Module | None,
     sched: DDPMSchedule | None,
-    ebm_steps: int = 150,
-    ddpm_steps: int = 75,
+    ebm_steps: int = paper.LANGEVIN_STEPS,
+    ddpm_steps: int = paper.DDPM_STEPS,
     reps: int = 1,
-    eps: float = 1.25e-2,
-    temp: float = 1e-4,
+    eps: float = paper.LANGEVIN_EPS,
+    temp: float = paper.LANGEVIN_TEMP,
     noise: StreamNoise = None,
 ) -> torch.Tensor:
     """``reps`` rounds of (EBM Langevin, then DDPM): ``ebm+ddpm`` is one round ("Naive"), ``reps``
@@ -214,7 +215,7 @@ def filter_mask(
     return mask
 
 
-def jpeg(images: np.ndarray, quality: int = 75) -> np.ndarray:
+def jpeg(images: np.ndarray, quality: int = paper.JPEG_QUALITY) -> np.ndarray:
     """JPEG re-encode (Pillow, 4:2:0 as Pillow defaults) of uint8 NHWC images: the paper's
     baseline."""
     from PIL import Image

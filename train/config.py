@@ -13,6 +13,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from puregen_fast import paper
 from puregen_fast.config import (
     CONV_IMPLS,
     DEFAULT_DIVERGENCE_MARGIN,
@@ -203,9 +204,10 @@ class EBMConfig(_Common):
         check=float_in(0.0, 1.0),
     )
     mcmc_steps: int = _f(100, "Langevin steps per update", check=int_in(1, MAX_LANGEVIN_STEPS))
-    mcmc_eps: float = _f(1.25e-2, "Langevin step size eps", check=positive)
+    # the paper trains with the chain it purifies with (its sampling.json says so)
+    mcmc_eps: float = _f(paper.LANGEVIN_EPS, "Langevin step size eps", check=positive)
     mcmc_temp: float = _f(
-        1e-4, "Langevin temperature (the loss is divided by it too)", check=positive
+        paper.LANGEVIN_TEMP, "Langevin temperature (the loss is divided by it too)", check=positive
     )
     data_noise: float = _f(
         1.5e-2, "std of the Gaussian noise added to data images", check=float_in(0.0, 10.0)
@@ -288,7 +290,7 @@ class DDPMConfig(_Common):
         choices=("ema", "raw"),
     )
     purify_steps: int = _f(
-        75,
+        paper.DDPM_STEPS,
         "DDPM steps of the purification demo in the sample grids",
         run=True,
         check=int_in(1, MAX_TIMESTEPS),

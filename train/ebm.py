@@ -38,6 +38,7 @@ from typing import Any
 import torch
 
 from puregen_fast import noise as pgnoise
+from puregen_fast import paper
 from puregen_fast.dist import Dist
 from puregen_fast.errors import UsageError
 from puregen_fast.models.checkpoints import save_ebm
@@ -284,9 +285,10 @@ class EBMTrainer(Loop):
         if self.cfg.objective == "dsm":
             return {"ebm_steps": 80, "ebm_eps": 5e-3, "ebm_temp": 1e-5,
                     "why": "train ebm --objective dsm: the colder chain measured for DSM EBMs"}
-        return {"ebm_steps": 150, "ebm_eps": self.cfg.mcmc_eps, "ebm_temp": self.cfg.mcmc_temp,
-                "why": "train ebm --objective pcd: the paper's 150 steps at the training "
-                       "chain's --mcmc-eps and --mcmc-temp"}  # fmt: skip
+        return {"ebm_steps": paper.LANGEVIN_STEPS, "ebm_eps": self.cfg.mcmc_eps,
+                "ebm_temp": self.cfg.mcmc_temp,
+                "why": f"train ebm --objective pcd: the paper's {paper.LANGEVIN_STEPS} steps at "
+                       "the training chain's --mcmc-eps and --mcmc-temp"}  # fmt: skip
 
     def write_weights(self, d: Path) -> None:
         save_ebm(self.ebm, d, sampling=self.sampling())

@@ -7,7 +7,6 @@ in the help of every flag that uses it, so a range is written once, where the fl
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -62,13 +61,6 @@ batch_size = int_at_least(1, config.MAX_BATCH)
 count = int_at_least(1, MAX_COUNT)
 class_index = int_at_least(0, MAX_COUNT)
 steps = int_at_least(1, MAX_STEPS)
-
-
-def engine(name: str) -> Callable[[str], Any]:
-    """The type of purify's flag for `config.EngineConfig` field ``name``, for a command that
-    passes the value on to the engine (``eval experiment``'s defenses): one range for both."""
-    f = {f.name: f for f in dataclasses.fields(config.EngineConfig)}[name]
-    return config.arg_type(f.metadata["check"])
 
 
 def int_list(lo: int, hi: int | None = None, max_len: int = 64) -> Callable[[str], tuple[int, ...]]:

@@ -39,7 +39,7 @@ import torch
 from torch import nn
 from torch.autograd.profiler import profile as _legacy_profile
 
-from puregen_fast import reference
+from puregen_fast import paper, reference
 from puregen_fast.cli.argtypes import batch_size, int_at_least, out_file
 from puregen_fast.config import CONV_IMPLS, MAX_LANGEVIN_STEPS
 from puregen_fast.errors import UsageError
@@ -88,7 +88,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="DDPM: this UNet preset (random weights) instead of --model's")  # fmt: skip
     p.add_argument("--batch-size", type=batch_size, default=512)
     p.add_argument("--steps", type=int_at_least(1, MAX_LANGEVIN_STEPS), default=None,
-                   help="default: 150 (EBM), 75 (DDPM; below 1000)")  # fmt: skip
+                   help=f"default: {paper.LANGEVIN_STEPS} (EBM), {paper.DDPM_STEPS} (DDPM; below "
+                   "1000)")  # fmt: skip
     p.add_argument("--image-size", type=int_at_least(8, 1024), default=32,
                    help="a multiple of 8")  # fmt: skip
     p.add_argument("--device", default="auto")
@@ -364,7 +365,8 @@ def _check(args: argparse.Namespace) -> tuple[torch.device, int]:
         ok, why = fast_available(device, "bf16")
         if not ok:
             raise UsageError(f"--precision bf16: the fast path cannot run it here ({why})")
-    steps = (150 if args.method == "ebm" else 75) if args.steps is None else args.steps
+    paper_steps = paper.LANGEVIN_STEPS if args.method == "ebm" else paper.DDPM_STEPS
+    steps = paper_steps if args.steps is None else args.steps
     if not 1 <= steps < (10**9 if args.method == "ebm" else DDPMSchedule().num_train_timesteps):
         raise UsageError(f"--steps {steps}: need >= 1 (and < 1000 for ddpm)")
     return device, steps

@@ -36,7 +36,7 @@ import numpy as np
 
 from puregen_fast.cli import argtypes as at
 from puregen_fast.cli.argtypes import count_or_all, int_at_least, int_list
-from puregen_fast.data.datasets import DATASETS, SPLITS, open_dataset
+from puregen_fast.data.datasets import DATASETS, SPLITS, default_test_split, open_dataset
 from puregen_fast.errors import UsageError
 from puregen_fast.eval.classifier import (
     ARCHS,
@@ -385,7 +385,7 @@ def _validate_run(args: argparse.Namespace) -> None:
     ):
         raise UsageError("--train-data-dir / --train-split apply only with --train-dataset")
     if args.test_split is None:
-        args.test_split = "val" if args.test_dataset == "tinyimagenet" else "test"
+        args.test_split = default_test_split(args.test_dataset)
     _check_split("--test-split", args.test_dataset, args.test_split)
     if args.test_dataset in ("imagefolder", "npz") and not args.test_data_dir:
         raise UsageError(f"--test-dataset {args.test_dataset} needs --test-data-dir")

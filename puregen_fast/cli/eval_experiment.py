@@ -5,12 +5,15 @@ each defense -> train each classifier per seed -> the table), `puregen_fast.eval
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
 from puregen_fast.cli import argtypes as at
 from puregen_fast.cli.argtypes import count_or_all, int_at_least
-from puregen_fast.data.datasets import DATASETS, SPLITS
+from puregen_fast.config import EngineConfig, add_arguments
+from puregen_fast.config import flag as field_flag
+from puregen_fast.data.datasets import DATASETS, SPLITS, default_test_split
 from puregen_fast.errors import UsageError
 from puregen_fast.eval.experiment import (
     DEFENSES,
@@ -28,6 +31,11 @@ from puregen_fast.runtime import resolve_device
 __all__ = ["add_experiment_arguments", "run_experiment_command"]
 
 ATTACKS = ("narcissus", "gradient-matching", "bullseye-polytope")
+# the engine's settings this command sets its own way: the method per --defenses, the device by
+# the run's --device (victims and engine alike); every other `EngineConfig` field is a flag made
+# as purify makes it
+ENGINE_ELSEWHERE = {"method": "--defenses", "device": "--device"}
+ENGINE_DEST = "engine_"  # args.engine_<field>: apart from the command's own values
 
 
 def add_experiment_arguments(p: argparse.ArgumentParser) -> None:
@@ -105,15 +113,6 @@ def add_experiment_arguments(p: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     f.add_argument("--ddpm", metavar="SRC", default=None,
                    help="default: the authors' published DDPM (as purify)")  # fmt: skip
-    f.add_argument("--ebm-steps", type=at.engine("ebm_steps"), default=None, help="default 150")
-    f.add_argument("--ebm-eps", type=at.engine("ebm_eps"), default=None, help="default 1.25e-2")
-    f.add_argument("--ebm-temp", type=at.engine("ebm_temp"), default=None, help="default 1e-4")
-    f.add_argument("--ddpm-steps", type=at.engine("ddpm_steps"), default=None, help="default 75")
-    f.add_argument("--reps", type=at.engine("reps"), default=None)
-    f.add_argument("--filter-frac", type=at.engine("filter_frac"), default=None)
-    f.add_argument(
-        "--jpeg-quality", type=at.engine("jpeg_quality"), default=None, help="default 75"
-    )
     f.add_argument(
         "--sweep", metavar="NAME=V1,V2,...", action="append", default=None,
         help="vary an engine setting: each defense it changes runs once per value (several "
@@ -121,10 +120,7 @@ def add_experiment_arguments(p: argparse.ArgumentParser) -> None:
         f"natural accuracy per setting; NAME one of "
         f"{', '.join(k.replace('_', '-') for k in SWEEPABLE)}, e.g. ebm-steps=20,40,80,150",
     )  # fmt: skip
-    f.add_argument("--purify-seed", type=at.seed, default=0)
     f.add_argument("--purify-batch-size", type=at.batch_size, default=64)
-    f.add_argument("--backend", choices=("auto", "reference", "fast"), default="auto")
-    f.add_argument("--precision", choices=("fp32", "tf32", "bf16"), default="fp32")
     c = p.add_argument_group("classifiers")
     c.add_argument(
         "--classifier",
@@ -147,11 +143,30 @@ def add_experiment_arguments(p: argparse.ArgumentParser) -> None:
         help="the experiment folder; rerunning reuses every finished step and cell",
     )
     o.add_argument("--quiet", action="store_true", help="no progress bars (cell lines stay)")
+    _add_engine_arguments(p, f)
+
+
+def engine_flags(p: argparse.ArgumentParser) -> dict[str, str]:
+    """`EngineConfig` field -> this command's flag for it (`ENGINE_ELSEWHERE` included)."""
+    return {a.dest.removeprefix(ENGINE_DEST): a.option_strings[-1] for a in p._actions
+            if a.dest.startswith(ENGINE_DEST)} | ENGINE_ELSEWHERE  # fmt: skip
+
+
+def _add_engine_arguments(p: argparse.ArgumentParser, group: argparse._ArgumentGroup) -> None:
+    """The engine's flags from `EngineConfig`, as purify's (type, range, choices, help), added
+    last: a field whose flag this command already has for something else is --purify-<name>
+    (--seed would read as the victims' --seeds, so the engine's is --purify-seed)."""
+    taken = {s for a in p._actions for s in a.option_strings}
+    rename = {f.name: "--purify-" + field_flag(f.name)[2:]
+              for f in dataclasses.fields(EngineConfig)
+              if f.name == "seed" or field_flag(f.name) in taken}  # fmt: skip
+    add_arguments(p, EngineConfig, skip=tuple(ENGINE_ELSEWHERE), rename=rename, group=group,
+                  unset=True, dest_prefix=ENGINE_DEST)  # fmt: skip
 
 
 def _protocol(args: argparse.Namespace) -> Protocol:
     if args.test_split is None:
-        args.test_split = "val" if args.test_dataset == "tinyimagenet" else "test"
+        args.test_split = default_test_split(args.test_dataset)
     for flag, name, split in (("--split", args.dataset, args.split),
                               ("--test-split", args.test_dataset, args.test_split)):  # fmt: skip
         if name in SPLITS and split not in SPLITS[name]:
@@ -165,13 +180,9 @@ def _protocol(args: argparse.Namespace) -> Protocol:
     prof = profile_settings(args.protocol, args.dataset, args.poisons_dataset)
     specs = (tuple(parse_classifier_spec(s) for s in args.classifier) if args.classifier
              else prof["classifiers"])  # fmt: skip
-    purify = {
-        "ebm": args.ebm, "ddpm": args.ddpm, "ebm_steps": args.ebm_steps,
-        "ebm_eps": args.ebm_eps, "ebm_temp": args.ebm_temp, "ddpm_steps": args.ddpm_steps,
-        "reps": args.reps, "filter_frac": args.filter_frac, "jpeg_quality": args.jpeg_quality,
-        "seed": args.purify_seed, "batch_size": args.purify_batch_size,
-        "backend": args.backend, "precision": args.precision,
-    }  # fmt: skip
+    engine = {k.removeprefix(ENGINE_DEST): v for k, v in vars(args).items()
+              if k.startswith(ENGINE_DEST)}  # fmt: skip
+    purify = {"ebm": args.ebm, "ddpm": args.ddpm, "batch_size": args.purify_batch_size, **engine}
     return Protocol(
         dataset=args.dataset,
         data_dir=args.data_dir,

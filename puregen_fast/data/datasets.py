@@ -75,6 +75,7 @@ __all__ = [
     "MAX_PIXELS",
     "Dataset",
     "open_dataset",
+    "default_test_split",
     "decode_images",
 ]
 
@@ -85,6 +86,14 @@ SPLITS: dict[str, tuple[str, ...]] = {
     "cinic10-imagenet": ("train", "valid", "test"),
     "tinyimagenet": ("train", "val"),
 }
+
+
+def default_test_split(dataset: str) -> str:
+    """The split a victim is tested on when none is named: the data set's last split
+    (tinyimagenet: val, whose labels are published; the others: test)."""
+    return SPLITS.get(dataset, ("test",))[-1]
+
+
 CIFAR10_CLASSES = (
     "airplane",
     "automobile",

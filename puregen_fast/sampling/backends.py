@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from puregen_fast import noise as pgnoise
-from puregen_fast import reference
+from puregen_fast import paper, reference
 from puregen_fast.config import BACKENDS, SamplerConfig
 from puregen_fast.kernels.availability import triton_available
 from puregen_fast.models.schedule import DDPMSchedule
@@ -261,9 +261,9 @@ class LangevinSampler(_Stage):
     def __init__(
         self,
         ebm: nn.Module,
-        steps: int = 150,
-        eps: float = 1.25e-2,
-        temp: float = 1e-4,
+        steps: int = paper.LANGEVIN_STEPS,
+        eps: float = paper.LANGEVIN_EPS,
+        temp: float = paper.LANGEVIN_TEMP,
         seed: int = 0,
         device: str | torch.device = "cpu",
         precision: str = "fp32",
@@ -317,7 +317,7 @@ class DDPMSampler(_Stage):
         self,
         unet: nn.Module,
         schedule: DDPMSchedule,
-        steps: int = 75,
+        steps: int = paper.DDPM_STEPS,
         seed: int = 0,
         device: str | torch.device = "cpu",
         precision: str = "fp32",
