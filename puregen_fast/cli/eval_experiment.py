@@ -178,6 +178,12 @@ def _protocol(args: argparse.Namespace) -> Protocol:
             dflag = "--data-dir" if flag == "--dataset" else "--test-data-dir"
             raise UsageError(f"{flag} {name} needs {dflag}")
     prof = profile_settings(args.protocol, args.dataset, args.poisons_dataset)
+    if args.protocol == "paper" and args.attack == "bullseye-polytope" and not args.classifier:
+        raise UsageError(
+            "--protocol paper --attack bullseye-polytope: the authors' victim is their pretrained "
+            "ResNet-18; give --classifier resnet18-bp-linear:pretrained=FILE (or "
+            "resnet18-bp-finetune) with FILE their ckpt-ResNet18-4800.t7"
+        )
     specs = (tuple(parse_classifier_spec(s) for s in args.classifier) if args.classifier
              else prof["classifiers"])  # fmt: skip
     engine = {k.removeprefix(ENGINE_DEST): v for k, v in vars(args).items()

@@ -65,8 +65,10 @@ __all__ = [
     "ResNet18",
     "build_model",
     "default_config",
+    "load_pretrained",
     "fit_accuracy",
     "plan_length",
+    "schedule_factor",
     "train_classifier",
     "undertrained_message",
 ]
@@ -80,6 +82,8 @@ __all__ = [
 
 ARCHS = ("airbench", "resnet18")
 PAD_MODES = ("reflect", "zeros")
+SCHEDULES = ("triangular", "step", "milestones")
+OPTIMIZERS = ("sgd", "adam")
 # the authors' normalisation constants (mean, std), utils/classifier.py lines 32-39; CINIC-10
 # and STL-10 use CIFAR-10's
 NORMALIZE: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
@@ -226,6 +230,50 @@ def build_model(arch: str, num_classes: int, *, widths: Sequence[int] | None = N
     raise UsageError(f"--arch {arch!r}: choose one of {', '.join(ARCHS)}")
 
 
+# ----------------------------------------------------------------------------- transfer
+
+
+def load_pretrained(model: nn.Module, path: str) -> None:
+    """``model``'s weights, all but its linear head, from ``path``: a torch.save file of a state
+    dict or of {"net": state dict} (the Bullseye Polytope checkpoints the authors load,
+    utils/classifier.py 981-986, keys "module."-prefixed), read by the restricted reader of the
+    poison files (no code in it runs). UsageError naming ``pretrained`` when the file is not
+    such a state dict or does not fit the net."""
+    from pathlib import Path
+
+    from puregen_fast.eval.poisons import read_torch_file
+
+    obj = read_torch_file(Path(path).expanduser(), "pretrained")
+    sd = obj.get("net", obj.get("state_dict", obj)) if isinstance(obj, dict) else None
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise UsageError(f"pretrained {path}: not a state dict (or {{'net': state dict}}) of "
+                         "tensors")  # fmt: skip
+    sd = {str(k).removeprefix("module."): v for k, v in sd.items()}
+    own = model.state_dict()
+    body = {k: v for k, v in sd.items() if not k.startswith("linear.")}
+    missing = [k for k in own if not k.startswith("linear.") and k not in body]
+    extra = [k for k in body if k not in own]
+    shapes = [k for k in body if k in own and tuple(body[k].shape) != tuple(own[k].shape)]
+    if missing or extra or shapes:
+        raise UsageError(
+            f"pretrained {path}: does not fit the net (missing {missing[:3]}, unexpected "
+            f"{extra[:3]}, other shapes {shapes[:3]}); a CIFAR ResNet-18 of this width expected"
+        )
+    with torch.no_grad():
+        for k, v in body.items():
+            own[k].copy_(v.to(own[k].dtype))
+
+
+def _freeze(model: nn.Module, cfg: TrainConfig) -> None:
+    """What does not train: batch norm's scale and shift (``frozen_bn``), everything but the
+    linear head (``train_params="linear"``)."""
+    for name, p in model.named_parameters():
+        in_bn = isinstance(model.get_submodule(name.rpartition(".")[0]), nn.BatchNorm2d)
+        if (cfg.frozen_bn and in_bn) or (cfg.train_params == "linear"
+                                         and not name.startswith("linear.")):  # fmt: skip
+            p.requires_grad_(False)
+
+
 # ----------------------------------------------------------------------------- training
 
 
@@ -273,10 +321,25 @@ class TrainConfig:
     # in all and ``min_steps_per_epoch`` per epoch (the batch is halved until it fits); 0 = off
     min_steps: int = 0
     min_steps_per_epoch: int = 0
+    # transfer learning (resnet18; the authors' Bullseye Polytope victims, utils/classifier.py
+    # 958-1069): ``optimizer`` ``sgd`` (momentum, ``nesterov``) or ``adam`` (betas 0.9, 0.999,
+    # the decay added to the gradient as torch.optim.Adam does); ``schedule="milestones"``: the
+    # rate x0.1 at each epoch of ``milestones`` (MultiStepLR stepped per epoch); ``pretrained``:
+    # a torch.save file of a state dict (or {"net": state dict}, keys maybe "module."-prefixed)
+    # whose weights the net starts from, all but the linear head, which starts fresh;
+    # ``train_params`` ``all`` or ``linear`` (a linear probe: only the head trains);
+    # ``frozen_bn``: batch norm's statistics, scale and shift kept as loaded (their
+    # eval_BatchNorm, models/Classifiers.py 118-130)
+    optimizer: str = "sgd"
+    milestones: tuple[int, ...] = ()
+    pretrained: str | None = None
+    train_params: str = "all"
+    frozen_bn: bool = False
 
     def as_dict(self) -> dict:
         d = asdict(self)
         d["widths"] = list(self.widths) if self.widths else None
+        d["milestones"] = list(self.milestones)
         return d
 
 
@@ -418,6 +481,15 @@ def _lr_factor(step: int, total: int, warmup_frac: float, schedule: str = "trian
     return max(0.0, (total - step) / max(1, total - w))
 
 
+def schedule_factor(cfg: TrainConfig, step: int, total: int, epoch: int) -> float:
+    """The factor on the base rate at optimiser step ``step`` of ``total`` in epoch ``epoch``:
+    ``milestones`` x0.1 from each milestone epoch on (MultiStepLR, gamma 0.1, stepped once per
+    epoch), else `_lr_factor`."""
+    if cfg.schedule == "milestones":
+        return 0.1 ** sum(epoch >= m for m in cfg.milestones)
+    return _lr_factor(step, total, cfg.warmup_frac, cfg.schedule)
+
+
 def _check_inputs(x: np.ndarray, y: np.ndarray, num_classes: int, cfg: TrainConfig) -> None:
     if x.dtype != np.uint8 or x.ndim != 4 or x.shape[-1] != 3:
         raise UsageError(f"training images must be uint8 (N, H, W, 3), got {x.dtype}")
@@ -436,8 +508,22 @@ def _check_inputs(x: np.ndarray, y: np.ndarray, num_classes: int, cfg: TrainConf
         raise UsageError(f"--steps {cfg.steps}: must be >= 1")
     if not 0 <= cfg.crop_pad <= MAX_CROP_PAD:
         raise UsageError(f"--crop-pad {cfg.crop_pad}: must be in [0, {MAX_CROP_PAD}]")
-    if cfg.schedule not in ("triangular", "step"):
-        raise UsageError(f"--schedule {cfg.schedule!r}: choose triangular or step")
+    if cfg.schedule not in SCHEDULES:
+        raise UsageError(f"--schedule {cfg.schedule!r}: choose one of {', '.join(SCHEDULES)}")
+    if cfg.schedule == "milestones" and (
+        not cfg.milestones or any(not 0 < m for m in cfg.milestones)
+        or list(cfg.milestones) != sorted(set(cfg.milestones))
+    ):  # fmt: skip
+        raise UsageError(f"milestones {list(cfg.milestones)}: schedule milestones needs "
+                         "increasing epochs > 0, e.g. milestones=15/25/35")  # fmt: skip
+    if cfg.optimizer not in OPTIMIZERS:
+        raise UsageError(f"optimizer {cfg.optimizer!r}: choose one of {', '.join(OPTIMIZERS)}")
+    if cfg.train_params not in ("all", "linear"):
+        raise UsageError(f"train_params {cfg.train_params!r}: choose all or linear")
+    transfer = cfg.pretrained is not None or cfg.train_params != "all" or cfg.frozen_bn
+    if transfer and cfg.arch != "resnet18":
+        raise UsageError(f"pretrained, train_params and frozen_bn apply to resnet18, not "
+                         f"{cfg.arch}")  # fmt: skip
     if cfg.pad_mode not in PAD_MODES:
         raise UsageError(f"pad_mode {cfg.pad_mode!r}: choose one of {', '.join(PAD_MODES)}")
     if cfg.normalize != "data" and cfg.normalize not in NORMALIZE:
@@ -463,8 +549,9 @@ def _channel_stats(x_u8: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return mean, std
 
 
-def _optimizer(model: nn.Module, cfg: TrainConfig, bs: int) -> torch.optim.SGD:
-    """Nesterov SGD with each group's base rate in ``initial_lr`` (the schedule scales it)."""
+def _optimizer(model: nn.Module, cfg: TrainConfig, bs: int) -> torch.optim.Optimizer:
+    """SGD (or Adam: ``cfg.optimizer``) over the parameters that train, each group's base rate
+    in ``initial_lr`` (the schedule scales it)."""
     if cfg.arch == "airbench":
         kilostep = 1024 * (1 + 1 / (1 - cfg.momentum))
         lr = cfg.lr / kilostep
@@ -491,6 +578,8 @@ def _optimizer(model: nn.Module, cfg: TrainConfig, bs: int) -> torch.optim.SGD:
         ]  # fmt: skip
     for g in groups:
         g["initial_lr"] = g["lr"]
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(groups, betas=(0.9, 0.999))
     return torch.optim.SGD(groups, momentum=cfg.momentum, nesterov=cfg.nesterov)
 
 
@@ -508,7 +597,7 @@ class _Run:
     gen: torch.Generator
     model: nn.Module
     fmt: torch.memory_format
-    opt: torch.optim.SGD
+    opt: torch.optim.Optimizer
     loss_fn: nn.Module
     summed: bool  # loss summed over the batch (airbench), else its mean
     bs: int
@@ -542,7 +631,11 @@ def _prepare(
         mean = torch.tensor(m, device=dev).view(1, 3, 1, 1)
         std = torch.tensor(sd, device=dev).view(1, 3, 1, 1)
 
-    model = build_model(cfg.arch, num_classes, widths=cfg.widths).to(dev)
+    model = build_model(cfg.arch, num_classes, widths=cfg.widths)
+    if cfg.pretrained is not None:  # the head stays as built: fresh, as the authors' new Linear
+        load_pretrained(model, cfg.pretrained)
+    _freeze(model, cfg)
+    model = model.to(dev)
     if isinstance(model, AirbenchNet):
         sample = x_u8[torch.randperm(n, device=dev, generator=gen)[:5000]]
         model.init_whitening(_to_float(sample, mean, std), eps=cfg.whiten_eps)
@@ -567,7 +660,7 @@ def _step(run: _Run, idx: torch.Tensor, yb: torch.Tensor, epoch: int) -> tuple[t
     xb = _augment(_to_float(run.x_u8[idx], run.mean, run.std), cfg.crop_pad, cfg.flip, run.gen,
                   fill)  # fmt: skip
     xb = xb.contiguous(memory_format=run.fmt)
-    f = _lr_factor(run.step, run.total_steps, cfg.warmup_frac, cfg.schedule)
+    f = schedule_factor(cfg, run.step, run.total_steps, epoch)
     for g in run.opt.param_groups:
         g["lr"] = g["initial_lr"] * f
     if cfg.arch == "airbench" and epoch >= cfg.whiten_bias_epochs:
@@ -589,6 +682,10 @@ def _epoch(run: _Run, epoch: int, bar: Any, t0: float) -> dict:
     accuracy are summed on the device and read at the end of the epoch (and when the bar shows
     the loss), so the host does not wait for the device at every step."""
     run.model.train()
+    if run.cfg.frozen_bn:  # statistics kept as loaded (the authors' eval_BatchNorm)
+        for m in run.model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.eval()
     dev = run.dev
     n = run.x_u8.shape[0]
     perm = torch.randperm(n, device=dev, generator=run.gen)

@@ -338,6 +338,8 @@ def _poison(p: Protocol, train: Dataset, target: int, out: Path, log: Log,
     gm = [f.path for f in found if f.target == target and f.what == "target image"]
     if p.attack == "gradient-matching" and gm and Path(gm[0]).parent.name != str(target):
         key["target_image"] = gm[0]  # found outside the poison folder
+    if p.attack == "bullseye-polytope":
+        key["train_subset"] = "the authors' 50 a class"  # not the copies made before it was
     folder = out / f"poison-{slug(p.attack)}-{target}-{digest(key)}"
     path = folder / "poisoned.npz"
     if path.is_file():
@@ -626,9 +628,13 @@ def run_protocol(
         att = _attack_eval(poisoned, p.trigger_at_test)
         with np.load(poisoned, allow_pickle=False) as z:
             x_poisoned = z["x"]  # what each defense is measured against
+            # Bullseye Polytope: the victims train on the authors' subset (`bp_training_subset`)
+            subset = z["train_subset"] if "train_subset" in z.files else None
         for label, defense, over in rows:
             ts = _training_set(label, defense, poisoned, x_poisoned, sets, {**pur, **over},
                                models, device, quiet, say)  # fmt: skip
+            if subset is not None:
+                ts.x, ts.y = ts.x[subset], ts.y[subset]
             if ts.change is not None:
                 changes.setdefault(label, []).append(ts.change)
             cells += _victim_cells(store, ts, target, att, sets, p, device, quiet, say, progress,

@@ -45,6 +45,7 @@ class Plan(Protocol):
     poisons: str | None
     poisons_dataset: str | None
     target_image: str | None
+    classifiers: tuple[Any, ...]
 
 
 @dataclass(frozen=True)
@@ -129,6 +130,14 @@ def find_inputs(
                 "(utils/classifier.py 1134); the authors' victim trains on the first 50 images "
                 "a class, so never sees it, ours on the whole set: not yet their protocol",
             ))  # fmt: skip
+    for c in p.classifiers:
+        opts = dict(c.options)
+        if opts.get("pretrained") is not None:
+            f = Path(opts["pretrained"]).expanduser()
+            if not f.is_file():
+                raise UsageError(f"--classifier {c.label}: pretrained={f}: no such file (the "
+                                 "authors' ckpt-ResNet18-4800.t7)")  # fmt: skip
+            found.append(Found("pretrained network", None, str(f), f"--classifier {c.label}"))
     return found
 
 

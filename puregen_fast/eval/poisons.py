@@ -77,6 +77,7 @@ __all__ = [
     "authors_dataset",
     "authors_narcissus",
     "bp_target",
+    "bp_training_subset",
     "describe_selection",
     "find_gm_target",
     "load_bullseye_polytope",
@@ -84,6 +85,7 @@ __all__ = [
     "load_narcissus",
     "locate_poisons",
     "poison_with_published",
+    "read_torch_file",
     "resize_trigger",
     "safe_unpickle",
 ]
@@ -418,6 +420,8 @@ for _m in ("numpy.core", "numpy._core"):
 def _load_build(self: pickle._Unpickler) -> None:
     state = self.stack.pop()
     inst = self.stack[-1]
+    if type(inst) is OrderedDict and isinstance(state, dict) and set(state) == {"_metadata"}:
+        return  # a torch state dict's version record (Module.state_dict): not needed, dropped
     if not isinstance(inst, _Placeholder):
         raise ValueError(f"object state (BUILD) for a {type(inst).__name__}")
     inst.__setstate__(state)
@@ -535,6 +539,23 @@ class _Storages:
 
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C  # torch.serialization.MAGIC_NUMBER
 _LEGACY_PROTOCOL = 1001
+
+
+def read_torch_file(path: Path, flag: str) -> Any:
+    """A ``torch.save`` file's object read by `_read_torch` (tensors of plain numbers and
+    builtin containers only; nothing in it runs), the file capped at `MAX_FILE_BYTES`;
+    UsageError naming ``flag`` and the file otherwise."""
+    if not path.is_file():
+        raise UsageError(f"{flag} {path}: no such file (a torch.save file of a state dict)")
+    data = _read_capped(path)
+    try:
+        return _read_torch(data, "the file")
+    except UnsafePickleError as e:
+        raise UnsafePickleError(f"{flag} {path}: refused to unpickle the global '{e}': only "
+                                "tensors and builtin containers are read") from None  # fmt: skip
+    except Exception as e:
+        raise UsageError(f"{flag} {path}: not loadable as a torch.save file of tensors "
+                         f"({type(e).__name__}: {str(e)[:200]})") from e  # fmt: skip
 
 
 def _read_torch(data: bytes, what: str) -> Any:
@@ -1171,6 +1192,29 @@ def bp_target(labels: np.ndarray, trial: int, *, skip: int = BP_TARGET_SKIP) -> 
     return i
 
 
+BP_PER_CLASS = 50  # num_per_class of [LINEAR_TRANSFER] and [FINE_TUNE] (config.ini 106, 127)
+
+
+def bp_training_subset(labels: np.ndarray, poison_idx: np.ndarray,
+                       per_class: int = BP_PER_CLASS) -> np.ndarray:  # fmt: skip
+    """The images the authors' Bullseye Polytope victims train on, as sorted indices into the
+    transfer split's ``others``: every poison, then the first images of each class that are
+    not poisons until the class, its poisons counted, has ``per_class``
+    (Poisoned_Dataset_Base.get_valid_indices, utils/classifier.py 353-379, with num_per_label
+    = num_per_class, 199-200). The target frog comes later in its class, so it is left out."""
+    y = np.asarray(labels)
+    pois = {int(i) for i in np.asarray(poison_idx)}
+    count: dict[int, int] = {}
+    for i in pois:
+        count[int(y[i])] = count.get(int(y[i]), 0) + 1
+    keep = list(pois)
+    for i, c in enumerate(y.tolist()):
+        if i not in pois and count.get(c, 0) < per_class:
+            keep.append(i)
+            count[c] = count.get(c, 0) + 1
+    return np.sort(np.asarray(keep, np.int64))
+
+
 def resize_trigger(trigger: np.ndarray, side: int) -> np.ndarray:
     """``trigger`` (1, 3, h, w) resized to ``side`` x ``side`` by bilinear interpolation with
     ``align_corners=False``, in float32: the authors' STL-10 trigger (utils/purification.py
@@ -1373,6 +1417,14 @@ def poison_with_published(
             f"({k} classes): poisons made for another data set"
         )
     x, idx = apply_published(images, labels, pp)
+    if spec.attack == "bullseye-polytope":
+        sub = bp_training_subset(labels, idx)
+        extra["train_subset"] = sub
+        extra["poisoning"] += (
+            f"; the victims train on {sub.size} of the {len(labels)} images: the poisons and "
+            f"the first {BP_PER_CLASS} other images of each class, poisons counted "
+            "(utils/classifier.py 353-379)"
+        )
     if pp.target_image is not None:
         extra["target_image"] = pp.target_image
         extra["target_label"] = np.int64(pp.target_label)

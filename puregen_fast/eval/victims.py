@@ -10,7 +10,8 @@ from typing import Any
 from puregen_fast.errors import UsageError
 from puregen_fast.eval.classifier import ARCHS, TrainConfig, default_config
 
-__all__ = ["ClassifierSpec", "PAPER_RESNET18", "parse_classifier_spec", "SPEC_KEYS"]
+__all__ = ["BP_PRESETS", "ClassifierSpec", "PAPER_RESNET18", "PRESETS", "parse_classifier_spec",
+           "SPEC_KEYS"]
 
 
 def _on_off(v: str) -> bool:
@@ -38,6 +39,11 @@ SPEC_KEYS: dict[str, Callable[[str], Any]] = {
     "nesterov": _on_off,
     "pad_mode": str,
     "normalize": str,
+    "optimizer": str,
+    "milestones": lambda v: tuple(int(m) for m in v.split("/") if m),
+    "pretrained": str,
+    "train_params": str,
+    "frozen_bn": _on_off,
 }
 
 
@@ -48,6 +54,27 @@ PAPER_RESNET18: dict[str, Any] = {
     "nesterov": False, "schedule": "step", "label_smoothing": 0.0, "crop_pad": 4,
     "pad_mode": "zeros", "flip": True, "tta": "none", "normalize": "cifar10",
 }  # fmt: skip
+
+
+# the authors' Bullseye Polytope victims (Configs/config.ini 101-140, utils/classifier.py
+# 958-1069): their pretrained ResNet-18 (``pretrained=FILE``: ckpt-ResNet18-4800.t7 in their
+# <data_dir>/PureGen_Models/transfer_models) with batch norm frozen (eval_BatchNorm) and a new
+# linear head; no augmentation (utils/classifier.py 805-806), their normalisation; Adam,
+# the rate x0.1 at the milestones (MultiStepLR per epoch). ``resnet18-bp-linear`` trains the
+# head alone ([LINEAR_TRANSFER]: lr 0.1, 40 epochs, milestones 15/25/35, batch 64);
+# ``resnet18-bp-finetune`` every weight but batch norm's ([FINE_TUNE]: lr 1e-4, 60 epochs,
+# milestones 15/30/45, batch 128 from [DEFAULTS]); both weight decay 5e-4
+_BP_COMMON: dict[str, Any] = {
+    "optimizer": "adam", "weight_decay": 5e-4, "schedule": "milestones", "label_smoothing": 0.0,
+    "crop_pad": 0, "flip": False, "tta": "none", "normalize": "cifar10", "frozen_bn": True,
+}  # fmt: skip
+BP_PRESETS: dict[str, dict[str, Any]] = {
+    "resnet18-bp-linear": {**_BP_COMMON, "lr": 0.1, "epochs": 40.0, "batch_size": 64,
+                           "milestones": (15, 25, 35), "train_params": "linear"},
+    "resnet18-bp-finetune": {**_BP_COMMON, "lr": 1e-4, "epochs": 60.0, "batch_size": 128,
+                             "milestones": (15, 30, 45), "train_params": "all"},
+}  # fmt: skip
+PRESETS = ("resnet18-paper", *BP_PRESETS)
 
 
 @dataclass(frozen=True)
@@ -78,11 +105,14 @@ def parse_classifier_spec(text: str) -> ClassifierSpec:
     arch, _, rest = text.strip().partition(":")
     opts: dict[str, Any] = {}
     name = ""
+    preset = arch
     if arch == "resnet18-paper":
         arch, opts, name = "resnet18", dict(PAPER_RESNET18), "resnet18-paper"
+    elif arch in BP_PRESETS:
+        arch, opts, name = "resnet18", dict(BP_PRESETS[arch]), arch
     if arch not in ARCHS:
         raise UsageError(f"--classifier {text!r}: unknown architecture {arch!r}; "
-                         f"choose one of {', '.join([*ARCHS, 'resnet18-paper'])}")  # fmt: skip
+                         f"choose one of {', '.join([*ARCHS, *PRESETS])}")  # fmt: skip
     for item in filter(None, (p.strip() for p in rest.split(","))):
         key, eq, val = item.partition("=")
         key = key.strip().replace("-", "_")
@@ -102,4 +132,8 @@ def parse_classifier_spec(text: str) -> ClassifierSpec:
         raise UsageError(f"--classifier {text!r}: airbench takes three widths, e.g. 32/64/64")
     if arch == "resnet18" and "widths" in opts and len(opts["widths"]) != 1:
         raise UsageError(f"--classifier {text!r}: resnet18 takes one base width, e.g. 16")
+    if preset in BP_PRESETS and "pretrained" not in opts:  # else it would train from scratch
+        raise UsageError(f"--classifier {text!r}: the authors' transfer victim starts from their "
+                         f"pretrained ResNet-18; add pretrained=FILE (ckpt-ResNet18-4800.t7 of "
+                         f"their <data_dir>/PureGen_Models/transfer_models)")  # fmt: skip
     return ClassifierSpec(arch, tuple(sorted(opts.items())), name)

@@ -458,3 +458,141 @@ def test_bp_target_is_the_authors_frog(tmp_path):
     assert "frog number 53" in ps.extra["poisoning"]
     with pytest.raises(P.UsageError, match="--target-class 2: .*frog number 53"):
         P.bp_target(y[:40], 2)
+
+
+def _authors_valid_indices(labels, poison_indices, num_per_label, num_classes=10):
+    """utils/classifier.py 353-379 (Poisoned_Dataset_Base.get_valid_indices), on labels."""
+    num_per_label_dict = {label: 0 for label in range(num_classes)}
+    for pidx in poison_indices:
+        label = int(labels[pidx])
+        num_per_label_dict[label] = num_per_label_dict.get(label, 0) + 1
+    valid = []
+    for idx, label in enumerate(labels):
+        label = int(label)
+        if idx not in poison_indices and num_per_label_dict.get(label, 0) < num_per_label:
+            valid.append(idx)
+            num_per_label_dict[label] += 1
+    return valid
+
+
+def test_bp_victims_train_on_the_authors_subset(tmp_path):
+    """utils/classifier.py 199-207 and 332-392: the transfer victims train on the poisons and,
+    of the other 'others' images, the first num_per_class = 50 of each class with the poisons
+    counted against their class (Configs/config.ini 106); the target frog is not among them."""
+    x, y, root = _bp_others(tmp_path, trial=2)
+    spec = P.PoisonSpec("bullseye-polytope", "cifar10", 2)
+    ps = P.poison_with_published(x, y, [f"c{i}" for i in range(10)], spec, str(root))
+    pois = ps.poison_idx.tolist()
+    want = sorted(pois + _authors_valid_indices(y, pois, 50))
+    assert ps.extra["train_subset"].tolist() == want
+    assert int(ps.extra["target_train_index"]) not in want
+    counts = np.bincount(y[want], minlength=10)
+    assert counts[6] == 50 and counts[8] == 3  # 2 poisons + 1 clean ship: 3 ships in all
+    assert "the first 50 other images of each class" in ps.extra["poisoning"]
+
+
+def _bp_checkpoint(path: Path, width: int = 8) -> dict:
+    """A pretrained CIFAR ResNet-18 saved as the Bullseye Polytope checkpoints are: {'net':
+    DataParallel state dict ('module.' keys), 'acc', 'epoch'} (utils/classifier.py 981-986)."""
+    from puregen_fast.eval.classifier import ResNet18
+
+    torch.manual_seed(123)
+    net = ResNet18(10, width)
+    with torch.no_grad():  # statistics a pretrained net would have
+        for m in net.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.1, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.1, 0.1)
+    sd = net.state_dict()
+    torch.save({"net": {f"module.{k}": v for k, v in sd.items()}, "acc": 90.0, "epoch": 4800},
+               path)  # fmt: skip
+    return {k: v.clone() for k, v in sd.items()}
+
+
+def test_bp_victim_is_the_authors_transfer_recipe(tmp_path):
+    """Configs/config.ini 101-140 ([LINEAR_TRANSFER]: adam, lr 0.1, 40 epochs, lr_decay
+    15,25,35, batch 64, weight decay 5e-4; [FINE_TUNE]: adam, lr 1e-4, 60 epochs, 15,30,45,
+    batch 128 from [DEFAULTS]); utils/classifier.py 981-1004 (their checkpoint loaded, 'module.'
+    stripped, a new nn.Linear head), 1057-1067 (Adam over get_penultimate_params_list, the
+    parameters named 'linear', for the linear probe; all parameters for fine-tuning), 1085
+    (MultiStepLR per epoch), models/Classifiers.py 118-130 (eval_BatchNorm: statistics, scale
+    and shift fixed), utils/classifier.py 805-806 (no augmentation)."""
+    from puregen_fast.eval import classifier as C
+    from puregen_fast.eval.victims import parse_classifier_spec
+
+    ck = tmp_path / "ckpt-ResNet18-4800.t7"
+    sd = _bp_checkpoint(ck)
+    x = np.random.default_rng(0).integers(0, 256, (70, 8, 8, 3), dtype=np.uint8)
+    y = (np.arange(70) % 10).astype(np.int64)
+    for preset, lr, epochs, bs, miles in (("resnet18-bp-linear", 0.1, 40, 64, [15, 25, 35]),
+                                          ("resnet18-bp-finetune", 1e-4, 60, 128, [15, 30, 45])):
+        spec = parse_classifier_spec(f"{preset}:pretrained={ck},widths=8")
+        cfg = spec.config(seed=0)
+        assert (cfg.crop_pad, cfg.flip, cfg.tta, cfg.normalize) == (0, False, "none", "cifar10")
+        run = C._prepare(x, y, 10, cfg, "cpu")
+        assert isinstance(run.opt, torch.optim.Adam) and run.bs == min(bs, 70)
+        (g,) = run.opt.param_groups
+        assert (g["initial_lr"], g["weight_decay"], g["betas"]) == (lr, 5e-4, (0.9, 0.999))
+        named = dict(run.model.named_parameters())
+        if preset.endswith("linear"):  # get_penultimate_params_list: names with "linear"
+            want = {id(p) for k, p in named.items() if "linear" in k}
+        else:  # all parameters; eval_BatchNorm's scale and shift have requires_grad False
+            bn = {id(m.weight) for m in run.model.modules() if isinstance(m, torch.nn.BatchNorm2d)}
+            bn |= {id(m.bias) for m in run.model.modules() if isinstance(m, torch.nn.BatchNorm2d)}
+            want = {id(p) for p in named.values()} - bn
+        assert {id(p) for p in g["params"]} == want
+        state = run.model.state_dict()
+        for k, v in sd.items():  # the checkpoint, but a fresh head
+            if k.startswith("linear."):
+                assert not torch.equal(state[k], v)
+            else:
+                assert torch.equal(state[k], v), k
+        # MultiStepLR(milestones, gamma 0.1), stepped once per epoch
+        opt = torch.optim.Adam([torch.zeros(1, requires_grad=True)], lr=lr)
+        sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=miles, gamma=0.1)
+        for epoch in range(epochs):
+            got = lr * C.schedule_factor(cfg, epoch * 2, epochs * 2, epoch)
+            assert got == pytest.approx(opt.param_groups[0]["lr"]), (preset, epoch)
+            opt.step()
+            sched.step()
+        # one epoch of training: batch norm and (linear probe) the body stay as loaded
+        clf = C.train_classifier(x, y, 10, parse_classifier_spec(
+            f"{preset}:pretrained={ck},widths=8,epochs=1").config(0), device="cpu", quiet=True)
+        after = clf.model.state_dict()
+        for k, v in sd.items():
+            if ".bn" in k or k.startswith("bn1") or ".shortcut.1." in k:
+                assert torch.equal(after[k], v), k
+        conv = "layer1.0.conv1.weight"
+        assert torch.equal(after[conv], sd[conv]) == preset.endswith("linear")
+    with pytest.raises(P.UsageError, match="pretrained=FILE"):
+        parse_classifier_spec("resnet18-bp-linear")
+
+
+def test_bp_experiment_runs_the_authors_victim_on_their_subset(tmp_path, capsys):
+    """A CPU smoke run of --protocol paper with Bullseye Polytope (utils/classifier.py
+    1133-1135, 199-207; the victim of Configs/config.ini 101-121 for one epoch): the target
+    frog, the 50-a-class subset, the pretrained checkpoint found and printed before training;
+    without --classifier the paper profile names the victim to give (exit 2)."""
+    x, y, root = _bp_others(tmp_path, trial=2)
+    _small_set(tmp_path, k=10, n=2, name="test", seed=5)
+    ck = tmp_path / "ck.t7"
+    _bp_checkpoint(ck)
+    argv = ["eval", "experiment", "--protocol", "paper", "--dataset", "npz", "--data-dir",
+            str(tmp_path / "others.npz"), "--test-dataset", "npz", "--test-data-dir",
+            str(tmp_path / "test.npz"), "--poisons-dataset", "cifar10", "--attack",
+            "bullseye-polytope", "--poisons", str(root), "--target-class", "2", "--defenses",
+            "none", "--seeds", "0", "--device", "cpu", "--quiet",
+            "--out", str(tmp_path / "e")]  # fmt: skip
+    assert _run(argv) == 2
+    assert "resnet18-bp-linear:pretrained=FILE" in capsys.readouterr().err
+    argv += ["--classifier", f"resnet18-bp-linear:pretrained={ck},widths=8,epochs=1"]
+    assert _run(argv) == 0
+    err = capsys.readouterr().err
+    assert f"input: pretrained network: {ck}" in err and "frog number 53" in err
+    assert "the victims train on 77 of the 82 images" in err
+    res = json.loads((tmp_path / "e" / "results.json").read_text())
+    cells = res["cells"]
+    assert len(cells) == 2 and all("target_misclassification" in c["metrics"] for c in cells)
+    assert cells[0]["classifier_config"]["optimizer"] == "adam"
