@@ -128,9 +128,13 @@ def add_experiment_arguments(p: argparse.ArgumentParser) -> None:
         action="append",
         default=None,
         help="ARCH[:KEY=VALUE,...], repeatable (default: the --protocol's victims), e.g. "
-        "airbench:widths=32/64/64,steps=300 or resnet18:widths=16,flip=off; keys: epochs, "
+        "airbench:widths=32/64/64,steps=300 or resnet18:widths=16,flip=off; ARCH also a preset: "
+        "resnet18-paper, resnet18-bp-linear or resnet18-bp-finetune (these two need "
+        "pretrained=FILE); keys: epochs, "
         "steps, batch_size, lr, widths, crop_pad, flip, tta, whiten_eps, momentum, "
-        "weight_decay, label_smoothing, schedule (step|triangular), warmup_frac, nesterov, "
+        "weight_decay, label_smoothing, schedule (step|triangular|milestones), milestones "
+        "(epochs, e.g. 15/25/35), optimizer (sgd|adam), pretrained, train_params (all|linear), "
+        "frozen_bn, warmup_frac, nesterov, "
         "pad_mode (reflect|zeros), normalize (data|cifar10|tinyimagenet), name",
     )
     c.add_argument("--seeds", type=at.seed_list, default=(0, 1, 2), help="default 0,1,2")
