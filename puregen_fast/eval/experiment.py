@@ -336,8 +336,10 @@ def _poison(p: Protocol, train: Dataset, target: int, out: Path, log: Log,
     if trig_path is None and name == "stl10":
         key["stl10"] = "remapped, resized to 96x96"  # not the copies made before that was done
     gm = [f.path for f in found if f.target == target and f.what == "target image"]
-    if p.attack == "gradient-matching" and gm and Path(gm[0]).parent.name != str(target):
-        key["target_image"] = gm[0]  # found outside the poison folder
+    pois = [Path(f.path).parent for f in found if f.target == target and f.what == "poisons"]
+    if p.attack == "gradient-matching" and gm and pois and Path(gm[0]).parent != pois[0]:
+        key["target_image"] = gm[0]  # found outside the poison folder (copies made before
+        # it was looked for there lack it)
     if p.attack == "bullseye-polytope":
         key["train_subset"] = "the authors' 50 a class"  # not the copies made before it was
     folder = out / f"poison-{slug(p.attack)}-{target}-{digest(key)}"

@@ -46,6 +46,7 @@ class Plan(Protocol):
     poisons_dataset: str | None
     target_image: str | None
     classifiers: tuple[Any, ...]
+    trigger_at_test: str
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,8 @@ def find_inputs(
 ) -> list[Found]:  # fmt: skip
     """Every input of ``p`` (module docstring), checked to exist; UsageError for the first
     one missing, naming the flag that gives it."""
+    if p.trigger_at_test not in ("applied", "file"):
+        raise UsageError(f"trigger_at_test {p.trigger_at_test!r}: choose applied or file")
     if p.target_image is not None and p.attack != "gradient-matching":
         raise UsageError(f"--target-image applies to --attack gradient-matching, not {p.attack}")
     one_file = p.target_image is not None and Path(p.target_image).expanduser().is_file()

@@ -337,6 +337,10 @@ def test_gm_target_is_read_from_the_authors_data_dir_and_printed(tmp_path, capsy
     assert err.index("input: target image") < err.index("[1/")  # before any cell
     with np.load(next(out.glob("poison-*/poisoned.npz"))) as z:
         assert np.array_equal(z["target_image"], target) and int(z["target_label"]) == 1
+    # the poisoned set's name depends on where the target came from: a copy made before the
+    # target was looked for outside the poison folder (and so lacks it) is not reused
+    attack = json.loads(next(out.glob("poison-*/attack.json")).read_text())
+    assert attack["target_image"] == str(tpath)
     rec = json.loads((out / "inputs.json").read_text())
     assert {"what": "target image", "target": 3, "path": str(tpath),
             "source": "the authors' <data_dir>/Poisons (utils/classifier.py 1125)"} in rec
