@@ -37,9 +37,13 @@ shapes before any product or cast, pixels per image and in all, label and index 
 ``MAX_*`` constants below; README, "The authors' published poisons").
 
 `poison_with_published` applies a poison set to a training set: Narcissus with
-`puregen_fast.eval.poison.poison_dataset` (the last ``count`` images of the target class);
+`puregen_fast.eval.poison.poison_dataset` (the last ``count`` images of the target class, or
+random ones; STL-10's trigger remapped and resized as the authors', `STL10_TO_CIFAR10`);
 Gradient Matching and Bullseye Polytope by replacing the images at their indices, checked to
-be images of the poison class (clean label: the labels stay as they are).
+be images of the poison class (clean label: the labels stay as they are). The authors' inputs
+outside the poisons dataset are found here too: Gradient Matching's target image
+(`find_gm_target`), Bullseye Polytope's target frog (`bp_target`) and training subset
+(`bp_training_subset`).
 """
 
 from __future__ import annotations
