@@ -21,6 +21,7 @@ from puregen_fast.version import __version__
 # subcommand -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "purify": ("puregen_fast.cli.purify", "purify a data set into --out DIR"),
+    "scan": ("puregen_fast.cli.scan", "rank every image by EBM energy: a table and pictures"),
     "bench": ("puregen_fast.cli.bench", "throughput: reference vs fast on one device, one run"),
     "train": ("puregen_fast.cli.train", "train the EBM or the DDPM"),
     "eval": ("puregen_fast.cli.eval", "poison success and natural accuracy, the paper's table"),

@@ -16,7 +16,7 @@ import torch
 
 from puregen_fast import methods
 from puregen_fast.config import PurifyConfig, add_arguments
-from puregen_fast.data.datasets import open_dataset
+from puregen_fast.data.datasets import Dataset, open_dataset
 from puregen_fast.data.webdataset import index_webdataset, open_webdataset
 from puregen_fast.data.writer import check_out_dir
 from puregen_fast.dist import Dist
@@ -85,6 +85,22 @@ class _Inputs:
                              f"{listed}")  # fmt: skip
 
 
+def load_dataset(cfg: PurifyConfig, inputs: _Inputs) -> Dataset | None:
+    """The data set the flags name (None, with the problem noted in ``inputs``, when it cannot
+    be read). WebDataset shards are counted once, on rank 0, and the count sent to the others."""
+    if cfg.dataset == "webdataset":
+        index = inputs.load_once(
+            lambda: index_webdataset(cfg.data_dir, limit=cfg.limit,
+                                     max_pixels=cfg.max_image_pixels)  # fmt: skip
+        )
+        return index and open_webdataset(cfg.data_dir, cfg.split, index=index,
+                                         max_pixels=cfg.max_image_pixels)  # fmt: skip
+    return inputs.load(
+        lambda: open_dataset(cfg.dataset, cfg.data_dir, cfg.split, quiet=cfg.quiet,
+                             limit=cfg.limit, max_pixels=cfg.max_image_pixels)  # fmt: skip
+    )
+
+
 def _purifier(cfg: PurifyConfig, device: torch.device, ebm, ddpm) -> Purifier:
     try:
         return Purifier(ebm=ebm, ddpm=ddpm, **{**cfg.engine_dict(), "device": device})
@@ -108,18 +124,7 @@ def run(args: argparse.Namespace) -> int:
         ebm = inputs.load(lambda: load_ebm(cfg.ebm or DEFAULT_EBM)) if needs_ebm else None
         ddpm = inputs.load(lambda: load_ddpm(cfg.ddpm or DEFAULT_DDPM)) if needs_ddpm else None
         t_models = time.perf_counter() - t0
-        if cfg.dataset == "webdataset":
-            index = inputs.load_once(
-                lambda: index_webdataset(cfg.data_dir, limit=cfg.limit,
-                                         max_pixels=cfg.max_image_pixels)  # fmt: skip
-            )
-            dataset = index and open_webdataset(cfg.data_dir, cfg.split, index=index,
-                                                max_pixels=cfg.max_image_pixels)  # fmt: skip
-        else:
-            dataset = inputs.load(
-                lambda: open_dataset(cfg.dataset, cfg.data_dir, cfg.split, quiet=cfg.quiet,
-                                     limit=cfg.limit, max_pixels=cfg.max_image_pixels)  # fmt: skip
-            )
+        dataset = load_dataset(cfg, inputs)
         inputs.check()
         purifier = _purifier(cfg, dist.device, ebm, ddpm)
         if purifier.uses_ebm and dist.is_main:

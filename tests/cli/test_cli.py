@@ -11,9 +11,9 @@ def test_help_lists_the_subcommands():
         [sys.executable, "-m", "puregen_fast.cli", "--help"], capture_output=True, text=True
     )
     assert r.returncode == 0
-    for name in ("purify", "bench", "train", "eval", "info"):
+    for name in ("purify", "scan", "bench", "train", "eval", "info"):
         assert name in r.stdout
-    assert set(SUBCOMMANDS) == {"purify", "bench", "train", "eval", "info"}
+    assert set(SUBCOMMANDS) == {"purify", "scan", "bench", "train", "eval", "info"}
 
 
 def test_no_subcommand_is_usage_error(capsys):
