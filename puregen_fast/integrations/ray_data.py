@@ -18,6 +18,13 @@ same seed and ``--batch-size``, however Ray cuts the data set into blocks and ba
 command caps the batch size at the number of images: for a data set smaller than the batch
 size, pass that number.)
 
+`EnergyBatches` is the same for ``puregen-fast scan``: it adds an ``"energy"`` column (float64,
+the EBM's energy of each image, `Purifier.energy`), so a pipeline can flag images before it
+decides what to do with them. It takes ``ebm``, ``device`` and ``batch_size`` and pads as the
+command does, so with the same ``batch_size`` (and device type) each energy equals the
+``energy`` column of ``scan.csv`` bit for bit; ranks and z-scores need the whole data set, so
+they are the command's (or `puregen_fast.scan.energy_table` over the gathered column).
+
 ``method="filt"`` needs the data set's energy threshold (``filter_threshold``, from the
 ``filter`` record of a ``puregen-fast purify`` manifest): a threshold taken per batch would
 depend on how Ray cuts batches. It must be a finite number, checked by the constructor (a NaN
@@ -35,15 +42,18 @@ from typing import Any
 import numpy as np
 
 from puregen_fast import methods
-from puregen_fast.config import EngineConfig, PurifyConfig
+from puregen_fast.config import DEFAULT_BATCH_SIZE, EngineConfig, PurifyConfig
 from puregen_fast.models.checkpoints import DEFAULT_DDPM, DEFAULT_EBM, load_ddpm, load_ebm
 from puregen_fast.purifier import Purifier, check_filter_threshold
+from puregen_fast.scan import energy_purifier
 
-__all__ = ["PurifyBatches", "OPTIONS"]
+__all__ = ["PurifyBatches", "EnergyBatches", "OPTIONS", "ENERGY_OPTIONS"]
 
 # the PurifyConfig fields that decide the purified bytes; the data and output options of the
 # command (data set, --out, --format, ...) are Ray's to handle
 OPTIONS = (*(f.name for f in dataclasses.fields(EngineConfig)), "ebm", "ddpm", "batch_size")
+# what decides an energy's bytes: the model, where it runs, and the batch shape
+ENERGY_OPTIONS = ("ebm", "device", "batch_size")
 
 
 class PurifyBatches:
@@ -86,16 +96,54 @@ class PurifyBatches:
         images = _image_column(batch)
         ids = _id_column(batch, len(images))
         kw = {} if self.filter_threshold is None else {"filter_threshold": self.filter_threshold}
-        bs = self.batch_size
         out = np.empty_like(images)
-        for s in range(0, len(images), bs):
-            e = min(s + bs, len(images))
-            x, i = images[s:e], ids[s:e]
-            if e - s < bs:  # pad as the command pads its last batch: one shape for every call
-                x = np.concatenate([x, np.repeat(x[-1:], bs - (e - s), axis=0)])
-                i = np.concatenate([i, i[-1] + 1 + np.arange(bs - (e - s), dtype=np.int64)])
-            out[s:e] = np.asarray(self.purifier(np.ascontiguousarray(x), i, **kw))[: e - s]
+        for s, e, x, i in _pieces(images, ids, self.batch_size):
+            out[s:e] = np.asarray(self.purifier(x, i, **kw))[: e - s]
         return {**batch, "image": out}
+
+
+class EnergyBatches:
+    """``EnergyBatches(ebm=..., device=..., batch_size=...)(batch) -> batch`` with an
+    ``"energy"`` column: each image's EBM energy (float64), as ``puregen-fast scan`` computes
+    it. ``ebm``: a checkpoint source (default the authors' EBM, as the command's)."""
+
+    def __init__(self, *, ebm: str | None = None, device: str = "auto",
+                 batch_size: int = DEFAULT_BATCH_SIZE) -> None:  # fmt: skip
+        # the command's checks, through its configuration's fields (a bad value names its field)
+        cfg = PurifyConfig(method="ebm", ebm=ebm, device=device, batch_size=batch_size)
+        self.batch_size = cfg.batch_size
+        self.purifier = energy_purifier(load_ebm(cfg.ebm or DEFAULT_EBM), cfg.device)
+
+    def describe(self) -> dict:
+        """The EBM (source, sha256) and device the energies come from, and the batch size."""
+        d = self.purifier.describe()
+        return {"ebm": d.get("ebm"), "device": d["device"], "batch_size": self.batch_size}
+
+    def __call__(self, batch: Mapping[str, np.ndarray]) -> dict[str, Any]:
+        if not isinstance(batch, Mapping):
+            raise TypeError(
+                f"EnergyBatches takes dict-of-numpy batches, got {type(batch).__name__}; "
+                "pass batch_format='numpy' to map_batches"
+            )
+        images = _image_column(batch)
+        ids = _id_column(batch, len(images))
+        out = np.empty(len(images), np.float64)
+        for s, e, x, i in _pieces(images, ids, self.batch_size):
+            out[s:e] = self.purifier.energy(x, i)[: e - s]
+        return {**batch, "energy": out}
+
+
+def _pieces(images: np.ndarray, ids: np.ndarray, bs: int):
+    """(start, stop, images, ids) of ``batch_size`` pieces, a short one padded as the command
+    pads its last batch (the last image repeated, the next ids), so every model call has the
+    command's shape."""
+    for s in range(0, len(images), bs):
+        e = min(s + bs, len(images))
+        x, i = images[s:e], ids[s:e]
+        if e - s < bs:
+            x = np.concatenate([x, np.repeat(x[-1:], bs - (e - s), axis=0)])
+            i = np.concatenate([i, i[-1] + 1 + np.arange(bs - (e - s), dtype=np.int64)])
+        yield s, e, np.ascontiguousarray(x), i
 
 
 def _columns(batch: Mapping[str, Any]) -> str:

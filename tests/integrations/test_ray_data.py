@@ -17,8 +17,9 @@ from PIL import Image
 import puregen_fast as pg
 from puregen_fast.cli.main import main
 from puregen_fast.data.datasets import Dataset
-from puregen_fast.integrations.ray_data import PurifyBatches
+from puregen_fast.integrations.ray_data import EnergyBatches, PurifyBatches
 from puregen_fast.pipeline import purify_dataset
+from puregen_fast.scan import energy_purifier, scan_dataset
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -247,3 +248,38 @@ def test_filt_diverges_exactly_on_non_finite_energies(energies, with_threshold):
     else:
         assert p(x, ids, **kw).shape == x.shape
         np.testing.assert_array_equal(p.energy(x, ids), np.float32(energies))
+
+
+def test_energy_batches_give_the_scan_energies(ebm, tmp_path):
+    """`EnergyBatches` on uneven batches with ids out of order: each image's energy equals
+    `puregen-fast scan`'s with the same batch size, bit for bit; other columns pass through."""
+    x = np.random.default_rng(4).integers(0, 256, (11, 32, 32, 3), dtype=np.uint8)
+    ds = Dataset("npz", "train", x, np.arange(11) % 3, ["a", "b", "c"], "memory")
+    r = scan_dataset(ds, energy_purifier(pg.load_ebm(ebm), "cpu"), tmp_path / "scan",
+                     batch_size=4, shard_size=6, quiet=True)  # fmt: skip
+    fn = EnergyBatches(ebm=str(ebm), device="cpu", batch_size=4)
+    assert fn.describe()["ebm"]["sha256"] == pg.load_ebm(ebm).puregen_sha256
+    got = np.full(11, np.nan)
+    order = np.random.default_rng(5).permutation(11)
+    for part in np.split(order, [3, 8, 9]):
+        out = fn({"image": x[part], "id": part.astype(np.int64), "key": part * 10})
+        assert set(out) == {"image", "id", "key", "energy"} and out["energy"].dtype == np.float64
+        np.testing.assert_array_equal(out["image"], x[part])  # the images are not changed
+        got[part] = out["energy"]
+    np.testing.assert_array_equal(got, r.table.energies)
+    assert len(set(got.tolist())) == 11  # a model that gives every image its own energy
+
+
+def test_energy_batches_name_bad_options_and_columns(ebm):
+    with pytest.raises(ValueError, match="batch_size"):
+        EnergyBatches(ebm=str(ebm), batch_size=0)
+    with pytest.raises(TypeError, match="method"):
+        EnergyBatches(ebm=str(ebm), method="ddpm")  # the purification options are not its
+    fn = EnergyBatches(ebm=str(ebm), device="cpu", batch_size=2)
+    x = np.zeros((3, 32, 32, 3), np.uint8)
+    with pytest.raises(ValueError, match="no 'id' column"):
+        fn({"image": x})
+    with pytest.raises(ValueError, match="column 'image': expected uint8"):
+        fn({"image": x.astype(np.float32), "id": np.arange(3)})
+    with pytest.raises(TypeError, match="batch_format='numpy'"):
+        fn([x])
