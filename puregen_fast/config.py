@@ -48,6 +48,9 @@ BACKENDS = ("auto", "reference", "fast")
 # the EBM's convolutions on the fast path: compiled torch (cuDNN), the Triton conv-block kernels,
 # or auto (on CUDA the faster of the two, measured once at the batch shape; torch on CPU)
 CONV_IMPLS = ("auto", "torch", "triton")
+# how purified values in [0, 1] become bytes: round to the nearest level, or truncate as the
+# authors' ToPILImage does (mul(255).byte()); out-of-range values are clamped first, never wrapped
+QUANTIZE = ("round", "trunc")
 FORMATS = ("npy", "png", "webdataset")
 # the readers of data/datasets.py, and WebDataset tar shards streamed in (data/webdataset.py)
 PURIFY_DATASETS = (*DATASETS, "webdataset")
@@ -250,6 +253,14 @@ class EngineConfig:
         paper.JPEG_QUALITY, "jpeg: quality", group="method", check=int_in(1, 95)
     )
     seed: int = _opt(0, "keys the noise", group="method", check=int_in(0, MAX_SEED))
+    quantize: str = _opt(
+        "round",
+        "how purified images become bytes: round (to the nearest level) or trunc (toward zero, as "
+        "the authors' ToPILImage: their bytes exactly for values in [0, 1], about half a level "
+        "darker on average); values outside [0, 1] are clamped first, never wrapped",
+        group="method",
+        choices=QUANTIZE,
+    )
     divergence_margin: float = _opt(
         DEFAULT_DIVERGENCE_MARGIN,
         "a purified state that is non-finite or leaves [-1 - m, 1 + m] is a divergence: the run "

@@ -2,8 +2,9 @@
 
 It converts images to x in [-1, 1], runs the method on a sampler backend with noise keyed by the
 images' global sample ids (DESIGN 2.2: an image's result does not depend on its batch), and
-converts back (clamp to [0, 1], round to uint8). The authors' code wraps out-of-range values
-through a uint8 cast instead of clamping; we clamp.
+converts back (clamp to [0, 1], then to uint8 by ``quantize``: round, or trunc as the authors'
+``ToPILImage``). The authors' code wraps out-of-range values through the uint8 cast instead of
+clamping; we clamp, in both modes.
 
 Backends (`sampling.backends`): ``reference`` (eager PyTorch, `puregen_fast.reference` on the
 keyed stream) and ``fast`` (compiled models, fused kernels, CUDA graphs); ``auto`` picks fast
@@ -137,12 +138,13 @@ class Purifier:
         schedule: DDPMSchedule | None = None,
         divergence_margin: float = DEFAULT_DIVERGENCE_MARGIN,
         conv_impl: str = "auto",
+        quantize: str = "round",
     ) -> None:
         cfg = EngineConfig(
             method=method, ebm_steps=ebm_steps, ebm_eps=ebm_eps, ebm_temp=ebm_temp,
             ddpm_steps=ddpm_steps, reps=reps, filter_frac=filter_frac, jpeg_quality=jpeg_quality,
             seed=seed, device=str(device), backend=backend, precision=precision,
-            divergence_margin=divergence_margin, conv_impl=conv_impl,
+            divergence_margin=divergence_margin, conv_impl=conv_impl, quantize=quantize,
         )  # fmt: skip
         self.row = methods.get(method)  # the method's stages and models
         if self.row.uses("ebm") and ebm is None:
@@ -239,10 +241,14 @@ class Purifier:
         return u * 2 - 1, True
 
     @staticmethod
-    def _from_x(x: torch.Tensor, like: np.ndarray | torch.Tensor, was_uint8: bool):
+    def _from_x(
+        x: torch.Tensor, like: np.ndarray | torch.Tensor, was_uint8: bool, quantize: str = "round"
+    ):
         u = ((x + 1) / 2).clamp(0, 1)
         if was_uint8:
-            out = torch.round(u * 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+            # trunc: the authors' (x - (-1)) / 2, then mul(255).byte(), in float32
+            level = u * 255 if quantize == "trunc" else torch.round(u * 255)
+            out = level.to(torch.uint8).permute(0, 2, 3, 1).contiguous()
         else:
             out = u
         if isinstance(like, torch.Tensor):
@@ -276,7 +282,7 @@ class Purifier:
         ids = self._ids(sample_ids, x.shape[0])
         self.check_image_size(x.shape[2], x.shape[3])
         stages = self.row.stages
-        if x.shape[0] == 0 or not stages:
+        if x.shape[0] == 0 or not stages:  # the input itself: round gives back its bytes
             return self._from_x(x, images, was_uint8)
         if self.row.filters:
             frac = self.config.filter_frac
@@ -289,7 +295,7 @@ class Purifier:
                 x[mask] = self._stages(stages[1:], x[mask], ids[mask], pad_to=x.shape[0])
         else:
             x = self._stages(stages, x, ids)
-        return self._from_x(x, images, was_uint8)
+        return self._from_x(x, images, was_uint8, self.config.quantize)
 
     def _stages(
         self, stages: Sequence[str], x: torch.Tensor, ids: torch.Tensor, pad_to: int | None = None
@@ -433,4 +439,6 @@ class Purifier:
             }
         for k in self.row.recorded:  # reps, filter_frac, jpeg_quality: where the method reads them
             d[k] = getattr(c, k)
+        if c.quantize != "round":  # round is what every earlier run wrote: their records hold
+            d["quantize"] = c.quantize
         return d

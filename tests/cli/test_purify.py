@@ -533,3 +533,50 @@ def test_filt_says_how_many_images_it_changed(env, tmp_path, capsys):
     assert main(argv) == 0
     err = capsys.readouterr().err
     assert "30 through filt now" in err and "15 of 30 at or above the energy threshold" in err
+
+
+# -- --quantize (issue 21 item 3) ----------------------------------------------------------------
+
+
+def test_trunc_replays_the_authors_topilimage():
+    """The authors' purified images leave through ``Normalize((-1, -1, -1), (2, 2, 2))`` and
+    ``ToPILImage`` (scripts/PureGen.py lines 46, 95-97), whose float path is ``pic.mul(255).byte()``
+    (torchvision's to_pil_image): ``--quantize trunc`` gives their bytes for every state in
+    [-1, 1], levels' edges included; round differs on about half the values."""
+    g = torch.Generator().manual_seed(0)
+    edges = (torch.arange(256, dtype=torch.float32) / 255) * 2 - 1  # each level's own value
+    x = torch.cat([torch.rand(4 * 3 * 16 * 16, generator=g) * 2 - 1, edges, -edges])
+    x = x[: (x.numel() // 3) * 3].reshape(1, 3, 1, -1)
+    authors = ((x - (-1)) / 2).mul(255).byte().permute(0, 2, 3, 1)
+    like = np.zeros((1, 1, x.shape[3], 3), np.uint8)
+    ours = pg.Purifier._from_x(x, like, True, "trunc")
+    assert np.array_equal(ours, authors.numpy())
+    rounded = pg.Purifier._from_x(x, like, True, "round")
+    assert 0.3 < (rounded != ours).mean() < 0.7 and (rounded.astype(int) - ours).max() == 1
+
+
+def test_trunc_clamps_where_the_authors_wrap():
+    """Out of [-1, 1] their ``.byte()`` wraps (1.3 -> 37, -1.2 -> 231 on x86); we clamp."""
+    x = torch.tensor([1.3, -1.2, 1.0, -1.0]).reshape(1, 1, 1, 4).expand(1, 3, 1, 4)
+    like = np.zeros((1, 1, 4, 3), np.uint8)
+    assert pg.Purifier._from_x(x, like, True, "trunc")[0, 0, :, 0].tolist() == [255, 0, 255, 0]
+
+
+def test_quantize_flag_trunc_is_the_api_and_at_most_one_level_below_round(env, tmp_path):
+    assert purify(env, tmp_path / "trunc", "--quantize", "trunc", "--limit", "8") == 0
+    assert purify(env, tmp_path / "round", "--limit", "8") == 0
+    trunc, rnd = (pg.load_purified(tmp_path / k) for k in ("trunc", "round"))
+    diff = rnd.images.astype(int) - trunc.images.astype(int)
+    assert diff.min() == 0 and diff.max() == 1 and 0.3 < diff.mean() < 0.7
+    assert trunc.manifest["purifier"]["quantize"] == "trunc"
+    assert "quantize" not in rnd.manifest["purifier"]  # earlier runs' records still match
+    p = pg.Purifier("ebm", pg.load_ebm(env.ebm), ebm_steps=3, backend="reference", device="cpu",
+                    quantize="trunc")  # fmt: skip
+    assert np.array_equal(p(env.exp["train"][0][:8], np.arange(8)), trunc.images)
+
+
+def test_quantize_leaves_method_none_the_input(env, tmp_path):
+    """``none`` passes its input through: no level moves, whatever ``--quantize`` says."""
+    assert purify(env, tmp_path / "none", "--quantize", "trunc", "--limit", "8",
+                  method="none") == 0  # fmt: skip
+    assert np.array_equal(pg.load_purified(tmp_path / "none").images, env.exp["train"][0][:8])
