@@ -192,6 +192,8 @@ def _protocol(args: argparse.Namespace) -> Protocol:
              else prof["classifiers"])  # fmt: skip
     engine = {k.removeprefix(ENGINE_DEST): v for k, v in vars(args).items()
               if k.startswith(ENGINE_DEST)}  # fmt: skip
+    if engine.get("quantize") is None:  # --purify-quantize not given: the protocol's
+        engine["quantize"] = prof["purify_quantize"]
     purify = {"ebm": args.ebm, "ddpm": args.ddpm, "batch_size": args.purify_batch_size, **engine}
     return Protocol(
         dataset=args.dataset,

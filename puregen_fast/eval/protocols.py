@@ -12,14 +12,16 @@
   790-818), the fixed normalisation constants of the data set (utils/classifier.py 32-39), no
   test-time augmentation; Narcissus poison success on every non-target test image at trigger
   x1 and x2 (range(1, 3); utils/classifier.py 1144), x1 the headline; the triggered test images
-  quantised by truncation (ToPILImage). The Narcissus poisoning of each data set as theirs:
+  and the purified training images quantised by truncation (ToPILImage: scripts/PureGen.py
+  95-97), the engine's ``quantize="trunc"``. The Narcissus poisoning of each data set as theirs:
   500 images, the last of the target class (config.ini 24-25), except CINIC-10's 900 drawn at
   random (config.ini 210-215); on STL-10 the test images get the trigger file as read, 32x32
   at the top-left corner, not the 96x96 resize the training images got (utils/classifier.py
   1150-1169 take the unresized array that utils/purification.py 188 and 223 return).
 
-``ours`` poisons 500, the last of the class, on every data set, and on STL-10 tests with the
-trigger the training images got. ``--count``, ``--random-select`` and ``--trigger-scale``
+``ours`` poisons 500, the last of the class, on every data set, on STL-10 tests with the
+trigger the training images got, and rounds purified images to the nearest level (the engine's
+default). ``--count``, ``--random-select`` and ``--trigger-scale``
 replace a profile's choice.
 """
 
@@ -44,7 +46,9 @@ def _paper_victim(dataset: str) -> ClassifierSpec:
 
 def profile_settings(name: str, dataset: str, poisons_dataset: str | None = None
                      ) -> dict[str, Any]:  # fmt: skip
-    """The victims (``classifiers``), ``scales``, ``quantize``, the Narcissus poisoning
+    """The victims (``classifiers``), ``scales``, ``quantize`` (poisons and triggered test
+    images), ``purify_quantize`` (the purified images: the engine's ``quantize``, None for its
+    default), the Narcissus poisoning
     (``count``, ``last_n``, ``poison_source``: where it is stated) and which trigger the test
     images get (``trigger_at_test``: ``applied``, the one the training images got, or
     ``file``, the trigger file as read: they differ on STL-10 only) of profile ``name`` for a
@@ -52,11 +56,12 @@ def profile_settings(name: str, dataset: str, poisons_dataset: str | None = None
     if name == "paper":
         count, last_n, where = authors_narcissus(authors_dataset(dataset, poisons_dataset)[0])
         return {"classifiers": (_paper_victim(dataset),), "scales": (1.0, 2.0),
-                "quantize": "trunc", "count": count, "last_n": last_n, "poison_source": where,
-                "trigger_at_test": "file"}  # fmt: skip
+                "quantize": "trunc", "purify_quantize": "trunc", "count": count,
+                "last_n": last_n, "poison_source": where, "trigger_at_test": "file"}  # fmt: skip
     if name == "ours":
         return {"classifiers": (ClassifierSpec("airbench"), ClassifierSpec("resnet18")),
-                "scales": (1.0, 3.0), "quantize": "trunc", "count": 500, "last_n": True,
+                "scales": (1.0, 3.0), "quantize": "trunc", "purify_quantize": None,
+                "count": 500, "last_n": True,
                 "poison_source": "ours", "trigger_at_test": "applied"}  # fmt: skip
     raise ValueError(f"unknown profile {name!r}; choose one of {', '.join(PROFILES)}")
 
@@ -74,6 +79,7 @@ def describe_profile(name: str, dataset: str, poisons_dataset: str | None = None
     at_test = {"applied": "the trigger the training images got",
                "file": "the trigger file as read (STL-10: 32x32, not resized)"}  # fmt: skip
     return (f"protocol {name}: victims {victims}; poison success at trigger {scales} (headline "
-            f"x{s['scales'][0]:g}); quantisation {s['quantize']}; Narcissus poisons "
+            f"x{s['scales'][0]:g}); quantisation {s['quantize']}, of purified images "
+            f"{s['purify_quantize'] or 'round'}; Narcissus poisons "
             f"{s['count']} images, {sel}{src}; test images get "
             f"{at_test[s['trigger_at_test']]}")  # fmt: skip

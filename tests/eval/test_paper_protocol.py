@@ -114,3 +114,23 @@ def test_the_profile_is_printed_and_stored(tmp_path, capsys):
     cfg = cell["classifier_config"]
     assert (cfg["nesterov"], cfg["pad_mode"], cfg["normalize"], cfg["epochs"]) == (
         False, "zeros", "cifar10", 1.0)  # fmt: skip
+
+
+@pytest.mark.parametrize("protocol,given,want", [
+    ("paper", [], "trunc"), ("ours", [], None), ("paper", ["--purify-quantize", "round"], "round"),
+])  # fmt: skip
+def test_the_paper_protocol_truncates_purified_images(tmp_path, protocol, given, want):
+    """The authors' purified images leave through ToPILImage (scripts/PureGen.py 95-97):
+    truncation, so --protocol paper gives the engine quantize="trunc" unless --purify-quantize
+    says otherwise; ours leaves the engine's default (round), so its cells keep their names."""
+    from puregen_fast.cli.eval_experiment import _protocol
+    from puregen_fast.cli.main import build_parser
+
+    argv = ["eval", "experiment", "--protocol", protocol, "--dataset", "cifar10",
+            "--test-dataset", "cifar10",
+            "--attack", "narcissus", "--trigger", str(tmp_path / "t.npy"), "--target-class", "0",
+            "--defenses", "ebm", "--out", str(tmp_path / "o"), *given]  # fmt: skip
+    purify = dict(_protocol(build_parser().parse_args(argv)).purify)
+    assert purify.get("quantize") == want
+    profile = "trunc" if protocol == "paper" else "round"
+    assert f"of purified images {profile}" in describe_profile(protocol, "cifar10")
