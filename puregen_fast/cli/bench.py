@@ -60,6 +60,17 @@ from puregen_fast.runtime import (
 from puregen_fast.sampling.backends import DDPMSampler, LangevinSampler, fast_available
 
 BACKENDS = ("authors", "fast", "engine", "diffusers")
+# what each row times, printed under the table (the README's list says the same, checked by a test)
+ROW_MEANING = {
+    "authors": "the paper's loop as its authors run it (reference.ebm_purify / ddpm_purify with "
+    "autograd and torch.randn), the baseline of the speed-up column",
+    "fast": "our samplers alone (compiled model, fused kernels, CUDA graphs on a GPU), on a "
+    "float batch already on the device",
+    "engine": "the fast path through Purifier as purify runs each batch: uint8 images in and out, "
+    "conversion, keyed noise and the divergence check included",
+    "diffusers": "diffusers' UNet2DModel + DDPMScheduler loop (DDPM only, where diffusers is "
+    "installed)",
+}
 
 # dense peak TFLOP/s by (device-name fragment, precision); SXM parts, no sparsity
 PEAK_TFLOPS: dict[str, dict[str, float]] = {
@@ -545,7 +556,14 @@ def markdown(res: dict[str, Any]) -> str:
         f"{f(r.get('joules_per_image'), '.3f')} |"
         for r in res["rows"]
     ]
-    out = head + "\n".join(lines) + "\n"
+    out = head + "\n".join(lines) + "\n\nRows:\n"
+    for r in res["rows"]:
+        out += f"- `{r['backend']}`: {ROW_MEANING[r['backend']]}\n"
+    out += (
+        "\nimages/s: batch / median time of one purification of the batch (warm-up apart); "
+        "TFLOP/s credits every row with the plain model's FLOPs; % of peak counts the FLOPs a "
+        "row executes against the dense peak of its precision on this device (below)\n"
+    )
     for prec, pk in res.get("peaks", {}).items():
         out += f"\nPeak {prec}: {pk['how']}\n"
     for r in res["rows"]:

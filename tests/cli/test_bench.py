@@ -7,7 +7,7 @@ import types
 
 import pytest
 
-from puregen_fast.cli.bench import _NvmlSampler
+from puregen_fast.cli.bench import ROW_MEANING, _NvmlSampler
 from puregen_fast.cli.main import main
 
 
@@ -25,6 +25,9 @@ def test_ebm_bench_prints_both_backends_and_the_ratio(tmp_path, capsys):
     # on a CPU the peak is cores x clock x FLOP/cycle, printed with the table
     peak = res["peaks"]["fp32"]
     assert f"Peak fp32: {peak['how']}" in out and "FLOP/cycle" in peak["how"]
+    for name in rows:  # each row says what it times, under the table
+        assert f"- `{name}`: {ROW_MEANING[name]}" in out
+    assert "% of peak counts the FLOPs a row executes" in out
     for r in rows.values():
         assert len(r["times_s"]) == 2 and r["images_per_s"] == pytest.approx(4 / r["median_s"])
         assert r["tflops"] > 0 and r["peak_mem_gib"] is None
