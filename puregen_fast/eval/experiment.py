@@ -8,9 +8,9 @@ accuracy the poison and the defenses are measured against, and the trigger's suc
 that never saw a poison, the floor of poison success.
 
 `run_protocol` is the whole run, as named steps: `prepare_out`, `load_sets`, `load_models`, then
-per target class `_poison` and per training set (clean, each defense) `_training_set` and
-`_victim_cells`, then `write_outputs`. `eval run` (one victim on one set) is
-`puregen_fast.eval.run`.
+per target class `_poison`, `_detect` (how well the EBM energy finds the poisons) and per
+training set (clean, each defense) `_training_set` and `_victim_cells`, then `write_outputs`.
+`eval run` (one victim on one set) is `puregen_fast.eval.run`.
 """
 
 # The output folder is content-addressed (`puregen_fast.eval.cells`): the poisoned set lives
@@ -50,6 +50,7 @@ from puregen_fast.eval.classifier import (
     train_classifier,
     undertrained_message,
 )
+from puregen_fast.eval.detection import detection, format_detection
 from puregen_fast.eval.inputs import (
     Found,
     find_inputs,
@@ -72,12 +73,14 @@ from puregen_fast.eval.poisons import (
     poison_with_published,
 )
 from puregen_fast.eval.run import EvalSet
+from puregen_fast.eval.scan_charts import save_separation, scan_pictures
 from puregen_fast.eval.verdict import CLEAN, format_verdicts, shortcut_message, verdicts
 from puregen_fast.eval.victims import ClassifierSpec, parse_classifier_spec
 from puregen_fast.models.checkpoints import DEFAULT_DDPM, DEFAULT_EBM, load_ddpm, load_ebm
 from puregen_fast.pipeline import purify_dataset
 from puregen_fast.purifier import Purifier, chain_line
 from puregen_fast.runtime import describe_device
+from puregen_fast.scan import energy_purifier, scan_dataset
 from puregen_fast.version import __version__
 
 __all__ = [
@@ -418,6 +421,43 @@ def _purify(
     return folder, ident
 
 
+def _detect(
+    poisoned: Path, target: int, pur: Mapping[str, Any], models: Mapping[str, Any],
+    ebm_poisoned: str | None, device: torch.device, log: Log,
+) -> list[dict[str, Any]]:  # fmt: skip
+    """Where the poisons are known: each EBM the run loaded (``--ebm``, ``--ebm-poisoned``)
+    scans the poisoned training set (`puregen_fast.scan`, into a folder beside it named by the
+    model, resumed like a purified copy) and `eval.detection` measures how well its energy
+    finds the poisons, at filt's fraction. Empty without an EBM defense."""
+    frac = float(pur.get("filter_frac") or EngineConfig.filter_frac)
+    found = []
+    for flag, src in (("--ebm", pur.get("ebm") or DEFAULT_EBM), ("--ebm-poisoned", ebm_poisoned)):
+        ebm = models.get(f"ebm:{src}") if src else None
+        if ebm is None:
+            continue
+        purifier = energy_purifier(ebm, device)
+        folder = poisoned.parent / f"scan-{digest(purifier.identity().get('ebm'))}"
+        with held(poisoned.parent / f".{folder.name}.lock"):
+            ds = open_dataset("npz", poisoned, "train", quiet=True)
+            r = scan_dataset(ds, purifier, folder, filter_frac=frac, quiet=True,
+                             batch_size=min(int(pur.get("batch_size") or 64), len(ds)),
+                             resume=folder.exists(), pictures=scan_pictures())  # fmt: skip
+        with np.load(poisoned, allow_pickle=False) as z:
+            idx = z["poison_idx"]
+        assert r is not None  # one process: rank 0
+        d = {"target": target, "ebm": f"{flag} {src}", "scan": str(folder),
+             **detection(r.table.energies, idx, filter_frac=frac)}  # fmt: skip
+        auc = "n/a" if d["auc"] is None else f"{d['auc']:.3f}"
+        log(f"detection by the energy of {flag} {src} (target {target}): AUC {auc}; poisons in "
+            "the top " + ", ".join(f"{100 * t['frac']:g}%: {t['poisons']} of {t['k']}"
+                                   for t in d["top"])
+            + f"; filt {frac:g}: {d['filt']['poisons']} of its {d['filt']['selected']} -> "
+            f"{folder}")  # fmt: skip
+        found.append({**d, "_energies": r.table.energies, "_mask": np.isin(
+            np.arange(len(ds)), idx)})  # fmt: skip
+    return found
+
+
 def _attack_eval(poisoned: Path, trigger_at_test: str = "applied") -> dict[str, Any]:
     """What the metrics need, read back from the poisoned .npz: the trigger (Narcissus; with
     ``trigger_at_test="file"``, the trigger file as read where it differs from the one the
@@ -566,10 +606,11 @@ def _victim_cells(
 
 def write_outputs(
     root: Path, p: Protocol, sets: Sets, cells: list[dict], changes: dict[str, list[dict]],
-    device: torch.device, seconds: float, reused: int,
+    device: torch.device, seconds: float, reused: int, detections: Sequence[dict] = (),
 ) -> dict[str, Any]:  # fmt: skip
     """``results.json`` (the plan, every cell, the summary, the verdicts), ``table.md`` (the
-    table, the verdict per defense and the rule) and ``chart.png``; returns the result."""
+    table, the verdict per defense and the rule) and ``chart.png``; returns the result. With
+    ``detections`` (`_detect`) also the detection table and ``detection.png``."""
     change = {d: mean_image_change(v) for d, v in changes.items()}
     labels = [v[0] for v in variants(p)]
     summary = summarize_cells(cells, (CLEAN, *labels), [c.label for c in p.classifiers], change)
@@ -585,9 +626,16 @@ def write_outputs(
         "seconds": round(seconds, 2),
         "cells_reused": reused,
         "versions": {"puregen_fast": __version__, "torch": torch.__version__},
+        "detection": [{k: v for k, v in d.items() if not k.startswith("_")} for d in detections],
     }
     atomic_write_json(root / "results.json", result, sort_keys=False)
     table = format_protocol_table(summary, p.scales) + "\n\n" + format_verdicts(verdict)
+    if detections:
+        rows = [(f"target {d['target']}, {d['ebm']}", d) for d in detections]
+        table += ("\n\nDetection by EBM energy (the poisons known; higher energy is more "
+                  "suspicious):\n\n" + format_detection(rows))  # fmt: skip
+        save_separation([(name, d["_energies"], d["_mask"], d["filt"]["cut"]) for name, d in rows],
+                        root / "detection.png")  # fmt: skip
     atomic_write(root / "table.md", table + "\n")
     save_chart(summary, root / "chart.png", title=_chart_title(p, sets.train))
     save_curve(summary, root / "curve.png", title=_chart_title(p, sets.train))
@@ -624,10 +672,12 @@ def run_protocol(
     progress = [0]
     cells: list[dict[str, Any]] = []
     changes: dict[str, list[dict]] = {}  # defense -> image_change per target
+    detections: list[dict[str, Any]] = []
     t_start = time.perf_counter()
     for target in p.targets:
         poisoned = _poison(p, sets.train, target, root, say, found)
         att = _attack_eval(poisoned, p.trigger_at_test)
+        detections += _detect(poisoned, target, pur, models, p.ebm_poisoned, device, say)
         with np.load(poisoned, allow_pickle=False) as z:
             x_poisoned = z["x"]  # what each defense is measured against
             # Bullseye Polytope: the victims train on the authors' subset (`bp_training_subset`)
@@ -642,7 +692,7 @@ def run_protocol(
             cells += _victim_cells(store, ts, target, att, sets, p, device, quiet, say, progress,
                                    total)  # fmt: skip
     return write_outputs(root, p, sets, cells, changes, device, time.perf_counter() - t_start,
-                         store.reused)  # fmt: skip
+                         store.reused, detections)  # fmt: skip
 
 
 def _chart_title(p: Protocol, train: Dataset) -> str:

@@ -1,6 +1,7 @@
 """``scan``'s pictures, drawn with Pillow as `puregen_fast.eval.charts` draws the experiment's:
 `save_histograms` (the energy histogram of each class, filt's cut marked) and `save_top_grid`
-(the highest-energy images of each class, a row per class). `scan_pictures` is the hook
+(the highest-energy images of each class, a row per class); `save_separation` (where the poisons
+are known: their energies against the clean images'). `scan_pictures` is the hook
 `puregen_fast.scan.scan_dataset` calls to draw both. Written atomically."""
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ from puregen_fast.data.io import atomic_path
 from puregen_fast.eval.charts import _COLOURS, _fonts
 from puregen_fast.scan import EnergyTable, Pictures
 
-__all__ = ["HISTOGRAM", "TOP_GRID", "MAX_CLASSES", "save_histograms", "save_top_grid",
-           "scan_pictures", "shown_classes"]  # fmt: skip
+__all__ = ["HISTOGRAM", "TOP_GRID", "MAX_CLASSES", "save_histograms", "save_separation",
+           "save_top_grid", "scan_pictures", "shown_classes"]  # fmt: skip
 
 HISTOGRAM = "scan-histogram.png"
 TOP_GRID = "scan-top.png"
@@ -156,3 +157,48 @@ def scan_pictures(top: int = 8) -> Pictures:
         return {"histogram": HISTOGRAM, "top_images": TOP_GRID}
 
     return draw
+
+
+def save_separation(
+    panels: Sequence[tuple[str, np.ndarray, np.ndarray, float]], path: str | os.PathLike[str],
+    *, bins: int = 30,
+) -> Path:  # fmt: skip
+    """A PNG with one panel per (title, energies, poison mask, filt's cut): the clean images'
+    energy histogram (blue) and the poisons' (red) on the panel's bins, each scaled to its own
+    tallest bar (poisons are few), and the cut as a dashed line."""
+    from PIL import Image, ImageDraw
+
+    font, small = _fonts()
+    pw, ph, gap, top, left = 600, 120, 34, 48, 16
+    im = Image.new("RGB", (left * 2 + pw, top + len(panels) * (ph + gap + 20)), "white")
+    dr = ImageDraw.Draw(im)
+    dr.text((left, 8), "EBM energy: clean images (blue), poisons (red outline), each scaled to "
+            "its own tallest bar", fill="black", font=font)  # fmt: skip
+    dr.text((left, 26), "dashed: filt's cut; images right of it are the ones filt purifies",
+            fill="black", font=small)  # fmt: skip
+    for n, (title, energies, mask, cut) in enumerate(panels):
+        e, m = np.asarray(energies, np.float64), np.asarray(mask, bool)
+        lo, hi = float(e.min()), float(e.max())
+        edges = np.linspace(lo, hi if hi > lo else lo + 1.0, bins + 1)
+        y1 = top + n * (ph + gap + 20) + 18 + ph
+        dr.text((left, y1 - ph - 16), title, fill="black", font=small)
+
+        def px(v: float, edges: np.ndarray = edges) -> float:
+            return left + (v - edges[0]) / (edges[-1] - edges[0]) * pw
+
+        for colour, part, inset in ((_COLOURS[0], e[~m], 0), (_CUT, e[m], 2)):
+            counts, _ = np.histogram(part, edges)
+            peak = max(1, int(counts.max()))
+            for b, c in enumerate(counts):
+                if c:
+                    x0, x1 = px(edges[b]) + inset, px(edges[b + 1]) - 1 - inset
+                    dr.rectangle([x0, y1 - c / peak * ph, max(x0, x1), y1], outline=colour,
+                                 fill=None if inset else colour)  # fmt: skip
+        dr.line([(left, y1), (left + pw, y1)], fill="black")
+        cx = px(cut)
+        for yy in range(int(y1 - ph), int(y1), 6):
+            dr.line([(cx, yy), (cx, yy + 3)], fill="black", width=2)
+        dr.text((left, y1 + 3), f"{edges[0]:.3g}", fill="black", font=small)
+        hi_text = f"{edges[-1]:.3g}"
+        dr.text((left + pw - 7 * len(hi_text), y1 + 3), hi_text, fill="black", font=small)
+    return _save(im, path)

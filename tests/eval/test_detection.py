@@ -4,6 +4,10 @@ planted high-energy images scored by a model whose energy is known."""
 
 from __future__ import annotations
 
+import csv
+import io
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -83,3 +87,52 @@ def test_planted_poisons_are_found_through_scan(tmp_path):
     assert [t["k"] for t in d["top"]] == [2, 10, 20]
     assert d["filt"]["selected"] == 10 and d["filt"]["precision"] == 1.0
     assert set(np.flatnonzero(r.table.rank <= 10)) == set(planted.tolist())
+
+
+def test_eval_experiment_reports_detection_where_the_poisons_are_known(tmp_path, capsys):
+    """`eval experiment` scans the poisoned training set with the defenses' EBM and reports
+    what `detection` gives on scan's energies and the poisoned set's indices; the scan folder
+    and detection.png are written, and the table is printed."""
+    import json
+
+    from PIL import Image
+
+    import puregen_fast as pg
+    from puregen_fast.cli.main import main
+
+    pytest.importorskip("skimage")
+    from puregen_fast.eval.photos import make_photo_sets, write_photo_sets
+
+    classes = ("hubble_deep_field", "immunohistochemistry", "retina")
+    sets = make_photo_sets(size=16, train_per_class=12, test_per_class=4, heldout_per_class=1,
+                           classes=classes)  # fmt: skip
+    paths = write_photo_sets(tmp_path / "photos", sets)
+    trig = np.zeros((1, 3, 16, 16), np.float32)
+    trig[0, :, ::2, ::2] = 0.5
+    np.save(tmp_path / "trigger.npy", trig)
+    torch.manual_seed(0)
+    pg.save_ebm(pg.EBMSNGAN32(nf=8), tmp_path / "ebm")
+    out = tmp_path / "exp"
+    argv = ["eval", "experiment", "--dataset", "npz", "--data-dir", str(paths["train"]),
+            "--test-dataset", "npz", "--test-data-dir", str(paths["test"]),
+            "--trigger", str(tmp_path / "trigger.npy"), "--target-class", "1", "--count", "6",
+            "--defenses", "ebm", "--ebm", str(tmp_path / "ebm"), "--ebm-steps", "1",
+            "--filter-frac", "0.25", "--purify-batch-size", "16", "--backend", "reference",
+            "--classifier", "airbench:widths=8/8/8,steps=4,batch_size=16", "--seeds", "0",
+            "--device", "cpu", "--quiet", "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    res = json.loads((out / "results.json").read_text())
+    [d] = res["detection"]
+    assert d["target"] == 1 and d["ebm"] == f"--ebm {tmp_path / 'ebm'}"
+    with np.load(next(out.glob("poison-*/poisoned.npz"))) as z:
+        idx = z["poison_idx"]
+    rows = list(csv.DictReader(io.StringIO((Path(d["scan"]) / "scan.csv").read_text())))
+    e = np.zeros(len(rows))
+    for r in rows:
+        e[int(r["id"])] = float(r["energy"])
+    want = detection(e, idx, filter_frac=0.25)
+    assert {k: d[k] for k in want} == want and d["num_poisons"] == 6
+    assert "Detection by EBM energy" in printed and "| target 1, --ebm" in printed
+    with Image.open(out / "detection.png") as im:
+        assert im.format == "PNG"
