@@ -174,3 +174,28 @@ def test_bad_input_exits_2_naming_it(env, tmp_path, capsys):
     assert "finished scan" in run(argv)  # neither --resume nor --overwrite
     assert main([*argv, "--overwrite", "--filter-frac", "0.1"]) == 0
     assert json.loads((out / SCAN_JSON).read_text())["at_or_above_cut"] == 3
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_write_the_table_of_one_process(env, tmp_path):
+    """Under torchrun each rank scans a contiguous run of shards and rank 0 writes the table:
+    the same bytes as one process (one thread in both, as torchrun's ranks run). Slow: about
+    10 s on 2 busy cores, most of it starting the two ranks."""
+    import os
+    import subprocess
+    import sys
+
+    run_env = {**os.environ, "PUREGEN_FAST_CACHE": str(env.root / "cache"),
+               "OMP_NUM_THREADS": "1"}  # fmt: skip
+    run_env.pop("WORLD_SIZE", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "puregen_fast.cli", *_argv(env, tmp_path / "multi")]  # fmt: skip
+    r = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[2], env=run_env,
+                       capture_output=True, text=True, timeout=240)  # fmt: skip
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+    assert main([*_argv(env, tmp_path / "single"), "--threads", "1"]) == 0
+    multi, single = tmp_path / "multi", tmp_path / "single"
+    assert (multi / SCAN_TABLE).read_bytes() == (single / SCAN_TABLE).read_bytes()
+    rec = json.loads((multi / SCAN_JSON).read_text())
+    assert rec["world_size"] == 2 and rec["timings"]["images_computed"] == 26
+    assert rec["settings"] == json.loads((single / SCAN_JSON).read_text())["settings"]
