@@ -180,3 +180,27 @@ def test_pictures_are_drawn_and_listed(tmp_path):
     # with many classes, the classes with the most images at or above the cut are drawn
     t = energy_table(np.arange(50.0), np.arange(50) % 50, 0.1)
     assert shown_classes(t, 50, limit=5) == [45, 46, 47, 48, 49]
+
+
+def test_top_images_of_a_streamed_set_are_read_in_one_forward_pass():
+    """A streamed WebDataset reopens its shard for a read anywhere but where the last one
+    stopped: the pictures read the drawn images in contiguous forward pieces."""
+    from puregen_fast.eval.scan_charts import _read
+
+    class Streamed:
+        def __init__(self, x):
+            self.x, self.reads = x, []
+
+        def __getitem__(self, sl):
+            self.reads.append((sl.start, sl.stop))
+            return self.x[sl]
+
+    x = np.random.default_rng(0).integers(0, 256, (50, 2, 2, 3), dtype=np.uint8)
+    s = Streamed(x)
+    got = _read(s, [40, 3, 17, 3], piece=8)
+    assert sorted(got) == [3, 17, 40] and all((got[i] == x[i]).all() for i in got)
+    assert s.reads[0][0] == 3 and s.reads[-1][1] == 41
+    assert all(a[1] == b[0] for a, b in zip(s.reads, s.reads[1:]))  # never a jump
+    assert max(e - b for b, e in s.reads) <= 8
+    m = _read(x, [7, 2])  # an array: those rows only
+    assert sorted(m) == [2, 7] and (m[7] == x[7]).all()

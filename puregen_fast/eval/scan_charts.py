@@ -100,10 +100,22 @@ def save_histograms(
     return _save(im, path)
 
 
-def _read(images, ids: Sequence[int]) -> dict[int, np.ndarray]:
-    """The images of ``ids``, read one by one in increasing order (a streamed WebDataset reads
-    forward, and a memory-mapped set touches only these)."""
-    return {int(i): np.asarray(images[int(i) : int(i) + 1])[0] for i in sorted(set(ids))}
+def _read(images, ids: Sequence[int], piece: int = 1024) -> dict[int, np.ndarray]:
+    """The images of ``ids``. An array (in memory or memory-mapped) is read at those rows only.
+    A streamed WebDataset is read in one forward pass from the first to the last, in pieces:
+    reading at another position reopens its shard and skips from the start, which per image
+    would read a large shard once for every image drawn."""
+    want = sorted({int(i) for i in ids})
+    if not want:
+        return {}
+    if isinstance(images, np.ndarray):
+        return {i: np.asarray(images[i : i + 1])[0] for i in want}
+    found, wanted = {}, set(want)
+    for s in range(want[0], want[-1] + 1, piece):
+        e = min(s + piece, want[-1] + 1)
+        chunk = images[s:e]
+        found.update({i: chunk[i - s] for i in range(s, e) if i in wanted})
+    return found
 
 
 def save_top_grid(
