@@ -52,12 +52,15 @@ import shutil
 import stat
 import sys
 import tempfile
+import threading
 import tokenize
+import warnings
 import zipfile
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -65,6 +68,9 @@ from puregen_fast.data.download import COMPLETE_MARKER, cache_root, ensure_extra
 from puregen_fast.data.io import fsync_dir
 from puregen_fast.data.pickle_scan import Budget, scan_pickle
 from puregen_fast.errors import UsageError
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 __all__ = [
     "DATASETS",
@@ -75,6 +81,7 @@ __all__ = [
     "MAX_PIXELS",
     "Dataset",
     "open_dataset",
+    "open_pil",
     "default_test_split",
     "decode_images",
 ]
@@ -110,8 +117,8 @@ CIFAR10_CLASSES = (
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 # An npz without a 'classes' array may use labels 0..MAX_CLASSES-1 (one name is made per class).
 MAX_CLASSES = 100_000
-# Pixels per image unless the caller raises it (``max_pixels``). Pillow's own limit
-# (PIL.Image.MAX_IMAGE_PIXELS) still applies above it.
+# Pixels per image unless the caller raises it (``max_pixels``). Pillow's error at twice its
+# own limit (PIL.Image.MAX_IMAGE_PIXELS) still applies above it; its warning does not (open_pil).
 MAX_PIXELS = 4096 * 4096
 _DECODED_VERSION = 2
 _TEXT_CAP = 64 << 20  # wnids.txt, val_annotations.txt
@@ -323,16 +330,33 @@ def _too_big(path, w: int, h: int, max_pixels: int) -> UsageError:
     )
 
 
+# warnings.catch_warnings swaps the process's filter list: decode threads doing it at once could
+# restore each other's copy and leave the filter installed; the header parse it guards is cheap
+_PIL_OPEN = threading.Lock()
+
+
+def open_pil(data: bytes, formats: Sequence[str] | None = None) -> Image.Image:
+    """``PIL.Image.open`` of ``data`` (header only) without Pillow's DecompressionBombWarning.
+
+    Every caller checks the header's size against its own cap (``max_pixels``) right after, and
+    refuses a bigger image with an error naming the flag that raises it: Pillow's warning would
+    only repeat that error, or second-guess a cap the user raised. Its error (at twice its
+    limit) is left alone."""
+    from PIL import Image
+
+    with _PIL_OPEN, warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        return Image.open(io.BytesIO(data), formats=formats)
+
+
 def _open_image(path: Path, max_pixels: int, digest: bytes | None = None):
     """The opened (header-only) Pillow image of ``path``, refused when it has more than
     ``max_pixels`` pixels; ``digest``: the bytes must still hash to it."""
-    from PIL import Image
-
     data = _read_regular(path, _max_file_bytes(max_pixels), "image")
     if digest is not None and _digest(data) != digest:
         raise UsageError(f"image {_show(path)} changed while the data set was read; run again")
     try:
-        im = Image.open(io.BytesIO(data))
+        im = open_pil(data)
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError... for bad files
         raise UsageError(
             f"cannot read image {_show(path)}: {type(e).__name__}: {e}. Replace or delete the "

@@ -48,7 +48,7 @@ from typing import Any
 
 import numpy as np
 
-from puregen_fast.data.datasets import MAX_CLASSES, MAX_PIXELS, Dataset
+from puregen_fast.data.datasets import MAX_CLASSES, MAX_PIXELS, Dataset, open_pil
 from puregen_fast.data.io import atomic_path, file_digest
 from puregen_fast.errors import UsageError
 
@@ -387,10 +387,8 @@ def _open(data: bytes, ext: str, where: str) -> Any:
     """The image, opened by the PNG, JPEG or WebP decoder only (PIL would otherwise try every
     format it knows: TIFF, GIF, ... behind a ``.png``); a file of one of the three under
     another's extension is read as before. UsageError naming ``where``."""
-    from PIL import Image
-
     try:
-        return Image.open(io.BytesIO(data), formats=_DECODERS)
+        return open_pil(data, formats=_DECODERS)  # the cap is checked by the caller (_header)
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError... for bad files
         kind = next((k for magic, k in _MAGIC if data.startswith(magic)), None)
         if kind is not None and kind not in _DECODERS:

@@ -35,9 +35,7 @@ DEFAULT_CASES = 300
 SLOW_CASES = 10_000
 HANG_S = 20.0  # a case still running after this is a hang (it normally takes milliseconds)
 
-pytestmark = pytest.mark.filterwarnings(
-    "ignore::PIL.Image.DecompressionBombWarning", "ignore::UserWarning"
-)
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 
 def _settings(cases: int) -> settings:

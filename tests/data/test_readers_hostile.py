@@ -8,7 +8,9 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import warnings
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -376,14 +378,36 @@ def test_limit_must_be_positive(tmp_path):
             open_dataset("npz", tmp_path / "d.npz", limit=bad)
 
 
-@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
 def test_huge_declared_images_are_refused_from_the_header(tmp_path):
+    """Refused by our cap, naming the flag; Pillow's DecompressionBombWarning (its own, higher
+    limit: 144M pixels is over it) is not printed beside the error."""
     (tmp_path / "f" / "a").mkdir(parents=True)
     for i in range(4):  # four tiny files declaring 12000 x 12000 (432 MB decoded each)
         (tmp_path / "f" / "a" / f"{i}.png").write_bytes(png_header_only(12000, 12000))
-    with pytest.raises(UsageError, match=r"0\.png is 12000x12000.*--max-image-pixels"):
-        open_dataset("imagefolder", tmp_path / "f", quiet=True, limit=1)
+    assert 12000 * 12000 > Image.MAX_IMAGE_PIXELS
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(UsageError, match=r"0\.png is 12000x12000.*--max-image-pixels"):
+            open_dataset("imagefolder", tmp_path / "f", quiet=True, limit=1)
+    assert [str(w.message) for w in caught] == []
     assert not any(e.name.endswith(".npy") for e in (tmp_path / "cache").rglob("*"))
+
+
+def test_a_raised_pixel_cap_is_not_second_guessed_by_pillow_and_its_filter_is_restored(tmp_path):
+    """With --max-image-pixels raised past Pillow's limit, the header passes without Pillow's
+    warning (the file, truncated, is then an error naming it); the process's warning filters are
+    as they were, also after threads opened images at once."""
+    (tmp_path / "f" / "a").mkdir(parents=True)
+    (tmp_path / "f" / "a" / "0.png").write_bytes(png_header_only(12000, 12000))
+    before = list(warnings.filters)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(UsageError, match=r"cannot read image .*0\.png"):
+            open_dataset("imagefolder", tmp_path / "f", quiet=True, max_pixels=12000 * 12000)
+    assert [str(w.message) for w in caught] == []
+    with ThreadPoolExecutor(8) as ex:  # the filter is swapped in and out under one lock
+        list(ex.map(lambda _: datasets.open_pil(png_header_only(12000, 12000)).close(), range(64)))
+    assert warnings.filters == before
 
 
 @pytest.mark.parametrize("reader", ["imagefolder", "npz"])

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tarfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -152,6 +153,19 @@ def test_members_are_capped_before_they_are_read(tmp_path, monkeypatch):
     reads.clear()
     assert index_webdataset(p).keys == ["a"]
     assert len(reads) == 2  # the image and the label
+
+
+def test_a_huge_declared_image_is_refused_without_pillows_warning(tmp_path):
+    """A member whose header declares 12000 x 12000 (over Pillow's own limit) is refused by the
+    cap, naming the flag; Pillow's DecompressionBombWarning is not printed beside it."""
+    from fixtures_data import png_header_only
+
+    p = _shard(tmp_path / "s.tar", [("a.png", png_header_only(12000, 12000)), ("a.cls", b"0")])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(UsageError, match=r"12000x12000 = 144000000 pixels.*--max-image-pix"):
+            index_webdataset(p)
+    assert [str(w.message) for w in caught] == []
 
 
 @pytest.mark.parametrize(
