@@ -11,9 +11,21 @@ from typing import Any
 
 import numpy as np
 
+from puregen_fast import paper
 from puregen_fast.pipeline import filter_cut
+from puregen_fast.reference import jpeg
 
-__all__ = ["TOP_FRACS", "detection", "format_detection", "roc_auc", "top_share"]
+__all__ = [
+    "BASELINES",
+    "TOP_FRACS",
+    "class_mean_distance",
+    "detection",
+    "format_detection",
+    "jpeg_error",
+    "random_scores",
+    "roc_auc",
+    "top_share",
+]
 
 TOP_FRACS = (0.01, 0.05, 0.10)
 
@@ -99,6 +111,40 @@ def detection(
                  "recall": hits / n1 if n1 else None},  # fmt: skip
         "poison_z_vs_clean": sep,
     }
+
+
+# --- trivial scores, the baselines an energy score must beat --------------------------------------
+
+
+def random_scores(images: np.ndarray, labels: np.ndarray, seed: int = 0) -> np.ndarray:
+    """A random ranking: uniform scores, seeded (AUC 0.5 on average)."""
+    return np.random.default_rng(seed).random(len(images))
+
+
+def class_mean_distance(images: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Each image's RMS distance (levels) to the mean image of its own class: a trigger added to
+    some images of a class moves them away from the rest."""
+    x = np.asarray(images, np.float64).reshape(len(images), -1)
+    y = np.asarray(labels)
+    out = np.empty(len(x))
+    for c in np.unique(y):
+        m = y == c
+        out[m] = np.sqrt(((x[m] - x[m].mean(0)) ** 2).mean(1))
+    return out
+
+
+def jpeg_error(images: np.ndarray, labels: np.ndarray, quality: int = paper.JPEG_QUALITY
+               ) -> np.ndarray:  # fmt: skip
+    """Each image's RMS change (levels) under a JPEG re-encoding at ``quality``: fine-grained
+    noise, as an optimised trigger often is, does not survive JPEG."""
+    x = np.asarray(images, np.uint8)
+    d = jpeg(x, quality).astype(np.float64) - x
+    return np.sqrt((d.reshape(len(x), -1) ** 2).mean(1))
+
+
+# name -> score(images uint8 NHWC, labels): higher is more suspicious
+BASELINES = {"random": random_scores, "class-mean distance": class_mean_distance,
+             "JPEG error": jpeg_error}  # fmt: skip
 
 
 def _pct(v: float | None) -> str:

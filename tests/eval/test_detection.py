@@ -136,3 +136,24 @@ def test_eval_experiment_reports_detection_where_the_poisons_are_known(tmp_path,
     assert "Detection by EBM energy" in printed and "| target 1, --ebm" in printed
     with Image.open(out / "detection.png") as im:
         assert im.format == "PNG"
+
+
+def test_the_baseline_scores_by_hand():
+    """The trivial scores an energy must beat (issue 25 item 5): a random ranking, the distance
+    to the class mean, the JPEG re-encoding error."""
+    from puregen_fast.eval.detection import BASELINES, class_mean_distance, jpeg_error
+    from puregen_fast.reference import jpeg
+
+    rng = np.random.default_rng(0)
+    x = np.full((6, 8, 8, 3), 100, np.uint8)
+    x[2] += rng.integers(0, 60, (8, 8, 3), dtype=np.uint8)  # one odd image in class 0
+    y = np.array([0, 0, 0, 1, 1, 1])
+    d = class_mean_distance(x, y)
+    m = x[:3].astype(float).mean(0)
+    want = np.sqrt(((x[:3] - m) ** 2).reshape(3, -1).mean(1))
+    assert np.allclose(d[:3], want) and np.allclose(d[3:], 0) and d.argmax() == 2
+    e = jpeg_error(x, y, 30)
+    j = jpeg(x, 30).astype(float) - x
+    assert np.allclose(e, np.sqrt((j.reshape(6, -1) ** 2).mean(1))) and e.argmax() == 2
+    r = BASELINES["random"](x, y, seed=1)
+    assert r.shape == (6,) and np.array_equal(r, BASELINES["random"](x, y, seed=1))
