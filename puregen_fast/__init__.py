@@ -3,13 +3,14 @@
 Public surface (DESIGN 3): models `EBMSNGAN32`, `UNet2D`; `DDPMSchedule`; checkpoints
 `load_ebm`/`save_ebm`/`load_ddpm`/`save_ddpm`; the eager `reference`; the keyed `noise` stream;
 the `Purifier` engine and its `PurifyConfig`; the samplers `LangevinSampler` and `DDPMSampler`;
-`load_purified` for the engine's output.
+`load_purified` for the engine's output; `make_preview` (`Preview`) for a before/after picture.
 """
 
 from __future__ import annotations
 
 from puregen_fast import noise, reference
 from puregen_fast.config import PurifyConfig
+from puregen_fast.data.preview import Preview, make_preview
 from puregen_fast.data.reader import load_purified
 from puregen_fast.errors import CheckpointError, DivergenceError, UsageError
 from puregen_fast.models.checkpoints import load_ddpm, load_ebm, save_ddpm, save_ebm
@@ -33,6 +34,8 @@ __all__ = [
     "load_ddpm",
     "save_ddpm",
     "load_purified",
+    "make_preview",
+    "Preview",
     "noise",
     "reference",
     "UsageError",

@@ -24,6 +24,7 @@ import torch
 
 from puregen_fast import methods, paper
 from puregen_fast.data.datasets import DATASETS, SPLITS
+from puregen_fast.data.preview import MAX_PREVIEW, PREVIEW
 from puregen_fast.models.checkpoints import DEFAULT_DDPM, DEFAULT_EBM
 from puregen_fast.models.schedule import DDPMSchedule
 from puregen_fast.runtime import PRECISIONS, check_mode, check_precision
@@ -408,6 +409,15 @@ class PurifyConfig(EngineConfig):
         group="run",
     )
     quiet: bool = _opt(False, "no progress bars or summary", group="run")
+    preview: int | None = _opt(
+        None,
+        f"write {PREVIEW} into --out when the run finishes: N images evenly spaced over the "
+        "selection, the originals above their purified versions, each image's change (RMS in "
+        "levels, 0-255) under it",
+        group="run",
+        check=int_in(1, MAX_PREVIEW),
+        metavar="N",
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()

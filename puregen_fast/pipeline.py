@@ -54,6 +54,7 @@ from puregen_fast.data.datasets import Dataset
 from puregen_fast.data.io import atomic_write_json, read_json
 from puregen_fast.data.lock import out_lock
 from puregen_fast.data.manifest import MANIFEST, Manifest
+from puregen_fast.data.preview import MAX_PREVIEW, PREVIEW, Preview, preview_ids, read_rows
 from puregen_fast.data.writer import ShardWriter, mark_diverged, prepare_out_dir, rank_shards
 from puregen_fast.dist import Dist
 from puregen_fast.errors import DivergenceError, UsageError
@@ -133,6 +134,12 @@ def _check_options(batch_size: int, shard_size: int, limit: int | None, fmt: str
         raise UsageError(f"--limit must be >= 1, got {limit}")
     if fmt not in FORMATS:
         raise UsageError(f"--format {fmt!r}: choose {' or '.join(FORMATS)}")
+
+
+def _check_preview(preview: int) -> None:
+    ok = isinstance(preview, int) and not isinstance(preview, bool)
+    if not (ok and 1 <= preview <= MAX_PREVIEW):
+        raise UsageError(f"--preview must be an integer in [1, {MAX_PREVIEW}], got {preview!r}")
 
 
 # ----------------------------------------------------------------------------- the steps
@@ -405,19 +412,25 @@ def purify_dataset(
     limit: int | None = None,
     dist: Dist | None = None,
     extra_manifest: dict | None = None,
+    preview: int | None = None,
 ) -> Path:
     """Purify images ``[0, min(len(dataset), limit))`` of ``dataset`` with ``purifier`` into
     ``out_dir`` (see the module docstring for layout and guarantees). Under torchrun each rank
     calls it with its own purifier; returns the output folder. ``extra_manifest`` may carry the
-    ``command`` and ``setup_timings`` records of the command line."""
+    ``command`` and ``setup_timings`` records of the command line. ``preview=N`` writes
+    ``preview.png`` (`puregen_fast.data.preview`) once every shard is written: N images evenly
+    spaced over the selection, before and after."""
     _check_options(batch_size, shard_size, limit, fmt)
+    if preview is not None:
+        _check_preview(preview)
     own_dist = dist is None
     if dist is None:
         dist = Dist.from_env(getattr(purifier, "device", "cpu"))
     try:
         return _run(dataset, purifier, Path(out_dir), dist, batch_size=batch_size,
                     shard_size=shard_size, fmt=fmt, resume=resume, overwrite=overwrite,
-                    quiet=quiet, limit=limit, extra=extra_manifest or {})  # fmt: skip
+                    quiet=quiet, limit=limit, extra=extra_manifest or {},
+                    preview=preview)  # fmt: skip
     finally:
         if own_dist:
             dist.close()
@@ -426,6 +439,7 @@ def purify_dataset(
 def _run(
     dataset: Dataset, purifier, out: Path, dist: Dist, *, batch_size: int, shard_size: int,
     fmt: str, resume: bool, overwrite: bool, quiet: bool, limit: int | None, extra: dict,
+    preview: int | None = None,
 ) -> Path:  # fmt: skip
     t0 = time.perf_counter()
     run = _plan(dataset, purifier, out, dist, batch_size=batch_size, shard_size=shard_size,
@@ -433,7 +447,8 @@ def _run(
     with contextlib.ExitStack() as held:
         # one writer per folder for the rest of the run; rank 0 holds it for all ranks
         dist.on_rank0(lambda: held.enter_context(out_lock(out)))
-        return _write(run, t0, resume=resume, overwrite=overwrite, extra=extra)
+        return _write(run, t0, resume=resume, overwrite=overwrite, extra=extra,
+                      preview=preview)  # fmt: skip
 
 
 def _filters(method: str) -> bool:
@@ -442,8 +457,11 @@ def _filters(method: str) -> bool:
     return method in methods.METHOD_NAMES and methods.get(method).filters
 
 
-def _write(run: _Run, t0: float, *, resume: bool, overwrite: bool, extra: dict) -> Path:
-    """Prepare ``--out``, the filt threshold, the shards, and (rank 0) the manifest."""
+def _write(
+    run: _Run, t0: float, *, resume: bool, overwrite: bool, extra: dict, preview: int | None
+) -> Path:
+    """Prepare ``--out``, the filt threshold, the shards, and (rank 0) the preview and the
+    manifest."""
     out, dist = run.out, run.dist
     reuse, records = _prepare(run, resume, overwrite)
     reused = len(records)
@@ -482,12 +500,36 @@ def _write(run: _Run, t0: float, *, resume: bool, overwrite: bool, extra: dict) 
     }
     # every rank's records and timings to rank 0, which writes the manifest
     gathered = dist.gather((records, timing))
-    if dist.is_main:
+
+    def finish() -> None:
         every: dict[int, dict] = {}
         for recs, _ in gathered:
             every.update(recs)
         shards = [every[k] for k in range(run.writer.num_shards)]
         ranks = [t for _, t in gathered]
+        if preview:  # every shard is whole (a failed run stopped above); the manifest is last
+            _write_preview(run, preview)
         _write_manifest(run, shards, ranks, filt, time.perf_counter() - t0, extra)
-    dist.check(None)  # nobody returns before the manifest exists
+
+    dist.on_rank0(finish)  # nobody returns before the manifest exists; a failure stops all
     return out
+
+
+def preview_title(run_method: str, seed: Any, k: int, n: int) -> str:
+    """The preview's title: what purified the images and which were drawn (nothing that
+    differs between a run and its resumption, so the bytes do not)."""
+    return (f"{run_method} (seed {seed}): {k} of {n} images, evenly spaced; "
+            "under each, its change in levels RMS (0-255)")  # fmt: skip
+
+
+def _write_preview(run: _Run, count: int) -> None:
+    """``preview.png``: the originals and what this folder now holds for them, read from the
+    written shards (so a resumed run draws what an uninterrupted one would)."""
+    ids = preview_ids(run.n, count)
+    pv = Preview.of(ids, read_rows(run.dataset.images, ids),
+                    run.writer.read_rows(ids, run.labels, run.shape))  # fmt: skip
+    title = preview_title(run.config["method"], run.config["seed"], len(pv), run.n)
+    _write_out(run.out, pv.save, run.out / PREVIEW, title)
+    if run.show:
+        print(f"purify: {len(pv)} images before and after (change {pv.rms.min():.2f} to "
+              f"{pv.rms.max():.2f} levels RMS) -> {run.out / PREVIEW}", file=sys.stderr)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from puregen_fast import config
+from puregen_fast.data.preview import MAX_PREVIEW
 
 __all__ = [
     "MAX_COUNT",
@@ -26,6 +27,7 @@ __all__ = [
     "learning_rate",
     "out_file",
     "positive_float",
+    "preview",
     "seed",
     "seed_list",
     "steps",
@@ -61,6 +63,7 @@ batch_size = int_at_least(1, config.MAX_BATCH)
 count = int_at_least(1, MAX_COUNT)
 class_index = int_at_least(0, MAX_COUNT)
 steps = int_at_least(1, MAX_STEPS)
+preview = int_at_least(1, MAX_PREVIEW)  # the images of a preview.png (`data.preview`)
 
 
 def int_list(lo: int, hi: int | None = None, max_len: int = 64) -> Callable[[str], tuple[int, ...]]:

@@ -147,6 +147,10 @@ def add_experiment_arguments(p: argparse.ArgumentParser) -> None:
         help="the experiment folder; rerunning reuses every finished step and cell",
     )
     o.add_argument("--quiet", action="store_true", help="no progress bars (cell lines stay)")
+    o.add_argument("--preview", metavar="N", type=at.preview, default=None,
+                   help="each purified copy's folder gets preview.png: N poisoned training "
+                   "images, evenly spaced, above the defense's output, each image's change (RMS "
+                   "in levels) under it")  # fmt: skip
     _add_engine_arguments(p, f)
 
 
@@ -239,7 +243,7 @@ def run_experiment_command(args: argparse.Namespace) -> int:
     if args.classifier or args.trigger_scale:
         log("--classifier/--trigger-scale given: they replace the profile's victims/scales")
 
-    res = run_protocol(proto, out, device, quiet=args.quiet, log=log)
+    res = run_protocol(proto, out, device, quiet=args.quiet, log=log, preview=args.preview)
     print((out / "table.md").read_text(), end="")
     log(
         f"{len(res['cells'])} cells ({res['cells_reused']} reused) in {res['seconds']:.0f}s on "

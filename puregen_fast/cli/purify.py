@@ -143,6 +143,7 @@ def run(args: argparse.Namespace) -> int:
             quiet=cfg.quiet,
             limit=cfg.limit,
             dist=dist,
+            preview=cfg.preview,
             extra_manifest={
                 "command": dict(sorted(command.items())),
                 "setup_timings": {"models_s": round(t_models, 4), "data_s": round(t_data, 4)},

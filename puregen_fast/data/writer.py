@@ -9,6 +9,10 @@ Layout of ``--out DIR`` with ``--format npy`` (the default)::
     .puregen-run.json              the configuration this folder is being written with
     .puregen-shard-00000.json      a shard's completion record (its files' sha256), written
                                    after the shard's files were renamed into place
+    preview.png                    with ``preview=N`` (``--preview N``): N originals above their
+                                   purified versions (`puregen_fast.data.preview`), written
+                                   when every shard is, just before the manifest; removed when
+                                   a run starts, so it is only ever of a finished run
 
 With ``--format webdataset`` shard k is ``shard-00000.tar`` (`puregen_fast.data.webdataset`):
 its images in index order as ``<key>.png`` and ``<key>.cls``, the keys those of WebDataset input
@@ -60,12 +64,13 @@ from puregen_fast.data.io import (
 )
 from puregen_fast.data.lock import LOCK
 from puregen_fast.data.manifest import FORMAT_ID, MANIFEST
-from puregen_fast.data.webdataset import write_tar
+from puregen_fast.data.webdataset import read_tar, write_tar
 from puregen_fast.errors import UsageError
 
 __all__ = [
     "MANIFEST",
     "RUN_STATE",
+    "PREVIEW",
     "FORMAT_ID",
     "ShardWriter",
     "shard_ranges",
@@ -80,6 +85,7 @@ __all__ = [
 ]
 
 RUN_STATE = ".puregen-run.json"
+PREVIEW = "preview.png"  # the before/after picture (`puregen_fast.data.preview`)
 
 
 def _ours_or_tmp(final: str, ext: str) -> re.Pattern[str]:
@@ -91,6 +97,7 @@ def _ours_or_tmp(final: str, ext: str) -> re.Pattern[str]:
 _OUR_FILE = _ours_or_tmp(r"(?:images|labels)-\d{5,}\.npy", ".npy")
 _PNG_FILE = _ours_or_tmp(r"\d+\.png", ".png")
 _TAR_FILE = _ours_or_tmp(r"shard-\d{5,}\.tar", ".tar")
+_PREVIEW_FILE = _ours_or_tmp(re.escape(PREVIEW), ".png")
 
 
 # ----------------------------------------------------------------------------- small helpers
@@ -327,6 +334,32 @@ class ShardWriter:
             return None
         return rec
 
+    # -- read back ----------------------------------------------------------------------------
+    def read_rows(
+        self, ids: Sequence[int], labels: np.ndarray, shape: Sequence[int]
+    ) -> np.ndarray:
+        """The written images ``ids`` (global indices, increasing), read from the shards that
+        hold them only (the preview's purified images); ``labels``: every image's (png output's
+        class folders), ``shape``: an image's (H, W, 3)."""
+        starts = np.asarray([s for s, _ in self.ranges], np.int64)
+        out: list[np.ndarray] = []
+        for k in dict.fromkeys(int(np.searchsorted(starts, i, side="right") - 1) for i in ids):
+            start, stop = self.ranges[k]
+            mine = [int(i) for i in ids if start <= int(i) < stop]
+            if self.fmt == "npy":
+                im = np.load(self.out / self.npy_names(k)[0], mmap_mode="r")
+                out += [np.asarray(im[i - start]) for i in mine]
+            elif self.fmt == "webdataset":
+                _, im, _ = read_tar(self.out / self.tar_name(k), tuple(shape))
+                out += [im[i - start] for i in mine]
+            else:
+                from PIL import Image
+
+                for i in mine:
+                    with Image.open(self.out / self.png_name(i, int(labels[i]))) as f:
+                        out.append(np.asarray(f.convert("RGB")))
+        return np.stack(out)
+
 
 # ----------------------------------------------------------------------------- out dir state
 
@@ -366,6 +399,7 @@ def _ours(out: Path) -> list[Path]:
             configs
             and (
                 n in (MANIFEST, RUN_STATE)
+                or _PREVIEW_FILE.match(n)
                 or _OUR_FILE.match(n)
                 or _TAR_FILE.match(n)
                 or n.startswith(f".{MANIFEST}.tmp-")
@@ -483,6 +517,8 @@ def prepare_out_dir(out: Path, config: dict, *, resume: bool, overwrite: bool) -
                 if ".tmp-" in f.name:
                     f.unlink(missing_ok=True)
         (out / MANIFEST).unlink(missing_ok=True)
+        # a picture is of a finished run only: the new run writes its own when it finishes
+        (out / PREVIEW).unlink(missing_ok=True)
         atomic_write_json(out / RUN_STATE, {"format": FORMAT_ID, "config": config})
     except OSError as e:
         raise UsageError(

@@ -38,6 +38,7 @@ from puregen_fast.config import EngineConfig
 from puregen_fast.data.datasets import Dataset, open_dataset
 from puregen_fast.data.io import atomic_write, atomic_write_json, file_digest
 from puregen_fast.data.manifest import MANIFEST
+from puregen_fast.data.preview import PREVIEW, make_preview
 from puregen_fast.data.reader import load_purified
 from puregen_fast.errors import UsageError
 from puregen_fast.eval.cells import CellStore, array_digest, digest, held, slug
@@ -493,10 +494,12 @@ class TrainingSet:
 def _training_set(
     label: str, defense: str, poisoned: Path, x_poisoned: np.ndarray, sets: Sets,
     pur: Mapping[str, Any], models: Mapping[str, Any], device: torch.device, quiet: bool,
-    say: Log,
+    say: Log, preview: int | None = None,
 ) -> TrainingSet:  # fmt: skip
     """The images a row's victims train on: the clean training set, or the poisoned set
-    through ``defense`` with the settings ``pur``, and how far the defense moved them."""
+    through ``defense`` with the settings ``pur``, and how far the defense moved them. With
+    ``preview=N`` the purified copy's folder gets ``preview.png`` (`puregen_fast.data.preview`:
+    N poisoned images, evenly spaced, above the defense's output), also when it is reused."""
     if defense == CLEAN:
         tr = sets.train
         return TrainingSet(CLEAN, np.asarray(tr.images), np.asarray(tr.labels, np.int64),
@@ -509,6 +512,11 @@ def _training_set(
     if defense != "none":
         psnr = "identical" if ch["psnr_db"] is None else f"PSNR {ch['psnr_db']:.1f} dB"
         say(f"{label} changed the images by {ch['rms']:.2f} levels RMS ({psnr})")
+    if preview:  # the folder is finished (its manifest exists): the picture is of a whole run
+        pv = make_preview(x_poisoned, x, preview)
+        title = (f"{label}: {len(pv)} of {len(x)} poisoned training images, evenly spaced; "
+                 "under each, its change in levels RMS (0-255)")  # fmt: skip
+        say(f"{label}: {len(pv)} images before and after -> {pv.save(folder / PREVIEW, title)}")
     return TrainingSet(label, x, y, poisoned.parent.name, ident, ch)
 
 
@@ -649,11 +657,13 @@ def run_protocol(
     *,
     quiet: bool = False,
     log: Log | None = None,
+    preview: int | None = None,
 ) -> dict[str, Any]:
     """Run the protocol (module docstring) into ``out``; returns the result (as written to
     ``results.json``: the plan, every cell, the summary and the verdicts) and writes
     ``table.md`` and ``chart.png`` beside it. ``log`` receives one line per finished step and
-    cell."""
+    cell. ``preview=N``: each purified copy's folder gets its ``preview.png`` (not part of the
+    plan: it changes no number)."""
     check_protocol(p)
     say: Log = log or (lambda s: None)
     root = prepare_out(p, out)
@@ -684,7 +694,7 @@ def run_protocol(
             subset = z["train_subset"] if "train_subset" in z.files else None
         for label, defense, over in rows:
             ts = _training_set(label, defense, poisoned, x_poisoned, sets, {**pur, **over},
-                               models, device, quiet, say)  # fmt: skip
+                               models, device, quiet, say, preview)  # fmt: skip
             if subset is not None:
                 ts.x, ts.y = ts.x[subset], ts.y[subset]
             if ts.change is not None:

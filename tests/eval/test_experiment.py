@@ -142,6 +142,42 @@ def test_experiment_end_to_end_and_resumes_cell_by_cell(photos, tmp_path, capsys
     assert json.loads(victim.read_text())["metrics"] == first["metrics"]
 
 
+def test_experiment_preview_per_purified_set(photos, tmp_path, capsys):
+    """``--preview N``: each purified copy's folder gets the picture of the poisoned set against
+    that copy (`data.preview`), also when a rerun reuses the copy."""
+    from puregen_fast.data.preview import make_preview
+
+    d, paths, _ = photos
+    out = tmp_path / "exp"
+    argv = ["eval", "experiment", "--dataset", "npz", "--data-dir", str(paths["train"]),
+            "--test-dataset", "npz", "--test-data-dir", str(paths["test"]),
+            "--trigger", str(d / "trigger.npy"), "--target-class", "1", "--count", "5",
+            "--defenses", "none,jpeg", "--jpeg-quality", "30",
+            "--classifier", "airbench:widths=8/8/8,steps=1", "--seeds", "0", "--device", "cpu",
+            "--quiet", "--out", str(out), "--preview", "4"]  # fmt: skip
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    (poisoned,) = out.glob("poison-*/poisoned.npz")
+    with np.load(poisoned) as z:
+        x = z["x"]
+    pngs = {}
+    for defense in ("none", "jpeg"):
+        (folder,) = poisoned.parent.glob(f"{defense}-*/")
+        pv = make_preview(x, pg.load_purified(folder).images, 4)
+        title = (f"{defense}: 4 of {len(x)} poisoned training images, evenly spaced; under "
+                 "each, its change in levels RMS (0-255)")  # fmt: skip
+        pngs[defense] = (folder / "preview.png").read_bytes()
+        assert pngs[defense] == pv.png(title)
+        assert (pv.rms == 0).all() == (defense == "none")
+        assert f"{defense}: 4 images before and after -> {folder / 'preview.png'}" in err
+    for f in poisoned.parent.glob("*/preview.png"):
+        f.unlink()
+    assert main(argv) == 0  # every copy reused: the pictures are drawn again, the same
+    for defense, png in pngs.items():
+        (folder,) = poisoned.parent.glob(f"{defense}-*/")
+        assert (folder / "preview.png").read_bytes() == png
+
+
 @pytest.mark.slow
 def test_experiment_grows_by_seeds_and_classifiers(photos, tmp_path):
     """Slow (about a minute on 2 CPU cores): 30 small trainings."""
@@ -241,6 +277,8 @@ def test_classifier_spec():
         (["--target-class", "7"], "--target-class 7"),
         (["--attack", "gradient-matching"], "--trigger applies to --attack narcissus"),
         (["--trigger", "{d}/nope.npy"], "--trigger"),
+        (["--preview", "0"], "--preview"),
+        (["--preview", "65"], "--preview"),
     ],
 )
 def test_experiment_bad_input_exits_2(photos, tmp_path, capsys, extra, needle):
