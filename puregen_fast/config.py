@@ -5,8 +5,10 @@
 * `PurifyConfig`: an `EngineConfig` plus the data and run options of ``puregen-fast purify``.
   `add_arguments` makes the command's flags from its fields (``ebm_steps`` -> ``--ebm-steps``),
   so a flag, its default, its help and its check cannot drift from the engine's.
-* `SamplerConfig`: the frozen settings a sampler is built from (the engine's step counts, sizes,
-  seed, resolved device and precision, and how to compile); never the engine object itself.
+
+A sampler is built from `puregen_fast.sampling.config.SamplerConfig`, which the engine makes from
+an `EngineConfig`; it lives with the samplers, so the sampling layer never imports this module
+(and, through it, the data set readers).
 
 A value that fails its check is a ValueError naming the field and its flag.
 """
@@ -20,14 +22,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
 from puregen_fast import methods, paper
 from puregen_fast.data.datasets import DATASETS, SPLITS
 from puregen_fast.data.preview import MAX_PREVIEW, PREVIEW
 from puregen_fast.models.checkpoints import DEFAULT_DDPM, DEFAULT_EBM
-from puregen_fast.models.schedule import DDPMSchedule
-from puregen_fast.runtime import PRECISIONS, check_mode, check_precision
+from puregen_fast.noise import MAX_SEED
+from puregen_fast.runtime import BACKENDS, CONV_IMPLS, PRECISIONS
 
 __all__ = [
     "BACKENDS",
@@ -37,7 +37,6 @@ __all__ = [
     "PURIFY_DATASETS",
     "EngineConfig",
     "PurifyConfig",
-    "SamplerConfig",
     "add_arguments",
     "flag",
     "needs_models",
@@ -45,10 +44,8 @@ __all__ = [
 
 # the method names, read live from the table of `puregen_fast.methods` (one row per method)
 METHODS = methods.METHOD_NAMES
-BACKENDS = ("auto", "reference", "fast")
-# the EBM's convolutions on the fast path: compiled torch (cuDNN), the Triton conv-block kernels,
-# or auto (on CUDA the faster of the two, measured once at the batch shape; torch on CPU)
-CONV_IMPLS = ("auto", "torch", "triton")
+# BACKENDS and CONV_IMPLS (`puregen_fast.runtime`) and MAX_SEED (`puregen_fast.noise`) are
+# defined below the sampling layer, which checks them too; named here as the flags' choices
 # how purified values in [0, 1] become bytes: round to the nearest level, or truncate as the
 # authors' ToPILImage does (mul(255).byte()); out-of-range values are clamped first, never wrapped
 QUANTIZE = ("round", "trunc")
@@ -57,7 +54,6 @@ FORMATS = ("npy", "png", "webdataset")
 PURIFY_DATASETS = (*DATASETS, "webdataset")
 DEFAULT_BATCH_SIZE = 256
 DEFAULT_SHARD_SIZE = 10_000
-MAX_SEED = (1 << 63) - 1
 # the upper ends of the flags' ranges (README "Flag ranges"): far past any real run, low enough
 # that a typo cannot ask for a chain that never ends or an allocation the size of a disk
 MAX_LANGEVIN_STEPS = 10_000  # far past the paper's chains (paper.LANGEVIN_STEPS)
@@ -326,19 +322,6 @@ class EngineConfig:
                 vals[k], where[k] = default, "the paper's default"
         return dataclasses.replace(self, **vals), where
 
-    def sampler(self, device: torch.device, **compile_kw: Any) -> SamplerConfig:
-        return SamplerConfig(
-            ebm_steps=self.ebm_steps,
-            ebm_eps=self.ebm_eps,
-            ebm_temp=self.ebm_temp,
-            ddpm_steps=self.ddpm_steps,
-            seed=self.seed,
-            device=device,
-            precision=self.precision,
-            conv_impl=self.conv_impl,
-            **compile_kw,
-        )
-
 
 @dataclass(frozen=True)
 class PurifyConfig(EngineConfig):
@@ -439,53 +422,6 @@ class PurifyConfig(EngineConfig):
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-
-@dataclass(frozen=True)
-class SamplerConfig:
-    """What a sampler is built from. ``cuda_graph=None``: capture on CUDA only. ``compile=False``
-    keeps the models eager (tests, debugging); ``compile_mode`` is one of
-    `runtime.COMPILE_MODES`; ``conv_impl`` one of `CONV_IMPLS` (the fast EBM's convolutions)."""
-
-    ebm_steps: int = paper.LANGEVIN_STEPS
-    ebm_eps: float = paper.LANGEVIN_EPS
-    ebm_temp: float = paper.LANGEVIN_TEMP
-    ddpm_steps: int = paper.DDPM_STEPS
-    seed: int = 0
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    precision: str = "fp32"
-    compile: bool = True
-    cuda_graph: bool | None = None
-    compile_mode: str = "default"
-    conv_impl: str = "auto"
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "device", torch.device(self.device))
-        if self.ebm_steps < 1 or self.ddpm_steps < 1:
-            raise ValueError(f"steps must be >= 1; got {self.ebm_steps}, {self.ddpm_steps}")
-        if not (self.ebm_eps > 0 and self.ebm_temp > 0):
-            raise ValueError(f"need eps > 0, temp > 0; got {self.ebm_eps}, {self.ebm_temp}")
-        if not 0 <= self.seed <= MAX_SEED:
-            raise ValueError(f"seed must lie in [0, 2**63); got {self.seed}")
-        check_precision(self.precision)
-        check_mode(self.compile_mode)
-        if self.conv_impl not in CONV_IMPLS:
-            raise ValueError(
-                f"conv_impl must be one of {', '.join(CONV_IMPLS)}; got {self.conv_impl!r}"
-            )
-        if self.cuda_graph and self.device.type != "cuda":
-            raise ValueError("cuda_graph needs a CUDA device")
-
-    @property
-    def graphs(self) -> bool:
-        """Whether the loops run as captured CUDA graphs."""
-        return self.device.type == "cuda" if self.cuda_graph is None else self.cuda_graph
-
-    def check_ddpm_steps(self, schedule: DDPMSchedule) -> None:
-        if not 1 <= self.ddpm_steps < schedule.num_train_timesteps:
-            raise ValueError(
-                f"steps must lie in [1, {schedule.num_train_timesteps}); got {self.ddpm_steps}"
-            )
 
 
 # ----------------------------------------------------------------------------- flags

@@ -33,6 +33,7 @@ __all__ = [
     "STREAM_TRAIN_EBM",
     "STREAM_TRAIN_DDPM",
     "MAX_SAMPLE_ID",
+    "MAX_SEED",
     "stream_id",
     "philox4x32",
     "uint_to_uniform",
@@ -47,6 +48,7 @@ STREAM_TRAIN_EBM = 3  # training: the EBM's persistent MCMC chains
 STREAM_TRAIN_DDPM = 4  # training: the DDPM's epsilon targets
 MAX_SAMPLE_ID = 1 << 48
 MAX_STREAM = 1 << 16
+MAX_SEED = (1 << 63) - 1  # the key is 64 bits; a seed fits a signed int64 (a tensor on device)
 
 _MASK = 0xFFFFFFFF
 _M0, _M1 = 0xD2511F53, 0xCD9E8D57  # Philox4x32 round multipliers
@@ -137,7 +139,7 @@ def randn(
     device = ids.device
     if not 0 <= stream < MAX_STREAM:
         raise ValueError(f"stream must lie in [0, 2**16); got {stream}")
-    if isinstance(seed, int) and not 0 <= seed < (1 << 63):
+    if isinstance(seed, int) and not 0 <= seed <= MAX_SEED:
         raise ValueError(f"seed must lie in [0, 2**63); got {seed}")
     if isinstance(step, int) and not 0 <= step <= _MASK:
         raise ValueError(f"step must lie in [0, 2**32); got {step}")

@@ -34,6 +34,7 @@ from puregen_fast.errors import DivergenceError, UsageError
 from puregen_fast.models.schedule import DDPMSchedule
 from puregen_fast.runtime import resolve_device
 from puregen_fast.sampling.backends import make_sampler
+from puregen_fast.sampling.config import SamplerConfig
 
 __all__ = [
     "Purifier",
@@ -165,7 +166,7 @@ class Purifier:
         no_model = self.row.model_free
         self.sampler = make_sampler(
             "reference" if no_model else backend,
-            cfg.sampler(self.device),
+            self._sampler_config(),
             self.ebm,
             self.ddpm,
             self.schedule,
@@ -188,20 +189,25 @@ class Purifier:
             return
         per_image = c.reps * (c.ebm_steps * (self.ebm is not None)
                               + c.ddpm_steps * (self.ddpm is not None))  # fmt: skip
-        self.sampler = make_sampler("auto", c.sampler(self.device), self.ebm, self.ddpm,
+        self.sampler = make_sampler("auto", self._sampler_config(), self.ebm, self.ddpm,
                                     self.schedule, image_steps=images * per_image)  # fmt: skip
         self.backend, self.backend_reason = self.sampler.name, self.sampler.reason
+
+    def _sampler_config(self) -> SamplerConfig:
+        """The sampler's settings: the resolved chain, seed and precision, on this device (the
+        one place the engine's settings are copied into the sampling layer's)."""
+        c = self.config
+        return SamplerConfig(
+            ebm_steps=c.ebm_steps, ebm_eps=c.ebm_eps, ebm_temp=c.ebm_temp,
+            ddpm_steps=c.ddpm_steps, seed=c.seed, device=self.device, precision=c.precision,
+            conv_impl=c.conv_impl,
+        )  # fmt: skip
 
     @property
     def conv_impl_reason(self) -> str | None:
         """What runs the EBM's convolutions and why (None without an EBM); with ``auto`` on CUDA
-        the times measured at the first batch."""
-        lang = getattr(self.sampler, "langevin", None)
-        if self.ebm is None:
-            return None
-        if lang is None:
-            return "reference backend: eager torch convolutions"
-        return f"{lang.conv_impl}: {lang.conv_impl_reason}"
+        the times measured at the first batch (the sampler's `Sampler.conv_impl_reason`)."""
+        return self.sampler.conv_impl_reason if self.ebm is not None else None
 
     # -- conversion -------------------------------------------------------------------------
     def _to_x(self, images: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, bool]:

@@ -38,6 +38,8 @@ from typing import Any, TypeVar
 import torch
 
 __all__ = [
+    "BACKENDS",
+    "CONV_IMPLS",
     "PRECISIONS",
     "COMPILE_MODES",
     "THREADS_ENV",
@@ -60,6 +62,13 @@ __all__ = [
 ]
 
 PRECISIONS = ("fp32", "tf32", "bf16")
+# which sampler runs (DESIGN 6): the compiled fast path, the eager reference, or auto (fast
+# where it runs); here, beside the precisions, so the sampling layer and the configuration
+# share one list without the sampling layer importing the configuration
+BACKENDS = ("auto", "reference", "fast")
+# the EBM's convolutions on the fast path: compiled torch (cuDNN), the Triton conv-block kernels,
+# or auto (on CUDA the faster of the two, measured once at the batch shape; torch on CPU)
+CONV_IMPLS = ("auto", "torch", "triton")
 
 # the samplers capture their own CUDA graphs, so no mode that makes inductor capture one;
 # max-autotune-no-cudagraphs also tries inductor's Triton convolution and matmul templates

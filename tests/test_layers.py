@@ -5,6 +5,8 @@ have no circle. The checker is also run on small planted trees, so it is known t
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -189,3 +191,62 @@ def test_models_importing_sampling_is_refused(tmp_path):
 )
 def test_planted_violations_are_found(tmp_path, files, expect):
     assert any(expect in v for v in violations(_tree(tmp_path, files)))
+
+
+def reached(graph: dict[str, set[str]], start: str) -> set[str]:
+    """Every module ``start``'s imports reach, transitively (function-local imports too)."""
+    seen: set[str] = set()
+    todo = [start]
+    while todo:
+        for m in graph.get(todo.pop(), ()):
+            if m not in seen:
+                seen.add(m)
+                todo.append(m)
+    return seen
+
+
+def data_beyond_leaves(mods: set[str]) -> list[str]:
+    """The data modules among ``mods`` other than the leaves every layer may use (and the
+    package's empty ``__init__``)."""
+    ok = {"puregen_fast.data", "puregen_fast.data.io", "puregen_fast.data.pickle_scan"}
+    return sorted(m for m in mods if m.startswith("puregen_fast.data") and m not in ok)
+
+
+def test_the_sampling_layer_never_reaches_the_data_readers():
+    """DESIGN 1: the samplers need models, kernels and the runtime, not the data set readers
+    (once pulled in through the configuration's list of data set names)."""
+    graph = graph_of(ROOTS, REPO)
+    sampling = [m for m in graph if m.startswith("puregen_fast.sampling")]
+    assert "puregen_fast.sampling.backends" in sampling
+    for m in sampling:
+        assert data_beyond_leaves(reached(graph, m)) == [], m
+        assert "puregen_fast.config" not in reached(graph, m), m
+
+
+def test_importing_the_sampling_layer_loads_no_data_reader():
+    """The same at run time: the package face imports its names lazily, so importing a layer
+    loads only what that layer imports."""
+    code = ("import sys, puregen_fast.sampling.backends, puregen_fast.sampling.conv_grad; "
+            "print(' '.join(m for m in sys.modules if m.startswith('puregen_fast.')))")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, cwd=REPO).stdout.split()  # fmt: skip
+    assert "puregen_fast.sampling.langevin" in out
+    assert data_beyond_leaves(set(out)) == []
+    assert "puregen_fast.config" not in out
+
+
+def test_a_sampling_module_reaching_the_readers_is_found(tmp_path):
+    g = _tree(tmp_path, {"sampling/s.py": "from puregen_fast import config\n",
+                         "config.py": "from puregen_fast.data.datasets import DATASETS\n",
+                         "data/datasets.py": "DATASETS = ()\n"})  # fmt: skip
+    assert data_beyond_leaves(reached(g, "puregen_fast.sampling.s")) == [
+        "puregen_fast.data.datasets"]
+
+
+def test_the_package_face_gives_every_public_name():
+    import puregen_fast as pg
+
+    assert sorted(pg.__all__) == sorted([*pg._WHERE, "__version__"])
+    for name in pg.__all__:
+        assert getattr(pg, name) is not None, name
+    assert pg.Purifier.__module__ == "puregen_fast.purifier" and pg.noise.STREAM_EBM == 1

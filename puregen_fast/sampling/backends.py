@@ -26,10 +26,10 @@ from torch import nn
 
 from puregen_fast import noise as pgnoise
 from puregen_fast import paper, reference
-from puregen_fast.config import BACKENDS, SamplerConfig
 from puregen_fast.kernels.availability import triton_available
 from puregen_fast.models.schedule import DDPMSchedule
-from puregen_fast.runtime import cpu_bf16, precision_context
+from puregen_fast.runtime import BACKENDS, cpu_bf16, precision_context
+from puregen_fast.sampling.config import SamplerConfig
 from puregen_fast.sampling.ddpm import FastDDPM
 from puregen_fast.sampling.langevin import FastLangevin
 
@@ -92,6 +92,19 @@ class Sampler(abc.ABC):
 
     update_impl: str  # what performs the per-step updates
 
+    @property
+    @abc.abstractmethod
+    def conv_impl(self) -> str | None:
+        """What computes the EBM's convolutions ("torch", "triton", "auto" until measured at
+        the first batch, "reference" on the reference backend); None without an EBM."""
+
+    @property
+    @abc.abstractmethod
+    def conv_impl_reason(self) -> str | None:
+        """Why `conv_impl` runs here (with ``auto`` on CUDA: both measured times); None without
+        an EBM. Worked out once, by the backend that runs the convolutions; the stage samplers
+        and the engine pass it on as it is."""
+
     def ebm(
         self,
         x: torch.Tensor,
@@ -124,6 +137,14 @@ class ReferenceSampler(Sampler):
 
     def _build(self, ebm: nn.Module | None, ddpm: nn.Module | None) -> None:
         self._ebm_model, self._ddpm_model = ebm, ddpm
+
+    @property
+    def conv_impl(self) -> str | None:
+        return None if self._ebm_model is None else "reference"
+
+    @property
+    def conv_impl_reason(self) -> str | None:
+        return None if self._ebm_model is None else "reference backend: eager torch convolutions"
 
     def _ebm(self, x, ids, stream, step_offset, pad_to):  # noqa: D102
         cfg = self.cfg
@@ -162,6 +183,14 @@ class FastSampler(Sampler):
 
     def _ddpm(self, x, ids, stream, pad_to):
         return _model(self.diffusion, "a DDPM").run(x, ids, stream, pad_to)
+
+    @property
+    def conv_impl(self) -> str | None:
+        return None if self.langevin is None else self.langevin.conv_impl
+
+    @property
+    def conv_impl_reason(self) -> str | None:  # `FastLangevin` works it out (and measures auto)
+        return None if self.langevin is None else self.langevin.conv_impl_reason
 
     @property
     def captures(self) -> int:
@@ -295,17 +324,13 @@ class LangevinSampler(_Stage):
     @property
     def conv_impl(self) -> str:
         """What computes the EBM's convolutions: "torch", "triton", "auto" until measured (at the
-        first batch), or "reference" on the reference backend."""
-        lang = getattr(self.sampler, "langevin", None)
-        return lang.conv_impl if lang is not None else "reference"
+        first batch), or "reference" on the reference backend (`Sampler.conv_impl`)."""
+        return self.sampler.conv_impl
 
     @property
     def conv_impl_reason(self) -> str:
-        """Why `conv_impl` runs here (with ``auto`` on CUDA: both measured times)."""
-        lang = getattr(self.sampler, "langevin", None)
-        if lang is None:
-            return "reference backend: eager torch convolutions"
-        return lang.conv_impl_reason
+        """Why `conv_impl` runs here (`Sampler.conv_impl_reason`)."""
+        return self.sampler.conv_impl_reason
 
 
 class DDPMSampler(_Stage):

@@ -18,11 +18,11 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from puregen_fast.config import SamplerConfig
 from puregen_fast.kernels import ddpm as kddpm
 from puregen_fast.kernels.availability import triton_available
 from puregen_fast.models.schedule import DDPMSchedule
 from puregen_fast.runtime import compile_static, precision_context
+from puregen_fast.sampling.config import SamplerConfig
 from puregen_fast.sampling.cuda_graphs import LoopGraphs
 
 __all__ = ["FastDDPM"]

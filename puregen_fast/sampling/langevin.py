@@ -32,12 +32,12 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from puregen_fast.config import SamplerConfig
 from puregen_fast.kernels import langevin as klangevin
 from puregen_fast.kernels.availability import triton_available
 from puregen_fast.models.ebm import EBMSNGAN32
 from puregen_fast.models.ebm_folded import FoldedEBM
 from puregen_fast.runtime import compile_static, precision_context
+from puregen_fast.sampling.config import SamplerConfig
 from puregen_fast.sampling.conv_grad import ConvEnergyGrad, conv_kernels_usable
 from puregen_fast.sampling.cuda_graphs import LoopGraphs
 

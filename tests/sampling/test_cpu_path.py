@@ -13,9 +13,9 @@ from helpers import assert_rel
 
 import puregen_fast as pg
 from puregen_fast import runtime
-from puregen_fast.config import SamplerConfig
 from puregen_fast.sampling import langevin
 from puregen_fast.sampling.backends import AUTO_CPU_MIN_IMAGE_STEPS, fast_available
+from puregen_fast.sampling.config import SamplerConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads only contend
 CPU = torch.device("cpu")
