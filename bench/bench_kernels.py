@@ -57,7 +57,7 @@ def _median_ms(fn: Callable[[], object], iters: int = 100, warmup: int = 10) -> 
 
 @pytest.fixture(scope="module")
 def data() -> dict[str, torch.Tensor]:
-    from puregen_fast.kernels._noise import kernels_interpreted
+    from puregen_fast.kernels._launch import kernels_interpreted
 
     if kernels_interpreted():
         pytest.skip("TRITON_INTERPRET=1: kernels were built for the CPU interpreter")

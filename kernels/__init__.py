@@ -9,11 +9,13 @@ tensors only, plus:
 * ``torch``, and ``triton`` where it is installed (without it the modules still import and the
   eager twins run);
 * `puregen_fast.noise`: the keyed noise stream they reproduce (`randn`, the ``STREAM_*`` ids,
-  the id and stream limits), in `_noise`, `langevin` and `ddpm`;
+  the id and stream limits), in `_launch`, `langevin` and `ddpm`;
 * `puregen_fast.models.schedule`, in `ddpm` only: the DDPM coefficient table's column layout
   (``COL_*``, ``N_COLS``) and `ddpm_coefficients`, the paper's table used when none is given;
-* each other: `_noise` holds the Triton Philox helpers and the launch helpers (argument checks,
-  block sizes, device guard) that `langevin`, `ddpm`, `ebm_conv` and `availability` share.
+* each other: `_launch` holds what every launcher shares (triton or its stand-in, argument
+  checks, block sizes, device guard), used by `_noise`, `langevin`, `ddpm`, `ebm_conv` and
+  `availability`; `_noise` holds the keyed stream in Triton (the Philox helpers the update
+  kernels call, and `randn_triton`/`philox_triton`), used by `langevin` and `ddpm`.
 
 Nothing else of the package: never the sampling layer, the engine, the reference or the
 configuration.

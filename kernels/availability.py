@@ -20,7 +20,7 @@ def triton_available(device: torch.device | str | None = None) -> tuple[bool, st
         import triton
     except ImportError as e:
         return False, f"triton is not importable ({e}); the eager twins run instead"
-    from ._noise import kernels_interpreted
+    from ._launch import kernels_interpreted
 
     if kernels_interpreted():
         return True, (

@@ -37,23 +37,21 @@ from puregen_fast.models.schedule import (
 )
 from puregen_fast.noise import STREAM_DDPM, randn
 
-from ._noise import (
+from ._launch import (
     check_launchable,
     check_operand,
     check_state,
     device_guard,
     ids_arg,
-    lanes4,
     load_scalar,
     pick_block,
-    randn4,
-    row_tile,
     scalar_arg,
     seed_step_args,
     stream_arg,
     tl,
     triton,
 )
+from ._noise import lanes4, randn4, row_tile
 
 __all__ = [
     "ddpm_add_noise_",

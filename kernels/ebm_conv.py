@@ -33,7 +33,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._noise import check_launchable, device_guard, kernels_interpreted, tl, triton
+from ._launch import check_launchable, device_guard, kernels_interpreted, tl, triton
 
 __all__ = [
     "CONV_SHAPES",

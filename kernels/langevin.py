@@ -19,22 +19,20 @@ import torch
 
 from puregen_fast.noise import STREAM_EBM, randn
 
-from ._noise import (
+from ._launch import (
     check_launchable,
     check_operand,
     check_state,
     device_guard,
     ids_arg,
-    lanes4,
     load_scalar,
     pick_block,
-    randn4,
-    row_tile,
     seed_step_args,
     stream_arg,
     tl,
     triton,
 )
+from ._noise import lanes4, randn4, row_tile
 
 __all__ = ["langevin_step_", "langevin_step_eager"]
 

@@ -22,7 +22,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 
 from helpers import DEADLINE_ENV, budget_spent  # noqa: E402
 
-from puregen_fast import runtime  # noqa: E402  (after TRITON_INTERPRET: it imports the kernels)
+from puregen_fast import runtime  # noqa: E402  (after TRITON_INTERPRET, like every import here)
 
 # inductor fixes its cache folder at the first compile; pin it now to the user's compile cache,
 # before tests point $PUREGEN_FAST_CACHE at temporary folders, so compiled code outlives a run
