@@ -171,9 +171,39 @@ class _Run:
         for s, e in _batches(*self.writer.ranges[k], self.batch_size):
             yield (s, e, *_padded(self.dataset.images, s, e, self.batch_size))
 
-    def bar(self, total: int, desc: str, initial: int = 0) -> tqdm:
-        return tqdm(total=total, initial=initial, unit="img", desc=desc,
-                    disable=not self.show, dynamic_ncols=True)  # fmt: skip
+    def bar(self, total: int, desc: str, initial: int = 0, per_image: int = 1) -> tqdm:
+        """A bar of ``total`` images. ``per_image`` > 1: it counts image-steps (an image times
+        the engine's chain steps) and shows images to a tenth, so it moves within a batch and
+        its rate and ETA are right from the first steps; redrawn at most 4 times a second."""
+        kw: dict[str, Any] = {}
+        if per_image > 1:
+            kw = {"unit_scale": 1 / per_image, "bar_format": _STEP_BAR}
+        return tqdm(total=total * per_image, initial=initial * per_image, unit="img", desc=desc,
+                    disable=not self.show, dynamic_ncols=True, mininterval=0.25,
+                    **kw)  # fmt: skip
+
+
+# images to a tenth (tqdm's own format would print the scaled count's every float digit)
+_STEP_BAR = ("{desc}: {percentage:3.0f}%|{bar}| {n:.1f}/{total:.0f} [{elapsed}<{remaining}, "
+             "{rate_fmt}{postfix}]")  # fmt: skip
+
+
+class _Steps:
+    """``progress`` for one batch of ``images`` real images: each chain step the engine reports
+    moves the bar by ``images`` image-steps (host-side counting: the device is never read);
+    `finish` completes the batch exactly, whatever was reported (filt may run no step)."""
+
+    def __init__(self, bar: tqdm, images: int, per_image: int) -> None:
+        self.bar, self.images, self.left = bar, images, per_image
+
+    def __call__(self, k: int) -> None:
+        k = min(int(k), self.left)
+        if k > 0:
+            self.left -= k
+            self.bar.update(k * self.images)
+
+    def finish(self) -> None:
+        self(self.left)
 
 
 def _plan(
@@ -313,20 +343,24 @@ def _purify_shards(
     desc = "purify" if run.dist.world == 1 else f"purify (rank 0 of {run.dist.world})"
     purified, first_s, first_n = 0, None, 0
     fast = getattr(run.purifier, "backend", None) == "fast"
-    with run.bar(run.size(run.mine), desc, initial=run.size(records)) as bar:
+    # the bar counts image-steps, so a long batch moves it (quiet: no callback at all)
+    per = max(1, int(getattr(run.purifier, "chain_steps", 0) or 0)) if run.show else 1
+    with run.bar(run.size(run.mine), desc, initial=run.size(records), per_image=per) as bar:
         for k in todo:
             s0, e0 = run.writer.ranges[k]
             res = np.empty((e0 - s0, *run.shape), dtype=np.uint8)
             for s, e, x, ids in run.batches(k):
                 if first_s is None and fast:  # not a silent 0/N while inductor compiles
                     bar.set_postfix_str(COMPILING)
+                steps = _Steps(bar, e - s, per)
                 t = time.perf_counter()
-                res[s - s0 : e - s0] = np.asarray(run.purifier(x, ids, **kw))[: e - s]
+                pkw = {"progress": steps} if per > 1 else {}
+                res[s - s0 : e - s0] = np.asarray(run.purifier(x, ids, **kw, **pkw))[: e - s]
                 if first_s is None:
                     first_s, first_n = time.perf_counter() - t, e - s
                     if fast:
                         bar.set_postfix_str("", refresh=False)
-                bar.update(e - s)
+                steps.finish()
                 purified += e - s
             records[k] = _write_out(run.out, run.writer.write_shard, k, res, run.labels[s0:e0])
     return purified, first_s, first_n

@@ -275,15 +275,29 @@ class Purifier:
         return ids.to(self.device)
 
     # -- public -----------------------------------------------------------------------------
+    @property
+    def chain_steps(self) -> int:
+        """The chain steps one call runs, each over its whole batch (Langevin steps and DDPM
+        reverse steps, every round): what ``progress`` counts to. 0 without a model."""
+        if self.row.model_free:
+            return 0
+        c = self.config
+        return c.reps * (c.ebm_steps * (self.ebm is not None)
+                         + c.ddpm_steps * (self.ddpm is not None))  # fmt: skip
+
     def __call__(
         self,
         images: np.ndarray | torch.Tensor,
         sample_ids: Sequence[int] | np.ndarray | torch.Tensor,
         *,
         filter_threshold: float | None = None,
+        progress: reference.Progress | None = None,
     ) -> np.ndarray | torch.Tensor:
         """Purify ``images``; ``filter_threshold`` (filt): purify the images whose EBM energy is
-        at least this (a data set's global threshold), instead of the batch's top fraction."""
+        at least this (a data set's global threshold), instead of the batch's top fraction.
+        ``progress(k)``: told of k more chain steps done, up to `chain_steps` per call (filt
+        tells nothing where no image of the batch passes its threshold), counted on the host as
+        the steps are issued: it moves within a batch and never changes the output."""
         x, was_uint8 = self._to_x(images)
         ids = self._ids(sample_ids, x.shape[0])
         self.check_image_size(x.shape[2], x.shape[3])
@@ -298,24 +312,29 @@ class Purifier:
             if bool(mask.any()):
                 x = x.clone()
                 # a data-dependent subset: let the fast sampler bucket its capture sizes
-                x[mask] = self._stages(stages[1:], x[mask], ids[mask], pad_to=x.shape[0])
+                x[mask] = self._stages(stages[1:], x[mask], ids[mask], pad_to=x.shape[0],
+                                       progress=progress)  # fmt: skip
         else:
-            x = self._stages(stages, x, ids)
+            x = self._stages(stages, x, ids, progress=progress)
         return self._from_x(x, images, was_uint8, self.config.quantize)
 
     def _stages(
-        self, stages: Sequence[str], x: torch.Tensor, ids: torch.Tensor, pad_to: int | None = None
-    ) -> torch.Tensor:
+        self, stages: Sequence[str], x: torch.Tensor, ids: torch.Tensor, pad_to: int | None = None,
+        progress: reference.Progress | None = None,
+    ) -> torch.Tensor:  # fmt: skip
         """``stages`` in order, ``reps`` rounds (1 unless the method repeats); a stage of an
         optional model not given is skipped."""
+        kw: dict[str, Any] = {"pad_to": pad_to}
+        if progress is not None:  # only when asked: a sampler-like without it still runs
+            kw["progress"] = progress
         for r in range(self.config.reps):
             for stage in stages:
                 if stage == "ebm" and self.ebm is not None:
                     stream = pgnoise.stream_id(pgnoise.STREAM_EBM, r)
-                    x = self._guard(self.sampler.ebm(x, ids, stream, pad_to=pad_to), ids, "ebm")
+                    x = self._guard(self.sampler.ebm(x, ids, stream, **kw), ids, "ebm")
                 elif stage == "ddpm" and self.ddpm is not None:
                     stream = pgnoise.stream_id(pgnoise.STREAM_DDPM, r)
-                    x = self._guard(self.sampler.ddpm(x, ids, stream, pad_to=pad_to), ids, "ddpm")
+                    x = self._guard(self.sampler.ddpm(x, ids, stream, **kw), ids, "ddpm")
                 elif stage == "jpeg":
                     x = self._jpeg(x)
         return x

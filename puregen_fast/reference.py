@@ -35,11 +35,15 @@ __all__ = [
     "energy",
     "filter_mask",
     "jpeg",
+    "Progress",
 ]
 
 Noise = torch.Tensor | Callable[[int], torch.Tensor] | None
 # keyed noise for combinations: (stream, step) -> Tensor
 StreamNoise = Callable[[int, int], torch.Tensor] | None
+# told how many steps just finished (each over the whole batch): progress that moves within a
+# batch, counted on the host (no device value read, so no sync on a GPU)
+Progress = Callable[[int], None]
 
 
 def _check_noise(noise: Noise, n: int, x: torch.Tensor, what: str) -> None:
@@ -78,12 +82,14 @@ def ebm_purify(
     noise: Noise = None,
     *,
     check_range: bool = True,
+    progress: Progress | None = None,
 ) -> torch.Tensor:
     """Langevin dynamics on the EBM, ``steps`` times (the paper: 150, 1.25e-2, 1e-4, no initial
     noise): ``x <- x - (eps^2 / 2) * grad_x(sum E(x) / temp) + eps * z``.
 
     ``noise``: optional tensor (steps, B, 3, H, W) used in place of ``torch.randn``.
     ``check_range``: refuse x outside [-1, 1] (off where x comes from an earlier stage).
+    ``progress``: called with 1 after each step (host side: it reads no device value).
     """
     check_x(x, "ebm_purify", check_range)
     _check_noise(noise, steps, x, "ebm_purify")
@@ -95,6 +101,8 @@ def ebm_purify(
             (grad,) = torch.autograd.grad(e, [xg])
         x = x.detach() - (eps**2 / 2) * grad
         x = x + eps * _draw(noise, i, x)
+        if progress is not None:
+            progress(1)
     return x.detach()
 
 
@@ -136,13 +144,15 @@ def ddpm_purify(
     noise: Noise = None,
     *,
     check_range: bool = True,
+    progress: Progress | None = None,
 ) -> torch.Tensor:
     """DDPM purification as the authors run it: forward-noise to timestep ``t = steps``, then
     reverse over ``t = steps-1, ..., 0``. Yes: noised at 75 and denoised from 74 (the authors
     use ``scheduler.timesteps[-steps:]`` after ``add_noise(..., timesteps=steps)``); we keep it.
 
     ``noise``: optional tensor (steps + 1, B, 3, H, W): [0] forward noise, [i] reverse step i
-    (at t = steps - i; the last entry, t = 0, is unused).
+    (at t = steps - i; the last entry, t = 0, is unused). ``progress``: called with 1 after
+    each reverse step (``steps`` calls in all).
     """
     if not 1 <= steps < sched.num_train_timesteps:
         raise ValueError(f"ddpm steps must lie in [1, {sched.num_train_timesteps}); got {steps}")
@@ -153,6 +163,8 @@ def ddpm_purify(
         t = steps - i
         z = _draw(noise, i, x_t) if t > 0 else None
         x_t = ddpm_step(sched, _eps(unet, x_t, t), t, x_t, z)
+        if progress is not None:
+            progress(1)
     return x_t
 
 

@@ -85,10 +85,12 @@ class Sampler(abc.ABC):
     def _build(self, ebm: nn.Module | None, ddpm: nn.Module | None) -> None: ...
 
     @abc.abstractmethod
-    def _ebm(self, x, ids, stream: int, step_offset: int, pad_to: int | None) -> torch.Tensor: ...
+    def _ebm(self, x, ids, stream: int, step_offset: int, pad_to: int | None,
+             progress: reference.Progress | None = None) -> torch.Tensor: ...  # fmt: skip
 
     @abc.abstractmethod
-    def _ddpm(self, x, ids, stream: int, pad_to: int | None) -> torch.Tensor: ...
+    def _ddpm(self, x, ids, stream: int, pad_to: int | None,
+              progress: reference.Progress | None = None) -> torch.Tensor: ...  # fmt: skip
 
     update_impl: str  # what performs the per-step updates
 
@@ -112,10 +114,13 @@ class Sampler(abc.ABC):
         stream: int = pgnoise.STREAM_EBM,
         step_offset: int = 0,
         pad_to: int | None = None,
+        progress: reference.Progress | None = None,
     ) -> torch.Tensor:
-        """``cfg.ebm_steps`` Langevin steps, noise steps ``step_offset + i`` of ``stream``."""
+        """``cfg.ebm_steps`` Langevin steps, noise steps ``step_offset + i`` of ``stream``.
+        ``progress(k)``: told of k more steps done, as the host issues them (each step; a CUDA
+        graph's replay at once); it never reads the device, and the outputs do not change."""
         x, ids = _inputs(x, ids, self.cfg.device)
-        return self._ebm(x, ids, stream, step_offset, pad_to)
+        return self._ebm(x, ids, stream, step_offset, pad_to, progress)
 
     def ddpm(
         self,
@@ -123,10 +128,12 @@ class Sampler(abc.ABC):
         ids: torch.Tensor,
         stream: int = pgnoise.STREAM_DDPM,
         pad_to: int | None = None,
+        progress: reference.Progress | None = None,
     ) -> torch.Tensor:
-        """Forward noise to ``cfg.ddpm_steps``, then the reverse steps to 0."""
+        """Forward noise to ``cfg.ddpm_steps``, then the reverse steps to 0; ``progress`` as
+        for `ebm`, told of the ``cfg.ddpm_steps`` reverse steps."""
         x, ids = _inputs(x, ids, self.cfg.device)
-        return self._ddpm(x, ids, stream, pad_to)
+        return self._ddpm(x, ids, stream, pad_to, progress)
 
 
 class ReferenceSampler(Sampler):
@@ -146,22 +153,22 @@ class ReferenceSampler(Sampler):
     def conv_impl_reason(self) -> str | None:
         return None if self._ebm_model is None else "reference backend: eager torch convolutions"
 
-    def _ebm(self, x, ids, stream, step_offset, pad_to):  # noqa: D102
+    def _ebm(self, x, ids, stream, step_offset, pad_to, progress=None):  # noqa: D102
         cfg = self.cfg
         z = pgnoise.keyed(cfg.seed, stream, ids, x.shape[1:], step_offset)
         with precision_context(cfg.precision, cfg.device):
             return reference.ebm_purify(
                 _model(self._ebm_model, "an EBM"), x, cfg.ebm_steps, cfg.ebm_eps, cfg.ebm_temp,
-                noise=z, check_range=False,
+                noise=z, check_range=False, progress=progress,
             )  # fmt: skip
 
-    def _ddpm(self, x, ids, stream, pad_to):
+    def _ddpm(self, x, ids, stream, pad_to, progress=None):
         cfg = self.cfg
         z = pgnoise.keyed(cfg.seed, stream, ids, x.shape[1:])
         with precision_context(cfg.precision, cfg.device):
             out = reference.ddpm_purify(
                 _model(self._ddpm_model, "a DDPM"), self.schedule, x, cfg.ddpm_steps, noise=z,
-                check_range=False,
+                check_range=False, progress=progress,
             )  # fmt: skip
         return out.float()
 
@@ -178,12 +185,6 @@ class FastSampler(Sampler):
         loops = [s for s in (self.langevin, self.diffusion) if s is not None]
         self.update_impl = ", ".join(s.update_impl for s in loops)
 
-    def _ebm(self, x, ids, stream, step_offset, pad_to):
-        return _model(self.langevin, "an EBM").run(x, ids, stream, step_offset, pad_to)
-
-    def _ddpm(self, x, ids, stream, pad_to):
-        return _model(self.diffusion, "a DDPM").run(x, ids, stream, pad_to)
-
     @property
     def conv_impl(self) -> str | None:
         return None if self.langevin is None else self.langevin.conv_impl
@@ -191,6 +192,13 @@ class FastSampler(Sampler):
     @property
     def conv_impl_reason(self) -> str | None:  # `FastLangevin` works it out (and measures auto)
         return None if self.langevin is None else self.langevin.conv_impl_reason
+
+    def _ebm(self, x, ids, stream, step_offset, pad_to, progress=None):
+        lang = _model(self.langevin, "an EBM")
+        return lang.run(x, ids, stream, step_offset, pad_to, progress=progress)
+
+    def _ddpm(self, x, ids, stream, pad_to, progress=None):
+        return _model(self.diffusion, "a DDPM").run(x, ids, stream, pad_to, progress=progress)
 
     @property
     def captures(self) -> int:
@@ -317,9 +325,11 @@ class LangevinSampler(_Stage):
         stream: int = pgnoise.STREAM_EBM,
         step_offset: int = 0,
         pad_to: int | None = None,
+        progress: reference.Progress | None = None,
     ) -> torch.Tensor:
-        """``pad_to``: the largest batch to expect, where sizes vary (`LoopGraphs`)."""
-        return self.sampler.ebm(x, sample_ids, stream, step_offset, pad_to)
+        """``pad_to``: the largest batch to expect, where sizes vary (`LoopGraphs`);
+        ``progress``: told of the steps done (`Sampler.ebm`)."""
+        return self.sampler.ebm(x, sample_ids, stream, step_offset, pad_to, progress)
 
     @property
     def conv_impl(self) -> str:
@@ -364,6 +374,8 @@ class DDPMSampler(_Stage):
         sample_ids: torch.Tensor,
         stream: int = pgnoise.STREAM_DDPM,
         pad_to: int | None = None,
+        progress: reference.Progress | None = None,
     ) -> torch.Tensor:
-        """``pad_to``: the largest batch to expect, where sizes vary (`LoopGraphs`)."""
-        return self.sampler.ddpm(x, sample_ids, stream, pad_to)
+        """``pad_to``: the largest batch to expect, where sizes vary (`LoopGraphs`);
+        ``progress``: told of the reverse steps done (`Sampler.ddpm`)."""
+        return self.sampler.ddpm(x, sample_ids, stream, pad_to, progress)

@@ -14,19 +14,26 @@ computes every batch as an uninterrupted one does). The samplers pad the same wa
 graph, so compiles stay bounded on CPU too. The graphs of one `LoopGraphs` share one memory
 pool: they are replayed one at a time and nothing allocated inside a capture outlives it, so
 their intermediates can share memory (filt and reps would otherwise hold one pool per graph).
+
+Progress: without a graph the loop itself reports each step as the host issues it (``progress``,
+outside any compiled region); a replay is one piece of work whose end the host knows, so it is
+reported whole, once, after the replay is launched. Nothing reads the device to report it, and a
+capture never sees the callback (it would run once, at capture, and never on replay).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 __all__ = ["Loop", "LoopGraphs", "bucket", "pad_rows"]
 
-# loop(x, ids, stream, steps): update x in place over the step numbers in `steps`
-Loop = Callable[[torch.Tensor, torch.Tensor, int, torch.Tensor], None]
+# loop(x, ids, stream, steps[, progress]): update x in place over the step numbers in `steps`;
+# ``progress(k)``, where given, is told of k more steps done
+Loop = Callable[..., None]
 
 
 @dataclass
@@ -54,9 +61,15 @@ def pad_rows(x: torch.Tensor, ids: torch.Tensor, size: int) -> tuple[torch.Tenso
 
 
 class LoopGraphs:
-    def __init__(self, device: torch.device, n_steps: int, loop: Loop, warmup: Loop) -> None:
-        """``warmup`` runs a few steps before capture (compile, autotune, allocate)."""
+    def __init__(
+        self, device: torch.device, n_steps: int, loop: Loop, warmup: Loop,
+        units: int | None = None,
+    ) -> None:  # fmt: skip
+        """``warmup`` runs a few steps before capture (compile, autotune, allocate). ``units``:
+        the progress one loop reports (default ``n_steps``; the DDPM's forward noising is no
+        step of its own)."""
         self.device, self.n_steps = device, n_steps
+        self.units = n_steps if units is None else units
         self.loop, self.warmup = loop, warmup
         self._graphs: dict[tuple[int, ...], _Graph] = {}
         self._pool = None  # one memory pool for all of this loop's graphs (module doc)
@@ -90,15 +103,20 @@ class LoopGraphs:
         first_step: int,
         pad_to: int | None = None,
         graph: bool = True,
+        progress: Callable[[int], Any] | None = None,
     ) -> torch.Tensor:
         """Replay the loop on a copy of ``x`` with step numbers ``first_step + [0, n_steps)``.
-        ``graph=False`` runs the loop itself (no CUDA graph), padded to the same bucket."""
+        ``graph=False`` runs the loop itself (no CUDA graph), padded to the same bucket.
+        ``progress``: told of the steps done (module doc)."""
         b, rest = x.shape[0], tuple(x.shape[1:])
         if not graph:
             xp, ip = pad_rows(x, ids, bucket(b, pad_to))  # bounded shapes, bounded compiles
             out = xp.clone(memory_format=torch.contiguous_format)  # the kernels need dense rows
             steps = torch.arange(self.n_steps, dtype=torch.int64, device=self.device) + first_step
-            self.loop(out, ip, stream, steps)
+            if progress is None:
+                self.loop(out, ip, stream, steps)
+            else:
+                self.loop(out, ip, stream, steps, progress)
             return out if out.shape[0] == b else out[:b].clone()
         if pad_to:  # always the bucket's graph: the shape must not depend on earlier batches
             size = bucket(b, pad_to)
@@ -116,4 +134,6 @@ class LoopGraphs:
         g.steps.copy_(torch.arange(self.n_steps, dtype=torch.int64, device=self.device))
         g.steps.add_(first_step)
         g.graph.replay()
+        if progress is not None:  # the whole replay is issued: the host knows no finer
+            progress(self.units)
         return g.x[:b].clone()

@@ -59,7 +59,7 @@ class FastDDPM:
         steps = cfg.ddpm_steps
         # reverse step i runs at t = steps - i; draw 0 is the forward noise
         self._t = torch.arange(steps, -1, -1, dtype=torch.int64, device=dev)  # [steps, ..., 0]
-        self._graphs = LoopGraphs(dev, steps + 1, self._loop, self._warmup)
+        self._graphs = LoopGraphs(dev, steps + 1, self._loop, self._warmup, units=steps)
 
     @property
     def captures(self) -> int:
@@ -74,13 +74,17 @@ class FastDDPM:
     def _kw(self, ids: torch.Tensor, stream: int) -> dict:
         return {"seed": self._seed, "sample_ids": ids, "stream": stream, "coefficients": self._coef}
 
-    def _loop(self, x: torch.Tensor, ids: torch.Tensor, stream: int, draws: torch.Tensor) -> None:
-        """Forward noise with draw 0, then reverse step i at t = steps - i with draw i."""
+    def _loop(self, x: torch.Tensor, ids: torch.Tensor, stream: int, draws: torch.Tensor,
+              progress: Callable[[int], object] | None = None) -> None:  # fmt: skip
+        """Forward noise with draw 0, then reverse step i at t = steps - i with draw i;
+        ``progress`` told of each reverse step (host side, between the compiled UNet calls)."""
         kw = self._kw(ids, stream)
         self._add_noise(x, self._t[0], step=draws[0], **kw)
         for i in range(1, self.cfg.ddpm_steps + 1):
             t = self._t[i]
             self._step(x, self._eps(x, t), t, step=draws[i], **kw)
+            if progress is not None:
+                progress(1)
 
     def _warmup(self, x: torch.Tensor, ids: torch.Tensor, stream: int, draws: torch.Tensor) -> None:
         kw = self._kw(ids, stream)
@@ -90,8 +94,11 @@ class FastDDPM:
 
     @torch.no_grad()
     def run(
-        self, x: torch.Tensor, ids: torch.Tensor, stream: int, pad_to: int | None = None
-    ) -> torch.Tensor:
+        self, x: torch.Tensor, ids: torch.Tensor, stream: int, pad_to: int | None = None,
+        progress: Callable[[int], object] | None = None,
+    ) -> torch.Tensor:  # fmt: skip
         """x float32 (B, C, H, W) and int64 ids on the device; returns a new tensor.
-        ``pad_to``: the largest batch to expect, where sizes vary (`LoopGraphs`)."""
-        return self._graphs.run(x, ids, stream, 0, pad_to, graph=self.cuda_graph)
+        ``pad_to``: the largest batch to expect, where sizes vary (`LoopGraphs`); ``progress``:
+        told of the reverse steps done (each step, or a whole CUDA graph replay)."""
+        return self._graphs.run(x, ids, stream, 0, pad_to, graph=self.cuda_graph,
+                                progress=progress)  # fmt: skip

@@ -187,9 +187,12 @@ class FastLangevin:
             stream=stream,
         )
 
-    def _loop(self, x: torch.Tensor, ids: torch.Tensor, stream: int, steps: torch.Tensor) -> None:
+    def _loop(self, x: torch.Tensor, ids: torch.Tensor, stream: int, steps: torch.Tensor,
+              progress: Callable[[int], object] | None = None) -> None:  # fmt: skip
         for i in range(self.cfg.ebm_steps):
             self._step(x, ids, stream, steps[i])
+            if progress is not None:  # host side, between compiled calls: no sync, no break
+                progress(1)
 
     def _warmup(self, x: torch.Tensor, ids: torch.Tensor, stream: int, steps: torch.Tensor) -> None:
         for _ in range(2):
@@ -203,7 +206,10 @@ class FastLangevin:
         stream: int,
         step_offset: int = 0,
         pad_to: int | None = None,
+        progress: Callable[[int], object] | None = None,
     ) -> torch.Tensor:
         """x float32 (B, C, H, W) and int64 ids on the device; returns a new tensor.
-        ``pad_to``: the largest batch to expect, where sizes vary (`LoopGraphs`)."""
-        return self._graphs.run(x, ids, stream, step_offset, pad_to, graph=self.cuda_graph)
+        ``pad_to``: the largest batch to expect, where sizes vary (`LoopGraphs`); ``progress``:
+        told of the steps done (each step, or a whole CUDA graph replay)."""
+        return self._graphs.run(x, ids, stream, step_offset, pad_to, graph=self.cuda_graph,
+                                progress=progress)  # fmt: skip
