@@ -43,13 +43,13 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import numpy as np
 from tqdm.auto import tqdm
 
 from puregen_fast import methods
-from puregen_fast.config import DEFAULT_BATCH_SIZE, DEFAULT_SHARD_SIZE, FORMATS
+from puregen_fast.config import DEFAULT_BATCH_SIZE, DEFAULT_SHARD_SIZE, FORMATS, EngineConfig
 from puregen_fast.data.datasets import Dataset
 from puregen_fast.data.io import atomic_write_json, read_json
 from puregen_fast.data.lock import out_lock
@@ -58,14 +58,38 @@ from puregen_fast.data.preview import MAX_PREVIEW, PREVIEW, Preview, preview_ids
 from puregen_fast.data.writer import ShardWriter, mark_diverged, prepare_out_dir, rank_shards
 from puregen_fast.dist import Dist
 from puregen_fast.errors import DivergenceError, UsageError
-from puregen_fast.purifier import check_image_size
 from puregen_fast.runtime import describe_device
 from puregen_fast.version import __version__
 
-__all__ = ["purify_dataset", "filter_cut", "FILTER_STATE"]
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["Engine", "purify_dataset", "filter_cut", "FILTER_STATE"]
 
 FILTER_STATE = ".puregen-filter.json"
 _T = TypeVar("_T")
+
+
+class Engine(Protocol):
+    """What the pipeline (and `puregen_fast.scan` on its runs) uses of the engine it is given:
+    `puregen_fast.purifier.Purifier` is one; so is a wrapper that keeps these (a test's spy)."""
+
+    config: EngineConfig  # the method, seed and filter_frac recorded and used here
+    device: torch.device
+    backend: str  # the backend that runs ("fast" compiles on its first batch)
+
+    def __call__(self, images: np.ndarray, sample_ids: np.ndarray, *,
+                 filter_threshold: float | None = None) -> Any: ...  # fmt: skip
+
+    def energy(self, images: np.ndarray, sample_ids: np.ndarray | None = None) -> np.ndarray: ...
+
+    def plan(self, images: int) -> None: ...
+
+    def check_image_size(self, h: int, w: int) -> None: ...
+
+    def describe(self) -> dict[str, Any]: ...
+
+    def identity(self) -> dict[str, Any]: ...
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -84,16 +108,6 @@ def _padded(images, s: int, e: int, bs: int) -> tuple[np.ndarray, np.ndarray]:
         x = np.concatenate([x, np.repeat(x[-1:], bs - (e - s), axis=0)])
     return x, np.arange(s, s + bs, dtype=np.int64)
 
-
-def _check_model_sizes(purifier, shape: list[int]) -> None:
-    """Refuse image sizes the models cannot take, before anything is written: the engine's own
-    check (`puregen_fast.purifier.check_image_size`), the one Ray's `PurifyBatches` meets too."""
-    check = getattr(purifier, "check_image_size", None)
-    if check is not None:
-        check(shape[0], shape[1])
-    else:  # a purifier-like object: its models by name
-        check_image_size(getattr(purifier, "ebm", None), getattr(purifier, "ddpm", None),
-                         shape[0], shape[1])  # fmt: skip
 
 
 def _config_hash(config: dict) -> str:
@@ -151,7 +165,7 @@ class _Run:
     rank's shards. Built once by `_plan`; the steps below read it and never write it."""
 
     dataset: Dataset
-    purifier: Any
+    purifier: Engine
     out: Path
     n: int
     labels: np.ndarray
@@ -207,16 +221,15 @@ class _Steps:
 
 
 def _plan(
-    dataset: Dataset, purifier, out: Path, dist: Dist, *, batch_size: int, shard_size: int,
-    fmt: str, limit: int | None, quiet: bool,
+    dataset: Dataset, purifier: Engine, out: Path, dist: Dist, *, batch_size: int,
+    shard_size: int, fmt: str, limit: int | None, quiet: bool,
 ) -> _Run:  # fmt: skip
     """The run's configuration (what `--resume` compares), checked on every rank."""
     n = len(dataset) if limit is None else min(len(dataset), limit)
     if n == 0:
         raise UsageError(f"data set {dataset.name}/{dataset.split} has no images")
     batch_size = min(batch_size, n)  # never pad past the data set (the bytes depend on it)
-    if hasattr(purifier, "plan"):  # backend auto on a CPU weighs the work (before the identity)
-        purifier.plan(n)
+    purifier.plan(n)  # backend auto on a CPU weighs the work (before the identity)
     labels = np.asarray(dataset.labels[:n], dtype=np.int64)
     shape = [int(v) for v in dataset.images.shape[1:]]
     config = {
@@ -232,14 +245,16 @@ def _plan(
         "images_sha256": dataset.images_sha256(n),
         "batch_size": batch_size,
         "shard_size": shard_size,
-        "method": getattr(purifier, "method", "?"),
-        "seed": getattr(purifier, "seed", None),
+        "method": purifier.config.method,
+        "seed": purifier.config.seed,
         "purifier": purifier.identity(),  # what decides the bytes, for the resume check
     }
     if (input_shards := dataset.shard_records()) is not None:
         config["input_shards"] = input_shards
     _check_same_config(dist, config)
-    _check_model_sizes(purifier, shape)
+    # image sizes the models cannot take are refused before anything is written: the engine's
+    # own check (`puregen_fast.purifier.check_image_size`), the one Ray's `PurifyBatches` meets
+    purifier.check_image_size(shape[0], shape[1])
     writer = ShardWriter(out, fmt, n, shard_size, dataset.class_names,
                          ranges=dataset.shard_ranges(n), keys=dataset.keys)  # fmt: skip
     return _Run(dataset, purifier, out, n, labels, shape, config, writer,
@@ -342,7 +357,7 @@ def _purify_shards(
     todo = [k for k in run.mine if k not in records]
     desc = "purify" if run.dist.world == 1 else f"purify (rank 0 of {run.dist.world})"
     purified, first_s, first_n = 0, None, 0
-    fast = getattr(run.purifier, "backend", None) == "fast"
+    fast = run.purifier.backend == "fast"
     # the bar counts image-steps, so a long batch moves it (quiet: no callback at all)
     per = max(1, int(getattr(run.purifier, "chain_steps", 0) or 0)) if run.show else 1
     with run.bar(run.size(run.mine), desc, initial=run.size(records), per_image=per) as bar:
@@ -378,7 +393,7 @@ def _write_manifest(
     description = purifier.describe()
     if filt is not None:
         description["filter_threshold"] = filt["threshold"]
-    device = describe_device(getattr(purifier, "device", None))
+    device = describe_device(purifier.device)
     manifest = Manifest(
         config=run.config,
         purifier=description,
@@ -391,7 +406,7 @@ def _write_manifest(
         shards=records,
         filter=filt,
         device=device,
-        backend=getattr(purifier, "backend", None),
+        backend=purifier.backend,
         world_size=run.dist.world,
         timings={
             "total_s": round(total_s, 4),
@@ -434,7 +449,7 @@ def _write_manifest(
 
 def purify_dataset(
     dataset: Dataset,
-    purifier,
+    purifier: Engine,
     out_dir: str | os.PathLike[str],
     *,
     batch_size: int = DEFAULT_BATCH_SIZE,
@@ -459,7 +474,7 @@ def purify_dataset(
         _check_preview(preview)
     own_dist = dist is None
     if dist is None:
-        dist = Dist.from_env(getattr(purifier, "device", "cpu"))
+        dist = Dist.from_env(purifier.device)
     try:
         return _run(dataset, purifier, Path(out_dir), dist, batch_size=batch_size,
                     shard_size=shard_size, fmt=fmt, resume=resume, overwrite=overwrite,
@@ -471,8 +486,9 @@ def purify_dataset(
 
 
 def _run(
-    dataset: Dataset, purifier, out: Path, dist: Dist, *, batch_size: int, shard_size: int,
-    fmt: str, resume: bool, overwrite: bool, quiet: bool, limit: int | None, extra: dict,
+    dataset: Dataset, purifier: Engine, out: Path, dist: Dist, *, batch_size: int,
+    shard_size: int, fmt: str, resume: bool, overwrite: bool, quiet: bool, limit: int | None,
+    extra: dict,
     preview: int | None = None,
 ) -> Path:  # fmt: skip
     t0 = time.perf_counter()

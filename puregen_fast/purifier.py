@@ -15,8 +15,8 @@ settings back from its callers: a data set's filt threshold is an argument of th
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -31,6 +31,7 @@ from puregen_fast.config import (
     EngineConfig,
 )
 from puregen_fast.errors import DivergenceError, UsageError
+from puregen_fast.models.checkpoints import DEFAULT_DDPM, DEFAULT_EBM, load_ddpm, load_ebm
 from puregen_fast.models.schedule import DDPMSchedule
 from puregen_fast.runtime import resolve_device
 from puregen_fast.sampling.backends import make_sampler
@@ -40,10 +41,47 @@ __all__ = [
     "Purifier",
     "METHODS",
     "ImageSizeError",
+    "Models",
     "chain_line",
     "check_filter_threshold",
     "check_image_size",
+    "load_models",
 ]
+
+# runs one model's load: (its flag, the load) -> the model, or None where the caller keeps the
+# problem to report it with others (`puregen-fast purify` gathers every problem in one message)
+Attempt = Callable[[str, Callable[[], Any]], Any]
+
+
+class Models(NamedTuple):
+    """The models a run uses, loaded (None: the run does not use that model)."""
+
+    ebm: nn.Module | None
+    ddpm: nn.Module | None
+
+
+def load_models(
+    method: str | Sequence[str],
+    ebm: str | None = None,
+    ddpm: str | None = None,
+    *,
+    attempt: Attempt | None = None,
+) -> Models:
+    """The models ``method`` uses (several methods: any of them), from their sources: the rows
+    of `puregen_fast.methods` say which (a model a method takes optionally, as filt its DDPM,
+    only when its source is given); a source left None is the authors' published checkpoint,
+    fetched once into the cache (offline: a `CheckpointError` that says what to place where,
+    `puregen_fast.models.checkpoints`). The one loader of the command, Ray and ``eval
+    experiment``. ``attempt(flag, load)`` runs each load (``flag``: ``--ebm`` or ``--ddpm``):
+    the command's stages it over torchrun ranks and keeps the problem, returning None."""
+    rows = [methods.get(m) for m in ([method] if isinstance(method, str) else method)]
+    run: Attempt = attempt or (lambda flag, load: load())
+    use_ebm = any(r.uses("ebm", ebm is not None) for r in rows)
+    use_ddpm = any(r.uses("ddpm", ddpm is not None) for r in rows)
+    return Models(
+        run("--ebm", lambda: load_ebm(ebm or DEFAULT_EBM)) if use_ebm else None,
+        run("--ddpm", lambda: load_ddpm(ddpm or DEFAULT_DDPM)) if use_ddpm else None,
+    )
 
 
 class ImageSizeError(UsageError, ValueError):
@@ -147,6 +185,32 @@ class Purifier:
             seed=seed, device=str(device), backend=backend, precision=precision,
             divergence_margin=divergence_margin, conv_impl=conv_impl, quantize=quantize,
         )  # fmt: skip
+        self._build(cfg, ebm, ddpm, schedule)
+
+    @classmethod
+    def from_config(
+        cls,
+        cfg: EngineConfig,
+        ebm: nn.Module | None = None,
+        ddpm: nn.Module | None = None,
+        *,
+        device: str | torch.device | None = None,
+        schedule: DDPMSchedule | None = None,
+    ) -> Purifier:
+        """The engine of ``cfg``: an `EngineConfig`, or a `PurifyConfig` (its data and run
+        options are not the engine's), with the models `load_models` gave. ``device``: in place
+        of ``cfg.device`` (a torchrun rank's own GPU). The one way the command, Ray and ``eval
+        experiment`` build an engine from settings."""
+        if type(cfg) is not EngineConfig or device is not None:
+            over = {} if device is None else {"device": str(device)}
+            cfg = EngineConfig(**{**cfg.engine_dict(), **over})
+        engine = cls.__new__(cls)
+        engine._build(cfg, ebm, ddpm, schedule)
+        return engine
+
+    def _build(self, cfg: EngineConfig, ebm: nn.Module | None, ddpm: nn.Module | None,
+               schedule: DDPMSchedule | None) -> None:  # fmt: skip
+        method, backend = cfg.method, cfg.backend
         self.row = methods.get(method)  # the method's stages and models
         if self.row.uses("ebm") and ebm is None:
             raise ValueError(f"method {method!r} needs an EBM (ebm=...)")
@@ -158,8 +222,8 @@ class Purifier:
         cfg, self.sampling_from = cfg.resolve_sampling(
             getattr(ebm, "puregen_sampling", None) if self.uses_ebm else None)
         self.config = cfg
-        self.method, self.seed, self.precision = method, seed, precision
-        self.device = resolve_device(device)
+        self.method, self.seed, self.precision = method, cfg.seed, cfg.precision
+        self.device = resolve_device(cfg.device)
         self.ebm = ebm.to(self.device).eval().requires_grad_(False) if self.uses_ebm else None
         self.ddpm = ddpm.to(self.device).eval().requires_grad_(False) if self.uses_ddpm else None
         self.schedule = schedule or DDPMSchedule()
@@ -416,54 +480,62 @@ class Purifier:
 
     def identity(self) -> dict[str, Any]:
         """The settings that decide the output bytes (for resume checks and content-addressed
-        names): `describe` without its diagnostic notes (why a backend or convolution was
-        chosen, what was asked for, where the models and the chain's values came from) and with
-        the device type only."""
-        d = self.describe()
-        for k in ("backend_reason", "backend_requested", "conv_impl", "conv_impl_reason"):
-            d.pop(k, None)
-        d["device"] = str(d.get("device", "")).split(":")[0]
-        for k in ("ebm", "ddpm"):
-            if isinstance(d.get(k), dict):
-                d[k] = {kk: vv for kk, vv in d[k].items()
-                        if kk not in ("source", "sampling_from")}  # fmt: skip
-        return d
+        names): the method and the settings its stages read, seed, precision, the backend that
+        runs, the device type, the noise, each model's config and sha256."""
+        return self._record()[0]
 
     def describe(self) -> dict[str, Any]:
-        """The configuration, JSON-serialisable, for manifests and benchmark reports."""
+        """`identity` with the diagnostic notes beside it (why this backend and convolution,
+        what was asked for, the device in full, where the models and the chain's values came
+        from), JSON-serialisable, for manifests and benchmark reports."""
+        settings, notes = self._record()
+        d = {**settings, **notes}
+        for k in ("ebm", "ddpm"):  # a model's notes sit in its own entry
+            if k in notes:
+                d[k] = {**settings[k], **notes[k]}
+        return d
+
+    def _record(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(settings, notes): what decides the bytes, and what only explains the run; each
+        value is put in one of them once, here."""
         c = self.config
-        d: dict[str, Any] = {
+        settings: dict[str, Any] = {
             "method": c.method,
             "seed": c.seed,
             "precision": c.precision,
             "backend": self.backend,
+            "device": self.device.type,  # cuda:0 and cuda:1 write the same bytes
+            "noise": "philox4x32-10 keyed (seed, stream, step, sample_id, element)",
+        }
+        notes: dict[str, Any] = {
             "backend_requested": c.backend,
             "backend_reason": self.backend_reason,
             "conv_impl": c.conv_impl,
             "conv_impl_reason": self.conv_impl_reason,
             "device": str(self.device),
-            "noise": "philox4x32-10 keyed (seed, stream, step, sample_id, element)",
         }
         if self.ebm is not None:
-            d["ebm"] = {
+            settings["ebm"] = {
                 "steps": c.ebm_steps,
                 "eps": c.ebm_eps,
                 "temp": c.ebm_temp,
-                **({"sampling_from": self.sampling_from} if any(
-                    v.startswith("the EBM's") for v in self.sampling_from.values()) else {}),
                 "config": dict(getattr(self.ebm, "config", {})),
-                "source": getattr(self.ebm, "puregen_source", None),
                 "sha256": getattr(self.ebm, "puregen_sha256", None),
             }
+            notes["ebm"] = {
+                "source": getattr(self.ebm, "puregen_source", None),
+                **({"sampling_from": self.sampling_from} if any(
+                    v.startswith("the EBM's") for v in self.sampling_from.values()) else {}),
+            }
         if self.ddpm is not None:
-            d["ddpm"] = {
+            settings["ddpm"] = {
                 "steps": c.ddpm_steps,
                 "schedule": self.schedule.config,
-                "source": getattr(self.ddpm, "puregen_source", None),
                 "sha256": getattr(self.ddpm, "puregen_sha256", None),
             }
+            notes["ddpm"] = {"source": getattr(self.ddpm, "puregen_source", None)}
         for k in self.row.recorded:  # reps, filter_frac, jpeg_quality: where the method reads them
-            d[k] = getattr(c, k)
+            settings[k] = getattr(c, k)
         if c.quantize != "round":  # round is what every earlier run wrote: their records hold
-            d["quantize"] = c.quantize
-        return d
+            settings["quantize"] = c.quantize
+        return settings, notes

@@ -346,10 +346,10 @@ def scan_dataset(
     _check_options(batch_size, shard_size, limit, "npy")
     if not (isinstance(filter_frac, (int, float)) and 0.0 < filter_frac <= 1.0):
         raise UsageError(f"--filter-frac must lie in (0, 1], got {filter_frac!r}")
-    if getattr(purifier, "ebm", None) is None:
+    if purifier.ebm is None:
         raise UsageError("scan needs an EBM (--ebm)")
     own = dist is None
-    dist = dist or Dist.from_env(getattr(purifier, "device", "cpu"))
+    dist = dist or Dist.from_env(purifier.device)
     out = Path(out_dir)
     try:
         dist.on_rank0(lambda: check_out(out, resume=resume, overwrite=overwrite))
@@ -413,12 +413,12 @@ def _finish(run: _Run, energies: np.ndarray, frac: float, pictures: Pictures | N
         **summ,
         "table_sha256": sha,
         "files": files,
-        "model": {"source": getattr(run.purifier.ebm, "puregen_source", None),
+        "model": {"source": (run.purifier.describe().get("ebm") or {}).get("source"),
                   "sha256": (ident.get("ebm") or {}).get("sha256"),
                   "config": (ident.get("ebm") or {}).get("config")},  # fmt: skip
         "settings": run.config,
         "dataset": run.dataset.describe(),
-        "device": describe_device(getattr(run.purifier, "device", None)),
+        "device": describe_device(run.purifier.device),
         "world_size": run.dist.world,
         "timings": {
             "total_s": round(time.perf_counter() - t0, 4),

@@ -21,9 +21,8 @@ from puregen_fast.data.webdataset import index_webdataset, open_webdataset
 from puregen_fast.data.writer import check_out_dir
 from puregen_fast.dist import Dist
 from puregen_fast.errors import UsageError
-from puregen_fast.models.checkpoints import DEFAULT_DDPM, DEFAULT_EBM, load_ddpm, load_ebm
 from puregen_fast.pipeline import purify_dataset
-from puregen_fast.purifier import Purifier, chain_line
+from puregen_fast.purifier import Purifier, chain_line, load_models
 from puregen_fast.runtime import resolve_device
 from puregen_fast.sampling.backends import fast_available
 
@@ -68,6 +67,10 @@ class _Inputs:
             self.problems.append(str(e))
             return None
 
+    def attempt(self, flag: str, fn: Callable[[], T]) -> T | None:
+        """`load` as `puregen_fast.purifier.load_models` calls it (the flag is in the message)."""
+        return self.load(fn)
+
     def load_once(self, fn: Callable[[], T]) -> T | None:
         """``fn()`` on rank 0 only, its result sent to every rank."""
         try:
@@ -103,7 +106,7 @@ def load_dataset(cfg: PurifyConfig, inputs: _Inputs) -> Dataset | None:
 
 def _purifier(cfg: PurifyConfig, device: torch.device, ebm, ddpm) -> Purifier:
     try:
-        return Purifier(ebm=ebm, ddpm=ddpm, **{**cfg.engine_dict(), "device": device})
+        return Purifier.from_config(cfg, ebm, ddpm, device=device)
     except ValueError as e:
         msg = str(e)
         flag = "--backend" if "backend" in msg else "--device" if "device" in msg else None
@@ -119,10 +122,8 @@ def run(args: argparse.Namespace) -> int:
         out = Path(cfg.out).expanduser()
         dist.on_rank0(lambda: check_out_dir(out, resume=cfg.resume, overwrite=cfg.overwrite))
         t0 = time.perf_counter()
-        needs_ebm, needs_ddpm = cfg.uses
         inputs = _Inputs(dist)
-        ebm = inputs.load(lambda: load_ebm(cfg.ebm or DEFAULT_EBM)) if needs_ebm else None
-        ddpm = inputs.load(lambda: load_ddpm(cfg.ddpm or DEFAULT_DDPM)) if needs_ddpm else None
+        ebm, ddpm = load_models(cfg.method, cfg.ebm, cfg.ddpm, attempt=inputs.attempt)
         t_models = time.perf_counter() - t0
         dataset = load_dataset(cfg, inputs)
         inputs.check()

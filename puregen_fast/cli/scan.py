@@ -17,7 +17,8 @@ from puregen_fast.cli.purify import _config, _Inputs, load_dataset
 from puregen_fast.dist import Dist
 from puregen_fast.errors import UsageError
 from puregen_fast.eval.scan_charts import scan_pictures
-from puregen_fast.models.checkpoints import DEFAULT_EBM, load_ebm
+from puregen_fast.models.checkpoints import DEFAULT_EBM
+from puregen_fast.purifier import load_models
 from puregen_fast.scan import check_out, energy_purifier, scan_dataset
 
 __all__ = ["add_arguments", "run", "FLAGS"]
@@ -67,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
         out = Path(cfg.out).expanduser()
         dist.on_rank0(lambda: check_out(out, resume=cfg.resume, overwrite=cfg.overwrite))
         inputs = _Inputs(dist)
-        ebm = inputs.load(lambda: load_ebm(cfg.ebm or DEFAULT_EBM))
+        ebm = load_models("ebm", cfg.ebm, attempt=inputs.attempt).ebm
         dataset = load_dataset(cfg, inputs)
         inputs.check()
         try:

@@ -77,9 +77,10 @@ from puregen_fast.eval.run import EvalSet
 from puregen_fast.eval.scan_charts import save_separation, scan_pictures
 from puregen_fast.eval.verdict import CLEAN, format_verdicts, shortcut_message, verdicts
 from puregen_fast.eval.victims import ClassifierSpec, parse_classifier_spec
-from puregen_fast.models.checkpoints import DEFAULT_DDPM, DEFAULT_EBM, load_ddpm, load_ebm
+from puregen_fast.models.checkpoints import DEFAULT_EBM
 from puregen_fast.pipeline import purify_dataset
 from puregen_fast.purifier import Purifier, chain_line
+from puregen_fast.purifier import load_models as engine_models
 from puregen_fast.runtime import describe_device
 from puregen_fast.scan import energy_purifier, scan_dataset
 from puregen_fast.version import __version__
@@ -305,19 +306,33 @@ def load_sets(p: Protocol, *, quiet: bool = False) -> Sets:
 
 def load_models(defenses: Sequence[str], pur: Mapping[str, Any],
                 ebm_poisoned: str | None = None) -> dict[str, Any]:  # fmt: skip
-    """The models the defenses need, by source: as purify, the authors' published checkpoints
-    unless ``ebm``/``ddpm`` names others; and the EBM trained on the poisoned set, if given."""
-    models: dict[str, Any] = {}
-    rows = [methods.get(d) for d in defenses]
-    if any(r.uses("ebm") for r in rows):
-        for src in filter(None, [pur.get("ebm") or DEFAULT_EBM, ebm_poisoned]):
+    """The models the defenses need, by source, through purify's loader
+    (`puregen_fast.purifier.load_models`): the authors' published checkpoints unless
+    ``ebm``/``ddpm`` names others; and the EBM trained on the poisoned set, if given and an
+    EBM is used. Keyed ``ebm:<source>`` and ``ddpm``."""
+    ebm_src = pur.get("ebm") or DEFAULT_EBM
+
+    def named(flag: str, src: str) -> Callable[[str, Callable[[], Any]], Any]:
+        def attempt(model_flag: str, load: Callable[[], Any]) -> Any:
             try:
-                models[f"ebm:{src}"] = load_ebm(src)
-            except UsageError as e:
-                flag = "--ebm-poisoned" if src == ebm_poisoned else "--ebm"
+                return load()
+            except UsageError as e:  # which EBM: the checkpoint's message says --ebm for both
+                if model_flag != "--ebm":
+                    raise
                 raise UsageError(f"{flag} {src}: {e}") from e
-    if any(r.uses("ddpm", given=bool(pur.get("ddpm"))) for r in rows):
-        models["ddpm"] = load_ddpm(pur.get("ddpm") or DEFAULT_DDPM)
+
+        return attempt
+
+    ebm, ddpm = engine_models(defenses, pur.get("ebm"), pur.get("ddpm"),
+                              attempt=named("--ebm", ebm_src))  # fmt: skip
+    models: dict[str, Any] = {}
+    if ebm is not None:
+        models[f"ebm:{ebm_src}"] = ebm
+        if ebm_poisoned:
+            models[f"ebm:{ebm_poisoned}"] = engine_models(
+                "ebm", ebm_poisoned, attempt=named("--ebm-poisoned", ebm_poisoned)).ebm
+    if ddpm is not None:
+        models["ddpm"] = ddpm
     return models
 
 
@@ -385,7 +400,8 @@ def _purifier(defense: str, pur: Mapping[str, Any], models: Mapping[str, Any], d
     ebm = models.get(f"ebm:{pur.get('ebm') or DEFAULT_EBM}") if row.uses("ebm") else None
     ddpm = models.get("ddpm") if row.uses("ddpm", given=bool(pur.get("ddpm"))) else None
     try:
-        return Purifier(method=defense, ebm=ebm, ddpm=ddpm, device=device, **kw)
+        cfg = EngineConfig(method=defense, device=str(device), **kw)
+        return Purifier.from_config(cfg, ebm, ddpm)
     except ValueError as e:
         raise UsageError(f"--defenses {defense}: {e}") from e
 

@@ -43,8 +43,7 @@ import numpy as np
 
 from puregen_fast import methods
 from puregen_fast.config import DEFAULT_BATCH_SIZE, EngineConfig, PurifyConfig
-from puregen_fast.models.checkpoints import DEFAULT_DDPM, DEFAULT_EBM, load_ddpm, load_ebm
-from puregen_fast.purifier import Purifier, check_filter_threshold
+from puregen_fast.purifier import Purifier, check_filter_threshold, load_models
 from puregen_fast.scan import energy_purifier
 
 __all__ = ["PurifyBatches", "EnergyBatches", "OPTIONS", "ENERGY_OPTIONS"]
@@ -78,10 +77,8 @@ class PurifyBatches:
             filter_threshold = check_filter_threshold(filter_threshold)
         self.filter_threshold = filter_threshold
         self.batch_size = cfg.batch_size
-        needs_ebm, needs_ddpm = cfg.uses
-        ebm = load_ebm(cfg.ebm or DEFAULT_EBM) if needs_ebm else None
-        ddpm = load_ddpm(cfg.ddpm or DEFAULT_DDPM) if needs_ddpm else None
-        self.purifier = Purifier(ebm=ebm, ddpm=ddpm, **cfg.engine_dict())
+        # the command's loader and engine: the same models and settings give the same bytes
+        self.purifier = Purifier.from_config(cfg, *load_models(cfg.method, cfg.ebm, cfg.ddpm))
 
     def describe(self) -> dict:
         """The engine's description (method, models' sha256, backend, device)."""
@@ -112,7 +109,7 @@ class EnergyBatches:
         # the command's checks, through its configuration's fields (a bad value names its field)
         cfg = PurifyConfig(method="ebm", ebm=ebm, device=device, batch_size=batch_size)
         self.batch_size = cfg.batch_size
-        self.purifier = energy_purifier(load_ebm(cfg.ebm or DEFAULT_EBM), cfg.device)
+        self.purifier = energy_purifier(load_models("ebm", cfg.ebm).ebm, cfg.device)
 
     def describe(self) -> dict:
         """The EBM (source, sha256) and device the energies come from, and the batch size."""

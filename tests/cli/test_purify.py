@@ -278,18 +278,14 @@ def test_python_api_pads_every_batch(tmp_path):
     p = pg.Purifier(method="none", device="cpu")
     seen = []
 
-    class Spy:
-        method, seed, device, backend = "none", 0, p.device, "reference"
+    class Spy:  # a wrapper that keeps what the pipeline uses (`pipeline.Engine`)
+        config, device, backend = p.config, p.device, p.backend
+        energy, plan, check_image_size = p.energy, p.plan, p.check_image_size
+        describe, identity = p.describe, p.identity
 
         def __call__(self, imgs, ids):
             seen.append((imgs.shape, list(ids)))
             return p(imgs, ids)
-
-        def describe(self):
-            return p.describe()
-
-        def identity(self):
-            return p.identity()
 
     out = purify_dataset(ds, Spy(), tmp_path / "o", batch_size=4, shard_size=6, quiet=True)
     assert {s for s, _ in seen} == {(4, 8, 8, 3)}
