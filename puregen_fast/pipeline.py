@@ -77,9 +77,11 @@ class Engine(Protocol):
     config: EngineConfig  # the method, seed and filter_frac recorded and used here
     device: torch.device
     backend: str  # the backend that runs ("fast" compiles on its first batch)
+    chain_steps: int  # the chain steps one call runs, what ``progress`` counts to
 
     def __call__(self, images: np.ndarray, sample_ids: np.ndarray, *,
-                 filter_threshold: float | None = None) -> Any: ...  # fmt: skip
+                 filter_threshold: float | None = None,
+                 progress: Callable[[int], None] | None = None) -> Any: ...  # fmt: skip
 
     def energy(self, images: np.ndarray, sample_ids: np.ndarray | None = None) -> np.ndarray: ...
 
@@ -359,7 +361,7 @@ def _purify_shards(
     purified, first_s, first_n = 0, None, 0
     fast = run.purifier.backend == "fast"
     # the bar counts image-steps, so a long batch moves it (quiet: no callback at all)
-    per = max(1, int(getattr(run.purifier, "chain_steps", 0) or 0)) if run.show else 1
+    per = max(1, run.purifier.chain_steps) if run.show else 1
     with run.bar(run.size(run.mine), desc, initial=run.size(records), per_image=per) as bar:
         for k in todo:
             s0, e0 = run.writer.ranges[k]

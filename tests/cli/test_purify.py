@@ -279,7 +279,7 @@ def test_python_api_pads_every_batch(tmp_path):
     seen = []
 
     class Spy:  # a wrapper that keeps what the pipeline uses (`pipeline.Engine`)
-        config, device, backend = p.config, p.device, p.backend
+        config, device, backend, chain_steps = p.config, p.device, p.backend, p.chain_steps
         energy, plan, check_image_size = p.energy, p.plan, p.check_image_size
         describe, identity = p.describe, p.identity
 
