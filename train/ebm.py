@@ -160,6 +160,11 @@ class EBMTrainer(Loop):
         return f
 
     # -- one update ----------------------------------------------------------------------------
+    def progress_units(self) -> int:
+        """PCD: each of the chains' ``mcmc_steps`` moves the bar, then the update (DSM runs no
+        chain: the update alone)."""
+        return 1 if self.cfg.objective == "dsm" else self.cfg.mcmc_steps + 1
+
     def energies(self, x: torch.Tensor) -> torch.Tensor:
         """E of a batch through the (DDP-wrapped) model; one forward for data and samples."""
         with precision_context(self.cfg.precision, self.device):
@@ -178,7 +183,8 @@ class EBMTrainer(Loop):
             r = rejuv.to(dev)
             self.bank[slots_dev[r]] = fresh_x[r]
         my_slots = slots_dev[self.dist.shard(n)]
-        x_neg = self.sampler(self.bank[my_slots], my_slots, STREAM_TRAIN_EBM, step * cfg.mcmc_steps)
+        x_neg = self.sampler(self.bank[my_slots], my_slots, STREAM_TRAIN_EBM, step * cfg.mcmc_steps,
+                             progress=self.tick)  # fmt: skip
         self.bank[slots_dev] = self.dist.all_gather_cat(x_neg.detach())
         return x_neg, rejuv
 

@@ -137,6 +137,8 @@ class Loop(abc.ABC):
         self._plotted_step: int | None = None
         self._perm_cache: tuple[int, torch.Tensor] | None = None
         self._gn = torch.zeros(())  # the last `backward`'s gradient norm
+        # told of the parts of the current update done (`progress_units`); set while a bar shows
+        self.tick: Callable[[int], None] | None = None
         self.model: nn.Module
         self.params: list[nn.Parameter]
         self.optimizer: torch.optim.Optimizer
@@ -144,6 +146,11 @@ class Loop(abc.ABC):
     # -- hooks -------------------------------------------------------------------------------
     @abc.abstractmethod
     def build(self) -> None: ...
+
+    def progress_units(self) -> int:
+        """The parts one update reports to the bar through `tick` (the EBM's PCD: each chain
+        step, then the update), so a long update moves it; 1: the update alone."""
+        return 1
 
     @abc.abstractmethod
     def forward_backward(self, step: int) -> dict[str, float]:
@@ -533,12 +540,18 @@ class Loop(abc.ABC):
             return None
         from tqdm import tqdm
 
+        units = self.progress_units()
+        kw: dict[str, Any] = {}
+        if units > 1:  # counts the parts of updates, shows updates to a tenth (as purify's bar)
+            kw = {"unit_scale": 1 / units, "bar_format": _PART_BAR}
         return tqdm(
-            total=self.stop_at,
-            initial=self.step,
+            total=self.stop_at * units,
+            initial=self.step * units,
             desc=f"train {self.recipe}",
             unit="step",
             dynamic_ncols=True,
+            mininterval=0.25,
+            **kw,
         )
 
     def _update(self) -> tuple[dict[str, float], float, float]:
@@ -589,11 +602,16 @@ class Loop(abc.ABC):
         metrics: dict[str, float] = {}
         save_due, rate = False, 0.0
         while self.step < self.stop_at:
-            metrics, lr, ips = self._update()
+            parts = _Parts(bar, self.progress_units())
+            self.tick = parts if bar is not None else None
+            try:
+                metrics, lr, ips = self._update()
+            finally:
+                self.tick = None
             rate = ips if rate == 0 else 0.9 * rate + 0.1 * ips
             self._log_step(metrics, lr, ips)
             if bar is not None:
-                bar.update(1)
+                parts.finish()
                 bar.set_postfix(
                     loss=f"{metrics.get('loss', float('nan')):.4g}", img_s=f"{rate:.1f}"
                 )
@@ -635,6 +653,28 @@ class Loop(abc.ABC):
             metrics,
             last[-1][1] if last else None,
         )
+
+
+# updates to a tenth (tqdm's own format would print the scaled count's every float digit)
+_PART_BAR = ("{desc}: {percentage:3.0f}%|{bar}| {n:.1f}/{total:.0f} [{elapsed}<{remaining}, "
+             "{rate_fmt}{postfix}]")  # fmt: skip
+
+
+class _Parts:
+    """One update's parts on the bar: `tick` moves it as they are done (counted on the host),
+    `finish` completes the update exactly, whatever was told."""
+
+    def __init__(self, bar: Any, units: int) -> None:
+        self.bar, self.left = bar, units
+
+    def __call__(self, k: int) -> None:
+        k = min(int(k), self.left)
+        if k > 0 and self.bar is not None:
+            self.left -= k
+            self.bar.update(k)
+
+    def finish(self) -> None:
+        self(self.left)
 
 
 def run_training(

@@ -11,6 +11,7 @@ say) is replaced by the engine's reference backend, with a message.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -50,10 +51,13 @@ class TrainSampler:
         )
 
     def __call__(
-        self, x: torch.Tensor, ids: torch.Tensor, stream: int, step_offset: int
-    ) -> torch.Tensor:
+        self, x: torch.Tensor, ids: torch.Tensor, stream: int, step_offset: int,
+        progress: Callable[[int], None] | None = None,
+    ) -> torch.Tensor:  # fmt: skip
+        """``progress``: told of each chain step as it is issued (`LangevinSampler`)."""
+        kw = {} if progress is None else {"progress": progress}
         try:
-            out = self._engine(x, ids, stream=stream, step_offset=step_offset)
+            out = self._engine(x, ids, stream=stream, step_offset=step_offset, **kw)
         except Exception as e:
             if self.backend != "auto" or self._used or self._engine.backend == "reference":
                 raise
@@ -64,6 +68,6 @@ class TrainSampler:
             )
             self._engine = LangevinSampler(self._ebm, backend="reference", **self._kw)
             self.impl = self._describe() + f" (fast path failed: {type(e).__name__})"
-            out = self._engine(x, ids, stream=stream, step_offset=step_offset)
+            out = self._engine(x, ids, stream=stream, step_offset=step_offset, **kw)
         self._used = True
         return out
