@@ -55,14 +55,15 @@ def test_watch_state_round_trips():
 def test_plots_write_pngs(tmp_path):
     rows = [torch.rand(5, 3, 8, 8) * 2 - 1, torch.rand(3, 3, 8, 8) * 4 - 2]
     save_grid(rows, tmp_path / "g.png", scale=2)
-    im = Image.open(tmp_path / "g.png")
-    assert im.size == ((5 * 10 + 2) * 2, (2 * 10 + 2) * 2)
+    with Image.open(tmp_path / "g.png") as im:  # closed: no ResourceWarning in the suite
+        assert im.size == ((5 * 10 + 2) * 2, (2 * 10 + 2) * 2)
     save_curves(
         {"loss": ([1, 2, 3, 4], [1.0, math.nan, 0.5, -0.2]), "grad_norm": ([1], [3.0])},
         tmp_path / "c.png",
         title="t",
     )
-    assert Image.open(tmp_path / "c.png").size[0] == 640
+    with Image.open(tmp_path / "c.png") as im:
+        assert im.size[0] == 640
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.png", "g.png"]  # no temporaries
 
 
