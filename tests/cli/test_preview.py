@@ -154,5 +154,5 @@ def test_the_python_pipeline_checks_its_preview(env, tmp_path):
     with pytest.raises(pg.UsageError, match="--preview"):
         purify_dataset(ds, p, tmp_path / "o", preview=0, quiet=True)
     purify_dataset(ds, p, tmp_path / "o", preview=64, quiet=True)
-    pv = Image.open(tmp_path / "o" / PREVIEW)
-    assert pv.size[0] > 16 * 16  # 20 images: rows of 16 pairs
+    with Image.open(tmp_path / "o" / PREVIEW) as pv:  # closed: no ResourceWarning
+        assert pv.size[0] > 16 * 16  # 20 images: rows of 16 pairs
