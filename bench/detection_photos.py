@@ -4,9 +4,10 @@ For each trigger strength (the trigger times M) and each seed (which images of t
 are poisoned, drawn at random), the training set is poisoned, every image is scored, and each
 score's ROC AUC (over the whole set, and within the target class: the poisons against the clean
 images of their own class, which a per-class score difference cannot explain) and the share of
-the poisons among the top 5% and 10% are measured
-(`puregen_fast.eval.detection`). Scores: the EBM energy (`puregen-fast scan`'s, through the
-engine), a random ranking, the RMS distance to the class mean, the RMS JPEG re-encoding error.
+the poisons among the top 5% and 10% are measured (`puregen_fast.eval.detection`). Scores: the
+EBM energy (`puregen-fast scan`'s, through the engine), the energy drop along a short Langevin
+chain (``--chain-steps``, its noise keyed by image id), a random ranking, the RMS distance to the
+class mean, the RMS JPEG re-encoding error.
 The table prints the mean and the spread (min-max) over the seeds.
 
     python bench/detection_photos.py --train photos/train.npz --ebm ebm-pcd \\
@@ -60,12 +61,16 @@ def main(argv: list[str] | None = None) -> int:
     a.add_argument("--count", type=int, default=50, help="images of the target class poisoned")
     a.add_argument("--scales", default="0.5,1,2", help="trigger multipliers (attack strength)")
     a.add_argument("--seeds", default="0,1,2", help="seeds of the random poison selection")
+    a.add_argument("--chain-steps", type=int, default=10,
+                   help="also score by the energy drop along this many Langevin steps (0: not)")
     a.add_argument("--out", type=Path, default=None, help="also write the table here (.md)")
     args = a.parse_args(argv)
     with np.load(args.train, allow_pickle=False) as z:
         x, y = np.asarray(z["x"]), np.asarray(z["y"], np.int64)
     trigger = _trigger(args.trigger, tuple(x.shape[1:3]))
-    scorer = energy_purifier(load_ebm(args.ebm), "cpu")
+    ebm = load_ebm(args.ebm)
+    scorer = energy_purifier(ebm, "cpu")
+    chain = energy_purifier(ebm, "cpu", ebm_steps=args.chain_steps)  # its noise keyed by id
     scales = [float(s) for s in args.scales.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
     t0 = time.perf_counter()
@@ -77,7 +82,12 @@ def main(argv: list[str] | None = None) -> int:
                                 last_n=False, seed=seed)  # fmt: skip
             mask = np.zeros(len(x), bool)
             mask[ps.poison_idx] = True
-            scores = {"EBM energy": scorer.energy(ps.images, np.arange(len(x)))}
+            ids = np.arange(len(x))
+            e0 = scorer.energy(ps.images, ids)
+            scores = {"EBM energy": e0}
+            if args.chain_steps:  # how far a short chain lowers it (`scan --chain-steps`)
+                moved = chain(ps.images, ids)
+                scores[f"energy drop, {args.chain_steps} steps"] = e0 - scorer.energy(moved, ids)
             for name, fn in BASELINES.items():
                 kw = {"seed": seed} if name == "random" else {}
                 scores[name] = fn(ps.images, ps.labels, **kw)
