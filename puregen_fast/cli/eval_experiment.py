@@ -16,9 +16,10 @@ from puregen_fast.config import flag as field_flag
 from puregen_fast.data.datasets import DATASETS, SPLITS, default_test_split
 from puregen_fast.errors import UsageError
 from puregen_fast.eval.experiment import (
-    DEFENSES,
+    DROP_FRAC,
     SWEEPABLE,
     Protocol,
+    defenses,
     parse_classifier_spec,
     parse_sweep,
     run_protocol,
@@ -102,7 +103,13 @@ def add_experiment_arguments(p: argparse.ArgumentParser) -> None:
     f.add_argument(
         "--defenses",
         default="none,jpeg,ebm",
-        help=f"comma-separated, from {','.join(DEFENSES)} (default %(default)s)",
+        help=f"comma-separated, from {','.join(defenses())} (default %(default)s); drop: "
+        "train without the --drop-frac share of highest EBM energy (detect and drop)",
+    )
+    f.add_argument(
+        "--drop-frac", type=at.float_in(0.0, 1.0, lo_open=True), default=None,
+        help=f"drop: the share of the training set left out, the images of highest EBM energy "
+        f"(default {DROP_FRAC:g}; not yet measured on a held-out set)",
     )
     f.add_argument("--ebm", metavar="SRC", default=None,
                    help="default: the authors' published EBM (as purify)")  # fmt: skip
@@ -198,7 +205,8 @@ def _protocol(args: argparse.Namespace) -> Protocol:
               if k.startswith(ENGINE_DEST)}  # fmt: skip
     if engine.get("quantize") is None:  # --purify-quantize not given: the protocol's
         engine["quantize"] = prof["purify_quantize"]
-    purify = {"ebm": args.ebm, "ddpm": args.ddpm, "batch_size": args.purify_batch_size, **engine}
+    purify = {"ebm": args.ebm, "ddpm": args.ddpm, "batch_size": args.purify_batch_size,
+              "drop_frac": args.drop_frac, **engine}  # fmt: skip
     return Protocol(
         dataset=args.dataset,
         data_dir=args.data_dir,

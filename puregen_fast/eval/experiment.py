@@ -87,27 +87,35 @@ from puregen_fast.version import __version__
 
 __all__ = [
     "DEFENSES",
+    "DROP",
+    "DROP_FRAC",
     "EXPERIMENT_FORMAT",
     "ClassifierSpec",
     "Protocol",
     "SWEEPABLE",
     "changes",
     "check_protocol",
+    "defenses",
     "parse_classifier_spec",
     "parse_sweep",
     "run_protocol",
     "variants",
 ]
 
-# the defenses are the engine's methods (`puregen_fast.methods`), read live from its table
+# the defenses are the engine's methods (`puregen_fast.methods`), read live from its table, and
+# `DROP`: detect and drop, the one defense that removes images instead of purifying them
 DEFENSES = methods.METHOD_NAMES
+DROP = "drop"
+# drop's default share of the training set, the highest-energy images (--drop-frac); not yet
+# measured on a held-out set, so no recommendation rests on it
+DROP_FRAC = 0.1
 EXPERIMENT_FORMAT = "puregen-fast-experiment"
 ATTACKS = ("narcissus", "gradient-matching", "bullseye-polytope")
 # the engine settings --sweep may vary and their parsers; the defenses each one changes are
 # the methods that read it (`changes`)
 SWEEPABLE: dict[str, Callable[[str], Any]] = {
     "ebm_steps": int, "ebm_eps": float, "ebm_temp": float, "ddpm_steps": int,
-    "jpeg_quality": int, "reps": int, "filter_frac": float,
+    "jpeg_quality": int, "reps": int, "filter_frac": float, "drop_frac": float,
 }  # fmt: skip
 # the engine's own settings (method and device are the experiment's)
 _ENGINE = tuple(f for f in EngineConfig.__dataclass_fields__ if f not in ("method", "device"))
@@ -115,11 +123,22 @@ _ENGINE = tuple(f for f in EngineConfig.__dataclass_fields__ if f not in ("metho
 
 def changes(setting: str, defense: str) -> bool:
     """Whether ``setting`` changes what ``defense`` computes, whatever models are given."""
+    if defense == DROP:  # ranks by the EBM's energy alone, without a chain
+        return setting == "drop_frac"
     return setting in methods.get(defense).required_settings
 
 
+def defenses() -> tuple[str, ...]:
+    """Every defense `eval experiment` runs: the engine's methods, then `DROP`."""
+    return (*DEFENSES, DROP)
+
+
+def uses_ebm(defense: str) -> bool:
+    return defense == DROP or methods.get(defense).uses("ebm")
+
+
 def _ebm_defenses() -> list[str]:
-    return [m.name for m in methods.methods() if m.uses("ebm")]
+    return [d for d in defenses() if uses_ebm(d)]
 
 Log = Callable[[str], None]
 
@@ -193,6 +212,8 @@ def parse_sweep(text: str) -> tuple[str, tuple[Any, ...]]:
         raise UsageError(f"--sweep {text!r}: give distinct values")
     if any(not (v > 0 and v == v and v != float("inf")) for v in values):
         raise UsageError(f"--sweep {text!r}: values must be finite and > 0")
+    if key in ("filter_frac", "drop_frac") and max(values) > 1:
+        raise UsageError(f"--sweep {text!r}: a fraction lies in (0, 1]")
     return key, values
 
 
@@ -209,7 +230,7 @@ def variants(p: Protocol) -> list[tuple[str, str, dict[str, Any]]]:
         for c in combos:
             tag = ", ".join(f"{k.replace('_', '-')}={v:g}" for k, v in c.items())
             out.append((f"{d} ({tag})" if tag else d, d, c))
-            if p.ebm_poisoned is not None and methods.get(d).uses("ebm"):
+            if p.ebm_poisoned is not None and uses_ebm(d):
                 tag = ", ".join(["EBM trained on poisoned", *filter(None, [tag])])
                 out.append((f"{d} ({tag})", d, {**c, "ebm": p.ebm_poisoned}))
     return out
@@ -223,10 +244,10 @@ def check_protocol(p: Protocol) -> None:
         raise UsageError("--target-class: give at least one target class")
     if len(set(p.targets)) != len(p.targets) or min(p.targets) < 0:
         raise UsageError(f"--target-class {list(p.targets)}: distinct classes >= 0 expected")
-    bad = [d for d in p.defenses if d not in DEFENSES]
+    bad = [d for d in p.defenses if d not in defenses()]
     if bad or not p.defenses:
         raise UsageError(f"--defenses {','.join(p.defenses)}: unknown {', '.join(bad) or '(none)'}"
-                         f"; choose from {','.join(DEFENSES)}")  # fmt: skip
+                         f"; choose from {','.join(defenses())}")  # fmt: skip
     if len(set(p.defenses)) != len(p.defenses):
         raise UsageError(f"--defenses {','.join(p.defenses)}: a defense is listed twice")
     if not p.classifiers or any(c.arch not in ARCHS for c in p.classifiers):
@@ -241,7 +262,7 @@ def check_protocol(p: Protocol) -> None:
             "--attack narcissus needs --trigger FILE|DIR (e.g. from `eval trigger --method "
             "narcissus`) or --poisons SRC (the authors' triggers)"
         )
-    if p.ebm_poisoned is not None and not any(methods.get(d).uses("ebm") for d in p.defenses):
+    if p.ebm_poisoned is not None and not any(uses_ebm(d) for d in p.defenses):
         raise UsageError(f"--ebm-poisoned applies to the EBM defenses "
                          f"({', '.join(_ebm_defenses())}); --defenses has none")  # fmt: skip
     if p.attack != "narcissus" and p.trigger is not None:
@@ -323,7 +344,9 @@ def load_models(defenses: Sequence[str], pur: Mapping[str, Any],
 
         return attempt
 
-    ebm, ddpm = engine_models(defenses, pur.get("ebm"), pur.get("ddpm"),
+    # drop ranks by the EBM's energy: it needs what the ebm method needs
+    wanted = [("ebm" if d == DROP else d) for d in defenses]
+    ebm, ddpm = engine_models(wanted, pur.get("ebm"), pur.get("ddpm"),
                               attempt=named("--ebm", ebm_src))  # fmt: skip
     models: dict[str, Any] = {}
     if ebm is not None:
@@ -446,33 +469,47 @@ def _detect(
     scans the poisoned training set (`puregen_fast.scan`, into a folder beside it named by the
     model, resumed like a purified copy) and `eval.detection` measures how well its energy
     finds the poisons, at filt's fraction. Empty without an EBM defense."""
-    frac = float(pur.get("filter_frac") or EngineConfig.filter_frac)
+    frac = _filt_frac(pur)
     found = []
     for flag, src in (("--ebm", pur.get("ebm") or DEFAULT_EBM), ("--ebm-poisoned", ebm_poisoned)):
         ebm = models.get(f"ebm:{src}") if src else None
         if ebm is None:
             continue
-        purifier = energy_purifier(ebm, device)
-        folder = poisoned.parent / f"scan-{digest(purifier.identity().get('ebm'))}"
-        with held(poisoned.parent / f".{folder.name}.lock"):
-            ds = open_dataset("npz", poisoned, "train", quiet=True)
-            r = scan_dataset(ds, purifier, folder, filter_frac=frac, quiet=True,
-                             batch_size=min(int(pur.get("batch_size") or 64), len(ds)),
-                             resume=folder.exists(), pictures=scan_pictures())  # fmt: skip
+        energies, folder, _ = _scan(poisoned, ebm, pur, device)
         with np.load(poisoned, allow_pickle=False) as z:
             idx = z["poison_idx"]
-        assert r is not None  # one process: rank 0
         d = {"target": target, "ebm": f"{flag} {src}", "scan": str(folder),
-             **detection(r.table.energies, idx, filter_frac=frac)}  # fmt: skip
+             **detection(energies, idx, filter_frac=frac)}  # fmt: skip
         auc = "n/a" if d["auc"] is None else f"{d['auc']:.3f}"
         log(f"detection by the energy of {flag} {src} (target {target}): AUC {auc}; poisons in "
             "the top " + ", ".join(f"{100 * t['frac']:g}%: {t['poisons']} of {t['k']}"
                                    for t in d["top"])
             + f"; filt {frac:g}: {d['filt']['poisons']} of its {d['filt']['selected']} -> "
             f"{folder}")  # fmt: skip
-        found.append({**d, "_energies": r.table.energies, "_mask": np.isin(
-            np.arange(len(ds)), idx)})  # fmt: skip
+        found.append({**d, "_energies": energies, "_mask": np.isin(
+            np.arange(len(energies)), idx)})  # fmt: skip
     return found
+
+
+def _filt_frac(pur: Mapping[str, Any]) -> float:
+    return float(pur.get("filter_frac") or EngineConfig.filter_frac)
+
+
+def _scan(poisoned: Path, ebm: torch.nn.Module, pur: Mapping[str, Any], device: torch.device
+          ) -> tuple[np.ndarray, Path, dict]:  # fmt: skip
+    """The EBM energy of every image of the poisoned set (`puregen_fast.scan`, into a folder
+    beside it named by the model, resumed like a purified copy), the folder, and the model's
+    identity."""
+    purifier = energy_purifier(ebm, device)
+    ident = purifier.identity().get("ebm")
+    folder = poisoned.parent / f"scan-{digest(ident)}"
+    with held(poisoned.parent / f".{folder.name}.lock"):
+        ds = open_dataset("npz", poisoned, "train", quiet=True)
+        r = scan_dataset(ds, purifier, folder, filter_frac=_filt_frac(pur), quiet=True,
+                         batch_size=min(int(pur.get("batch_size") or 64), len(ds)),
+                         resume=folder.exists(), pictures=scan_pictures())  # fmt: skip
+    assert r is not None  # one process: rank 0
+    return r.table.energies, folder, ident
 
 
 def _attack_eval(poisoned: Path, trigger_at_test: str = "applied") -> dict[str, Any]:
@@ -504,7 +541,9 @@ class TrainingSet:
     y: np.ndarray
     source: str  # what decides the images, for the cells' keys
     purifier: dict | None  # the purifier's identity, None for clean and none
-    change: dict | None  # image_change against the poisoned set; None for clean
+    change: dict | None  # image_change against the poisoned set; None for clean and drop
+    keep: np.ndarray | None = None  # drop: the poisoned set's images kept (a mask)
+    removed: dict | None = None  # drop: how many images, poisons among them, it removed
 
 
 def _training_set(
@@ -520,6 +559,8 @@ def _training_set(
         tr = sets.train
         return TrainingSet(CLEAN, np.asarray(tr.images), np.asarray(tr.labels, np.int64),
                            "clean-" + array_digest(tr.images)[:12], None, None)  # fmt: skip
+    if defense == DROP:
+        return _dropped(label, poisoned, x_poisoned, pur, models, device, say)
     purifier = _purifier(defense, pur, models, device)
     folder, ident = _purify(poisoned, defense, purifier, pur, quiet, say)
     data = load_purified(folder)
@@ -534,6 +575,31 @@ def _training_set(
                  "under each, its change in levels RMS (0-255)")  # fmt: skip
         say(f"{label}: {len(pv)} images before and after -> {pv.save(folder / PREVIEW, title)}")
     return TrainingSet(label, x, y, poisoned.parent.name, ident, ch)
+
+
+def _dropped(
+    label: str, poisoned: Path, x_poisoned: np.ndarray, pur: Mapping[str, Any],
+    models: Mapping[str, Any], device: torch.device, say: Log,
+) -> TrainingSet:  # fmt: skip
+    """Detect and drop: the poisoned set without its ``drop_frac`` share of highest EBM
+    energy (ties: the lower index stays), and how many poisons and clean images that removed."""
+    frac = float(pur.get("drop_frac") or DROP_FRAC)
+    src = pur.get("ebm") or DEFAULT_EBM
+    energies, _, ident = _scan(poisoned, models[f"ebm:{src}"], pur, device)
+    with np.load(poisoned, allow_pickle=False) as z:
+        y, idx = np.asarray(z["y"], np.int64), np.asarray(z["poison_idx"], np.int64)
+    n = len(energies)
+    k = min(n - 1, round(frac * n))  # at least one image stays to train on
+    gone = np.argsort(-energies, kind="stable")[:k]
+    keep = np.ones(n, bool)
+    keep[gone] = False
+    hit = int(np.isin(gone, idx).sum())
+    removed = {"drop_frac": frac, "dropped": int(k), "poisons": hit, "num_poisons": int(idx.size),
+               "clean": int(k) - hit, "num_clean": n - int(idx.size)}  # fmt: skip
+    say(f"{label} dropped the {k} highest-energy images ({frac:g} of {n}): {hit} of the "
+        f"{idx.size} poisons and {k - hit} of the {n - idx.size} clean images")  # fmt: skip
+    return TrainingSet(label, x_poisoned, y, poisoned.parent.name,
+                       {"drop_frac": frac, "ebm": ident}, None, keep, removed)  # fmt: skip
 
 
 def _cell_metrics(
@@ -631,6 +697,7 @@ def _victim_cells(
 def write_outputs(
     root: Path, p: Protocol, sets: Sets, cells: list[dict], changes: dict[str, list[dict]],
     device: torch.device, seconds: float, reused: int, detections: Sequence[dict] = (),
+    removals: Sequence[dict] = (),
 ) -> dict[str, Any]:  # fmt: skip
     """``results.json`` (the plan, every cell, the summary, the verdicts), ``table.md`` (the
     table, the verdict per defense and the rule) and ``chart.png``; returns the result. With
@@ -651,6 +718,7 @@ def write_outputs(
         "cells_reused": reused,
         "versions": {"puregen_fast": __version__, "torch": torch.__version__},
         "detection": [{k: v for k, v in d.items() if not k.startswith("_")} for d in detections],
+        "removal": list(removals),
     }
     atomic_write_json(root / "results.json", result, sort_keys=False)
     table = format_protocol_table(summary, p.scales) + "\n\n" + format_verdicts(verdict)
@@ -660,6 +728,13 @@ def write_outputs(
                   "suspicious):\n\n" + format_detection(rows))  # fmt: skip
         save_separation([(name, d["_energies"], d["_mask"], d["filt"]["cut"]) for name, d in rows],
                         root / "detection.png")  # fmt: skip
+    if removals:
+        table += ("\n\nDetect and drop (the highest-energy share of the poisoned set left out):"
+                  "\n\n| row | target | dropped | poisons removed | clean images removed |\n"
+                  "|---|---|---|---|---|\n" + "".join(
+                      f"| {r['defense']} | {r['target']} | {r['dropped']} ({r['drop_frac']:g}) | "
+                      f"{r['poisons']} of {r['num_poisons']} | {r['clean']} of {r['num_clean']} |\n"
+                      for r in removals))  # fmt: skip
     atomic_write(root / "table.md", table + "\n")
     save_chart(summary, root / "chart.png", title=_chart_title(p, sets.train))
     save_curve(summary, root / "curve.png", title=_chart_title(p, sets.train))
@@ -699,6 +774,7 @@ def run_protocol(
     cells: list[dict[str, Any]] = []
     changes: dict[str, list[dict]] = {}  # defense -> image_change per target
     detections: list[dict[str, Any]] = []
+    removals: list[dict[str, Any]] = []  # drop: what each drop row removed, per target
     t_start = time.perf_counter()
     for target in p.targets:
         poisoned = _poison(p, sets.train, target, root, say, found)
@@ -711,14 +787,19 @@ def run_protocol(
         for label, defense, over in rows:
             ts = _training_set(label, defense, poisoned, x_poisoned, sets, {**pur, **over},
                                models, device, quiet, say, preview)  # fmt: skip
-            if subset is not None:
-                ts.x, ts.y = ts.x[subset], ts.y[subset]
+            rows_kept = subset
+            if ts.keep is not None:  # drop: what it kept, of the victims' subset if any
+                base = np.arange(len(ts.x)) if subset is None else subset
+                rows_kept = base[ts.keep[base]]
+                removals.append({"target": target, "defense": label, **(ts.removed or {})})
+            if rows_kept is not None:
+                ts.x, ts.y = ts.x[rows_kept], ts.y[rows_kept]
             if ts.change is not None:
                 changes.setdefault(label, []).append(ts.change)
             cells += _victim_cells(store, ts, target, att, sets, p, device, quiet, say, progress,
                                    total)  # fmt: skip
     return write_outputs(root, p, sets, cells, changes, device, time.perf_counter() - t_start,
-                         store.reused, detections)  # fmt: skip
+                         store.reused, detections, removals)  # fmt: skip
 
 
 def _chart_title(p: Protocol, train: Dataset) -> str:
