@@ -66,6 +66,7 @@ def load_models(
     ddpm: str | None = None,
     *,
     attempt: Attempt | None = None,
+    named: tuple[str, str] = ("--ebm", "--ddpm"),
 ) -> Models:
     """The models ``method`` uses (several methods: any of them), from their sources: the rows
     of `puregen_fast.methods` say which (a model a method takes optionally, as filt its DDPM,
@@ -73,14 +74,16 @@ def load_models(
     fetched once into the cache (offline: a `CheckpointError` that says what to place where,
     `puregen_fast.models.checkpoints`). The one loader of the command, Ray and ``eval
     experiment``. ``attempt(flag, load)`` runs each load (``flag``: ``--ebm`` or ``--ddpm``):
-    the command's stages it over torchrun ranks and keeps the problem, returning None."""
+    the command's stages it over torchrun ranks and keeps the problem, returning None.
+    ``named``: how the caller's user gives each source, for the messages (the commands' flags;
+    Python keywords, ``("ebm=", "ddpm=")``, for the API)."""
     rows = [methods.get(m) for m in ([method] if isinstance(method, str) else method)]
     run: Attempt = attempt or (lambda flag, load: load())
     use_ebm = any(r.uses("ebm", ebm is not None) for r in rows)
     use_ddpm = any(r.uses("ddpm", ddpm is not None) for r in rows)
     return Models(
-        run("--ebm", lambda: load_ebm(ebm or DEFAULT_EBM)) if use_ebm else None,
-        run("--ddpm", lambda: load_ddpm(ddpm or DEFAULT_DDPM)) if use_ddpm else None,
+        run("--ebm", lambda: load_ebm(ebm or DEFAULT_EBM, flag=named[0])) if use_ebm else None,
+        run("--ddpm", lambda: load_ddpm(ddpm or DEFAULT_DDPM, flag=named[1])) if use_ddpm else None,
     )
 
 
@@ -239,6 +242,7 @@ class Purifier:
         self.backend_reason = self.sampler.reason
         if no_model and backend != "reference":
             self.backend_reason = f"method {method!r} has no model"
+        self._planned = False  # `plan` not called yet: the first call plans its own batch
 
     def check_image_size(self, h: int, w: int) -> None:
         """ImageSizeError unless this engine's models take H x W images (`check_image_size`)."""
@@ -247,7 +251,10 @@ class Purifier:
     def plan(self, images: int) -> None:
         """Before the first call: the number of images this engine will purify. With
         ``backend="auto"`` on a CPU, too little work (`AUTO_CPU_MIN_IMAGE_STEPS` images x steps)
-        runs on the reference, which finishes before the fast path would have compiled."""
+        runs on the reference, which finishes before the fast path would have compiled. Without
+        it the first call plans for its own batch, as `purify` plans for its data set: call it
+        first when many batches follow."""
+        self._planned = True
         c = self.config
         if c.backend != "auto" or self.row.model_free or self.device.type != "cpu":
             return
@@ -365,6 +372,8 @@ class Purifier:
         x, was_uint8 = self._to_x(images)
         ids = self._ids(sample_ids, x.shape[0])
         self.check_image_size(x.shape[2], x.shape[3])
+        if not self._planned:  # the command's rule: the work ahead picks the backend
+            self.plan(x.shape[0])
         stages = self.row.stages
         if x.shape[0] == 0 or not stages:  # the input itself: round gives back its bytes
             return self._from_x(x, images, was_uint8)

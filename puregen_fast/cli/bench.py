@@ -263,10 +263,10 @@ def _models(args: argparse.Namespace, device: torch.device) -> nn.Module:
     torch.manual_seed(0)
     if args.method == "ebm":
         if args.ebm:
-            return load_ebm(args.ebm, device)
+            return load_ebm(args.ebm, device, flag="--ebm")
         return EBMSNGAN32(nf=EBM_WIDTHS[args.model]).to(device).eval().requires_grad_(False)
     if args.ddpm:
-        return load_ddpm(args.ddpm, device)
+        return load_ddpm(args.ddpm, device, flag="--ddpm")
     unet = UNet2D.from_config(UNET_PRESETS[args.unet_preset or UNET_MODELS[args.model]])
     return unet.to(device).eval().requires_grad_(False)
 

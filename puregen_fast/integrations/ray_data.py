@@ -54,6 +54,9 @@ OPTIONS = (*(f.name for f in dataclasses.fields(EngineConfig)), "ebm", "ddpm", "
 # what decides an energy's bytes: the model, where it runs, and the batch shape
 ENERGY_OPTIONS = ("ebm", "device", "batch_size")
 
+# a model missing: the messages name the Python keywords the classes take, not a flag
+_KEYWORDS = ("ebm=", "ddpm=")
+
 
 class PurifyBatches:
     """``PurifyBatches(**options)(batch) -> batch`` with ``batch["image"]`` purified."""
@@ -78,7 +81,8 @@ class PurifyBatches:
         self.filter_threshold = filter_threshold
         self.batch_size = cfg.batch_size
         # the command's loader and engine: the same models and settings give the same bytes
-        self.purifier = Purifier.from_config(cfg, *load_models(cfg.method, cfg.ebm, cfg.ddpm))
+        models = load_models(cfg.method, cfg.ebm, cfg.ddpm, named=_KEYWORDS)
+        self.purifier = Purifier.from_config(cfg, *models)
 
     def describe(self) -> dict:
         """The engine's description (method, models' sha256, backend, device)."""
@@ -109,7 +113,8 @@ class EnergyBatches:
         # the command's checks, through its configuration's fields (a bad value names its field)
         cfg = PurifyConfig(method="ebm", ebm=ebm, device=device, batch_size=batch_size)
         self.batch_size = cfg.batch_size
-        self.purifier = energy_purifier(load_models("ebm", cfg.ebm).ebm, cfg.device)
+        ebm = load_models("ebm", cfg.ebm, named=_KEYWORDS).ebm
+        self.purifier = energy_purifier(ebm, cfg.device)
 
     def describe(self) -> dict:
         """The EBM (source, sha256) and device the energies come from, and the batch size."""

@@ -127,12 +127,22 @@ def _hub_cli() -> str:
     return "huggingface-cli" if "hf" not in names and "huggingface-cli" in names else "hf"
 
 
+def _pass(flag: str, value: str) -> str:
+    """How to give ``value`` where ``flag`` takes it: a command-line flag (``--ebm DIR``), a
+    Python keyword (``ebm="DIR"``) or a Python call (``pg.load_ebm("DIR")``)."""
+    if flag.startswith("--"):
+        return f"{flag} {value}"
+    if flag.endswith("="):
+        return f'{flag}"{value}"'
+    return f'{flag}("{value}")'
+
+
 def _offline_help(repo: str, flag: str) -> str:
     local = repo.split("/")[-1]
     return (
         f"On a machine with network run `{_hub_cli()} download {repo} --local-dir {local}`, "
-        f"copy the directory {local} here and pass `{flag} {local}`; or set HF_HOME to a "
-        "Hugging Face cache that holds it."
+        f"copy the directory {local} here and pass `{_pass(flag, local)}`; or set HF_HOME to "
+        "a Hugging Face cache that holds it."
     )
 
 
@@ -172,8 +182,8 @@ def _resolve(src: str | os.PathLike[str], what: str, flag: str, fetch: bool = Tr
                 f"{what} checkpoint {_q(p)} ({flag}) is not a regular file or directory"
             )
         raise CheckpointError(
-            f"{what} checkpoint {_q(p)} ({flag}) does not exist; pass `{flag} DIR` with a "
-            "checkpoint directory, a weights file, or hf:owner/name"
+            f"{what} checkpoint {_q(p)} ({flag}) does not exist; pass `{_pass(flag, 'DIR')}` "
+            "with a checkpoint directory, a weights file, or hf:owner/name"
         )
     return p
 
@@ -482,9 +492,12 @@ def _ebm_size(
     return v
 
 
-def load_ebm(src: str | os.PathLike[str], device: str | torch.device = "cpu") -> EBMSNGAN32:
-    """An `EBMSNGAN32` from a directory in the authors' format, a weights file, or hf:owner/name."""
-    weights, cfg_path = _locate_ebm(_resolve(src, "EBM", "--ebm"))
+def load_ebm(src: str | os.PathLike[str], device: str | torch.device = "cpu", *,
+             flag: str = "pg.load_ebm") -> EBMSNGAN32:  # fmt: skip
+    """An `EBMSNGAN32` from a directory in the authors' format, a weights file, or hf:owner/name.
+    ``flag``: how the caller's user gives ``src``, for the messages: ``--ebm`` (a command),
+    ``ebm=`` (a Python keyword), or by default this function's own call."""
+    weights, cfg_path = _locate_ebm(_resolve(src, "EBM", flag))
     cfg = read_config(cfg_path) if cfg_path is not None else {}
     specs, state = _read_specs(weights)
     # Without nf / patch_size in the config they follow from the first conv's shape.
@@ -552,11 +565,13 @@ def save_ebm(ebm: EBMSNGAN32, out_dir: str | os.PathLike[str],
     return d
 
 
-def load_ddpm(src: str | os.PathLike[str], device: str | torch.device = "cpu") -> nn.Module:
-    """A `UNet2D` from a diffusers ``UNet2DModel`` directory (or its pipeline's ``unet/``)."""
+def load_ddpm(src: str | os.PathLike[str], device: str | torch.device = "cpu", *,
+              flag: str = "pg.load_ddpm") -> nn.Module:  # fmt: skip
+    """A `UNet2D` from a diffusers ``UNet2DModel`` directory (or its pipeline's ``unet/``);
+    ``flag`` as for `load_ebm`."""
     from puregen_fast.models.unet import UNet2D
 
-    weights, cfg_path = _locate_ddpm(_resolve(src, "DDPM", "--ddpm"))
+    weights, cfg_path = _locate_ddpm(_resolve(src, "DDPM", flag))
     cfg = read_config(cfg_path)
     meta = _build_meta(lambda: UNet2D.from_config(cfg), cfg_path, "UNet2D")
     specs, state = _read_specs(weights)

@@ -184,7 +184,7 @@ def test_first_conv_of_the_wrong_rank_without_config(tmp_path):
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs named pipes")
 def test_a_pipe_is_refused_not_read(tmp_path):
     os.mkfifo(tmp_path / "model.safetensors")
-    raises_naming(pg.load_ebm, tmp_path / "model.safetensors", "not a regular file", "--ebm")
+    raises_naming(pg.load_ebm, tmp_path / "model.safetensors", "not a regular file", "load_ebm")
 
 
 @pytest.mark.parametrize(
@@ -282,7 +282,7 @@ def test_offline_message_names_the_installed_command_and_the_flag(kind, load, of
     repo = default.removeprefix("hf:")
     name = repo.split("/")[1]
     with pytest.raises(pg.CheckpointError) as info:
-        load(default)
+        load(default, flag=f"--{kind}")  # as the commands call it
     # the message checkpoint_problem gives is the one loading raises
     for msg in (str(info.value), checkpoint_problem(kind), checkpoint_problem(kind, fetch=False)):
         assert f"`{cmd} download {repo} --local-dir {name}`" in msg, msg
@@ -335,3 +335,15 @@ def test_read_config(tmp_path):
         read_config(tmp_path / "c.json", label="--unet-config")
     with pytest.raises(pg.CheckpointError, match="cannot read"):
         read_config(tmp_path / "missing.json")
+
+
+@pytest.mark.parametrize("flag, says", [
+    ("pg.load_ddpm", 'pass `pg.load_ddpm("DIR")`'), ("ddpm=", 'pass `ddpm="DIR"`'),
+    ("--ddpm", "pass `--ddpm DIR`"),
+])  # fmt: skip
+def test_a_missing_checkpoint_is_named_as_the_caller_gives_it(tmp_path, flag, says):
+    """The Python API's errors name its argument, the commands' their flag (issue 24 item 4)."""
+    kw = {} if flag == "pg.load_ddpm" else {"flag": flag}
+    with pytest.raises(pg.CheckpointError) as info:
+        pg.load_ddpm(tmp_path / "nope", **kw)
+    assert says in str(info.value) and "does not exist" in str(info.value)

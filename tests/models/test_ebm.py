@@ -165,6 +165,9 @@ def test_hf_source_offline_says_what_to_do(monkeypatch, tmp_path):
     # huggingface_hub reads its environment at import: set the values it uses
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
-    with pytest.raises(pg.CheckpointError, match="--ebm puregen-ebm-cinic10-imagenet") as info:
+    # the Python API names its own call, not a flag (issue 24 item 4)
+    with pytest.raises(pg.CheckpointError) as info:
         pg.load_ebm("hf:SunayBhat1/puregen-ebm-cinic10-imagenet")
+    assert 'pass `pg.load_ebm("puregen-ebm-cinic10-imagenet")`' in str(info.value)
+    assert "--ebm" not in str(info.value)
     assert "download SunayBhat1/puregen-ebm-cinic10-imagenet --local-dir" in str(info.value)

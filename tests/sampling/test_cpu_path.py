@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import pytest
 import torch
 from helpers import assert_rel
@@ -224,3 +225,21 @@ def test_bench_refuses_bf16_without_units(cpu_as, capsys):
     assert main(argv) == 2
     assert "--precision bf16" in capsys.readouterr().err
 
+
+
+def test_the_api_picks_the_backend_by_the_commands_rule():
+    """8 images through the Python API: as `purify` would, the first call weighs its own batch
+    (8 x 3 image-steps) and runs the reference instead of compiling the fast path (issue 24
+    item 4); `plan` first keeps the choice for the whole work."""
+    ebm = pg.EBMSNGAN32(nf=4)
+    x = np.random.default_rng(0).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
+    p = pg.Purifier("ebm", ebm=ebm, ebm_steps=3, device="cpu", backend="auto")
+    ok, _ = fast_available(torch.device("cpu"), "fp32")
+    assert p.backend == ("fast" if ok else "reference")  # before any call: nothing known
+    p(x, np.arange(8))
+    assert p.backend == "reference"
+    if ok:
+        assert "24 image-steps" in p.backend_reason
+        q = pg.Purifier("ebm", ebm=ebm, ebm_steps=3, device="cpu", backend="auto")
+        q.plan(AUTO_CPU_MIN_IMAGE_STEPS)  # the caller knows more work follows
+        assert q.backend == "fast"
