@@ -347,3 +347,13 @@ def test_a_missing_checkpoint_is_named_as_the_caller_gives_it(tmp_path, flag, sa
     with pytest.raises(pg.CheckpointError) as info:
         pg.load_ddpm(tmp_path / "nope", **kw)
     assert says in str(info.value) and "does not exist" in str(info.value)
+
+
+def test_the_one_loader_names_python_keywords_for_ray(tmp_path):
+    """PurifyBatches / EnergyBatches load through `load_models` with their keywords named."""
+    from puregen_fast.purifier import load_models
+
+    with pytest.raises(pg.CheckpointError, match='pass `ebm="DIR"`'):
+        load_models("ebm", str(tmp_path / "nope"), named=("ebm=", "ddpm="))
+    with pytest.raises(pg.CheckpointError, match="pass `--ebm DIR`"):
+        load_models("ebm", str(tmp_path / "nope"))
