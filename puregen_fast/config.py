@@ -277,8 +277,10 @@ class EngineConfig:
         choices=BACKENDS,
     )
     precision: str = _opt(
-        "fp32", "model math: fp32, tf32 or bf16 (state always fp32)", group="run",
-        choices=PRECISIONS,
+        "fp32", "model math: fp32, tf32, bf16 (state always fp32), or auto (fp32 or bf16, "
+        "whichever runs a step faster here: timed once per machine and model, kept in the "
+        "project cache; the default stays fp32 so that every machine writes the same bytes)",
+        group="run", choices=(*PRECISIONS, "auto"),
     )  # fmt: skip
     conv_impl: str = _opt(
         "auto",

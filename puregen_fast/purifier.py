@@ -14,6 +14,7 @@ settings back from its callers: a data set's filt threshold is an argument of th
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -34,6 +35,7 @@ from puregen_fast.errors import DivergenceError, UsageError
 from puregen_fast.models.checkpoints import DEFAULT_DDPM, DEFAULT_EBM, load_ddpm, load_ebm
 from puregen_fast.models.schedule import DDPMSchedule
 from puregen_fast.runtime import resolve_device
+from puregen_fast.sampling import precision as precision_choice
 from puregen_fast.sampling.backends import make_sampler
 from puregen_fast.sampling.config import SamplerConfig
 
@@ -229,6 +231,9 @@ class Purifier:
         self.device = resolve_device(cfg.device)
         self.ebm = ebm.to(self.device).eval().requires_grad_(False) if self.uses_ebm else None
         self.ddpm = ddpm.to(self.device).eval().requires_grad_(False) if self.uses_ddpm else None
+        self.precision_reason: str | None = None  # why, where precision="auto" chose
+        if cfg.precision == precision_choice.AUTO:
+            cfg = self.config = self._choose_precision(cfg)
         self.schedule = schedule or DDPMSchedule()
         no_model = self.row.model_free
         self.sampler = make_sampler(
@@ -243,6 +248,32 @@ class Purifier:
         if no_model and backend != "reference":
             self.backend_reason = f"method {method!r} has no model"
         self._planned = False  # `plan` not called yet: the first call plans its own batch
+
+    def _timed_model(self) -> tuple[str, nn.Module, tuple[int, int]] | None:
+        """The model whose step ``precision="auto"`` times (the EBM, else the DDPM), and its
+        image size; None without a model."""
+        if self.ebm is not None:
+            return "ebm", self.ebm, (32, 32)
+        if self.ddpm is not None:
+            size = int(dict(getattr(self.ddpm, "config", {})).get("sample_size") or 32)
+            return "ddpm", self.ddpm, (size, size)
+        return None
+
+    def _choose_precision(self, cfg: EngineConfig) -> EngineConfig:
+        timed = self._timed_model()
+        if timed is None:
+            self.precision, self.precision_reason = "fp32", "fp32: no model to time"
+            return dataclasses.replace(cfg, precision="fp32")
+        v = precision_choice.choose(*timed, self.device)
+        self.precision, self.precision_reason = v.precision, f"auto: {v.reason}"
+        return dataclasses.replace(cfg, precision=v.precision)
+
+    def precision_note(self) -> str | None:
+        """At fp32: one line when a kept ``auto`` verdict says bf16 is much faster here."""
+        timed = self._timed_model()
+        if self.config.precision != "fp32" or timed is None:
+            return None
+        return precision_choice.hint(*timed, self.device)
 
     def check_image_size(self, h: int, w: int) -> None:
         """ImageSizeError unless this engine's models take H x W images (`check_image_size`)."""
@@ -519,6 +550,7 @@ class Purifier:
         notes: dict[str, Any] = {
             "backend_requested": c.backend,
             "backend_reason": self.backend_reason,
+            **({"precision_reason": self.precision_reason} if self.precision_reason else {}),
             "conv_impl": c.conv_impl,
             "conv_impl_reason": self.conv_impl_reason,
             "device": str(self.device),

@@ -45,6 +45,7 @@ __all__ = [
     "THREADS_ENV",
     "CPUMatrix",
     "available_cores",
+    "cache_dir",
     "check_mode",
     "check_precision",
     "compile_cache_dir",
@@ -388,19 +389,22 @@ def cpu_peak_tflops(precision: str, threads: int | None = None) -> tuple[float |
 # ----------------------------------------------------------------------------- compile caches
 
 
-def compile_cache_dir() -> Path:
-    """Where inductor's caches persist: ``$TORCHINDUCTOR_CACHE_DIR`` if set, else the project's
-    cache folder (``$PUREGEN_FAST_CACHE``, else ``$XDG_CACHE_HOME/puregen-fast``, else
-    ``~/.cache/puregen-fast``: the rule of `data.download.cache_root`) + ``/inductor``."""
-    env = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
-    if env:
-        return Path(env)
+def cache_dir() -> Path:
+    """The project's cache folder: ``$PUREGEN_FAST_CACHE``, else
+    ``$XDG_CACHE_HOME/puregen-fast``, else ``~/.cache/puregen-fast``."""
     root = os.environ.get("PUREGEN_FAST_CACHE")
     if root:
-        return Path(root).expanduser() / "inductor"
+        return Path(root).expanduser()
     xdg = os.environ.get("XDG_CACHE_HOME")
     base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
-    return base / "puregen-fast" / "inductor"
+    return base / "puregen-fast"
+
+
+def compile_cache_dir() -> Path:
+    """Where inductor's caches persist: ``$TORCHINDUCTOR_CACHE_DIR`` if set, else
+    `cache_dir` + ``/inductor``."""
+    env = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    return Path(env) if env else cache_dir() / "inductor"
 
 
 def _use_compile_cache() -> None:

@@ -21,6 +21,7 @@ from puregen_fast.runtime import (
     describe_device,
 )
 from puregen_fast.sampling.backends import fast_available
+from puregen_fast.sampling.precision import GAIN, cache_file, verdicts
 from puregen_fast.version import __version__
 
 
@@ -118,7 +119,22 @@ def collect(conv_probe: int = 0) -> dict[str, Any]:
     info["backend_auto"]["bf16"] = {"fast": ok16, "why": why16}
     info["conv_impl"] = conv_impl_info(device, conv_probe)
     info["cpu"] = cpu_info()
+    info["precision_auto"] = precision_auto_info()
     return info
+
+
+def precision_auto_info() -> dict[str, Any]:
+    """What ``--precision auto`` decided on this machine so far (kept in the project cache):
+    per device and model, the precision and the step times that decided it."""
+    kept = verdicts()
+    return {
+        "cache": str(cache_file()),
+        "rule": f"bf16 where it runs a step at least {GAIN:g}x as fast as fp32, else fp32",
+        "verdicts": {k: {"precision": v.get("precision"), "seconds": v.get("seconds"),
+                         "measured": v.get("measured")}
+                     for k, v in kept.items() if isinstance(v, dict)}  # fmt: skip
+        or "none yet (the first run with --precision auto times it)",
+    }
 
 
 def cpu_info() -> dict[str, Any]:

@@ -6,6 +6,7 @@ and the count sent to the other ranks."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -117,6 +118,10 @@ def _purifier(cfg: PurifyConfig, device: torch.device, ebm, ddpm) -> Purifier:
 def run(args: argparse.Namespace) -> int:
     """The ``purify`` subcommand."""
     cfg = _config(args)
+    if cfg.precision == "auto" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # each rank would time for itself, and might choose otherwise
+        raise UsageError("--precision auto under torchrun: every rank must compute alike; give "
+                         "fp32 or bf16 (a single-process run with auto says which is faster)")
     dist = Dist.from_env(cfg.device)
     try:
         out = Path(cfg.out).expanduser()
@@ -130,6 +135,12 @@ def run(args: argparse.Namespace) -> int:
         purifier = _purifier(cfg, dist.device, ebm, ddpm)
         if purifier.uses_ebm and dist.is_main:
             print(f"purify: {chain_line(purifier)}", file=sys.stderr)
+        note = purifier.precision_note() if dist.is_main and not cfg.quiet else None
+        if note:
+            print(f"purify: {note}", file=sys.stderr)
+        if purifier.precision_reason and dist.is_main:
+            print(f"purify: precision {purifier.config.precision} ({purifier.precision_reason})",
+                  file=sys.stderr)  # fmt: skip
         t_data = time.perf_counter() - t0 - t_models
         command = {**cfg.to_dict(), "out": str(out.absolute())}
         purify_dataset(

@@ -59,6 +59,7 @@ from pathlib import Path
 
 from puregen_fast.data.io import atomic_path, file_digest, fsync_dir
 from puregen_fast.errors import UsageError
+from puregen_fast.runtime import cache_dir
 
 __all__ = [
     "ARCHIVES",
@@ -145,14 +146,9 @@ ARCHIVES: dict[str, Archive] = {
 
 
 def cache_root() -> Path:
-    """The user cache folder: ``$PUREGEN_FAST_CACHE``, else ``$XDG_CACHE_HOME/puregen-fast``,
-    else ``~/.cache/puregen-fast``."""
-    env = os.environ.get("PUREGEN_FAST_CACHE")
-    if env:
-        return Path(env).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
-    return base / "puregen-fast"
+    """The user cache folder (`runtime.cache_dir`: ``$PUREGEN_FAST_CACHE``, else
+    ``$XDG_CACHE_HOME/puregen-fast``, else ``~/.cache/puregen-fast``)."""
+    return cache_dir()
 
 
 def resolve_data_dir(data_dir: str | os.PathLike[str] | None) -> Path:
