@@ -424,3 +424,20 @@ def test_a_classifier_batch_of_one_image_is_exit_2(env, capsys):
     i = argv.index("--batch-size")
     assert main([*argv[: i + 1], "1", *argv[i + 2 :]]) == 2
     assert "at least 2 images" in capsys.readouterr().err
+
+
+def test_a_double_dash_value_is_refused_by_every_one_value_flag(capsys):
+    """``--flag=--``: Python before 3.12 hands the command an empty list as the value (the
+    slow fuzz found `eval run --limit-train=--` reaching a slice); every one-value flag of
+    every subcommand refuses it while parsing, exit 2, naming the flag."""
+    seen = 0
+    for prog, action in _value_flags(build_parser()):
+        if action.nargs is not None or action.type is None:
+            continue
+        words = prog.split()[1:]  # "puregen-fast eval run" -> ["eval", "run"]
+        flag = action.option_strings[-1]
+        with pytest.raises(SystemExit) as e:
+            build_parser().parse_args([*words, f"{flag}=--"])
+        assert e.value.code == 2 and flag in capsys.readouterr().err, (prog, flag)
+        seen += 1
+    assert seen > 50
