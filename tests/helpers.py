@@ -123,7 +123,7 @@ def run_fuzz(label: str, strategy, one, n: int, *, success: str, failures: tuple
               suppress_health_check=list(HealthCheck))  # fmt: skip
     @given(strategy)
     def check(case):
-        if budget_spent():
+        if budget_spent() and not bad:  # after a failure, run on: it is shrunk and reported
             return
         try:
             outcome = one(case)
