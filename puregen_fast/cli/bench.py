@@ -57,6 +57,7 @@ from puregen_fast.runtime import (
     precision_context,
     resolve_device,
 )
+from puregen_fast.sampling import precision as precision_choice
 from puregen_fast.sampling.backends import DDPMSampler, LangevinSampler, fast_available
 
 BACKENDS = ("authors", "fast", "engine", "diffusers")
@@ -516,8 +517,21 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
         "peaks": {k: {"tflops": v[0], "how": v[1]} for k, v in peaks.items()},
         "threads": torch.get_num_threads() if device.type == "cpu" else None,
         "rows": rows,
+        "precision_auto": _precision_auto(args.method, model, args.image_size, device),
     }
 
+
+def _precision_auto(method: str, model: nn.Module, size: int, device: torch.device) -> str:
+    """What ``--precision auto`` decided (or would decide) here for this model, from the kept
+    verdicts: nothing is timed for it."""
+    kept = precision_choice.verdicts().get(
+        precision_choice.key(device, method, model, (precision_choice.PROBE_BATCH, 3, size, size)))
+    if not isinstance(kept, dict) or not isinstance(kept.get("seconds"), dict):
+        return ("not measured on this machine for this model yet (purify --precision auto "
+                "times it once)")  # fmt: skip
+    s = kept["seconds"]
+    return (f"{kept.get('precision')}: a step took {1e3 * s['fp32']:.1f} ms in fp32 and "
+            f"{1e3 * s['bf16']:.1f} ms in bf16 (bf16 at {precision_choice.GAIN:g}x or more)")
 
 class _Null:
     def __enter__(self) -> None:
@@ -556,7 +570,9 @@ def markdown(res: dict[str, Any]) -> str:
         f"{f(r.get('joules_per_image'), '.3f')} |"
         for r in res["rows"]
     ]
-    out = head + "\n".join(lines) + "\n\nRows:\n"
+    auto = res.get("precision_auto")
+    auto = f"\n--precision auto here: {auto}\n" if auto else ""
+    out = head + "\n".join(lines) + "\n" + auto + "\nRows:\n"
     for r in res["rows"]:
         out += f"- `{r['backend']}`: {ROW_MEANING[r['backend']]}\n"
     out += (

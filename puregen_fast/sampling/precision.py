@@ -25,7 +25,9 @@ from torch import nn
 from puregen_fast.data.io import atomic_write_json
 from puregen_fast.runtime import cache_dir, cpu_bf16, describe_device, precision_context
 
-__all__ = ["AUTO", "GAIN", "PROBE_BATCH", "Verdict", "cache_file", "choose", "hint", "verdicts"]
+__all__ = [
+    "AUTO", "GAIN", "PROBE_BATCH", "Verdict", "cache_file", "choose", "hint", "key", "verdicts",
+]
 
 AUTO = "auto"
 GAIN = 1.15  # bf16 is taken (and suggested) only when this much faster than fp32
@@ -51,7 +53,8 @@ def _device_name(device: torch.device) -> str:
     return str(describe_device(device).get("name", device.type))
 
 
-def _key(device: torch.device, kind: str, model: nn.Module, shape: tuple[int, ...]) -> str:
+def key(device: torch.device, kind: str, model: nn.Module, shape: tuple[int, ...]) -> str:
+    """The kept verdict's key: the device, torch, the model and the probe's batch shape."""
     params = sum(p.numel() for p in model.parameters())
     batch = "x".join(map(str, shape))
     return (f"{device.type}: {_device_name(device)} | torch {torch.__version__} | {kind} "
@@ -124,9 +127,9 @@ def choose(kind: str, model: nn.Module, size: tuple[int, int], device: torch.dev
     if device.type == "cuda" and not torch.cuda.is_bf16_supported():
         return Verdict("fp32", {}, "fp32: this GPU has no bf16 support")
     shape = (PROBE_BATCH, 3, *size)
-    key = _key(device, kind, model, shape)
+    k = key(device, kind, model, shape)
     kept = verdicts()
-    rec = kept.get(key)
+    rec = kept.get(k)
     if isinstance(rec, dict) and isinstance(rec.get("seconds"), dict):
         try:
             return _verdict(rec, cached=True)
@@ -137,7 +140,7 @@ def choose(kind: str, model: nn.Module, size: tuple[int, int], device: torch.dev
            "measured": time.strftime("%Y-%m-%d %H:%M:%S")}  # fmt: skip
     try:
         cache_file().parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(cache_file(), {**kept, key: rec})
+        atomic_write_json(cache_file(), {**kept, k: rec})
     except OSError:
         pass  # a read-only cache: the verdict holds for this run only
     return _verdict(rec, cached=False)
@@ -146,7 +149,7 @@ def choose(kind: str, model: nn.Module, size: tuple[int, int], device: torch.dev
 def hint(kind: str, model: nn.Module, size: tuple[int, int], device: torch.device) -> str | None:
     """For a run at fp32: one line when a kept verdict says bf16 is much faster here (nothing
     is timed); None otherwise."""
-    rec = verdicts().get(_key(device, kind, model, (PROBE_BATCH, 3, *size)))
+    rec = verdicts().get(key(device, kind, model, (PROBE_BATCH, 3, *size)))
     if not isinstance(rec, dict) or rec.get("precision") != "bf16":
         return None
     try:
