@@ -99,7 +99,7 @@ class Preview:
         """The picture as a Pillow RGB image (see the module doc)."""
         from PIL import Image, ImageDraw
 
-        font, small = _fonts()
+        font, small = fonts()
         h, w = self.originals.shape[1:3]
         f = max(1, _SHOW // max(h, w))
         sw, sh = w * f, h * f
@@ -151,7 +151,8 @@ class Preview:
         return p
 
 
-def _fonts() -> tuple[Any, Any]:
+def fonts() -> tuple[Any, Any]:
+    """The pictures' two fonts (titles, labels): Pillow's own, so no font file is needed."""
     from PIL import ImageFont
 
     try:

@@ -8,22 +8,12 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from puregen_fast.data.io import atomic_path
+from puregen_fast.data.preview import fonts
 from puregen_fast.eval.verdict import finite, headline
 
 __all__ = ["save_chart", "save_curve"]
-
-
-def _fonts() -> tuple[Any, Any]:
-    from PIL import ImageFont
-
-    try:
-        return ImageFont.load_default(size=14), ImageFont.load_default(size=11)
-    except TypeError:  # Pillow < 10.1: the fixed bitmap font
-        f = ImageFont.load_default()
-        return f, f
 
 
 _COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
@@ -44,7 +34,7 @@ def save_chart(rows: Sequence[dict], path: str | os.PathLike[str], *, title: str
     label0 = next((headline(r)[0] for r in rows), "poison success %")
     panels = [(label0, lambda r: headline(r)[1]), ("natural accuracy %", lambda r:
               r["natural_acc"])]  # fmt: skip
-    font, small = _fonts()
+    font, small = fonts()
     pw = max(360, 45 * len(defenses) * max(1, len(clfs)))
     ph, top, left, bottom = 300, 50, 50, 60
     w = left + len(panels) * (pw + 30) + 10
@@ -100,7 +90,7 @@ def save_curve(rows: Sequence[dict], path: str | os.PathLike[str], *, title: str
     from PIL import Image, ImageDraw
 
     clfs = list(dict.fromkeys(r["classifier"] for r in rows))
-    font, small = _fonts()
+    font, small = fonts()
     label0 = next((headline(r)[0] for r in rows), "poison success %")
     pw = ph = 320
     top, left, gap = 72, 56, 70

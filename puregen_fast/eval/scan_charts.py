@@ -14,7 +14,8 @@ import numpy as np
 
 from puregen_fast.data.datasets import Dataset
 from puregen_fast.data.io import atomic_path
-from puregen_fast.eval.charts import _COLOURS, _fonts
+from puregen_fast.data.preview import fonts
+from puregen_fast.eval.charts import _COLOURS
 from puregen_fast.scan import EnergyTable, Pictures
 
 __all__ = ["HISTOGRAM", "TOP_GRID", "MAX_CLASSES", "save_histograms", "save_separation",
@@ -60,7 +61,7 @@ def save_histograms(
     line (images at or above it are the ones filt purifies)."""
     from PIL import Image, ImageDraw
 
-    font, small = _fonts()
+    font, small = fonts()
     classes = shown_classes(table, len(class_names))
     present = len(np.unique(table.labels))
     lo, hi = float(table.energies.min()), float(table.energies.max())
@@ -127,7 +128,7 @@ def save_top_grid(
     visible) above its rank and overall z-score."""
     from PIL import Image, ImageDraw
 
-    font, small = _fonts()
+    font, small = fonts()
     names = list(dataset.class_names)
     classes = shown_classes(table, len(names))
     present = len(np.unique(table.labels))
@@ -180,7 +181,7 @@ def save_separation(
     tallest bar (poisons are few), and the cut as a dashed line."""
     from PIL import Image, ImageDraw
 
-    font, small = _fonts()
+    font, small = fonts()
     pw, ph, gap, top, left = 600, 120, 34, 48, 16
     im = Image.new("RGB", (left * 2 + pw, top + len(panels) * (ph + gap + 20)), "white")
     dr = ImageDraw.Draw(im)
