@@ -524,14 +524,11 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
 def _precision_auto(method: str, model: nn.Module, size: int, device: torch.device) -> str:
     """What ``--precision auto`` decided (or would decide) here for this model, from the kept
     verdicts: nothing is timed for it."""
-    kept = precision_choice.verdicts().get(
-        precision_choice.key(device, method, model, (precision_choice.PROBE_BATCH, 3, size, size)))
-    if not isinstance(kept, dict) or not isinstance(kept.get("seconds"), dict):
+    v = precision_choice.kept(method, model, (size, size), device)
+    if v is None:
         return ("not measured on this machine for this model yet (purify --precision auto "
                 "times it once)")  # fmt: skip
-    s = kept["seconds"]
-    return (f"{kept.get('precision')}: a step took {1e3 * s['fp32']:.1f} ms in fp32 and "
-            f"{1e3 * s['bf16']:.1f} ms in bf16 (bf16 at {precision_choice.GAIN:g}x or more)")
+    return f"{v.precision}: {v.reason}"
 
 class _Null:
     def __enter__(self) -> None:

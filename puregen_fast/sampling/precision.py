@@ -26,7 +26,8 @@ from puregen_fast.data.io import atomic_write_json
 from puregen_fast.runtime import cache_dir, cpu_bf16, describe_device, precision_context
 
 __all__ = [
-    "AUTO", "GAIN", "PROBE_BATCH", "Verdict", "cache_file", "choose", "hint", "key", "verdicts",
+    "AUTO", "GAIN", "PROBE_BATCH", "Verdict", "cache_file", "choose", "hint", "key", "kept",
+    "verdicts",
 ]
 
 AUTO = "auto"
@@ -118,6 +119,20 @@ def _verdict(rec: dict[str, Any], cached: bool) -> Verdict:
     return Verdict(rec["precision"], dict(s), why)
 
 
+def kept(kind: str, model: nn.Module, size: tuple[int, int], device: torch.device,
+         verdicts_: dict[str, dict[str, Any]] | None = None) -> Verdict | None:  # fmt: skip
+    """The kept verdict for ``model`` on ``device`` (None when none, or damaged); nothing is
+    timed. ``verdicts_``: the kept verdicts, where the caller has read them already."""
+    rec = (verdicts() if verdicts_ is None else verdicts_).get(
+        key(device, kind, model, (PROBE_BATCH, 3, *size)))
+    if not isinstance(rec, dict) or not isinstance(rec.get("seconds"), dict):
+        return None
+    try:
+        return _verdict(rec, cached=True)
+    except (KeyError, TypeError, ZeroDivisionError):
+        return None
+
+
 def choose(kind: str, model: nn.Module, size: tuple[int, int], device: torch.device,
            timer: Callable[..., dict[str, float]] | None = None) -> Verdict:  # fmt: skip
     """fp32 or bf16 for ``model`` (``kind`` ``ebm`` or ``ddpm``, images of ``size``) on
@@ -127,20 +142,16 @@ def choose(kind: str, model: nn.Module, size: tuple[int, int], device: torch.dev
     if device.type == "cuda" and not torch.cuda.is_bf16_supported():
         return Verdict("fp32", {}, "fp32: this GPU has no bf16 support")
     shape = (PROBE_BATCH, 3, *size)
-    k = key(device, kind, model, shape)
-    kept = verdicts()
-    rec = kept.get(k)
-    if isinstance(rec, dict) and isinstance(rec.get("seconds"), dict):
-        try:
-            return _verdict(rec, cached=True)
-        except (KeyError, TypeError, ZeroDivisionError):
-            pass  # damaged: time again
+    known = verdicts()
+    v = kept(kind, model, size, device, known)
+    if v is not None:
+        return v  # else none kept, or a damaged record: time again
     s = (timer or _time_steps)(kind, model, shape, device)
     rec = {"precision": "bf16" if s["fp32"] >= GAIN * s["bf16"] else "fp32", "seconds": s,
            "measured": time.strftime("%Y-%m-%d %H:%M:%S")}  # fmt: skip
     try:
         cache_file().parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(cache_file(), {**kept, k: rec})
+        atomic_write_json(cache_file(), {**known, key(device, kind, model, shape): rec})
     except OSError:
         pass  # a read-only cache: the verdict holds for this run only
     return _verdict(rec, cached=False)
@@ -149,13 +160,10 @@ def choose(kind: str, model: nn.Module, size: tuple[int, int], device: torch.dev
 def hint(kind: str, model: nn.Module, size: tuple[int, int], device: torch.device) -> str | None:
     """For a run at fp32: one line when a kept verdict says bf16 is much faster here (nothing
     is timed); None otherwise."""
-    rec = verdicts().get(key(device, kind, model, (PROBE_BATCH, 3, *size)))
-    if not isinstance(rec, dict) or rec.get("precision") != "bf16":
+    v = kept(kind, model, size, device)
+    if v is None or v.precision != "bf16":
         return None
-    try:
-        ratio = rec["seconds"]["fp32"] / rec["seconds"]["bf16"]
-    except (KeyError, TypeError, ZeroDivisionError):
-        return None
+    ratio = v.seconds["fp32"] / v.seconds["bf16"]
     return (f"note: bf16 ran {ratio:.1f}x as fast as fp32 on this {device.type} for this model; "
             "--precision auto (or bf16) would use it. fp32 is the default so that every "
             "machine writes the same bytes")  # fmt: skip
