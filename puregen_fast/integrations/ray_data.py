@@ -58,6 +58,15 @@ ENERGY_OPTIONS = ("ebm", "device", "batch_size")
 _KEYWORDS = ("ebm=", "ddpm=")
 
 
+def _images_and_ids(batch: Any, who: str) -> tuple[np.ndarray, np.ndarray]:
+    """A dict-of-numpy batch's images and sample ids, checked; ``who`` names the class."""
+    if not isinstance(batch, Mapping):
+        raise TypeError(f"{who} takes dict-of-numpy batches, got {type(batch).__name__}; "
+                        "pass batch_format='numpy' to map_batches")  # fmt: skip
+    images = _image_column(batch)
+    return images, _id_column(batch, len(images))
+
+
 class PurifyBatches:
     """``PurifyBatches(**options)(batch) -> batch`` with ``batch["image"]`` purified."""
 
@@ -89,13 +98,7 @@ class PurifyBatches:
         return {**self.purifier.describe(), "batch_size": self.batch_size}
 
     def __call__(self, batch: Mapping[str, np.ndarray]) -> dict[str, Any]:
-        if not isinstance(batch, Mapping):
-            raise TypeError(
-                f"PurifyBatches takes dict-of-numpy batches, got {type(batch).__name__}; "
-                "pass batch_format='numpy' to map_batches"
-            )
-        images = _image_column(batch)
-        ids = _id_column(batch, len(images))
+        images, ids = _images_and_ids(batch, "PurifyBatches")
         kw = {} if self.filter_threshold is None else {"filter_threshold": self.filter_threshold}
         out = np.empty_like(images)
         for s, e, x, i in _pieces(images, ids, self.batch_size):
@@ -122,13 +125,7 @@ class EnergyBatches:
         return {"ebm": d.get("ebm"), "device": d["device"], "batch_size": self.batch_size}
 
     def __call__(self, batch: Mapping[str, np.ndarray]) -> dict[str, Any]:
-        if not isinstance(batch, Mapping):
-            raise TypeError(
-                f"EnergyBatches takes dict-of-numpy batches, got {type(batch).__name__}; "
-                "pass batch_format='numpy' to map_batches"
-            )
-        images = _image_column(batch)
-        ids = _id_column(batch, len(images))
+        images, ids = _images_and_ids(batch, "EnergyBatches")
         out = np.empty(len(images), np.float64)
         for s, e, x, i in _pieces(images, ids, self.batch_size):
             out[s:e] = self.purifier.energy(x, i)[: e - s]
