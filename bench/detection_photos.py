@@ -31,7 +31,7 @@ from puregen_fast.eval.detection import BASELINES, roc_auc, top_share
 from puregen_fast.eval.poison import load_trigger, poison_dataset
 from puregen_fast.models.checkpoints import load_ebm
 from puregen_fast.runtime import describe_device
-from puregen_fast.scan import energy_purifier
+from puregen_fast.scan import energy_purifier, energy_table
 
 TOPS = (0.05, 0.10)
 
@@ -88,6 +88,9 @@ def main(argv: list[str] | None = None) -> int:
             if args.chain_steps:  # how far a short chain lowers it (`scan --chain-steps`)
                 moved = chain(ps.images, ids)
                 scores[f"energy drop, {args.chain_steps} steps"] = e0 - scorer.energy(moved, ids)
+            for name in list(scores):  # ranked as scan.csv's z_class column: within its class
+                scores[f"{name}, z in its class"] = energy_table(scores[name], ps.labels,
+                                                                 0.5).z_class  # fmt: skip
             for name, fn in BASELINES.items():
                 kw = {"seed": seed} if name == "random" else {}
                 scores[name] = fn(ps.images, ps.labels, **kw)

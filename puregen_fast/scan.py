@@ -8,9 +8,14 @@ pipeline's selection, configuration record, torchrun split, output lock and ``--
 (``.puregen-energy-00000.json``: the energies and their sha256), so a killed run rerun with
 ``--resume`` computes only the missing shards and writes the same table bytes.
 
+With a ``chain`` (``--chain-steps K``: K Langevin steps of the EBM's own chain, the noise keyed
+by sample id as in purify) each image is also scored after the chain, and the score ranked is
+the drop, the energy before minus the energy after: how far the chain moves it downhill.
+
 ``--out DIR`` holds, once finished (``scan.json`` is written last):
 
-    scan.csv     one row per image, sorted by rank; columns `COLUMNS` (see `write_table`)
+    scan.csv     one row per image, sorted by rank; columns `COLUMNS`, or `CHAIN_COLUMNS` with
+                 a chain (see `write_table`)
     scan.json    the summary: counts, the energy's mean and spread overall and per class, the
                  cut filt would take at ``filter_frac`` and how many images lie at or above it,
                  the highest-ranked rows, the EBM's source and sha256, the run's settings
@@ -44,12 +49,13 @@ from puregen_fast.data.lock import out_lock
 from puregen_fast.data.writer import RUN_STATE, check_out_dir, mark_diverged, prepare_out_dir
 from puregen_fast.dist import Dist
 from puregen_fast.errors import DivergenceError, UsageError
-from puregen_fast.pipeline import _check_options, _plan, _Run, _write_out, filter_cut
+from puregen_fast.pipeline import _check_options, _plan, _Run, _Steps, _write_out, filter_cut
 from puregen_fast.purifier import Purifier
 from puregen_fast.runtime import describe_device
 from puregen_fast.version import __version__
 
 __all__ = [
+    "CHAIN_COLUMNS",
     "COLUMNS",
     "SCAN_JSON",
     "SCAN_TABLE",
@@ -68,6 +74,9 @@ SCAN_JSON = "scan.json"
 SCAN_FORMAT = "puregen-fast scan 1"
 # the table's columns, in order (README "Scanning a data set" documents each)
 COLUMNS = ("rank", "id", "label", "class", "energy", "z_class", "z_all", "above_cut", "source")
+# with a chain: the score ranked (drop) first, then the energies it is the difference of
+CHAIN_COLUMNS = ("rank", "id", "label", "class", "drop", "energy", "energy_after", "z_class",
+                 "z_all", "above_cut", "source")  # fmt: skip
 TOP_ROWS = 20  # the highest-ranked rows repeated in scan.json
 _SHARD = ".puregen-energy-{:05d}.json"  # a private name: prepare_out_dir clears it on a new run
 
@@ -84,9 +93,11 @@ def energy_purifier(ebm: Any, device: Any = "auto", **engine: Any) -> Purifier:
 
 @dataclass(frozen=True)
 class EnergyTable:
-    """Every image's energy with its rank and z-scores, in id order (index i is image i).
+    """Every image's score with its rank and z-scores, in id order (index i is image i).
 
-    ``rank``: 1 for the highest energy, ties broken by the lower id. ``z_class``: (energy - the
+    ``energies``: the score ranked, named by ``score``: "energy", or "drop" for the energy drop
+    along a chain, whose two energies are ``before`` and ``after`` (None without a chain).
+    ``rank``: 1 for the highest score, ties broken by the lower id. ``z_class``: (energy - the
     class's mean) / the class's standard deviation, ``z_all`` the same over every image; the
     standard deviation is the population one (ddof 0), and a z-score is 0 where it is 0 (one
     image, or equal energies). ``cut``: filt's threshold at ``filter_frac``
@@ -100,6 +111,9 @@ class EnergyTable:
     cut: float
     above_cut: np.ndarray
     filter_frac: float
+    score: str = "energy"
+    before: np.ndarray | None = None
+    after: np.ndarray | None = None
 
     @property
     def order(self) -> np.ndarray:
@@ -112,8 +126,21 @@ def _z(e: np.ndarray) -> np.ndarray:
     return np.zeros_like(e) if sd == 0.0 else (e - e.mean()) / sd
 
 
-def energy_table(energies: np.ndarray, labels: np.ndarray, filter_frac: float) -> EnergyTable:
-    """Rank, per-class and overall z-scores and filt's cut of ``energies`` (see `EnergyTable`)."""
+def energy_table(
+    energies: np.ndarray, labels: np.ndarray, filter_frac: float,
+    after: np.ndarray | None = None,
+) -> EnergyTable:  # fmt: skip
+    """Rank, per-class and overall z-scores and filt's cut of ``energies`` (see `EnergyTable`);
+    with ``after`` (each image's energy after a chain) they are of the drop, energies - after."""
+    if after is not None:
+        before = np.asarray(energies, dtype=np.float64)
+        after = np.asarray(after, dtype=np.float64)
+        if before.shape != after.shape or not (np.isfinite(before).all()
+                                               and np.isfinite(after).all()):  # fmt: skip
+            raise ValueError(f"energies {before.shape} and after {after.shape}: need one finite "
+                             "pair per image")  # fmt: skip
+        t = energy_table(before - after, labels, filter_frac)
+        return dataclasses.replace(t, score="drop", before=before, after=after)
     e = np.asarray(energies, dtype=np.float64)
     y = np.asarray(labels, dtype=np.int64)
     if e.shape != y.shape or e.ndim != 1 or e.size == 0:
@@ -139,19 +166,25 @@ def write_table(
     path: str | os.PathLike[str], table: EnergyTable, class_names: Sequence[str],
     sources: Sequence[str] | None = None,
 ) -> str:  # fmt: skip
-    """``scan.csv``, atomically, one row per image in rank order; returns its sha256. Columns:
-    rank (1 = highest energy), id (the image's index in the data set, the sample id that keys
-    its noise), label, class (its name), energy, z_class, z_all, above_cut (1 where filt would
-    purify it), source (the image's file or WebDataset key where the reader has one, else
-    empty). Floats are written as Python's shortest round-trip text, so equal energies give
-    equal bytes."""
+    """``scan.csv``, atomically, one row per image in rank order; returns its sha256. Columns
+    (`COLUMNS`): rank (1 = highest score), id (the image's index in the data set, the sample id
+    that keys its noise), label, class (its name), energy, z_class, z_all (of the score),
+    above_cut (1 at or above the cut at the filter fraction: where filt would purify it),
+    source (the image's file or WebDataset key where the reader has one, else empty). With a
+    chain (`CHAIN_COLUMNS`) the score, drop, comes first, then energy (before the chain) and
+    energy_after. Floats are written as Python's shortest round-trip text, so equal energies
+    give equal bytes."""
+    chained = table.before is not None and table.after is not None
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(COLUMNS)
+    w.writerow(CHAIN_COLUMNS if chained else COLUMNS)
     for i in table.order:
+        scores = [_num(table.energies[i])]
+        if chained:
+            scores += [_num(table.before[i]), _num(table.after[i])]  # type: ignore[index]
         w.writerow([
             int(table.rank[i]), int(i), int(table.labels[i]), class_names[table.labels[i]],
-            _num(table.energies[i]), _num(table.z_class[i]), _num(table.z_all[i]),
+            *scores, _num(table.z_class[i]), _num(table.z_all[i]),
             int(table.above_cut[i]), "" if sources is None else sources[i],
         ])  # fmt: skip
     data = buf.getvalue().encode("utf-8", "backslashreplace")
@@ -172,12 +205,20 @@ def summary(table: EnergyTable, class_names: Sequence[str]) -> dict[str, Any]:
         if m.any():
             classes.append({"label": c, "name": name, **_stats(table.energies[m]),
                             "at_or_above_cut": int(table.above_cut[m].sum())})  # fmt: skip
-    top = [{"rank": int(table.rank[i]), "id": int(i), "label": int(table.labels[i]),
-            "energy": float(table.energies[i]), "z_class": float(table.z_class[i]),
-            "z_all": float(table.z_all[i])} for i in table.order[:TOP_ROWS]]  # fmt: skip
+    chained = table.before is not None and table.after is not None
+    top = []
+    for i in table.order[:TOP_ROWS]:
+        row = {"rank": int(table.rank[i]), "id": int(i), "label": int(table.labels[i]),
+               table.score: float(table.energies[i])}  # fmt: skip
+        if chained:
+            row.update(energy=float(table.before[i]), energy_after=float(table.after[i]))  # type: ignore[index]
+        top.append({**row, "z_class": float(table.z_class[i]), "z_all": float(table.z_all[i])})
+    both = {"energy": _stats(table.before), "energy_after": _stats(table.after)} if chained else {}  # type: ignore[arg-type]
     return {
         "num_images": int(table.energies.size),
-        "energy": _stats(table.energies),
+        "score": table.score,
+        table.score: _stats(table.energies),
+        **both,
         "filter_frac": table.filter_frac,
         "cut": table.cut,
         "at_or_above_cut": int(table.above_cut.sum()),
@@ -207,13 +248,19 @@ def _digest(e: np.ndarray) -> str:
     return hashlib.sha256(np.asarray(e, np.float64).tobytes()).hexdigest()
 
 
-def _read_shard(out: Path, k: int, start: int, stop: int) -> np.ndarray | None:
-    """Shard ``k``'s energies from its completion record when it is whole and of this range."""
+_KEYS = ("energies", "after")  # a shard record's rows: the energies, and after a chain
+
+
+def _read_shard(out: Path, k: int, start: int, stop: int, rows: int) -> np.ndarray | None:
+    """Shard ``k``'s energies, (rows, n), from its completion record when it is whole, of this
+    range and has ``rows`` rows (1; 2 with a chain)."""
     rec = read_json(_shard_path(out, k))
     if rec is None or rec.get("start") != start or rec.get("stop") != stop:
         return None
-    vals = rec.get("energies")
-    if not isinstance(vals, list) or len(vals) != stop - start:
+    vals = [rec.get(key) for key in _KEYS[:rows]]
+    if rec.get(_KEYS[1]) is not None and rows == 1:
+        return None
+    if not all(isinstance(v, list) and len(v) == stop - start for v in vals):
         return None
     try:
         e = np.asarray(vals, dtype=np.float64)
@@ -225,21 +272,25 @@ def _read_shard(out: Path, k: int, start: int, stop: int) -> np.ndarray | None:
 
 def _write_shard(out: Path, k: int, start: int, stop: int, e: np.ndarray) -> None:
     # JSON floats are repr()s, which read back as the same float64
-    rec = {"start": start, "stop": stop, "sha256": _digest(e), "energies": [float(v) for v in e]}
+    rec = {"start": start, "stop": stop, "sha256": _digest(e)}
+    rec.update({key: [float(v) for v in row] for key, row in zip(_KEYS, e)})
     _write_out(out, atomic_write_json, _shard_path(out, k), rec)
 
 
-def _config(run: _Run) -> dict[str, Any]:
+def _config(run: _Run, chain: Purifier | None) -> dict[str, Any]:
     """What decides the energies (resume compares it): the pipeline's record of the selection
     (data set, its images' sha256, labels, batch and shard sizes) with the EBM and the device
-    in place of the purification settings."""
+    in place of the purification settings, and the chain's settings where there is one."""
     ident = run.purifier.identity()
     ebm = ident.get("ebm") or {}
     keep = {k: v for k, v in run.config.items() if k not in ("format", "method", "seed",
                                                              "purifier")}  # fmt: skip
-    return {**keep, "kind": "scan", "energy": {
+    rec = {**keep, "kind": "scan", "energy": {
         "ebm": {"config": ebm.get("config"), "sha256": ebm.get("sha256")},
         "device": ident.get("device")}}  # fmt: skip
+    if chain is not None:
+        rec["chain"] = chain.identity()
+    return rec
 
 
 def check_out(out: Path, *, resume: bool, overwrite: bool) -> None:
@@ -282,30 +333,43 @@ def _diverged(ids: list[int]) -> DivergenceError:
     )
 
 
-def _energies(run: _Run, reuse: bool) -> tuple[dict[int, np.ndarray], int]:
-    """This rank's shards' energies: kept ones that verify, the others computed (each shard's
-    record written when it is done); returns them and how many were computed."""
+def _score(run: _Run, chain: Purifier | None, x: np.ndarray, ids: np.ndarray,
+           steps: _Steps) -> np.ndarray:  # fmt: skip
+    """(rows, B): the batch's energies, and with a chain each image's energy after it."""
+    try:
+        e = [np.asarray(run.purifier.energy(x, ids))]
+        if chain is not None:
+            moved = chain(x, ids, progress=steps)
+            e.append(np.asarray(run.purifier.energy(moved, ids)))
+    except DivergenceError as err:  # the engine's words are filt's: say scan's
+        raise _diverged(err.sample_ids) from err
+    return np.stack(e)
+
+
+def _energies(run: _Run, reuse: bool, chain: Purifier | None) -> tuple[dict[int, np.ndarray], int]:
+    """This rank's shards' energies, (rows, n) each: kept ones that verify, the others computed
+    (each shard's record written when it is done); returns them and how many were computed."""
     ranges = run.writer.ranges
+    rows = 1 if chain is None else 2
     done: dict[int, np.ndarray] = {}
     for k in run.mine if reuse else ():
-        e = _read_shard(run.out, k, *ranges[k])
+        e = _read_shard(run.out, k, *ranges[k], rows)
         if e is not None:
             done[k] = e
     computed = 0
     desc = "scan" if run.dist.world == 1 else f"scan (rank 0 of {run.dist.world})"
     initial = sum(ranges[k][1] - ranges[k][0] for k in done)
-    with run.bar(run.size(run.mine), desc, initial=initial) as bar:
+    per = 1 if chain is None else max(1, chain.chain_steps)
+    with run.bar(run.size(run.mine), desc, initial=initial, per_image=per) as bar:
         for k in run.mine:
             if k in done:
                 continue
             s0, e0 = ranges[k]
-            e = np.empty(e0 - s0, np.float64)
+            e = np.empty((rows, e0 - s0), np.float64)
             for s, stop, x, ids in run.batches(k):
-                try:
-                    e[s - s0 : stop - s0] = np.asarray(run.purifier.energy(x, ids))[: stop - s]
-                except DivergenceError as err:  # the engine's words are filt's: say scan's
-                    raise _diverged(err.sample_ids) from err
-                bar.update(stop - s)
+                steps = _Steps(bar, stop - s, per)
+                e[:, s - s0 : stop - s0] = _score(run, chain, x, ids, steps)[:, : stop - s]
+                steps.finish()
             _write_shard(run.out, k, s0, e0, e)
             done[k] = e
             computed += e0 - s0
@@ -337,17 +401,22 @@ def scan_dataset(
     dist: Dist | None = None,
     pictures: Pictures | None = None,
     extra: dict | None = None,
+    chain: Purifier | None = None,
 ) -> ScanResult | None:
     """The energy of images ``[0, min(len(dataset), limit))`` through ``purifier`` (one with an
     EBM; `energy_purifier` makes one), ranked and written into ``out_dir`` (see the module
     doc). ``pictures(out, table, dataset)`` draws into ``out`` on rank 0 and returns the files
     by kind, recorded in scan.json; ``extra`` may carry the ``command`` record. Returns the
-    result on rank 0, None on the others."""
+    result on rank 0, None on the others. ``chain``: a purifier of the same EBM running a
+    short Langevin chain (``energy_purifier(ebm, ebm_steps=K)``); the score ranked is then the
+    energy drop along it, each image's energy minus its energy after the chain."""
     _check_options(batch_size, shard_size, limit, "npy")
     if not (isinstance(filter_frac, (int, float)) and 0.0 < filter_frac <= 1.0):
         raise UsageError(f"--filter-frac must lie in (0, 1], got {filter_frac!r}")
     if purifier.ebm is None:
         raise UsageError("scan needs an EBM (--ebm)")
+    if chain is not None and (chain.ebm is not purifier.ebm or chain.chain_steps < 1):
+        raise UsageError("scan's chain must run at least one Langevin step of the scan's EBM")
     own = dist is None
     dist = dist or Dist.from_env(purifier.device)
     out = Path(out_dir)
@@ -356,17 +425,18 @@ def scan_dataset(
         t0 = time.perf_counter()
         run = _plan(dataset, purifier, out, dist, batch_size=batch_size, shard_size=shard_size,
                     fmt="npy", limit=limit, quiet=quiet)  # fmt: skip
-        run = dataclasses.replace(run, config=_config(run))
+        run = dataclasses.replace(run, config=_config(run, chain))
         with contextlib.ExitStack() as held:
             dist.on_rank0(lambda: held.enter_context(out_lock(out)))
-            return _scan(run, t0, resume, overwrite, float(filter_frac), pictures, extra or {})
+            return _scan(run, chain, t0, resume, overwrite, float(filter_frac), pictures,
+                         extra or {})  # fmt: skip
     finally:
         if own:
             dist.close()
 
 
-def _scan(run: _Run, t0: float, resume: bool, overwrite: bool, frac: float,
-          pictures: Pictures | None, extra: dict) -> ScanResult | None:  # fmt: skip
+def _scan(run: _Run, chain: Purifier | None, t0: float, resume: bool, overwrite: bool,
+          frac: float, pictures: Pictures | None, extra: dict) -> ScanResult | None:  # fmt: skip
     dist, out = run.dist, run.out
     reuse = _prepare(run, resume, overwrite)
     err: BaseException | None = None
@@ -374,7 +444,7 @@ def _scan(run: _Run, t0: float, resume: bool, overwrite: bool, frac: float,
     computed = 0
     t1 = time.perf_counter()
     try:
-        shards, computed = _energies(run, reuse)
+        shards, computed = _energies(run, reuse, chain)
     except DivergenceError as e:  # a non-finite energy: the finished shards stay, resumable
         _write_out(out, mark_diverged, out, {"sample_ids": e.sample_ids[:100], "error": str(e)})
         err = e
@@ -388,17 +458,19 @@ def _scan(run: _Run, t0: float, resume: bool, overwrite: bool, frac: float,
         every: dict[int, np.ndarray] = {}
         for s, _, _ in gathered:
             every.update(s)
-        energies = np.concatenate([every[k] for k in range(run.writer.num_shards)])
-        result = _finish(run, energies, frac, pictures, extra, gathered, t0)
+        energies = np.concatenate([every[k] for k in range(run.writer.num_shards)], axis=1)
+        result = _finish(run, chain, energies, frac, pictures, extra, gathered, t0)
     dist.check(None)  # nobody returns before scan.json exists
     return result
 
 
-def _finish(run: _Run, energies: np.ndarray, frac: float, pictures: Pictures | None,
-            extra: dict, ranks: list, t0: float) -> ScanResult:  # fmt: skip
+def _finish(
+    run: _Run, chain: Purifier | None, energies: np.ndarray, frac: float,
+    pictures: Pictures | None, extra: dict, ranks: list, t0: float,
+) -> ScanResult:  # fmt: skip
     """Rank 0: the table, the pictures, then scan.json (last: it marks the scan finished)."""
     out, names = run.out, list(run.dataset.class_names)
-    table = energy_table(energies, run.labels, frac)
+    table = energy_table(energies[0], run.labels, frac, energies[1] if chain else None)
     sha = _write_out(out, write_table, out / SCAN_TABLE, table, names,
                      _sources(run.dataset, run.n))  # fmt: skip
     files = {"table": SCAN_TABLE}
@@ -429,18 +501,21 @@ def _finish(run: _Run, energies: np.ndarray, frac: float, pictures: Pictures | N
         },
         "versions": {"puregen_fast": __version__, "numpy": np.__version__,
                      "python": platform.python_version()},  # fmt: skip
+        "chain": None if chain is None else chain.describe(),
         "command": extra.get("command"),
         "run_record": RUN_STATE,
     }
     _write_out(out, atomic_write_json, out / SCAN_JSON, record)
     if run.show:
-        top = summ["top"][0]
+        top, what = summ["top"][0], table.score
+        name = "energy" if chain is None else f"energy drop along {chain.chain_steps} steps"
+        cut = "filt's cut" if chain is None else "the cut"
         print(
             f"scan: {run.n} images -> {out / SCAN_TABLE} ({computed} computed now"
             + (f", {record['timings']['images_per_s']:.1f} img/s" if computed and slowest else "")
-            + f"); energy mean {summ['energy']['mean']:.6g}, std {summ['energy']['std']:.6g}; "
-            f"highest: id {top['id']} ({names[top['label']]}), energy {top['energy']:.6g}, "
-            f"z {top['z_all']:.2f} overall, {top['z_class']:.2f} in its class; filt's cut at "
+            + f"); {name} mean {summ[what]['mean']:.6g}, std {summ[what]['std']:.6g}; "
+            f"highest: id {top['id']} ({names[top['label']]}), {what} {top[what]:.6g}, "
+            f"z {top['z_all']:.2f} overall, {top['z_class']:.2f} in its class; {cut} at "
             f"--filter-frac {frac:g}: {table.cut:.6g}, {summ['at_or_above_cut']} image(s) at or "
             "above it",
             file=sys.stderr,

@@ -16,6 +16,7 @@ from puregen_fast.data.datasets import Dataset
 from puregen_fast.errors import DivergenceError, UsageError
 from puregen_fast.eval.scan_charts import HISTOGRAM, TOP_GRID, scan_pictures, shown_classes
 from puregen_fast.scan import (
+    CHAIN_COLUMNS,
     COLUMNS,
     SCAN_JSON,
     SCAN_TABLE,
@@ -204,3 +205,62 @@ def test_top_images_of_a_streamed_set_are_read_in_one_forward_pass():
     assert max(e - b for b, e in s.reads) <= 8
     m = _read(x, [7, 2])  # an array: those rows only
     assert sorted(m) == [2, 7] and (m[7] == x[7]).all()
+
+
+def test_a_chain_ranks_by_the_energy_drop_and_resumes_to_the_same_bytes(tmp_path, monkeypatch):
+    """--chain-steps: the table ranks by energy - energy after the chain, each computed by the
+    engine on its own here; a killed chained scan resumes to the same bytes, and a plain scan's
+    pieces are not taken for a chained one's."""
+    ds = _planted(n=23)
+    p = energy_purifier(Quadratic(), "cpu")
+    chain = energy_purifier(p.ebm, "cpu", ebm_steps=3, ebm_eps=0.5, ebm_temp=1e-3)
+    kw = dict(batch_size=4, shard_size=5, quiet=True)
+    r = scan_dataset(ds, p, tmp_path / "whole", chain=chain, **kw)
+    want = (tmp_path / "whole" / SCAN_TABLE).read_bytes()
+    rows = _rows(tmp_path / "whole" / SCAN_TABLE)
+    assert tuple(rows[0]) == CHAIN_COLUMNS and len(rows) == 23
+    by_id = sorted(rows, key=lambda row: int(row["id"]))
+    before = np.array([float(row["energy"]) for row in by_id])
+    after = np.array([float(row["energy_after"]) for row in by_id])
+    drop = np.array([float(row["drop"]) for row in by_id])
+    # the engine on batches of its own: the sample ids key the chain's noise, not the batch
+    ids = np.arange(23)
+    cuts = [(s, s + 4) for s in range(0, 20, 4)] + [(20, 23)]
+    want_after = np.concatenate([p.energy(chain(ds.images[a:b], ids[a:b]), ids[a:b])
+                                 for a, b in cuts])  # fmt: skip
+    np.testing.assert_allclose(before, _hand_energy(ds.images), rtol=1e-5)
+    np.testing.assert_allclose(after, want_after, rtol=1e-4, atol=1e-7)
+    np.testing.assert_array_equal(drop, before - after)
+    order = sorted(range(23), key=lambda i: (-drop[i], i))
+    assert [int(row["id"]) for row in rows] == order
+    m = ds.labels == ds.labels[4]
+    assert float(by_id[4]["z_class"]) == pytest.approx(
+        (drop[4] - drop[m].mean()) / drop[m].std(), rel=1e-12)
+    rec = json.loads((tmp_path / "whole" / SCAN_JSON).read_text())
+    assert rec["score"] == "drop" and rec["chain"]["ebm"]["steps"] == 3
+    assert rec["top"][0]["drop"] == pytest.approx(drop[order[0]], rel=1e-12)
+    assert r is not None and r.table.score == "drop"
+
+    import puregen_fast.scan as scan_mod
+
+    real = scan_mod._write_shard
+    calls: list[int] = []
+
+    def dies_after_two(*a):
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        calls.append(a[1])
+        real(*a)
+
+    monkeypatch.setattr(scan_mod, "_write_shard", dies_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        scan_dataset(ds, p, tmp_path / "o", chain=chain, **kw)
+    monkeypatch.setattr(scan_mod, "_write_shard", real)
+    scan_dataset(ds, p, tmp_path / "o", chain=chain, resume=True, **kw)
+    assert (tmp_path / "o" / SCAN_TABLE).read_bytes() == want
+    # the plain scan is another configuration: not resumed from the chained pieces
+    with pytest.raises(UsageError, match="different configuration"):
+        scan_dataset(ds, p, tmp_path / "o", resume=True, **kw)
+    with pytest.raises(UsageError, match="chain"):
+        scan_dataset(ds, p, tmp_path / "x", chain=energy_purifier(Quadratic(), "cpu",
+                                                                  ebm_steps=2), **kw)  # fmt: skip

@@ -18,7 +18,7 @@ from puregen_fast.dist import Dist
 from puregen_fast.errors import UsageError
 from puregen_fast.eval.scan_charts import scan_pictures
 from puregen_fast.models.checkpoints import DEFAULT_EBM
-from puregen_fast.purifier import load_models
+from puregen_fast.purifier import chain_line, load_models
 from puregen_fast.scan import check_out, energy_purifier, scan_dataset
 
 __all__ = ["add_arguments", "run", "FLAGS"]
@@ -54,6 +54,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top", type=int_at_least(1, MAX_TOP), default=8, metavar="K",
                    help="images per class in the picture of the highest energies "
                         "(default %(default)s)")  # fmt: skip
+    p.add_argument("--chain-steps", type=int_at_least(0, config.MAX_LANGEVIN_STEPS), default=0,
+                   metavar="K",
+                   help="rank by the energy drop along K Langevin steps of the EBM's own chain "
+                        "(its noise keyed by image id) instead of the energy; 0: the energy "
+                        "(default %(default)s; README 'Scanning a data set' says when a chain "
+                        "separates better)")  # fmt: skip
     # the fields not offered keep purify's defaults, so the flags make a checked PurifyConfig
     defaults = {f.name: f.default for f in dataclasses.fields(config.PurifyConfig)
                 if f.name in others}  # fmt: skip
@@ -73,13 +79,18 @@ def run(args: argparse.Namespace) -> int:
         inputs.check()
         try:
             purifier = energy_purifier(ebm, dist.device)
+            chain = (energy_purifier(ebm, dist.device, ebm_steps=args.chain_steps)
+                     if args.chain_steps else None)  # fmt: skip
         except ValueError as e:
             raise UsageError(f"--ebm: {e}") from e
         if dist.is_main and not cfg.quiet:
             print(f"scan: {len(dataset)} images of {dataset.name}/{dataset.split}, EBM "
                   f"{cfg.ebm or DEFAULT_EBM} on {purifier.device}", file=sys.stderr)  # fmt: skip
+            if chain is not None:
+                line = chain_line(chain).replace("(--ebm-steps)", "(--chain-steps)")
+                print(f"scan: ranked by the energy drop along a {line}", file=sys.stderr)
         command = {**{k: getattr(cfg, k) for k in FLAGS}, "top": args.top,
-                   "out": str(out.absolute())}
+                   "chain_steps": args.chain_steps, "out": str(out.absolute())}
         scan_dataset(
             dataset,
             purifier,
@@ -94,6 +105,7 @@ def run(args: argparse.Namespace) -> int:
             dist=dist,
             pictures=scan_pictures(args.top),
             extra={"command": dict(sorted(command.items()))},
+            chain=chain,
         )
     finally:
         dist.close()

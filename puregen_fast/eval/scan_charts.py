@@ -71,9 +71,13 @@ def save_histograms(
     pw, ph, gap, top, left = 230, 90, 40, 64, 16
     im = Image.new("RGB", (left + cols * (pw + gap), top + rows * (ph + gap + 18)), "white")
     dr = ImageDraw.Draw(im)
-    dr.text((left, 8), "EBM energy per class (higher: less like the data the EBM learnt)"
-            + _title(present, len(classes)), fill="black", font=font)  # fmt: skip
-    dr.text((left, 30), f"red: filt's cut at --filter-frac {table.filter_frac:g}, energy "
+    chained = table.score != "energy"
+    head = "EBM energy per class (higher: less like the data the EBM learnt)"
+    if chained:
+        head = "energy drop along the chain per class (higher: moved further downhill)"
+    dr.text((left, 8), head + _title(present, len(classes)), fill="black", font=font)
+    cut = "the cut" if chained else "filt's cut"
+    dr.text((left, 30), f"red: {cut} at --filter-frac {table.filter_frac:g}, {table.score} "
             f"{table.cut:.4g}; {int(table.above_cut.sum())} of {table.energies.size} images at "
             "or above it", fill=_CUT, font=small)  # fmt: skip
 
@@ -139,10 +143,12 @@ def save_top_grid(
     width = label_w + top * (thumb + 8) + 8
     im = Image.new("RGB", (max(width, 520), top_h + row_h * len(classes)), "white")
     dr = ImageDraw.Draw(im)
-    dr.text((8, 8), f"highest EBM energy per class, highest first{_title(present, len(classes))}",
+    what = "EBM energy" if table.score == "energy" else "energy drop along the chain"
+    dr.text((8, 8), f"highest {what} per class, highest first{_title(present, len(classes))}",
             fill="black", font=font)  # fmt: skip
+    cut = "filt's cut" if table.score == "energy" else "the cut"
     dr.text((8, 24), "under each: its rank over the data set and its overall z-score; red: at or "
-            "above filt's cut", fill="black", font=small)  # fmt: skip
+            f"above {cut}", fill="black", font=small)  # fmt: skip
     for r, c in enumerate(classes):
         y0 = top_h + r * row_h
         dr.text((8, y0 + thumb // 2 - 7), str(names[c])[:22], fill="black", font=small)

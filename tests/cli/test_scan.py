@@ -18,7 +18,7 @@ import puregen_fast as pg
 import puregen_fast.scan as scan_mod
 from puregen_fast.cli.main import main
 from puregen_fast.data.webdataset import write_tar
-from puregen_fast.scan import COLUMNS, SCAN_JSON, SCAN_TABLE
+from puregen_fast.scan import CHAIN_COLUMNS, COLUMNS, SCAN_JSON, SCAN_TABLE
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -86,6 +86,28 @@ def test_scan_writes_the_table_summary_and_pictures(env, tmp_path):
         assert (out / name).is_file()
 
 
+def test_chain_steps_rank_by_the_energy_drop_along_the_models_chain(env, tmp_path, capsys):
+    out = tmp_path / "o"
+    argv = _argv(env, out, "--chain-steps", "2", "--batch-size", "26", "--shard-size", "26")
+    assert main([a for a in argv if a != "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert "ranked by the energy drop along a Langevin chain: steps 2 (--chain-steps)" in err
+    rows = _rows(out)
+    assert tuple(rows[0]) == CHAIN_COLUMNS and len(rows) == 26
+    ebm = pg.load_ebm(env.ebm)
+    p = scan_mod.energy_purifier(ebm, "cpu")
+    chain = scan_mod.energy_purifier(ebm, "cpu", ebm_steps=2)  # the model's eps and temp
+    ids = np.arange(26)
+    want = p.energy(env.x, ids) - p.energy(chain(env.x, ids), ids)
+    got = np.zeros(26)
+    for r in rows:
+        got[int(r["id"])] = float(r["drop"])
+    np.testing.assert_array_equal(got, want)
+    rec = json.loads((out / SCAN_JSON).read_text())
+    assert rec["score"] == "drop" and rec["command"]["chain_steps"] == 2
+    assert rec["chain"]["ebm"]["steps"] == 2
+
+
 def test_a_killed_scan_resumes_to_the_same_bytes(env, tmp_path, monkeypatch):
     assert main(_argv(env, tmp_path / "whole")) == 0
     want = (tmp_path / "whole" / SCAN_TABLE).read_bytes()
@@ -132,6 +154,8 @@ def test_webdataset_input_names_each_image_by_its_key(env, tmp_path):
         (["--filter-frac", "nan"], "--filter-frac"),
         (["--batch-size", "0"], "--batch-size"),
         (["--top", "65"], "--top"),
+        (["--chain-steps", "-1"], "--chain-steps"),
+        (["--chain-steps", "10001"], "--chain-steps"),
         (["--device", "tpu"], "--device"),
     ],
 )
