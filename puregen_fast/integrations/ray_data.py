@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 
 from puregen_fast import methods
-from puregen_fast.config import DEFAULT_BATCH_SIZE, EngineConfig, PurifyConfig
+from puregen_fast.config import DEFAULT_BATCH_SIZE, MAX_LANGEVIN_STEPS, EngineConfig, PurifyConfig
 from puregen_fast.purifier import Purifier, check_filter_threshold, load_models
 from puregen_fast.scan import energy_purifier
 
@@ -109,27 +109,46 @@ class PurifyBatches:
 class EnergyBatches:
     """``EnergyBatches(ebm=..., device=..., batch_size=...)(batch) -> batch`` with an
     ``"energy"`` column: each image's EBM energy (float64), as ``puregen-fast scan`` computes
-    it. ``ebm``: a checkpoint source (default the authors' EBM, as the command's)."""
+    it. ``ebm``: a checkpoint source (default the authors' EBM, as the command's).
+    ``chain_steps=K`` (> 0) adds ``"energy_after"``, the energy after K steps of the EBM's own
+    chain (noise keyed by the ids), and ``"drop"``, energy - energy_after, as ``scan
+    --chain-steps K`` ranks by."""
 
     def __init__(self, *, ebm: str | None = None, device: str = "auto",
-                 batch_size: int = DEFAULT_BATCH_SIZE) -> None:  # fmt: skip
+                 batch_size: int = DEFAULT_BATCH_SIZE, chain_steps: int = 0) -> None:  # fmt: skip
         # the command's checks, through its configuration's fields (a bad value names its field)
         cfg = PurifyConfig(method="ebm", ebm=ebm, device=device, batch_size=batch_size)
+        if type(chain_steps) is not int or not 0 <= chain_steps <= MAX_LANGEVIN_STEPS:
+            raise ValueError(f"EnergyBatches(chain_steps=...): an int in [0, 10**4] (Langevin "
+                             f"steps; 0: the energy alone), got {chain_steps!r}")  # fmt: skip
         self.batch_size = cfg.batch_size
         ebm = load_models("ebm", cfg.ebm, named=_KEYWORDS).ebm
         self.purifier = energy_purifier(ebm, cfg.device)
+        self.chain = (energy_purifier(ebm, cfg.device, ebm_steps=chain_steps)
+                      if chain_steps else None)  # fmt: skip
 
     def describe(self) -> dict:
-        """The EBM (source, sha256) and device the energies come from, and the batch size."""
+        """The EBM (source, sha256) and device the energies come from, the batch size, and the
+        chain's steps, step size and temperature (None without one)."""
         d = self.purifier.describe()
-        return {"ebm": d.get("ebm"), "device": d["device"], "batch_size": self.batch_size}
+        chain = None
+        if self.chain is not None:
+            c = self.chain.describe()["ebm"]
+            chain = {k: c[k] for k in ("steps", "eps", "temp")}
+        return {"ebm": d.get("ebm"), "device": d["device"], "batch_size": self.batch_size,
+                "chain": chain}  # fmt: skip
 
     def __call__(self, batch: Mapping[str, np.ndarray]) -> dict[str, Any]:
         images, ids = _images_and_ids(batch, "EnergyBatches")
         out = np.empty(len(images), np.float64)
+        after = np.empty(len(images), np.float64)
         for s, e, x, i in _pieces(images, ids, self.batch_size):
             out[s:e] = self.purifier.energy(x, i)[: e - s]
-        return {**batch, "energy": out}
+            if self.chain is not None:
+                after[s:e] = self.purifier.energy(self.chain(x, i), i)[: e - s]
+        if self.chain is None:
+            return {**batch, "energy": out}
+        return {**batch, "energy": out, "energy_after": after, "drop": out - after}
 
 
 def _pieces(images: np.ndarray, ids: np.ndarray, bs: int):

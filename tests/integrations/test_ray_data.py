@@ -269,6 +269,32 @@ def test_energy_batches_give_the_scan_energies(ebm, tmp_path):
     assert len(set(got.tolist())) == 11  # a model that gives every image its own energy
 
 
+def test_energy_batches_with_a_chain_give_scan_chain_steps_drop(ebm, tmp_path):
+    """``chain_steps=K``: the drop column equals ``scan --chain-steps K``'s, bit for bit, on
+    uneven batches with ids out of order (the chain's noise is keyed by the ids)."""
+    x = np.random.default_rng(6).integers(0, 256, (9, 32, 32, 3), dtype=np.uint8)
+    ds = Dataset("npz", "train", x, np.arange(9) % 2, ["a", "b"], "memory")
+    model = pg.load_ebm(ebm)
+    r = scan_dataset(ds, energy_purifier(model, "cpu"), tmp_path / "scan", batch_size=4,
+                     shard_size=4, quiet=True,
+                     chain=energy_purifier(model, "cpu", ebm_steps=2))  # fmt: skip
+    fn = EnergyBatches(ebm=str(ebm), device="cpu", batch_size=4, chain_steps=2)
+    assert fn.describe()["chain"]["steps"] == 2
+    got = {k: np.full(9, np.nan) for k in ("energy", "energy_after", "drop")}
+    order = np.random.default_rng(7).permutation(9)
+    for part in np.split(order, [2, 7]):
+        out = fn({"image": x[part], "id": part.astype(np.int64)})
+        for k in got:
+            got[k][part] = out[k]
+    assert r is not None and r.table.before is not None and r.table.after is not None
+    np.testing.assert_array_equal(got["energy"], r.table.before)
+    np.testing.assert_array_equal(got["energy_after"], r.table.after)
+    np.testing.assert_array_equal(got["drop"], r.table.energies)
+    for bad in (-1, 10**4 + 1, 1.5, True):
+        with pytest.raises(ValueError, match="chain_steps"):
+            EnergyBatches(ebm=str(ebm), chain_steps=bad)
+
+
 def test_energy_batches_name_bad_options_and_columns(ebm):
     with pytest.raises(ValueError, match="batch_size"):
         EnergyBatches(ebm=str(ebm), batch_size=0)
