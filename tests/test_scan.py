@@ -54,6 +54,24 @@ def _rows(path) -> list[dict]:
     return list(csv.DictReader(io.StringIO(path.read_text())))
 
 
+def _killed_after_two_shards(monkeypatch, scan) -> None:
+    """Run ``scan()`` as Ctrl-C stops it once two shards' records are written."""
+    import puregen_fast.scan as scan_mod
+
+    real, calls = scan_mod._write_shard, []
+
+    def dies_after_two(*a):
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        calls.append(a[1])
+        real(*a)
+
+    monkeypatch.setattr(scan_mod, "_write_shard", dies_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        scan()
+    monkeypatch.setattr(scan_mod, "_write_shard", real)
+
+
 def test_planted_images_rank_first_and_z_scores_match_numpy(tmp_path):
     ds = _planted()
     p = energy_purifier(Quadratic(), "cpu")
@@ -107,21 +125,8 @@ def test_killed_scan_resumes_to_the_same_bytes(tmp_path, monkeypatch):
     scan_dataset(ds, p, tmp_path / "whole", **kw)
     want = (tmp_path / "whole" / SCAN_TABLE).read_bytes()
 
-    import puregen_fast.scan as scan_mod
-
-    real, calls = scan_mod._write_shard, []
-
-    def dies_after_two(*a):
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        calls.append(a[1])
-        real(*a)
-
-    monkeypatch.setattr(scan_mod, "_write_shard", dies_after_two)
-    with pytest.raises(KeyboardInterrupt):
-        scan_dataset(ds, p, tmp_path / "o", **kw)
+    _killed_after_two_shards(monkeypatch, lambda: scan_dataset(ds, p, tmp_path / "o", **kw))
     assert not (tmp_path / "o" / SCAN_JSON).exists()
-    monkeypatch.setattr(scan_mod, "_write_shard", real)
     with pytest.raises(UsageError, match="unfinished run"):  # not silently redone
         scan_dataset(ds, p, tmp_path / "o", **kw)
     seen = []
@@ -241,21 +246,8 @@ def test_a_chain_ranks_by_the_energy_drop_and_resumes_to_the_same_bytes(tmp_path
     assert rec["top"][0]["drop"] == pytest.approx(drop[order[0]], rel=1e-12)
     assert r is not None and r.table.score == "drop"
 
-    import puregen_fast.scan as scan_mod
-
-    real = scan_mod._write_shard
-    calls: list[int] = []
-
-    def dies_after_two(*a):
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        calls.append(a[1])
-        real(*a)
-
-    monkeypatch.setattr(scan_mod, "_write_shard", dies_after_two)
-    with pytest.raises(KeyboardInterrupt):
-        scan_dataset(ds, p, tmp_path / "o", chain=chain, **kw)
-    monkeypatch.setattr(scan_mod, "_write_shard", real)
+    _killed_after_two_shards(monkeypatch,
+                             lambda: scan_dataset(ds, p, tmp_path / "o", chain=chain, **kw))
     scan_dataset(ds, p, tmp_path / "o", chain=chain, resume=True, **kw)
     assert (tmp_path / "o" / SCAN_TABLE).read_bytes() == want
     # the plain scan is another configuration: not resumed from the chained pieces
