@@ -23,6 +23,8 @@ import time
 import zipfile
 from pathlib import Path
 
+from peak_rss import peak_rss_mib
+
 # ----------------------------------------------------------------------------- opcode assembly
 
 MEMOIZE = b"\x94"
@@ -365,18 +367,6 @@ def run_cases(folders: list[tuple[str, str, str]], deadline_s: float) -> dict:
             signal.setitimer(signal.ITIMER_REAL, 0)
         results[name] = {"out": out, "s": round(time.monotonic() - t0, 3)}
     return {"results": results, "peak_rss_mib": peak_rss_mib()}
-
-
-def peak_rss_mib() -> float:
-    """This process's peak RSS since it started (VmHWM: ru_maxrss would also count what the
-    parent held when it forked us)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return round(int(line.split()[1]) / 1024, 1)
-    except OSError:
-        pass
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
 def main() -> None:

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from peak_rss import SOURCE as PEAK_RSS
 
 from puregen_fast.data import download
 from puregen_fast.data.download import COMPLETE_MARKER, safe_extract
@@ -151,7 +152,7 @@ def test_too_many_members(tmp_path, small_caps):
     _nothing_written(tmp_path / "t")
 
 
-_RUN = """
+_RUN = PEAK_RSS + """
 import json, resource, sys
 from pathlib import Path
 from puregen_fast.data.download import safe_extract
@@ -166,8 +167,7 @@ for arc in sys.argv[1:]:
         res.append({"usage": str(e)})
     except BaseException as e:
         res.append({"other": f"{type(e).__name__}: {e}"[:300]})
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-print(json.dumps({"results": res, "peak_mb": peak}))
+print(json.dumps({"results": res, "peak_mb": peak_rss_mib()}))
 """
 
 

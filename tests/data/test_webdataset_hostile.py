@@ -21,6 +21,7 @@ import pytest
 from helpers import FuzzHang, memory_cap, run_fuzz
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from peak_rss import SOURCE as PEAK_RSS
 from PIL import Image
 
 from puregen_fast.data import webdataset as pgwds
@@ -89,7 +90,7 @@ def _capped(code: str, *args: str, limit: int = 2 * GiB, timeout: float = 120) -
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-_INDEX = """
+_INDEX = PEAK_RSS + """
 import json, resource, sys
 from puregen_fast.data.webdataset import index_webdataset
 from puregen_fast.errors import UsageError
@@ -102,8 +103,7 @@ for path in sys.argv[1:]:
     except BaseException as e:
         out = {"other": f"{type(e).__name__}: {e}"[:500]}
     res.append(out)
-peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-print(json.dumps({"results": res, "peak_mb": peak_mb}))
+print(json.dumps({"results": res, "peak_mb": peak_rss_mib()}))
 """
 
 
