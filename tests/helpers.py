@@ -105,13 +105,13 @@ def run_fuzz(label: str, strategy, one, n: int, *, success: str, failures: tuple
     the test, with the first five cases shown. SIGALRM raises `FuzzHang` for ``one`` to turn
     into ``"hang"``. Prints the tally and the process's peak RSS; asserts that both a clean error
     and ``success`` occurred and that at least ``min_cases`` x ``n`` cases were built."""
-    import resource
     import signal
     import time
     import traceback
     from collections import Counter
 
     from hypothesis import HealthCheck, given, reject, settings
+    from peak_rss import peak_rss_mib
 
     seen: Counter[str] = Counter()
     bad: list[str] = []
@@ -143,7 +143,7 @@ def run_fuzz(label: str, strategy, one, n: int, *, success: str, failures: tuple
     finally:
         signal.signal(signal.SIGALRM, old)
         cases = sum(seen.values()) - seen["unbuildable"]
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        peak = peak_rss_mib()
         tally = ", ".join(f"{v} {k}" for k, v in sorted(seen.items()))
         print(f"\n{label} fuzz ({n} asked, {time.perf_counter() - t0:.0f} s): {cases} cases: "
               f"{tally}; peak RSS of the process {peak:.0f} MB")  # fmt: skip
