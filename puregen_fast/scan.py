@@ -61,6 +61,7 @@ __all__ = [
     "SCAN_TABLE",
     "EnergyTable",
     "Pictures",
+    "batch_energies",
     "check_out",
     "ScanResult",
     "energy_purifier",
@@ -333,17 +334,25 @@ def _diverged(ids: list[int]) -> DivergenceError:
     )
 
 
+def batch_energies(
+    scorer: Purifier, chain: Purifier | None, x: np.ndarray, ids: np.ndarray,
+    progress: Callable[[int], None] | None = None,
+) -> np.ndarray:  # fmt: skip
+    """(rows, B) float64: the batch's energies under ``scorer``, and with a ``chain`` a second
+    row, each image's energy after it (``progress`` told of the chain's steps). What scan
+    writes and Ray's `EnergyBatches` returns."""
+    e = [np.asarray(scorer.energy(x, ids))]
+    if chain is not None:
+        e.append(np.asarray(scorer.energy(chain(x, ids, progress=progress), ids)))
+    return np.stack(e)
+
+
 def _score(run: _Run, chain: Purifier | None, x: np.ndarray, ids: np.ndarray,
            steps: _Steps) -> np.ndarray:  # fmt: skip
-    """(rows, B): the batch's energies, and with a chain each image's energy after it."""
     try:
-        e = [np.asarray(run.purifier.energy(x, ids))]
-        if chain is not None:
-            moved = chain(x, ids, progress=steps)
-            e.append(np.asarray(run.purifier.energy(moved, ids)))
+        return batch_energies(run.purifier, chain, x, ids, steps)
     except DivergenceError as err:  # the engine's words are filt's: say scan's
         raise _diverged(err.sample_ids) from err
-    return np.stack(e)
 
 
 def _energies(run: _Run, reuse: bool, chain: Purifier | None) -> tuple[dict[int, np.ndarray], int]:

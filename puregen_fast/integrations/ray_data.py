@@ -44,7 +44,7 @@ import numpy as np
 from puregen_fast import methods
 from puregen_fast.config import DEFAULT_BATCH_SIZE, MAX_LANGEVIN_STEPS, EngineConfig, PurifyConfig
 from puregen_fast.purifier import Purifier, check_filter_threshold, load_models
-from puregen_fast.scan import energy_purifier
+from puregen_fast.scan import batch_energies, energy_purifier
 
 __all__ = ["PurifyBatches", "EnergyBatches", "OPTIONS", "ENERGY_OPTIONS"]
 
@@ -140,15 +140,12 @@ class EnergyBatches:
 
     def __call__(self, batch: Mapping[str, np.ndarray]) -> dict[str, Any]:
         images, ids = _images_and_ids(batch, "EnergyBatches")
-        out = np.empty(len(images), np.float64)
-        after = np.empty(len(images), np.float64)
+        out = np.empty((1 if self.chain is None else 2, len(images)), np.float64)
         for s, e, x, i in _pieces(images, ids, self.batch_size):
-            out[s:e] = self.purifier.energy(x, i)[: e - s]
-            if self.chain is not None:
-                after[s:e] = self.purifier.energy(self.chain(x, i), i)[: e - s]
+            out[:, s:e] = batch_energies(self.purifier, self.chain, x, i)[:, : e - s]
         if self.chain is None:
-            return {**batch, "energy": out}
-        return {**batch, "energy": out, "energy_after": after, "drop": out - after}
+            return {**batch, "energy": out[0]}
+        return {**batch, "energy": out[0], "energy_after": out[1], "drop": out[0] - out[1]}
 
 
 def _pieces(images: np.ndarray, ids: np.ndarray, bs: int):
