@@ -117,6 +117,11 @@ class EnergyTable:
     after: np.ndarray | None = None
 
     @property
+    def cut_name(self) -> str:
+        """How the log and pictures name the cut: filt's own for the energy, not for the drop."""
+        return "filt's cut" if self.score == "energy" else "the cut"
+
+    @property
     def order(self) -> np.ndarray:
         """Image ids from rank 1 down."""
         return np.argsort(self.rank, kind="stable")
@@ -518,13 +523,12 @@ def _finish(
     if run.show:
         top, what = summ["top"][0], table.score
         name = "energy" if chain is None else f"energy drop along {chain.chain_steps} steps"
-        cut = "filt's cut" if chain is None else "the cut"
         print(
             f"scan: {run.n} images -> {out / SCAN_TABLE} ({computed} computed now"
             + (f", {record['timings']['images_per_s']:.1f} img/s" if computed and slowest else "")
             + f"); {name} mean {summ[what]['mean']:.6g}, std {summ[what]['std']:.6g}; "
             f"highest: id {top['id']} ({names[top['label']]}), {what} {top[what]:.6g}, "
-            f"z {top['z_all']:.2f} overall, {top['z_class']:.2f} in its class; {cut} at "
+            f"z {top['z_all']:.2f} overall, {top['z_class']:.2f} in its class; {table.cut_name} at "
             f"--filter-frac {frac:g}: {table.cut:.6g}, {summ['at_or_above_cut']} image(s) at or "
             "above it",
             file=sys.stderr,

@@ -71,15 +71,13 @@ def save_histograms(
     pw, ph, gap, top, left = 230, 90, 40, 64, 16
     im = Image.new("RGB", (left + cols * (pw + gap), top + rows * (ph + gap + 18)), "white")
     dr = ImageDraw.Draw(im)
-    chained = table.score != "energy"
     head = "EBM energy per class (higher: less like the data the EBM learnt)"
-    if chained:
+    if table.score != "energy":
         head = "energy drop along the chain per class (higher: moved further downhill)"
     dr.text((left, 8), head + _title(present, len(classes)), fill="black", font=font)
-    cut = "the cut" if chained else "filt's cut"
-    dr.text((left, 30), f"red: {cut} at --filter-frac {table.filter_frac:g}, {table.score} "
-            f"{table.cut:.4g}; {int(table.above_cut.sum())} of {table.energies.size} images at "
-            "or above it", fill=_CUT, font=small)  # fmt: skip
+    dr.text((left, 30), f"red: {table.cut_name} at --filter-frac {table.filter_frac:g}, "
+            f"{table.score} {table.cut:.4g}; {int(table.above_cut.sum())} of "
+            f"{table.energies.size} images at or above it", fill=_CUT, font=small)  # fmt: skip
 
     def px(v: float, x0: float) -> float:
         return x0 + (v - edges[0]) / (edges[-1] - edges[0]) * pw
@@ -146,9 +144,8 @@ def save_top_grid(
     what = "EBM energy" if table.score == "energy" else "energy drop along the chain"
     dr.text((8, 8), f"highest {what} per class, highest first{_title(present, len(classes))}",
             fill="black", font=font)  # fmt: skip
-    cut = "filt's cut" if table.score == "energy" else "the cut"
     dr.text((8, 24), "under each: its rank over the data set and its overall z-score; red: at or "
-            f"above {cut}", fill="black", font=small)  # fmt: skip
+            f"above {table.cut_name}", fill="black", font=small)  # fmt: skip
     for r, c in enumerate(classes):
         y0 = top_h + r * row_h
         dr.text((8, y0 + thumb // 2 - 7), str(names[c])[:22], fill="black", font=small)
