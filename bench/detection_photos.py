@@ -31,7 +31,7 @@ from puregen_fast.eval.detection import BASELINES, roc_auc, top_share
 from puregen_fast.eval.poison import load_trigger, poison_dataset
 from puregen_fast.models.checkpoints import load_ebm
 from puregen_fast.runtime import describe_device
-from puregen_fast.scan import energy_purifier, energy_table
+from puregen_fast.scan import batch_energies, energy_purifier, energy_table
 
 TOPS = (0.05, 0.10)
 
@@ -70,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     trigger = _trigger(args.trigger, tuple(x.shape[1:3]))
     ebm = load_ebm(args.ebm)
     scorer = energy_purifier(ebm, "cpu")
-    chain = energy_purifier(ebm, "cpu", ebm_steps=args.chain_steps)  # its noise keyed by id
+    chain = (energy_purifier(ebm, "cpu", ebm_steps=args.chain_steps)  # its noise keyed by id
+             if args.chain_steps else None)
     scales = [float(s) for s in args.scales.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
     t0 = time.perf_counter()
@@ -83,11 +84,11 @@ def main(argv: list[str] | None = None) -> int:
             mask = np.zeros(len(x), bool)
             mask[ps.poison_idx] = True
             ids = np.arange(len(x))
-            e0 = scorer.energy(ps.images, ids)
-            scores = {"EBM energy": e0}
-            if args.chain_steps:  # how far a short chain lowers it (`scan --chain-steps`)
-                moved = chain(ps.images, ids)
-                scores[f"energy drop, {args.chain_steps} steps"] = e0 - scorer.energy(moved, ids)
+            # with a chain: how far it lowers the energy (`scan --chain-steps`)
+            e = batch_energies(scorer, chain, ps.images, ids)
+            scores = {"EBM energy": e[0]}
+            if args.chain_steps:
+                scores[f"energy drop, {args.chain_steps} steps"] = e[0] - e[1]
             for name in list(scores):  # ranked as scan.csv's z_class column: within its class
                 scores[f"{name}, z in its class"] = energy_table(scores[name], ps.labels,
                                                                  0.5).z_class  # fmt: skip
